@@ -1,0 +1,36 @@
+"""deepnet: exact SGD through absurdly deep, narrow residual networks on a CPU.
+
+The Python API (the `deepnet` command is a thin layer over it):
+
+- ``deepnet.init(path, layers=..., width=..., activation=..., input_dim=784, seed=...)`` creates a model file;
+- ``deepnet.DeepNet.open(path, writable=True, in_memory=False)`` opens one, with
+  ``net.train_step(x, y, layer_lr=..., head_lr=...)``, ``net.evaluate(x, y)``, ``net.logits(x)``, ``net.save()``;
+- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, samples=...)`` run the MNIST recipe;
+- ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
+"""
+
+__version__ = "0.1.0"
+
+_API = {
+    "DeepNet": "deepnet.model",
+    "StepResult": "deepnet.model",
+    "EvalResult": "deepnet.model",
+    "ModelFile": "deepnet.formats.hdf5",
+    "init": "deepnet.recipe",
+    "train": "deepnet.recipe",
+    "evaluate": "deepnet.recipe",
+    "RECIPE": "deepnet.recipe",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use so `import deepnet` stays cheap (the CLI's --help, the build's setup.py).
+    if name in _API:
+        import importlib
+
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deepnet' has no attribute {name!r}")

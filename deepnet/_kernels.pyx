@@ -1,0 +1,143 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled residual-layer kernels: h <- h + alpha * act(h W + b), forward and exact backward.
+
+The loops themselves come from one template (``_layer_loops.pxi.tp``) rendered for every registered
+built-in activation and a set of widths; this module is the thin checked layer over them. Each call
+runs a whole chunk of layers without the GIL and without touching a Python object per layer.
+
+Layouts (see DESIGN.md): activations are ``(width, batch)`` C-contiguous float32 (batch innermost);
+a chunk of parameters is ``(n_layers, width*width + width)`` float32, each row ``[W (in, out) | b]``.
+"""
+
+from libc.string cimport memcpy
+from libc.stdlib cimport malloc, free
+
+ctypedef void (*forward_fn)(
+    const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w, Py_ssize_t B,
+    float alpha, float* saves, Py_ssize_t save_every, float* scratch,
+) noexcept nogil
+
+ctypedef void (*backward_fn)(
+    float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
+    float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
+    float* hbuf, float* dbuf, float* grad, float* scratch,
+) noexcept nogil
+
+include "_layer_loops.pxi"
+
+_fill_kernel_tables()
+
+
+def activation_index(str name) -> int:
+    """Index of a compiled activation in this module's kernel table (ValueError if not compiled here)."""
+    return ACTIVATION_NAMES.index(name)
+
+
+cdef Py_ssize_t _variant(Py_ssize_t w) noexcept:
+    cdef Py_ssize_t k
+    for k in range(N_WIDTH_VARIANTS - 1):
+        if WIDTH_VARIANTS[k] == w:
+            return k
+    return N_WIDTH_VARIANTS - 1
+
+
+cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept:
+    # block state, z and g of the generic-width variant, plus one lane buffer
+    return 3 * w * MAX_BLOCK + max(w, MAX_BLOCK)
+
+
+def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
+    """Floats of scratch a backward call needs: a segment's states and derivatives (one batch block at a
+    time), the segment's weight gradients, and the generic variant's block buffers."""
+    return 2 * save_every * width * MAX_BLOCK + save_every * _grad_stride(width) + _scratch_size(width)
+
+
+cdef int _check_act(int act) except -1:
+    if act < 0 or act >= N_ACTIVATIONS:
+        raise ValueError(f"activation index {act} out of range (this module has {N_ACTIVATIONS})")
+    return 0
+
+
+def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
+            float[:, ::1] saves=None, Py_ssize_t save_every=0, float[::1] work=None) -> None:
+    """Forward h (width, batch) through every layer of ``params`` in place.
+
+    If ``saves`` is given, h is copied into ``saves[k]`` before layer ``k * save_every`` of the chunk
+    (the checkpoints the backward pass recomputes from).
+    """
+    _check_act(act)
+    cdef Py_ssize_t w = h.shape[0], B = h.shape[1], n = params.shape[0]
+    if w < 1 or B < 1:
+        raise ValueError("h must be (width, batch) with width, batch >= 1")
+    if params.shape[1] != w * w + w:
+        raise ValueError(f"params rows have {params.shape[1]} floats, width {w} needs {w * w + w}")
+    cdef float* saves_ptr = NULL
+    if saves is not None:
+        if save_every < 1:
+            raise ValueError("save_every must be >= 1 when saves is given")
+        if saves.shape[0] < (n + save_every - 1) // save_every or saves.shape[1] != w * B:
+            raise ValueError("saves is too small for this chunk")
+        saves_ptr = &saves[0, 0]
+    cdef float* z
+    cdef bint owned = work is None
+    if owned:
+        z = <float*> malloc(_scratch_size(w) * sizeof(float))
+        if z == NULL:
+            raise MemoryError()
+    else:
+        if work.shape[0] < _scratch_size(w):
+            raise ValueError("work is too small")
+        z = &work[0]
+    cdef forward_fn fn = _FORWARD[act][_variant(w)]
+    cdef const float* p = &params[0, 0] if n > 0 else NULL
+    try:
+        if n > 0:
+            with nogil:
+                fn(p, n, &h[0, 0], w, B, alpha, saves_ptr, save_every, z)
+    finally:
+        if owned:
+            free(z)
+
+
+def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_t save_every,
+             float[:, ::1] g, float alpha, float lr, float[::1] work=None) -> None:
+    """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place.
+
+    ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
+    return g is the gradient at the chunk's input. Each layer's gradient is summed over the batch and
+    the gradient flowing further down uses the layer's old weights.
+    """
+    _check_act(act)
+    cdef Py_ssize_t w = g.shape[0], B = g.shape[1], n = params.shape[0]
+    if w < 1 or B < 1:
+        raise ValueError("g must be (width, batch) with width, batch >= 1")
+    if params.shape[1] != w * w + w:
+        raise ValueError(f"params rows have {params.shape[1]} floats, width {w} needs {w * w + w}")
+    if save_every < 1:
+        raise ValueError("save_every must be >= 1")
+    if n == 0:
+        return
+    if saves.shape[0] < (n + save_every - 1) // save_every or saves.shape[1] != w * B:
+        raise ValueError("saves is too small for this chunk")
+    cdef Py_ssize_t need = workspace_size(w, B, save_every)
+    cdef float* buf
+    cdef bint owned = work is None
+    if owned:
+        buf = <float*> malloc(need * sizeof(float))
+        if buf == NULL:
+            raise MemoryError()
+    else:
+        if work.shape[0] < need:
+            raise ValueError(f"work has {work.shape[0]} floats, needs {need}")
+        buf = &work[0]
+    cdef float* hbuf = buf
+    cdef float* dbuf = hbuf + save_every * w * MAX_BLOCK
+    cdef float* grad = dbuf + save_every * w * MAX_BLOCK
+    cdef float* scratch = grad + save_every * _grad_stride(w)
+    cdef backward_fn fn = _BACKWARD[act][_variant(w)]
+    try:
+        with nogil:
+            fn(&params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf, grad, scratch)
+    finally:
+        if owned:
+            free(buf)

@@ -1,0 +1,196 @@
+"""The ``deepnet`` command: a thin fire layer over the Python API (``deepnet.train`` and friends).
+
+Each method's docstring is its ``--help``. User errors (``DeepnetError``) print one line and exit 2;
+``--debug`` anywhere on the command line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import fire
+
+from deepnet import activations as _activations
+from deepnet import recipe as _recipe
+from deepnet.errors import ConfigError, DeepnetError
+from deepnet.report import print_fields, print_json
+
+R = _recipe.RECIPE
+
+
+class DeepnetCLI:
+    """Exact SGD through absurdly deep, narrow residual networks on MNIST.
+
+    Commands: init, train (alias train-dense), eval (alias eval-dense), info, data, activations.
+    `deepnet COMMAND --help` describes a command's flags:
+    init: --model --layers --width --activation --alpha --seed --input-dim --overwrite;
+    train, train-dense: --model --steps --layers --width --activation --alpha --seed --batch --layer-lr
+    --head-lr --chunk-layers --train-limit --report-every --eval-samples --in-memory --data-dir --json;
+    eval, eval-dense: --model --samples --batch --chunk-layers --in-memory --data-dir --json;
+    info: --model --json; data: --dest; activations: --json.
+    Add --debug to any command to see a traceback on error.
+    """
+
+    def init(self, model: str, layers: int = R.layers, width: int = R.width, activation: str = R.activation,
+             alpha: float = None, seed: int = R.seed, input_dim: int = 784, overwrite: bool = False) -> None:
+        """Create a model file with freshly initialised weights.
+
+        Args:
+            model: path of the HDF5 model file to create.
+            layers: number of residual core layers L.
+            width: units per core layer w.
+            activation: core activation (see `deepnet activations`).
+            alpha: residual scale; default 1/sqrt(layers).
+            seed: seed of the weight initialisation and of the minibatch generator.
+            input_dim: input features (784 for MNIST).
+            overwrite: replace an existing file.
+        """
+        _recipe.init(model, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
+                    input_dim=input_dim, overwrite=overwrite)
+        print(f"created {model}: {layers} layers x width {width}, {activation}")
+
+    def train(self, model: str = "model.h5", steps: int = R.steps, layers: int = None, width: int = None,
+              activation: str = None, alpha: float = None, seed: int = R.seed, batch: int = R.batch,
+              layer_lr: float = R.layer_lr, head_lr: float = R.head_lr, chunk_layers: int = R.chunk_layers,
+              train_limit: int = R.train_limit, report_every: int = R.report_every,
+              eval_samples: int = R.eval_samples, in_memory: bool = False, data_dir: str = None,
+              json: bool = False) -> None:
+        """Train a model on MNIST with exact SGD, creating the model file if it does not exist.
+
+        An existing model continues from its saved step; --layers, --width and --activation must then
+        agree with the file.
+
+        Args:
+            model: HDF5 model file (created if missing).
+            steps: SGD steps to run now.
+            layers: core layers L for a new model (default 10000).
+            width: core width w for a new model (default 4).
+            activation: core activation for a new model (default softsign).
+            alpha: residual scale for a new model; default 1/sqrt(layers).
+            seed: seed of a new model's weights and minibatches.
+            batch: minibatch size.
+            layer_lr: SGD learning rate of the core layers.
+            head_lr: SGD learning rate of the input and output heads.
+            chunk_layers: layers per kernel call and per read from the file (does not change results).
+            train_limit: draw minibatches from the first N training images.
+            report_every: print a report every N steps (figures are means over those steps).
+            eval_samples: test images evaluated at the end (0 to skip).
+            in_memory: hold the core weights in RAM instead of streaming them from the file.
+            data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+            json: print JSON lines (one per report and a final object) instead of a table.
+        """
+        _recipe.train(model, steps=steps, layers=layers, width=width, activation=activation, alpha=alpha,
+                     seed=seed, batch=batch, layer_lr=layer_lr, head_lr=head_lr, chunk_layers=chunk_layers,
+                     train_limit=train_limit, report_every=report_every, eval_samples=eval_samples,
+                     in_memory=in_memory, data_dir=data_dir, json=json)
+
+    def eval(self, model: str = "model.h5", samples: int = 10_000, batch: int = 1024,
+             chunk_layers: int = R.chunk_layers, in_memory: bool = False, data_dir: str = None,
+             json: bool = False) -> None:
+        """Evaluate a model on the MNIST test set: loss, accuracy, elapsed time.
+
+        Args:
+            model: HDF5 model file.
+            samples: evaluate the first N test images.
+            batch: images per forward pass.
+            chunk_layers: layers per kernel call and per read from the file.
+            in_memory: load the core weights into RAM first.
+            data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+            json: print one JSON object instead of text.
+        """
+        _recipe.evaluate(model, samples=samples, batch=batch, chunk_layers=chunk_layers, in_memory=in_memory,
+                        data_dir=data_dir, json=json)
+
+    # The original experiment's command names.
+    train_dense = train
+    eval_dense = eval
+
+    def info(self, model: str, json: bool = False) -> None:
+        """Show what is in a model file: shape, activation, step, size, last logged figures.
+
+        Args:
+            model: HDF5 model file.
+            json: print one JSON object instead of text.
+        """
+        from deepnet.formats.hdf5 import ModelFile
+
+        with ModelFile.open(model) as f:
+            summary = f.summary()
+        if json:
+            print_json({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in summary.items()})
+        else:
+            print_fields(summary)
+
+    def data(self, dest: str = None) -> None:
+        """Fetch MNIST (checked against its sha256) into a directory.
+
+        Args:
+            dest: target directory; default $DEEPNET_DATA, else a per-user cache directory.
+        """
+        from deepnet.data import default_data_dir, fetch_mnist
+
+        path = fetch_mnist(dest if dest is not None else default_data_dir())
+        print(f"MNIST is in {path}")
+
+    def activations(self, json: bool = False) -> None:
+        """List the registered activations.
+
+        Args:
+            json: print one JSON object per activation.
+        """
+        for name in _activations.available():
+            act = _activations.get(name)
+            if json:
+                print_json({"name": name, "origin": act.origin, "description": act.description})
+            else:
+                print(f"{name:<12} {act.origin:<10} {act.description}")
+
+
+def _check_flags(args: list[str]) -> None:
+    """Refuse a ``--flag`` the command does not take, before the command runs.
+
+    fire calls a command with the flags it recognises and only afterwards complains about the rest, so
+    a mistyped flag would otherwise train (and create or modify a model file) with defaults first.
+    """
+    if not args or args[0].startswith("-"):
+        return
+    command = getattr(DeepnetCLI, args[0].replace("-", "_"), None)
+    if not callable(command):
+        return
+    params = set(inspect.signature(command).parameters) - {"self"}
+    for arg in args[1:]:
+        if arg in ("-", "--"):  # fire's separators: what follows is not this command's
+            return
+        if not arg.startswith("--"):
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        if key in params or key == "help" or (key.startswith("no") and key[2:] in params):
+            continue
+        raise ConfigError(f"deepnet {args[0]} has no flag --{key.replace('_', '-')} (see `deepnet {args[0]} --help`)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `deepnet` console command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        _check_flags(args)
+        # An instance, not the class: fire then lists the commands in `deepnet --help`.
+        fire.Fire(DeepnetCLI(), command=args, name="deepnet")
+    except DeepnetError as exc:
+        if debug:
+            raise
+        print(f"deepnet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepnet: interrupted", file=sys.stderr)
+        return 130
+    except fire.core.FireExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

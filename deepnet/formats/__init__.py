@@ -1,0 +1,1 @@
+"""On-disk formats: MNIST IDX files (``idx``) and the HDF5 model file (``hdf5``)."""

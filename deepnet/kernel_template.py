@@ -1,0 +1,26 @@
+"""Renders the one kernel template (``_layer_loops.pxi.tp``) for a list of activations.
+
+Used by ``setup.py`` to build the built-in activations into ``deepnet._kernels`` and, later, to compile
+a plugin's activation from the very same loops. Pure Python with no import of the compiled package, so
+the build can run it before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+TEMPLATE_PATH = Path(__file__).with_name("_layer_loops.pxi.tp")
+
+# Widths that get a variant with the width as a compile-time constant; every other width runs the
+# generic variant.
+SPECIALISED_WIDTHS: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
+
+
+def render_layer_loops(activations: Sequence, widths: Sequence[int] = SPECIALISED_WIDTHS) -> str:
+    """The Cython source of the layer loops for ``activations`` (objects with name, forward_c, derivative_c)."""
+    from Cython import Tempita  # Cython is a build requirement, so it is here whenever this runs
+
+    template = Tempita.Template(TEMPLATE_PATH.read_text(), name=str(TEMPLATE_PATH))
+    header = "# Generated from _layer_loops.pxi.tp by deepnet/kernel_template.py: do not edit.\n"
+    return header + template.substitute(activations=list(activations), widths=list(widths))
