@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Compiled residual-layer kernels: h <- h + alpha * act(h W + b), forward and exact backward.
 
 The loops themselves come from one template (``_layer_loops.pxi.tp``) rendered for every registered
@@ -26,6 +25,40 @@ ctypedef void (*backward_fn)(
 include "_layer_loops.pxi"
 
 _fill_kernel_tables()
+
+
+cdef extern from *:
+    """
+    static int dn_cpu_has_avx2_fma(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    #else
+        return 0;
+    #endif
+    }
+    #if defined(__AVX2__) && defined(__FMA__)
+    #define DN_BUILT_FOR "avx2+fma"
+    #elif defined(__AVX__)
+    #define DN_BUILT_FOR "avx"
+    #elif defined(__SSE2__)
+    #define DN_BUILT_FOR "sse2"
+    #elif defined(__ARM_NEON)
+    #define DN_BUILT_FOR "neon"
+    #else
+    #define DN_BUILT_FOR "generic"
+    #endif
+    """
+    int dn_cpu_has_avx2_fma() noexcept nogil
+    const char* DN_BUILT_FOR
+
+
+def cpu_has_avx2_fma() -> bool:
+    """Whether this CPU runs AVX2 and FMA instructions (False off x86)."""
+    return bool(dn_cpu_has_avx2_fma())
+
+
+BUILT_FOR = DN_BUILT_FOR.decode()
 
 
 def activation_index(str name) -> int:

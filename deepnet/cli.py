@@ -14,7 +14,7 @@ import fire
 from deepnet import activations as _activations
 from deepnet import recipe as _recipe
 from deepnet.errors import ConfigError, DeepnetError
-from deepnet.report import print_fields, print_json
+from deepnet.report import format_rate, print_fields, print_json
 
 R = _recipe.RECIPE
 
@@ -22,13 +22,15 @@ R = _recipe.RECIPE
 class DeepnetCLI:
     """Exact SGD through absurdly deep, narrow residual networks on MNIST.
 
-    Commands: init, train (alias train-dense), eval (alias eval-dense), info, data, activations.
+    Commands: init, train (alias train-dense), eval (alias eval-dense), info, data, activations, bench.
     `deepnet COMMAND --help` describes a command's flags:
     init: --model --layers --width --activation --alpha --seed --input-dim --overwrite;
     train, train-dense: --model --steps --layers --width --activation --alpha --seed --batch --layer-lr
     --head-lr --chunk-layers --train-limit --report-every --eval-samples --in-memory --data-dir --json;
     eval, eval-dense: --model --samples --batch --chunk-layers --in-memory --data-dir --json;
-    info: --model --json; data: --dest; activations: --json.
+    info: --model --json; data: --dest; activations: --json;
+    bench: --layers --width --activation --batch --steps --streamed --chunk-layers --eval-images
+    --eval-batch --workdir --json.
     Add --debug to any command to see a traceback on error.
     """
 
@@ -64,7 +66,7 @@ class DeepnetCLI:
         Args:
             model: HDF5 model file (created if missing).
             steps: SGD steps to run now.
-            layers: core layers L for a new model (default 10000).
+            layers: core layers L for a new model (default 1000000).
             width: core width w for a new model (default 4).
             activation: core activation for a new model (default softsign).
             alpha: residual scale for a new model; default 1/sqrt(layers).
@@ -105,6 +107,45 @@ class DeepnetCLI:
     # The original experiment's command names.
     train_dense = train
     eval_dense = eval
+
+    def bench(self, layers: int = 10_000_000, width: int = 4, activation: str = "softsign", batch: int = 16,
+              steps: int = 3, streamed: bool = False, chunk_layers: int = R.chunk_layers, eval_images: int = 0,
+              eval_batch: int = 1024, workdir: str = None, json: bool = False) -> None:
+        """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
+
+        Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), times one warm-up
+        and then --steps steps, and prints the median seconds per step and layer-samples per second.
+
+        Args:
+            layers: core layers.
+            width: core width.
+            activation: core activation.
+            batch: minibatch size.
+            steps: timed steps (after one warm-up step); the median is reported.
+            streamed: stream the weights from the file instead of holding them in RAM.
+            chunk_layers: layers per kernel call and per read.
+            eval_images: also time forward-only evaluation of this many images (0: skip).
+            eval_batch: images per evaluation forward pass.
+            workdir: directory for the temporary model (default: the system temp dir).
+            json: print one JSON object.
+        """
+        from deepnet.bench import run_bench
+
+        result = run_bench(layers=layers, width=width, activation=activation, batch=batch, steps=steps,
+                           in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_images,
+                           eval_batch=eval_batch, workdir=workdir)
+        if json:
+            print_json(result)
+            return
+        fields = {
+            "workload": f"{layers:,} layers x width {width}, {activation}, batch {batch}, {result['mode']}",
+            "s/step": f"{result['seconds_per_step']:.4f} median of {steps} (min {result['seconds_per_step_min']:.4f})",
+            "layer-samples/s": format_rate(result["layer_samples_per_s"]),
+            "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",
+        }
+        if eval_images:
+            fields["eval"] = f"{result['eval_images_per_s']:.1f} images/s over {eval_images} images"
+        print_fields(fields)
 
     def info(self, model: str, json: bool = False) -> None:
         """Show what is in a model file: shape, activation, step, size, last logged figures.

@@ -6,6 +6,8 @@ the package talks to kernels only through ``LayerKernels``, so where a kernel co
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -15,14 +17,39 @@ from deepnet import activations
 from deepnet.errors import ActivationError
 
 
-def _builtin_module() -> ModuleType:
+# Which build of the built-in kernels to use: "auto" (the fastest this CPU runs), "portable" or "avx2".
+KERNELS_ENV = "DEEPNET_KERNELS"
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_module(choice: str | None = None) -> ModuleType:
+    """The compiled module holding the built-in activations' kernels, for this CPU.
+
+    The portable build always works; the AVX2+FMA build (x86-64) is loaded only after the CPU says it
+    has those instructions, so a wheel can never die with SIGILL. ``$DEEPNET_KERNELS`` overrides.
+    """
+    choice = (choice or os.environ.get(KERNELS_ENV, "auto")).strip().lower()
+    if choice not in ("auto", "portable", "avx2"):
+        raise ActivationError(f"{KERNELS_ENV} must be auto, portable or avx2, not {choice!r}")
     try:
-        from deepnet import _kernels
+        from deepnet import _kernels as portable
     except ImportError as exc:  # a source checkout that was never built
         raise ActivationError(
             f"the compiled kernels are missing ({exc}); install the package with `pip install -e .`"
         ) from None
-    return _kernels
+    if choice == "portable":
+        return portable
+    if not portable.cpu_has_avx2_fma():
+        if choice == "avx2":
+            raise ActivationError(f"{KERNELS_ENV}=avx2 but this CPU has no AVX2/FMA")
+        return portable
+    try:
+        from deepnet import _kernels_avx2
+    except ImportError:
+        if choice == "avx2":
+            raise ActivationError(f"{KERNELS_ENV}=avx2 but this build has no AVX2 kernels") from None
+        return portable  # built with DEEPNET_MARCH, or not on x86-64: the one build is the right one
+    return _kernels_avx2
 
 
 @dataclass(frozen=True)
@@ -50,7 +77,7 @@ class LayerKernels:
 def kernels_for(name: str) -> LayerKernels:
     """The compiled kernels of the registered activation ``name``."""
     activations.get(name)  # unknown names fail here, with the list of known ones
-    module = _builtin_module()
+    module = builtin_module()
     try:
         index = module.activation_index(name)
     except ValueError:

@@ -27,7 +27,7 @@ from deepnet.report import Table, format_rate, format_seconds, print_fields, pri
 class Recipe:
     """The defaults of a training run (the original experiment's, tuned where noted in the README)."""
 
-    layers: int = 10_000
+    layers: int = 1_000_000
     width: int = 4
     activation: str = "softsign"
     batch: int = 16

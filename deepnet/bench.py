@@ -1,0 +1,71 @@
+"""`deepnet bench`: time the reference workload on this machine in one command.
+
+Creates a throw-away model of the requested shape in a temporary directory, then times exact SGD
+steps (in RAM or streamed from the file) and, optionally, forward-only evaluation. Inputs are random:
+the time of a step does not depend on the data.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
+from deepnet.recipe import _positive, init
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_bench(
+    *,
+    layers: int = 10_000_000,
+    width: int = 4,
+    activation: str = "softsign",
+    batch: int = 16,
+    steps: int = 3,
+    in_memory: bool = True,
+    chunk_layers: int = DEFAULT_CHUNK_LAYERS,
+    eval_images: int = 0,
+    eval_batch: int = 1024,
+    workdir: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
+    """Time ``steps`` exact SGD steps (after one warm-up step) and optionally an evaluation pass."""
+    for name, value in (("layers", layers), ("width", width), ("batch", batch), ("steps", steps),
+                        ("chunk-layers", chunk_layers), ("eval-batch", eval_batch)):
+        _positive(name, value)
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="deepnet-bench-") as tmp:
+        path = Path(tmp) / "bench.h5"
+        init(path, layers=layers, width=width, activation=activation, seed=seed, progress=False)
+        with DeepNet.open(path, writable=True, in_memory=in_memory, chunk_layers=chunk_layers) as net:
+            times = []
+            for _ in range(steps + 1):
+                x = rng.random((batch, net.input_dim), dtype=np.float32)
+                y = rng.integers(0, 10, size=batch)
+                times.append(net.train_step(x, y, layer_lr=0.01, head_lr=0.01).seconds)
+            step_times = times[1:]  # the first step pays for page faults and buffer allocation
+            median = statistics.median(step_times)
+            result = {
+                "layers": layers, "width": width, "activation": activation, "batch": batch,
+                "mode": "in-memory" if in_memory else "streamed", "steps": steps,
+                "seconds_per_step": median, "seconds_per_step_min": min(step_times),
+                "step_times": step_times, "layer_samples_per_s": layers * batch / median,
+            }
+            if eval_images:
+                x = rng.random((eval_images, net.input_dim), dtype=np.float32)
+                started = time.perf_counter()
+                for lo in range(0, eval_images, eval_batch):
+                    net.logits(x[lo:lo + eval_batch])
+                seconds = time.perf_counter() - started
+                result.update(eval_images=eval_images, eval_seconds=seconds, eval_images_per_s=eval_images / seconds)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result

@@ -1,0 +1,23 @@
+"""Shared fixtures: where MNIST is (set as $DEEPNET_DATA, so nothing is ever fetched)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests/reference.py and tests/helpers.py are imported by name from the test modules.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import MNIST_DIR, have_mnist  # noqa: E402
+
+
+@pytest.fixture
+def mnist_dir(monkeypatch) -> Path:
+    """The MNIST directory, also set as $DEEPNET_DATA (so nothing is ever fetched)."""
+    if not have_mnist():
+        pytest.skip(f"MNIST is not in {MNIST_DIR}")
+    monkeypatch.setenv("DEEPNET_DATA", str(MNIST_DIR))
+    return MNIST_DIR

@@ -1,0 +1,44 @@
+"""Helpers shared by the test modules: where MNIST is, and small model files whose weights matter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: The shared offline copy of MNIST (the four standard IDX files, gzip-compressed).
+MNIST_DIR = Path(os.environ.get("DEEPNET_TEST_MNIST", "/work/shared/data/mnist"))
+
+
+def have_mnist() -> bool:
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return all((MNIST_DIR / n).exists() or (MNIST_DIR / (n + ".gz")).exists() for n in names)
+
+
+def make_model(path, *, layers: int, width: int, activation: str, input_dim: int = 784, seed: int = 0,
+               core_scale: float = 0.5, bias_scale: float = 0.1, alpha: float | None = None):
+    """A model file whose core weights are uniform(-core_scale, core_scale) (biases included) and whose
+    head biases are non-zero, so every term of the step is exercised. Returns the path."""
+    import deepnet
+    from deepnet import ModelFile
+
+    deepnet.init(path, layers=layers, width=width, activation=activation, input_dim=input_dim, seed=seed,
+                 alpha=alpha, progress=False)
+    rng = np.random.default_rng([seed, 99])
+    with ModelFile.open(path, "r+") as f:
+        core = rng.uniform(-core_scale, core_scale, size=(layers, width * width + width)).astype(np.float32)
+        f.write_core(core, 0)
+        heads = f.read_heads()
+        heads["input_bias"] = rng.uniform(-bias_scale, bias_scale, width).astype(np.float32)
+        heads["output_bias"] = rng.uniform(-bias_scale, bias_scale, heads["output_bias"].shape).astype(np.float32)
+        f.write_heads(heads)
+    return path
+
+
+def read_weights(path) -> tuple[dict, np.ndarray]:
+    """(heads, core) of a model file, as float32 arrays."""
+    from deepnet import ModelFile
+
+    with ModelFile.open(path) as f:
+        return f.read_heads(), f.read_core()

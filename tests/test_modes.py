@@ -1,0 +1,152 @@
+"""Where the weights live and how they are chunked do not change results: not even by one bit.
+
+The streamed and in-memory stores hand the kernels the same chunks, and the kernels recompute a
+checkpointed segment with the same arithmetic as the forward pass, so every mode and every
+``chunk_layers`` gives bit-identical weights; these tests assert exact equality (np.array_equal).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import deepnet
+from deepnet import DeepNet, ModelFile
+from helpers import make_model, read_weights
+
+
+def run_steps(path, batches, *, in_memory, chunk_layers=100_000, layer_lr=0.3, head_lr=0.1):
+    """Train the model file at `path` on the given (x, y) batches; returns the losses and the weights."""
+    losses = []
+    with DeepNet.open(path, writable=True, in_memory=in_memory, chunk_layers=chunk_layers) as net:
+        for x, y in batches:
+            losses.append(net.train_step(x, y, layer_lr=layer_lr, head_lr=head_lr).loss)
+        net.save()
+    heads, core = read_weights(path)
+    return losses, heads, core
+
+
+def make_batches(n_steps, sizes, input_dim=784, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n_steps):
+        b = sizes[k % len(sizes)]
+        out.append((rng.uniform(0, 1, size=(b, input_dim)).astype(np.float32), rng.integers(0, 10, size=b)))
+    return out
+
+
+def assert_same_weights(a, b, label):
+    (heads_a, core_a), (heads_b, core_b) = a, b
+    assert np.array_equal(core_a, core_b), f"{label}: core weights differ"
+    for key in heads_a:
+        assert np.array_equal(heads_a[key], heads_b[key]), f"{label}: head {key} differs"
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softsign", "relu"])
+def test_streamed_and_in_memory_training_are_bit_identical(tmp_path, activation):
+    original = make_model(tmp_path / "orig.h5", layers=60, width=4, activation=activation, seed=1)
+    # Batch sizes change between steps (the engine reallocates its buffers), 9 is not a multiple of 8.
+    batches = make_batches(6, [5, 9, 16], seed=2)
+    results = {}
+    for mode in ("in_memory", "streamed"):
+        path = tmp_path / f"{mode}.h5"
+        shutil.copy(original, path)
+        results[mode] = run_steps(path, batches, in_memory=(mode == "in_memory"))
+    assert results["in_memory"][0] == results["streamed"][0], "losses differ"
+    assert_same_weights(results["in_memory"][1:], results["streamed"][1:], "streamed vs in-memory")
+    # ... and training did move every layer (so equality is not two untouched copies).
+    _, core0 = read_weights(original)
+    moved = np.abs(results["streamed"][2] - core0).max(axis=1)
+    assert np.all(moved > 1e-4), f"layers not updated: {np.flatnonzero(moved <= 1e-4)}"
+
+
+@pytest.mark.parametrize("layers", [50, 137])
+def test_chunk_layers_give_bit_identical_weights(tmp_path, layers):
+    """chunk_layers 1, 7, 50, 1000 (more than L) in both modes: the same weights, bit for bit."""
+    original = make_model(tmp_path / "orig.h5", layers=layers, width=3, activation="softsign", seed=3)
+    batches = make_batches(3, [7, 12], seed=4)
+    runs = {}
+    for chunk_layers in (1, 7, 50, 1000):
+        for in_memory in (True, False):
+            path = tmp_path / f"c{chunk_layers}-{in_memory}.h5"
+            shutil.copy(original, path)
+            runs[chunk_layers, in_memory] = run_steps(path, batches, in_memory=in_memory, chunk_layers=chunk_layers)
+    base = runs[1000, True]
+    for key, run in runs.items():
+        assert run[0] == base[0], f"chunk_layers={key[0]} in_memory={key[1]}: losses differ"
+        assert_same_weights(base[1:], run[1:], f"chunk_layers={key[0]} in_memory={key[1]}")
+    _, core0 = read_weights(original)
+    assert np.all(np.abs(base[2] - core0).max(axis=1) > 1e-5), "every layer must have been updated"
+
+
+def test_streamed_step_marks_every_storage_chunk(tmp_path):
+    """A streamed step writes every storage chunk back and records the step in /core/chunk_step."""
+    path = tmp_path / "m.h5"
+    ModelFile.create(path, layers=45, width=4, activation="tanh", storage_chunk_layers=10, init_scale=0.5,
+                     progress=False).close()
+    for step, chunk_layers in ((1, 7), (2, 100_000), (3, 10)):
+        run_steps(path, make_batches(1, [4], seed=step), in_memory=False, chunk_layers=chunk_layers)
+        with ModelFile.open(path) as f:
+            assert f.step == step
+            assert list(f.chunk_steps()) == [step] * 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# through the recipe
+
+
+RUN = dict(layers=30, width=4, activation="softsign", seed=5, batch=8, train_limit=2000, report_every=5,
+           eval_samples=200, json=True, progress=False)
+
+
+def file_state(path):
+    with ModelFile.open(path) as f:
+        log = f.read_log()
+        return {
+            "heads": f.read_heads(),
+            "core": f.read_core(),
+            "step": f.step,
+            "rng_state": f.rng_state,
+            "log": (log["step"].tolist(), log["loss"].tolist(), log["batch_acc"].tolist()),
+        }
+
+
+def assert_same_files(a, b):
+    assert np.array_equal(a["core"], b["core"]), "core weights differ"
+    for key in a["heads"]:
+        assert np.array_equal(a["heads"][key], b["heads"][key]), f"head {key} differs"
+    assert a["step"] == b["step"]
+    assert a["rng_state"] == b["rng_state"]
+    assert a["log"] == b["log"]
+
+
+def test_recipe_in_memory_and_streamed_give_identical_files(tmp_path, mnist_dir, capsys):
+    # One run finds MNIST through $DEEPNET_DATA (set by the fixture), the other through data_dir.
+    final_mem = deepnet.train(tmp_path / "mem.h5", steps=12, in_memory=True, **RUN)
+    final_str = deepnet.train(tmp_path / "str.h5", steps=12, in_memory=False, data_dir=str(mnist_dir), **RUN)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["event"] for d in lines] == ["report", "report", "report", "final"] * 2
+
+    for key in ("steps", "step", "loss", "batch_acc", "test_loss", "test_acc", "test_samples"):
+        assert final_mem[key] == final_str[key], key
+    assert final_mem["step"] == 12
+    mem, streamed = file_state(tmp_path / "mem.h5"), file_state(tmp_path / "str.h5")
+    assert_same_files(mem, streamed)
+    assert mem["log"][0] == list(range(1, 13))
+    # Training moved every layer away from its initial weights (the same seed gives the same start).
+    deepnet.init(tmp_path / "fresh.h5", layers=30, width=4, activation="softsign", seed=5, progress=False)
+    _, core0 = read_weights(tmp_path / "fresh.h5")
+    assert np.all(np.abs(mem["core"] - core0).max(axis=1) > 0)
+
+
+def test_recipe_resumed_run_equals_one_run(tmp_path, mnist_dir, capsys):
+    """6 + 6 steps (the minibatch generator continues from the file) == 12 steps; chunk_layers and
+    in_memory may differ between the two halves without changing anything."""
+    deepnet.train(tmp_path / "one.h5", steps=12, **RUN)
+    deepnet.train(tmp_path / "two.h5", steps=6, chunk_layers=7, **RUN)
+    deepnet.train(tmp_path / "two.h5", steps=6, in_memory=True, **RUN)
+    capsys.readouterr()
+    assert_same_files(file_state(tmp_path / "one.h5"), file_state(tmp_path / "two.h5"))
