@@ -13,7 +13,7 @@ from libc.stdlib cimport malloc, free
 
 ctypedef void (*forward_fn)(
     const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w, Py_ssize_t B,
-    float alpha, float* saves, Py_ssize_t save_every, float* scratch,
+    float alpha, float* saves, Py_ssize_t save_every, float* scratch, Py_ssize_t part, Py_ssize_t n_parts,
 ) noexcept nogil
 
 ctypedef void (*backward_fn)(
@@ -79,6 +79,13 @@ cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept:
     return 3 * w * MAX_BLOCK + max(w, MAX_BLOCK)
 
 
+def batch_block(Py_ssize_t width) -> int:
+    """Samples per batch block of the kernels of this width (split a batch at multiples of it)."""
+    if width <= 4 and width in WIDTH_VARIANTS:
+        return DN_BLOCK_NARROW
+    return 8
+
+
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
     """Floats of scratch a backward call needs: a segment's states and derivatives (one batch block at a
     time), the segment's weight gradients, and the generic variant's block buffers."""
@@ -92,13 +99,18 @@ cdef int _check_act(int act) except -1:
 
 
 def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
-            float[:, ::1] saves=None, Py_ssize_t save_every=0, float[::1] work=None) -> None:
+            float[:, ::1] saves=None, Py_ssize_t save_every=0, float[::1] work=None,
+            Py_ssize_t part=0, Py_ssize_t n_parts=1) -> None:
     """Forward h (width, batch) through every layer of ``params`` in place.
 
     If ``saves`` is given, h is copied into ``saves[k]`` before layer ``k * save_every`` of the chunk
-    (the checkpoints the backward pass recomputes from).
+    (the checkpoints the backward pass recomputes from). With ``n_parts`` > 1 only the ``part``-th run
+    of the batch's columns is computed: threads may run the parts of one call at the same time, each
+    with its own ``work``.
     """
     _check_act(act)
+    if n_parts < 1 or not 0 <= part < n_parts:
+        raise ValueError(f"part {part} of {n_parts} is not a valid split")
     cdef Py_ssize_t w = h.shape[0], B = h.shape[1], n = params.shape[0]
     if w < 1 or B < 1:
         raise ValueError("h must be (width, batch) with width, batch >= 1")
@@ -126,7 +138,7 @@ def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
     try:
         if n > 0:
             with nogil:
-                fn(p, n, &h[0, 0], w, B, alpha, saves_ptr, save_every, z)
+                fn(p, n, &h[0, 0], w, B, alpha, saves_ptr, save_every, z, part, n_parts)
     finally:
         if owned:
             free(z)

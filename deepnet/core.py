@@ -15,6 +15,8 @@ sit, and recomputation is bit-identical to the forward pass, so results do not d
 from __future__ import annotations
 
 import math
+import mmap
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
@@ -28,6 +30,26 @@ from deepnet.kernels import LayerKernels
 SEGMENT_CACHE_BYTES = 256 * 1024
 # Upper bound on the memory of all saved states; deeper models get longer segments instead.
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
+# Threads for the forward pass (its batch columns are independent); the backward pass stays on one
+# thread: its per-layer gradient halves would have to cross cores every layer (TARGETS.md).
+THREADS_ENV = "DEEPNET_THREADS"
+
+
+def default_threads() -> int:
+    """$DEEPNET_THREADS, else the CPUs this process may run on."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ConfigError(f"{THREADS_ENV} must be a positive integer, not {value!r}") from None
+        if threads < 1:
+            raise ConfigError(f"{THREADS_ENV} must be a positive integer, not {value!r}")
+        return threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def choose_save_every(layers: int, width: int, batch: int, chunk_layers: int) -> int:
@@ -39,16 +61,20 @@ def choose_save_every(layers: int, width: int, batch: int, chunk_layers: int) ->
 
 
 class WeightStore:
-    """Where the core weights live. Yields (first_layer, rows) chunks; rows are (n, w*w+w) float32."""
+    """Where the core weights live. Hands out chunks (first_layer, rows); rows are (n, w*w+w) float32."""
 
     layers: int
     row_size: int
 
-    def forward_chunks(self, chunk_layers: int) -> Iterator[tuple[int, np.ndarray]]:
+    def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
+        """(start, stop) of the chunks, first to last: one kernel call each."""
+        return chunk_bounds(self.layers, chunk_layers)
+
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
         raise NotImplementedError
 
-    def backward_chunks(self, chunk_layers: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Chunks last first; a chunk's rows may be modified in place and are kept once the next is asked for."""
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The chunks last first; rows may be modified in place and are kept once the next is asked for."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -69,17 +95,89 @@ class InMemoryStore(WeightStore):
         self.weights = weights
         self.layers, self.row_size = weights.shape
 
-    def forward_chunks(self, chunk_layers: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start, stop in chunk_bounds(self.layers, chunk_layers):
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        for start, stop in bounds:
             yield start, self.weights[start:stop]
 
-    def backward_chunks(self, chunk_layers: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start, stop in reversed(chunk_bounds(self.layers, chunk_layers)):
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start, stop in reversed(bounds):
             yield start, self.weights[start:stop]
+
+
+class MappedStore(WeightStore):
+    """Core weights streamed from the model file through a memory map of its storage chunks.
+
+    The kernels read the file's pages where they lie (no copy into a buffer) and the backward pass
+    updates them in place; the operating system reads ahead (asked explicitly for the next chunk with
+    madvise) and writes dirty pages back in the background. Each storage chunk's ``chunk_step`` is
+    marked before the chunk is modified, so an interrupted step is detectable as a torn step. Used for
+    every file whose core chunks are plain float32 on disk (all files deepnet writes).
+    """
+
+    def __init__(self, model_file: ModelFile, offsets: np.ndarray, chunk_step_offset: int) -> None:
+        self.file = model_file
+        self.layers = model_file.layers
+        self.row_size = model_file.row_size
+        self.chunk = model_file.storage_chunk_layers
+        self.offsets = offsets
+        self.writable = model_file.mode != "r"
+        with open(model_file.path, "r+b" if self.writable else "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
+        self._views = [self._chunk_view(c) for c in range(len(offsets))]
+        # chunk_step is marked through the map too: through h5py each mark costs ~150 us, ~0.1 s a step.
+        self._chunk_step = np.frombuffer(self._map, dtype="<i8", count=len(offsets), offset=chunk_step_offset)
+
+    def _chunk_view(self, c: int) -> np.ndarray:
+        n = min(self.chunk, self.layers - c * self.chunk)
+        return np.frombuffer(self._map, dtype=np.float32, count=n * self.row_size,
+                             offset=int(self.offsets[c])).reshape(n, self.row_size)
+
+    def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
+        # Pieces never cross a storage chunk (each is contiguous in the file) nor a chunk_layers boundary.
+        cuts = sorted(set(range(0, self.layers, chunk_layers)) | set(range(0, self.layers, self.chunk)))
+        return list(zip(cuts, cuts[1:] + [self.layers]))
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        c = start // self.chunk
+        return self._views[c][start - c * self.chunk: stop - c * self.chunk]
+
+    def _prefetch(self, start: int, stop: int) -> None:
+        if not hasattr(self._map, "madvise"):
+            return
+        c = start // self.chunk
+        first = int(self.offsets[c]) + (start - c * self.chunk) * self.row_size * 4
+        length = (stop - start) * self.row_size * 4
+        aligned = first - first % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_WILLNEED, aligned, length + first - aligned)
+
+    def _chunks(self, bounds: list[tuple[int, int]], step: int | None) -> Iterator[tuple[int, np.ndarray]]:
+        for k, (start, stop) in enumerate(bounds):
+            if k + 1 < len(bounds):
+                self._prefetch(*bounds[k + 1])
+            if step is not None:
+                self._chunk_step[start // self.chunk: (stop - 1) // self.chunk + 1] = step
+            yield start, self._rows(start, stop)
+
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        yield from self._chunks(bounds, None)
+
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        if not self.writable:
+            raise ConfigError(f"{self.file.path} is open read-only: it cannot be trained")
+        yield from self._chunks(list(reversed(bounds)), step)
+
+    def close(self) -> None:
+        self._views = []
+        self._chunk_step = None
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view of the weights: the map closes with it
+            pass
 
 
 class StreamedStore(WeightStore):
-    """Core weights streamed from the model file: read ahead on one I/O thread, written back after update.
+    """Core weights streamed from the model file through h5py: read ahead on one I/O thread, written
+    back after update. The fallback for files whose core cannot be memory-mapped.
 
     One I/O thread runs reads and writes in submission order; the kernels release the GIL, so the thread
     reads the next chunk while the current one computes. Three rotating buffers: the one computing, the
@@ -93,9 +191,9 @@ class StreamedStore(WeightStore):
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepnet-io")
         self._buffers: list[np.ndarray] = []
 
-    def _buffer(self, k: int, chunk_layers: int) -> np.ndarray:
-        if len(self._buffers) != 3 or self._buffers[0].shape[0] != chunk_layers:
-            self._buffers = [np.empty((chunk_layers, self.row_size), np.float32) for _ in range(3)]
+    def _buffer(self, k: int, rows: int) -> np.ndarray:
+        if len(self._buffers) != 3 or self._buffers[0].shape[0] < rows:
+            self._buffers = [np.empty((rows, self.row_size), np.float32) for _ in range(3)]
         return self._buffers[k % 3]
 
     def _read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
@@ -103,20 +201,21 @@ class StreamedStore(WeightStore):
         self.file.read_layers(start, stop, out=view)
         return view
 
-    def _chunks(self, bounds: list[tuple[int, int]], chunk_layers: int, write_step: int | None):
+    def _chunks(self, bounds: list[tuple[int, int]], write_step: int | None):
         if not bounds:
             return
-        pending: Future = self._io.submit(self._read, *bounds[0], self._buffer(0, chunk_layers))
+        rows = max(stop - start for start, stop in bounds)
+        pending: Future = self._io.submit(self._read, *bounds[0], self._buffer(0, rows))
         writes: list[Future] = []
         try:
             for k, (start, stop) in enumerate(bounds):
-                rows = pending.result()
+                chunk = pending.result()
                 if k + 1 < len(bounds):
                     # FIFO on one thread: this read starts only after the write that last used the buffer.
-                    pending = self._io.submit(self._read, *bounds[k + 1], self._buffer(k + 1, chunk_layers))
-                yield start, rows
+                    pending = self._io.submit(self._read, *bounds[k + 1], self._buffer(k + 1, rows))
+                yield start, chunk
                 if write_step is not None:
-                    writes.append(self._io.submit(self.file.write_layers, start, rows, write_step))
+                    writes.append(self._io.submit(self.file.write_layers, start, chunk, write_step))
                     for w in [w for w in writes if w.done()]:
                         w.result()  # a failed write surfaces here, before more chunks are updated
                     writes = [w for w in writes if not w.done()]
@@ -126,21 +225,30 @@ class StreamedStore(WeightStore):
             for w in writes:
                 w.result()
 
-    def forward_chunks(self, chunk_layers: int) -> Iterator[tuple[int, np.ndarray]]:
-        yield from self._chunks(chunk_bounds(self.layers, chunk_layers), chunk_layers, None)
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        yield from self._chunks(bounds, None)
 
-    def backward_chunks(self, chunk_layers: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
-        yield from self._chunks(list(reversed(chunk_bounds(self.layers, chunk_layers))), chunk_layers, step)
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        yield from self._chunks(list(reversed(bounds)), step)
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+
+
+def file_store(model_file: ModelFile) -> WeightStore:
+    """The streamed store for a model file: memory-mapped when its layout allows, else through h5py."""
+    offsets = model_file.core_chunk_offsets()
+    step_offset = model_file.chunk_step_offset()
+    if offsets is not None and step_offset is not None and os.environ.get("DEEPNET_NO_MMAP", "") == "":
+        return MappedStore(model_file, offsets, step_offset)
+    return StreamedStore(model_file)
 
 
 class CoreEngine:
     """Runs h through the L core layers and back, one kernel call per chunk."""
 
     def __init__(self, store: WeightStore, kernels: LayerKernels, width: int, alpha: float,
-                 chunk_layers: int) -> None:
+                 chunk_layers: int, threads: int | None = None) -> None:
         if chunk_layers < 1:
             raise ConfigError(f"--chunk-layers must be >= 1, got {chunk_layers}")
         if store.row_size != width * width + width:
@@ -150,12 +258,15 @@ class CoreEngine:
         self.width = width
         self.alpha = float(alpha)
         self.chunk_layers = min(chunk_layers, store.layers)
+        self._bounds = store.bounds(self.chunk_layers)
         self._saves: np.ndarray | None = None
         self._save_offsets: list[int] = []
         self._save_every = 0
         self._work: np.ndarray | None = None
         self._work_batch = 0
         self._pending_backward = False
+        self.threads = default_threads() if threads is None else threads
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def layers(self) -> int:
@@ -166,7 +277,7 @@ class CoreEngine:
             return
         self._save_every = choose_save_every(self.layers, self.width, batch, self.chunk_layers)
         offsets, total = [], 0
-        for start, stop in chunk_bounds(self.layers, self.chunk_layers):
+        for start, stop in self._bounds:
             offsets.append(total)
             total += -(-(stop - start) // self._save_every)
         self._save_offsets = offsets
@@ -183,11 +294,22 @@ class CoreEngine:
         h = self._check_state(h)
         batch = h.shape[1]
         self._prepare(batch)
-        for k, (start, rows) in enumerate(self.store.forward_chunks(self.chunk_layers)):
+        block = self.kernels.batch_block(self.width)
+        n_parts = min(self.threads, -(-batch // block)) if batch >= 2 * block else 1
+        if n_parts > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepnet-forward")
+        for k, (start, rows) in enumerate(self.store.forward_chunks(self._bounds)):
             saves = None
             if for_backward:
                 saves = self._saves[self._save_offsets[k]:]
-            self.kernels.forward(rows, h, self.alpha, saves, self._save_every, self._work)
+            if n_parts == 1:
+                self.kernels.forward(rows, h, self.alpha, saves, self._save_every, self._work)
+            else:
+                # Each thread takes its own run of batch blocks of this chunk (and its own scratch).
+                parts = [self._pool.submit(self.kernels.forward, rows, h, self.alpha, saves, self._save_every,
+                                           None, part, n_parts) for part in range(n_parts)]
+                for f in parts:
+                    f.result()
         self._pending_backward = for_backward
         return h
 
@@ -204,7 +326,7 @@ class CoreEngine:
         n_chunks = len(self._save_offsets)
         # Drive the store's generator to its end (not zip() with a range, which stops before resuming
         # it after the last chunk, so a streamed store never wrote the first chunk back).
-        for j, (start, rows) in enumerate(self.store.backward_chunks(self.chunk_layers, step)):
+        for j, (start, rows) in enumerate(self.store.backward_chunks(self._bounds, step)):
             k = n_chunks - 1 - j
             saves = self._saves[self._save_offsets[k]:]
             self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work)
@@ -217,4 +339,6 @@ class CoreEngine:
         return h
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.store.close()

@@ -61,9 +61,9 @@ class LayerKernels:
     index: int
 
     def forward(self, params: np.ndarray, h: np.ndarray, alpha: float, saves: np.ndarray | None = None,
-                save_every: int = 0, work: np.ndarray | None = None) -> None:
+                save_every: int = 0, work: np.ndarray | None = None, part: int = 0, n_parts: int = 1) -> None:
         """h (width, batch) through the rows of params in place; see ``deepnet._kernels.forward``."""
-        self.module.forward(self.index, params, h, alpha, saves, save_every, work)
+        self.module.forward(self.index, params, h, alpha, saves, save_every, work, part, n_parts)
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
                  alpha: float, lr: float, work: np.ndarray | None = None) -> None:
@@ -72,6 +72,10 @@ class LayerKernels:
 
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
         return self.module.workspace_size(width, batch, save_every)
+
+    def batch_block(self, width: int) -> int:
+        """Samples per batch block: the unit in which a batch can be split across threads."""
+        return self.module.batch_block(width)
 
 
 def kernels_for(name: str) -> LayerKernels:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet.core import CoreEngine, InMemoryStore, StreamedStore
+from deepnet.core import CoreEngine, InMemoryStore, file_store
 from deepnet.errors import ConfigError
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.kernels import kernels_for
@@ -66,7 +66,7 @@ class DeepNet:
         self.in_memory = in_memory
         self.kernels = kernels_for(model_file.activation)
         self.heads = model_file.read_heads()
-        store = InMemoryStore(model_file.read_core()) if in_memory else StreamedStore(model_file)
+        store = InMemoryStore(model_file.read_core()) if in_memory else file_store(model_file)
         self.engine = CoreEngine(store, self.kernels, model_file.width, model_file.alpha, chunk_layers)
         self.step = model_file.step
 

@@ -606,6 +606,54 @@ class ModelFile:
         self._chunk_step.write_direct(np.full(c1 - c0, step, dtype=np.int64), dest_sel=np.s_[c0:c1])
         self._weights.write_direct(rows, dest_sel=np.s_[start:stop])
 
+    def mark_chunk_steps(self, start: int, stop: int, step: int) -> None:
+        """Record `step` in ``chunk_step`` for every storage chunk that layers [start, stop) touch.
+
+        For writers that update the core outside ``write_layers`` (the memory-mapped streamed mode):
+        mark first, then modify, so an interruption shows up as a torn step.
+        """
+        self._writable()
+        start, stop = self._check_range(_check_int("start", start), _check_int("stop", stop))
+        if stop == start:
+            return
+        c0 = start // self._chunk_layers
+        c1 = (stop - 1) // self._chunk_layers + 1
+        self._chunk_step.write_direct(np.full(c1 - c0, _check_int("step", step, minimum=0), dtype=np.int64),
+                                      dest_sel=np.s_[c0:c1])
+
+    def chunk_step_offset(self) -> int | None:
+        """Byte offset of /core/chunk_step (contiguous little-endian int64) in the file, for writers that
+        memory-map it; None if it is stored any other way."""
+        ds = self._chunk_step
+        if ds.chunks is not None or ds.dtype != np.dtype("<i8"):
+            return None
+        offset = ds.id.get_offset()
+        return None if offset is None or offset % 8 else int(offset)
+
+    def core_chunk_offsets(self) -> np.ndarray | None:
+        """Byte offset in the file of each storage chunk of /core/weights, in layer order, when the core
+        can be memory-mapped straight from the file: every chunk allocated, unfiltered, little-endian
+        float32, 4-byte aligned, full size. None when it cannot (then use read_layers/write_layers)."""
+        ds = self._weights
+        if ds.dtype != np.dtype("<f4") or ds.chunks is None or ds.compression or ds.shuffle or ds.fletcher32 \
+                or ds.scaleoffset is not None:
+            return None
+        try:
+            n = ds.id.get_num_chunks()
+            if n != self.n_storage_chunks:
+                return None
+            chunk_bytes = self._chunk_layers * self.row_size * 4
+            offsets = np.full(n, -1, dtype=np.int64)
+            for i in range(n):
+                info = ds.id.get_chunk_info(i)
+                index = info.chunk_offset[0] // self._chunk_layers
+                if info.filter_mask or info.size != chunk_bytes or info.byte_offset % 4 or not 0 <= index < n:
+                    return None
+                offsets[index] = info.byte_offset
+        except (AttributeError, RuntimeError, ValueError, OSError):  # an HDF5 without chunk queries
+            return None
+        return None if (offsets < 0).any() else offsets
+
     def read_core(self) -> np.ndarray:
         """The whole core, (layers, row_size) float32, in RAM (for the in-memory mode)."""
         self._file()
