@@ -37,7 +37,7 @@ def write_if_changed(path: str, text: str) -> None:
 
 write_if_changed(os.path.join(HERE, "deepnet", "_layer_loops.pxi"), render_layer_loops(BUILTINS))
 
-BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-pthread"]
 
 
 def kernel_extension(module: str, extra_args: list[str]) -> Extension:
@@ -51,6 +51,7 @@ def kernel_extension(module: str, extra_args: list[str]) -> Extension:
         [source],
         include_dirs=[numpy.get_include()],
         extra_compile_args=BASE_ARGS + extra_args,
+        extra_link_args=["-pthread"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 

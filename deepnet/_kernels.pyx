@@ -19,7 +19,8 @@ ctypedef void (*forward_fn)(
 ctypedef void (*backward_fn)(
     float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
     float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
-    float* hbuf, float* dbuf, float* grad, float* scratch,
+    float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch, Py_ssize_t scratch_floats,
+    int threads,
 ) noexcept nogil
 
 include "_layer_loops.pxi"
@@ -74,9 +75,14 @@ cdef Py_ssize_t _variant(Py_ssize_t w) noexcept:
     return N_WIDTH_VARIANTS - 1
 
 
-cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept:
-    # block state, z and g of the generic-width variant, plus one lane buffer
-    return 3 * w * MAX_BLOCK + max(w, MAX_BLOCK)
+cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept nogil:
+    # block state, z and g of the generic-width and per-sample paths
+    return 3 * w * MAX_BLOCK
+
+
+cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
+    # one buffer set: a segment's states (or derivatives) for one batch block
+    return save_every * w * MAX_BLOCK
 
 
 def batch_block(Py_ssize_t width) -> int:
@@ -87,9 +93,10 @@ def batch_block(Py_ssize_t width) -> int:
 
 
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
-    """Floats of scratch a backward call needs: a segment's states and derivatives (one batch block at a
-    time), the segment's weight gradients, and the generic variant's block buffers."""
-    return 2 * save_every * width * MAX_BLOCK + save_every * _grad_stride(width) + _scratch_size(width)
+    """Floats of scratch a backward call needs: two buffer sets of a segment's states and of its
+    derivatives (recomputation of the next segment overlaps back-propagation of this one), the
+    segment's weight gradients, and two threads' scratch."""
+    return 4 * _set_size(width, save_every) + save_every * _grad_stride(width) + 2 * _scratch_size(width)
 
 
 cdef int _check_act(int act) except -1:
@@ -145,12 +152,13 @@ def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
 
 
 def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_t save_every,
-             float[:, ::1] g, float alpha, float lr, float[::1] work=None) -> None:
+             float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1) -> None:
     """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place.
 
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
     return g is the gradient at the chunk's input. Each layer's gradient is summed over the batch and
-    the gradient flowing further down uses the layer's old weights.
+    the gradient flowing further down uses the layer's old weights. With ``threads`` > 1 a second
+    thread recomputes the next segment while this one back-propagates (same result, bit for bit).
     """
     _check_act(act)
     cdef Py_ssize_t w = g.shape[0], B = g.shape[1], n = params.shape[0]
@@ -175,14 +183,16 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
         if work.shape[0] < need:
             raise ValueError(f"work has {work.shape[0]} floats, needs {need}")
         buf = &work[0]
+    cdef Py_ssize_t set_floats = _set_size(w, save_every)
     cdef float* hbuf = buf
-    cdef float* dbuf = hbuf + save_every * w * MAX_BLOCK
-    cdef float* grad = dbuf + save_every * w * MAX_BLOCK
+    cdef float* dbuf = hbuf + 2 * set_floats
+    cdef float* grad = dbuf + 2 * set_floats
     cdef float* scratch = grad + save_every * _grad_stride(w)
     cdef backward_fn fn = _BACKWARD[act][_variant(w)]
     try:
         with nogil:
-            fn(&params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf, grad, scratch)
+            fn(&params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf, set_floats,
+               grad, scratch, _scratch_size(w), threads)
     finally:
         if owned:
             free(buf)

@@ -30,8 +30,9 @@ from deepnet.kernels import LayerKernels
 SEGMENT_CACHE_BYTES = 256 * 1024
 # Upper bound on the memory of all saved states; deeper models get longer segments instead.
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
-# Threads for the forward pass (its batch columns are independent); the backward pass stays on one
-# thread: its per-layer gradient halves would have to cross cores every layer (TARGETS.md).
+# Threads: the forward pass splits its batch columns (they are independent); the backward pass does
+# not split the batch (per-layer gradient halves would cross cores every layer, TARGETS.md) but
+# recomputes the next segment on a second core while this one back-propagates.
 THREADS_ENV = "DEEPNET_THREADS"
 
 
@@ -329,7 +330,8 @@ class CoreEngine:
         for j, (start, rows) in enumerate(self.store.backward_chunks(self._bounds, step)):
             k = n_chunks - 1 - j
             saves = self._saves[self._save_offsets[k]:]
-            self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work)
+            self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
+                                  self.threads)
         self._pending_backward = False
         return g
 

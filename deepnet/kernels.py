@@ -66,9 +66,9 @@ class LayerKernels:
         self.module.forward(self.index, params, h, alpha, saves, save_every, work, part, n_parts)
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
-                 alpha: float, lr: float, work: np.ndarray | None = None) -> None:
+                 alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1) -> None:
         """Back-propagate g through the chunk, updating params in place; see ``deepnet._kernels.backward``."""
-        self.module.backward(self.index, params, saves, save_every, g, alpha, lr, work)
+        self.module.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads)
 
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
         return self.module.workspace_size(width, batch, save_every)
