@@ -1,0 +1,60 @@
+"""The second core changes nothing: threaded forward and pipelined backward are bit-identical to one thread.
+
+Sizes are chosen above the kernels' threshold for starting a thread (a few units of >= 2e6
+multiply-adds), so the threaded code paths really run: blocked (batch >= 8), per-sample (batch < 8),
+the generic width, and both builds.
+"""
+
+import numpy as np
+import pytest
+
+from deepnet.core import CoreEngine, InMemoryStore
+from deepnet.kernels import LayerKernels, builtin_module
+
+
+def modules():
+    mods = [builtin_module("portable")]
+    if mods[0].cpu_has_avx2_fma():
+        mods.append(builtin_module("avx2"))
+    return mods
+
+
+@pytest.mark.parametrize("module", modules(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("width,batch", [(4, 16), (4, 40), (2, 3), (5, 16), (32, 1)])
+def test_pipelined_backward_matches_one_thread(module, width, batch):
+    rng = np.random.default_rng(width * 100 + batch)
+    layers, save_every = 6000 if width < 32 else 400, 64
+    kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
+    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
+    h = rng.standard_normal((width, batch)).astype(np.float32)
+    saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
+    kernels.forward(params, h, 0.05, saves, save_every)
+    g0 = rng.standard_normal((width, batch)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        p, g = params.copy(), g0.copy()
+        kernels.backward(p, saves, save_every, g, 0.05, 0.01, None, threads)
+        results.append((p, g))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+    assert not np.array_equal(results[0][0], params)  # the update really happened
+
+
+@pytest.mark.parametrize("batch", [64, 37, 5])
+def test_threaded_engine_matches_one_thread(batch):
+    rng = np.random.default_rng(batch)
+    layers, width = 3000, 4
+    kernels = LayerKernels("tanh", builtin_module(), builtin_module().activation_index("tanh"))
+    weights = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / 2).astype(np.float32)
+    h0 = rng.standard_normal((width, batch)).astype(np.float32)
+    g0 = rng.standard_normal((width, batch)).astype(np.float32)
+    out = []
+    for threads in (1, 2):
+        engine = CoreEngine(InMemoryStore(weights.copy()), kernels, width, 0.02, chunk_layers=700, threads=threads)
+        h = engine.forward(h0.copy())
+        g = engine.backward(g0.copy(), 0.01, step=1)
+        evaluated = engine.forward(h0.copy(), for_backward=False)
+        out.append((h.copy(), g.copy(), engine.store.weights.copy(), evaluated.copy()))
+        engine.close()
+    for a, b in zip(*out):
+        assert np.array_equal(a, b)
