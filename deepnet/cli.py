@@ -12,17 +12,20 @@ import sys
 import fire
 
 from deepnet import activations as _activations
+from deepnet import mlp as _mlp
 from deepnet import recipe as _recipe
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.report import format_rate, print_fields, print_json
 
 R = _recipe.RECIPE
+_MLP = _mlp.MLP_RECIPE
 
 
 class DeepnetCLI:
     """Exact SGD through absurdly deep, narrow residual networks on MNIST.
 
-    Commands: init, train (alias train-dense), eval (alias eval-dense), info, data, activations, bench.
+    Commands: init, train (alias train-dense), eval (alias eval-dense), info, data, activations, bench,
+    train-mlp, eval-mlp, import-raw, export-raw, plot.
     `deepnet COMMAND --help` describes a command's flags:
     init: --model --layers --width --activation --alpha --seed --input-dim --overwrite;
     train, train-dense: --model --steps --layers --width --activation --alpha --seed --batch --layer-lr
@@ -30,7 +33,12 @@ class DeepnetCLI:
     eval, eval-dense: --model --samples --batch --chunk-layers --in-memory --data-dir --json;
     info: --model --json; data: --dest; activations: --json;
     bench: --layers --width --activation --batch --steps --streamed --chunk-layers --eval-images
-    --eval-batch --workdir --json.
+    --eval-batch --workdir --json;
+    train-mlp: --model --hidden --steps --batch --lr --schedule --seed --train-limit --report-every --samples
+    --threads --data-dir --json; eval-mlp: --model --samples --batch --data-dir --json;
+    import-raw: --model --head --weights --kind --layers --width --activation --alpha --hidden --seed
+    --overwrite --json; export-raw: --model --head --weights --overwrite --json;
+    plot: --model --out --smooth --width --height --json.
     Add --debug to any command to see a traceback on error.
     """
 
@@ -82,6 +90,7 @@ class DeepnetCLI:
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print JSON lines (one per report and a final object) instead of a table.
         """
+        _mlp.require_kind(model, "dense", "train")
         _recipe.train(model, steps=steps, layers=layers, width=width, activation=activation, alpha=alpha,
                      seed=seed, batch=batch, layer_lr=layer_lr, head_lr=head_lr, chunk_layers=chunk_layers,
                      train_limit=train_limit, report_every=report_every, eval_samples=eval_samples,
@@ -101,6 +110,7 @@ class DeepnetCLI:
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print one JSON object instead of text.
         """
+        _mlp.require_kind(model, "dense", "eval")
         _recipe.evaluate(model, samples=samples, batch=batch, chunk_layers=chunk_layers, in_memory=in_memory,
                         data_dir=data_dir, json=json)
 
@@ -155,13 +165,147 @@ class DeepnetCLI:
             json: print one JSON object instead of text.
         """
         from deepnet.formats.hdf5 import ModelFile
+        from deepnet.mlp import MLP, model_kind
 
-        with ModelFile.open(model) as f:
-            summary = f.summary()
+        if model_kind(model) == "mlp":
+            summary = MLP.load(model).summary(model)
+        else:
+            with ModelFile.open(model) as f:
+                summary = f.summary()
         if json:
             print_json({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in summary.items()})
         else:
             print_fields(summary)
+
+    def train_mlp(self, model: str = "mlp.h5", hidden: int = None, steps: int = _MLP.steps, batch: int = _MLP.batch,
+                  lr: float = _MLP.lr, schedule: str = _MLP.schedule, seed: int = _MLP.seed,
+                  train_limit: int = _MLP.train_limit, report_every: int = _MLP.report_every,
+                  samples: int = _MLP.samples, threads: int = _MLP.threads, data_dir: str = None,
+                  json: bool = False) -> None:
+        """Train the baseline 784-hidden-10 ReLU MLP (NumPy, minibatch SGD), creating the file if missing.
+
+        The defaults are deepnet.mlp.MLP_RECIPE (hidden 512, batch 128, lr 0.2 cosine, 15000 steps).
+        The original experiment's run: --hidden 128 --batch 128 --steps 5000 --lr 0.05 --schedule step:2500=0.03.
+        An existing model continues from its saved step; --hidden must then agree with the file.
+
+        Args:
+            model: HDF5 model file of kind mlp (created if missing).
+            hidden: hidden units of a new model (default 512).
+            steps: SGD steps to run now.
+            batch: minibatch size.
+            lr: learning rate at the start of the schedule.
+            schedule: cosine (lr -> 0 over this run), linear, constant, or step:T1=LR1[,T2=LR2...] (lr until
+                step T1 of this run, then LR1, ...).
+            seed: seed of a new model's weights (He/Xavier-uniform) and minibatches.
+            train_limit: draw minibatches from the first N training images.
+            report_every: print a report and save the file every N steps.
+            samples: test images evaluated at the end (0 to skip).
+            threads: BLAS threads while training (0: BLAS's default; 1 is robust on a shared machine).
+            data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+            json: print JSON lines (one per report and a final object) instead of a table.
+        """
+        from deepnet.mlp import train_mlp
+
+        train_mlp(model, hidden=hidden, steps=steps, batch=batch, lr=lr, schedule=schedule, seed=seed,
+                  train_limit=train_limit, report_every=report_every, samples=samples, threads=threads,
+                  data_dir=data_dir, json=json)
+
+    def eval_mlp(self, model: str = "mlp.h5", samples: int = 10_000, batch: int = 1000, data_dir: str = None,
+                 json: bool = False) -> None:
+        """Evaluate an MLP model on the MNIST test set: loss, accuracy, elapsed time.
+
+        Args:
+            model: HDF5 model file of kind mlp.
+            samples: evaluate the first N test images.
+            batch: images per forward pass.
+            data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+            json: print one JSON object instead of text.
+        """
+        from deepnet.mlp import evaluate_mlp
+
+        evaluate_mlp(model, samples=samples, batch=batch, data_dir=data_dir, json=json)
+
+    def import_raw(self, model: str = None, head: str = None, weights: str = None, kind: str = "dense",
+                   layers: int = None, width: int = None, activation: str = None, alpha: float = None,
+                   hidden: int = None, seed: int = 0, overwrite: bool = False, json: bool = False) -> None:
+        """Make a model file from the original experiment's raw little-endian float32 files.
+
+        Dense: --weights holds L rows of [W (w x w, input-major) | b (w)]; --head holds input_w (784 x w) |
+        input_b (w) | output_w (w x 10) | output_b (10). MLP (--kind mlp --hidden H): --head holds
+        w1 (784 x H) | b1 | w2 (H x 10) | b2. File sizes are checked before anything is written; the model
+        is built under a temporary name and renamed into place when complete.
+
+        Args:
+            model: HDF5 model file to create.
+            head: raw head file (dense) or the whole raw MLP (mlp).
+            weights: raw core weights file (dense only).
+            kind: dense or mlp.
+            layers: core layers L (dense).
+            width: core width w (dense).
+            activation: core activation (dense; the raw files do not record it).
+            alpha: residual scale (dense); default 1/sqrt(layers).
+            hidden: hidden units (mlp).
+            seed: seed stored in the model (it seeds the minibatches of later training).
+            overwrite: replace an existing model file.
+            json: print one JSON object.
+        """
+        from deepnet.formats.raw import import_raw
+
+        result = import_raw(model, head=head, weights=weights, kind=kind, layers=layers, width=width,
+                            activation=activation, alpha=alpha, hidden=hidden, seed=seed, overwrite=overwrite,
+                            progress=not json)
+        if json:
+            print_json(result)
+        else:
+            shape = (f"{result['layers']:,} layers x width {result['width']}, {result['activation']}, "
+                     f"alpha {result['alpha']:g}" if result["kind"] == "dense" else f"mlp, hidden {result['hidden']}")
+            print(f"imported {model}: {shape} ({result['bytes']:,} bytes in {result['seconds']:.2f}s)")
+
+    def export_raw(self, model: str = None, head: str = None, weights: str = None, overwrite: bool = False,
+                   json: bool = False) -> None:
+        """Write a model's parameters as the original experiment's raw float32 files (see import-raw).
+
+        A dense model writes --weights (streamed) and --head; an mlp model writes --head only. Each file is
+        written under a temporary name and renamed into place when complete.
+
+        Args:
+            model: HDF5 model file (dense or mlp).
+            head: raw head file to write (the whole MLP for an mlp model).
+            weights: raw core weights file to write (dense only).
+            overwrite: replace existing output files.
+            json: print one JSON object.
+        """
+        from deepnet.formats.raw import export_raw
+
+        result = export_raw(model, head=head, weights=weights, overwrite=overwrite, progress=not json)
+        if json:
+            print_json(result)
+        else:
+            files = " and ".join(p for p in (result.get("weights"), result["head"]) if p)
+            print(f"exported {model} ({result['kind']}) to {files}: "
+                  f"{result['bytes']:,} bytes in {result['seconds']:.2f}s")
+
+    def plot(self, model: str, out: str = None, smooth: int = 0, width: int = 1200, height: int = 800,
+             json: bool = False) -> None:
+        """Draw a model's training curves (loss and accuracy vs step, raw and moving average) into an image.
+
+        Needs matplotlib (pip install 'deepnet[plot]'). Works for dense and mlp model files.
+
+        Args:
+            model: HDF5 model file with a training log.
+            out: image to write (.png; .svg and .pdf work too); default the model's path with .png.
+            smooth: moving-average window in steps (0: about 1/50 of the log).
+            width: image width in pixels.
+            height: image height in pixels.
+            json: print one JSON object.
+        """
+        from deepnet.plot import plot_training
+
+        result = plot_training(model, out, smooth=smooth, width=width, height=height)
+        if json:
+            print_json(result)
+        else:
+            print(f"wrote {result['out']}: {result['rows']:,} log rows, moving average of {result['smooth']}")
 
     def data(self, dest: str = None) -> None:
         """Fetch MNIST (checked against its sha256) into a directory.
