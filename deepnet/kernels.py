@@ -1,7 +1,9 @@
 """Finds the compiled kernels of an activation and calls them.
 
-Built-in activations live in ``deepnet._kernels`` (compiled when the package is built). The rest of
-the package talks to kernels only through ``LayerKernels``, so where a kernel comes from is decided here.
+Built-in activations live in ``deepnet._kernels`` (compiled when the package is built); any other
+registered activation (a plugin's, or a built-in this build predates) is compiled from the same template
+on first use and cached on disk (``deepnet.activations.compile``). The rest of the package talks to
+kernels only through ``LayerKernels``, so where a kernel comes from is decided here.
 """
 
 from __future__ import annotations
@@ -78,10 +80,31 @@ class LayerKernels:
         return self.module.batch_block(width)
 
 
+def in_builtin_module(activation: activations.Activation, module: ModuleType | None = None) -> bool:
+    """Whether the package's compiled module holds this very definition of the activation."""
+    module = builtin_module() if module is None else module
+    if activation.name not in module.ACTIVATION_NAMES:
+        return False
+    compiled = getattr(module, "ACTIVATION_DEFINITIONS", None)  # (name, forward_c, derivative_c) per entry
+    if compiled is not None:
+        return (activation.name, activation.forward_c, activation.derivative_c) in [tuple(d) for d in compiled]
+    # A module built before definitions were recorded: it holds the built-in definitions it was built from.
+    return activation.is_builtin
+
+
 def kernels_for(name: str) -> LayerKernels:
-    """The compiled kernels of the registered activation ``name``."""
-    activations.get(name)  # unknown names fail here, with the list of known ones
+    """The compiled kernels of the registered activation ``name``.
+
+    A built-in comes from the package's compiled module; any other activation is compiled the first
+    time (tens of seconds, needs a C compiler) and then loaded from the cache. A name that is not
+    registered is an error naming it and the installed activations.
+    """
+    activation = activations.get(name)  # unknown names fail here, with the list of known ones
     module = builtin_module()
+    if not in_builtin_module(activation, module):
+        from deepnet.activations import compile as compile_activation
+
+        module = compile_activation.load(activation)
     try:
         index = module.activation_index(name)
     except ValueError:

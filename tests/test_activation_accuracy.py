@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from deepnet.activations import BUILTINS, get
-from deepnet.kernels import builtin_module, kernels_for
+from deepnet.activations.check import kernel_act_and_grad as probe
+from deepnet.kernels import LayerKernels, builtin_module, kernels_for
 
 # Points across the whole float32 range that matters: tiny, around 1, large, and the signed zeros.
 Z = np.concatenate([
@@ -22,20 +23,14 @@ Z = np.concatenate([
 
 
 def kernel_act_and_grad(name: str, z: np.ndarray, module=None) -> tuple[np.ndarray, np.ndarray]:
-    kernels = kernels_for(name) if module is None else type(kernels_for(name))(name, module, module.activation_index(name))
-    batch = z.shape[0]
-    params = np.zeros((1, 6), np.float32)
-    params[0, 1] = 1.0  # W[0][1]: z_1 = h_0
-    params[0, 5] = -0.0  # b_1 = -0, so that z_1 = -0 + h_0 (+ (-0) * 0) keeps the sign of a zero h_0
-    h = np.zeros((2, batch), np.float32)
-    h[0] = z
-    h[1] = -0.0  # -0 + a == a for every a, the signed zeros included
-    saves = np.zeros((1, 2 * batch), np.float32)
-    kernels.forward(params, h, 1.0, saves, 1)
-    g = np.zeros((2, batch), np.float32)
-    g[1] = 1.0
-    kernels.backward(params.copy(), saves, 1, g, 1.0, 0.0)
-    return h[1].copy(), g[0].copy()
+    kernels = kernels_for(name) if module is None else LayerKernels(name, module, module.activation_index(name))
+    return probe(kernels, z)
+
+
+# Relative forward tolerance where a kernel approximates more loosely than a few ulps (gelu's erf is a
+# polynomial fit), and the |z| beyond which an activation's argument reduction is not claimed (sin).
+FORWARD_RELATIVE = {"gelu": 2e-5}
+DOMAIN = {"sin": 1e4}
 
 
 def modules():
@@ -49,19 +44,21 @@ def modules():
 @pytest.mark.parametrize("name", [a.name for a in BUILTINS])
 def test_kernel_activation_matches_float64(name, module):
     act = get(name)
-    a, d = kernel_act_and_grad(name, Z, module)
-    z64 = Z.astype(np.float64)
+    z = Z[np.abs(Z) <= DOMAIN.get(name, np.inf)]
+    a, d = kernel_act_and_grad(name, z, module)
+    z64 = z.astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         a_ref = act.forward_np(z64)
         d_ref = act.derivative_np(z64, a_ref)
     assert np.all(np.isfinite(a)) and np.all(np.isfinite(d))
     # Forward: within a few float32 ulps of the exact value (relative), or 1e-7 absolute near zero.
     err_a = np.abs(a - a_ref)
-    assert np.all(err_a <= np.maximum(4e-7 * np.abs(a_ref), 1e-37)), (name, Z[np.argmax(err_a)], err_a.max())
+    rel = FORWARD_RELATIVE.get(name, 4e-7)
+    assert np.all(err_a <= np.maximum(rel * np.abs(a_ref), 1e-37)), (name, z[np.argmax(err_a)], err_a.max())
     # Derivative: 1e-6 relative, or 6e-7 absolute where it is small: tanh' = 1 - a*a in float32 turns
     # the few-ulp error of a near |a| = 1 into ~2|a| times that, absolute (libm's tanhf would give 1.2e-7).
     err_d = np.abs(d - d_ref)
-    assert np.all(err_d <= np.maximum(1e-6 * np.abs(d_ref), 6e-7)), (name, Z[np.argmax(err_d)], err_d.max())
+    assert np.all(err_d <= np.maximum(1e-6 * np.abs(d_ref), 6e-7)), (name, z[np.argmax(err_d)], err_d.max())
 
 
 @pytest.mark.parametrize("name", [a.name for a in BUILTINS])

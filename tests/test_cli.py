@@ -32,7 +32,7 @@ ENTRY_POINTS = {
 }
 
 TINY = ["--layers", "20", "--width", "4"]
-REPORT_FIELDS = {"event", "step", "loss", "batch_acc", "seconds_per_step", "layer_samples_per_s"}
+REPORT_FIELDS = {"event", "step", "loss", "batch_acc", "seconds_per_step", "layer_samples_per_s", "eta_seconds"}
 FINAL_FIELDS = {"event", "model", "steps", "step", "loss", "batch_acc", "seconds", "seconds_per_step",
                 "layer_samples_per_s"}
 TEST_FIELDS = {"test_loss", "test_acc", "test_samples"}
@@ -111,7 +111,7 @@ def test_init_train_eval_info_activations(tmp_path, entry):
 
     acts = json_lines(ok(deepnet_cmd(entry, "activations", "--json", cwd=tmp_path)).stdout)
     assert {"tanh", "softsign", "relu"} <= {a["name"] for a in acts}
-    assert all(set(a) == {"name", "origin", "description"} for a in acts)
+    assert all(set(a) == {"name", "origin", "compiled", "description"} for a in acts)
 
 
 def test_text_output(tmp_path):

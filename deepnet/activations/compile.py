@@ -1,0 +1,421 @@
+"""Compiles an activation that is not in the package's built kernels, on first use, into a disk cache.
+
+The kernels of a plugin's activation come from the very template the built-ins are compiled from:
+``deepnet.kernel_template.render_layer_loops([activation])`` is rendered next to a copy of
+``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
+the package's own build (``-O3 -fno-math-errno -fno-trapping-math``, plus ``-mavx2 -mfma`` when the
+package uses its AVX2 build here), and loaded. So a plugin's kernel is the same code as a built-in's.
+
+Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
+
+    kernels/
+      deepnet_act_<name>_<hash16>/                one finished module, never modified once there
+        deepnet_act_<name>_<hash16><EXT_SUFFIX>   the compiled module
+        definition.json                           what it was built from, with what, how long it took
+        build.log                                 the compiler's output
+      deepnet_act_<name>_<hash16>.lock            held while a process compiles it
+      .build-.../                                 a build in progress (removed when done)
+
+The hash covers the activation's name and C expressions, the deepnet version, the compile flags, the
+compiler, the Python ABI, the Cython version, and the very text compiled (the rendered template and
+``_kernels.pyx``), so a changed definition, template or upgrade compiles afresh and never loads a stale
+module. The module has every width variant the built-in module has (compiling fewer saved little: the
+shared code dominates), so a plugin runs the same code as a built-in. A build happens in a temporary
+directory beside the cache entry and is renamed into place when complete: a reader sees a finished
+module or none. Two processes compiling the same activation at once serialise on the lock file (the
+second then loads the first's module); without locks (a filesystem without ``flock``) both compile and
+the rename lets one win, the other discarding its copy. Nothing read from a model file is compiled: only
+definitions in the registry, which come from installed code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+
+from deepnet.errors import ActivationError
+
+CACHE_ENV = "DEEPNET_CACHE"
+BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math")  # as setup.py
+AVX2_FLAGS = ("-mavx2", "-mfma")
+# An unknown function in an expression is an error here, not a warning and a failed import later.
+CHECK_FLAGS = ("-Werror=implicit-function-declaration",)
+DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
+MODULE_PREFIX = "deepnet_act_"
+
+# The compile runs in a fresh interpreter: isolated from this process (setuptools and Cython state, the
+# current directory, output) and killed with it. Arguments: one JSON object.
+_BUILD_SCRIPT = r"""
+import json, os, sys
+cfg = json.loads(sys.argv[1])
+os.chdir(cfg["dir"])
+import numpy
+from Cython.Build import cythonize
+from setuptools import Distribution, Extension
+ext = Extension(cfg["module"], [cfg["module"] + ".pyx"], include_dirs=[numpy.get_include()],
+                extra_compile_args=cfg["flags"], define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+exts = cythonize([ext], language_level=3, compiler_directives=cfg["directives"], quiet=True, force=True)
+dist = Distribution({"name": cfg["module"], "ext_modules": exts, "script_name": "deepnet-build"})
+cmd = dist.get_command_obj("build_ext")
+cmd.inplace = True
+cmd.build_temp = "build-temp"
+dist.run_command("build_ext")
+"""
+
+_lock = threading.Lock()
+_key_locks: dict[str, threading.Lock] = {}
+_modules: dict[str, ModuleType] = {}
+_history: list[dict] = []
+
+
+# --------------------------------------------------------------------------------------------------
+# where and what
+
+
+def cache_root() -> Path:
+    """``$DEEPNET_CACHE``, else the per-user cache directory of deepnet."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    try:  # optional: platformdirs knows each platform's cache location; no hard dependency on it
+        from platformdirs import user_cache_dir
+    except ImportError:
+        base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+        return Path(base) / "deepnet"
+    return Path(user_cache_dir("deepnet"))
+
+
+def kernel_cache_dir() -> Path:
+    return cache_root() / "kernels"
+
+
+def compile_flags() -> list[str]:
+    """The flags of the package's own build of the kernels this process uses (see setup.py)."""
+    from deepnet.kernels import builtin_module
+
+    flags = list(BASE_FLAGS)
+    if builtin_module().BUILT_FOR == "avx2+fma":
+        flags += AVX2_FLAGS
+    return flags + list(CHECK_FLAGS)
+
+
+def _package_file(name: str) -> Path:
+    return Path(__file__).resolve().parent.parent / name
+
+
+def render_source(activations: list) -> str:
+    """The Cython source of the layer loops for ``activations`` (the template's, as for the built-ins)."""
+    from deepnet.kernel_template import render_layer_loops
+
+    return render_layer_loops(activations)
+
+
+def _compiler() -> list[str]:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shlex.split(cc)
+
+
+def _extra_includes(pyx: str) -> dict[str, str]:
+    """Files _kernels.pyx includes besides the rendered layer loops (name -> text), copied into a build."""
+    names = re.findall(r'^\s*include\s+"([^"]+)"', pyx, flags=re.MULTILINE)
+    return {n: _package_file(n).read_text() for n in names if n != "_layer_loops.pxi" and _package_file(n).exists()}
+
+
+def sources(activation) -> tuple[str, str]:
+    """(the rendered layer loops, _kernels.pyx): the exact text a module of ``activation`` is compiled from."""
+    return render_source([activation]), _package_file("_kernels.pyx").read_text()
+
+
+def cache_key(activation, flags: list[str] | None = None, source: tuple[str, str] | None = None) -> str:
+    """sha256 of everything the compiled module depends on (``cache_key_parts``)."""
+    parts = cache_key_parts(activation, flags, source)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key_parts(activation, flags: list[str] | None = None, source: tuple[str, str] | None = None) -> dict:
+    """What the cache key hashes: the definition, the deepnet version, the flags, compiler, Python ABI,
+    Cython version, and the very source text compiled (the rendered template with the expressions)."""
+    import Cython
+
+    import deepnet
+
+    flags = compile_flags() if flags is None else flags
+    pxi, pyx = sources(activation) if source is None else source
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    return {
+        "name": activation.name,
+        "forward_c": activation.forward_c,
+        "derivative_c": activation.derivative_c,
+        "deepnet": deepnet.__version__,
+        "flags": list(flags),
+        "compiler": _compiler()[:1],
+        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+        "cython": Cython.__version__,
+        "layer_loops": digest(pxi),
+        "kernels_pyx": digest(pyx),
+        "includes": {n: digest(text) for n, text in sorted(_extra_includes(pyx).items())},
+    }
+
+
+def module_name(activation, key: str) -> str:
+    return f"{MODULE_PREFIX}{activation.name}_{key[:16]}"
+
+
+def _module_file(directory: Path, name: str) -> Path:
+    return directory / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+def cached_path(activation) -> Path | None:
+    """The compiled module of ``activation`` in the cache, if it is there."""
+    name = module_name(activation, cache_key(activation))
+    path = _module_file(kernel_cache_dir() / name, name)
+    return path if path.exists() else None
+
+
+def status(activation) -> str:
+    """Where the activation's kernel is: "built in" (the package's module), "cached" (compiled on an
+    earlier use), or "not yet" (compiled on first use)."""
+    from deepnet.kernels import in_builtin_module
+
+    if in_builtin_module(activation):
+        return "built in"
+    return "cached" if cached_path(activation) is not None else "not yet"
+
+
+def history() -> list[dict]:
+    """What this process compiled or loaded from the cache: dicts of name, event, seconds, path."""
+    return list(_history)
+
+
+# --------------------------------------------------------------------------------------------------
+# compile and load
+
+
+def load(activation) -> ModuleType:
+    """The compiled kernel module of ``activation``: this process's, the cache's, or compiled now."""
+    source = sources(activation)  # read once: the key and a build see the same text
+    key = cache_key(activation, source=source)
+    where = str(kernel_cache_dir() / module_name(activation, key))  # a process may switch caches
+    with _lock:
+        if where in _modules:
+            return _modules[where]
+        key_lock = _key_locks.setdefault(where, threading.Lock())
+    with key_lock:  # threads of this process: one compiles, the others wait and share the module
+        if where in _modules:
+            return _modules[where]
+        module = _load_or_build(activation, key, source)
+        with _lock:
+            _modules[where] = module
+        return module
+
+
+def _load_or_build(activation, key: str, source: tuple[str, str]) -> ModuleType:
+    name = module_name(activation, key)
+    root = kernel_cache_dir()
+    final = root / name
+    if final.exists():
+        module = _try_load(activation, final, name, "cache")
+        if module is not None:
+            return module
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ActivationError(f"cannot create the kernel cache {root}: {exc} (set ${CACHE_ENV} to a writable directory)") from None
+    with _file_lock(root / (name + ".lock")):
+        if final.exists():  # another process finished it while this one waited for the lock
+            module = _try_load(activation, final, name, "cache")
+            if module is not None:
+                return module
+            _set_aside(final)  # a broken entry (an interrupted copy by hand, another Python): rebuild
+        _build_into(activation, key, name, root, final, source)
+    module = _try_load(activation, final, name, "compiled")
+    if module is None:
+        raise ActivationError(f"activation {activation.name!r}: the module just compiled into {final} does not load")
+    return module
+
+
+def _try_load(activation, directory: Path, name: str, how: str) -> ModuleType | None:
+    path = _module_file(directory, name)
+    t0 = time.perf_counter()
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        if how == "compiled":
+            raise ActivationError(f"activation {activation.name!r}: the compiled kernel does not load: {exc}") from None
+        return None
+    if list(module.ACTIVATION_NAMES) != [activation.name]:
+        return None
+    sys.modules.setdefault(name, module)
+    seconds = time.perf_counter() - t0
+    if how == "cache":
+        _history.append({"name": activation.name, "event": "loaded", "seconds": seconds, "path": str(path)})
+    return module
+
+
+def _set_aside(directory: Path) -> None:
+    trash = directory.with_name(f".broken-{directory.name}-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(OSError):
+        directory.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic rename alone keeps the cache whole
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def build_module(activations: list, name: str, directory: Path, flags: list[str],
+                 source: tuple[str, str] | None = None) -> tuple[Path, float, str]:
+    """Compile the layer loops of ``activations`` into extension module ``name`` inside ``directory``.
+
+    ``source`` is (layer loops, _kernels.pyx) as ``sources()`` gives them; rendered here if not given.
+    Returns (the module file, seconds, compiler output); ActivationError on a missing compiler or an
+    expression that does not compile. The cache's builds go through here; so can a throwaway build.
+    """
+    compiler = _compiler()
+    what = ", ".join(repr(a.name) for a in activations)
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise ActivationError(
+            f"deepnet needs a C compiler to build plugin activation {what} "
+            f"(looked for {compiler[0] if compiler else 'cc'!r}): install gcc (e.g. apt-get install gcc) or clang"
+        )
+    missing = [pkg for pkg, module in (("Cython", "Cython"), ("setuptools", "setuptools"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ActivationError(
+            f"deepnet needs {' and '.join(missing)} to build plugin activation {what}: "
+            f"pip install {' '.join(m.lower() for m in missing)}"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    pxi, pyx = source if source is not None else (render_source(list(activations)), _package_file("_kernels.pyx").read_text())
+    _preflight(list(activations), pxi, directory, flags, compiler)
+    (directory / "_layer_loops.pxi").write_text(pxi)
+    (directory / f"{name}.pyx").write_text(pyx)
+    for extra, text in _extra_includes(pyx).items():
+        (directory / extra).write_text(text)
+    t0 = time.perf_counter()
+    cfg = {"dir": str(directory), "module": name, "flags": list(flags), "directives": DIRECTIVES}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(cfg)], cwd=directory,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as exc:
+        raise ActivationError(f"activation {what}: cannot run the compiler: {exc}") from None
+    seconds = time.perf_counter() - t0
+    log = proc.stdout or ""
+    built = _module_file(directory, name)
+    if proc.returncode != 0 or not built.exists():
+        raise ActivationError(_compile_error(list(activations), log, compiler[0]))
+    return built, seconds, log
+
+
+def _preflight(activations: list, pxi: str, directory: Path, flags: list[str], compiler: list[str]) -> None:
+    """Syntax-check the activations' C functions with the template's C prelude, in well under a second,
+    so a wrong expression fails at once rather than after the whole module's compile. Skipped if the
+    rendered source does not have the expected shape (the full build then reports any error)."""
+    start = pxi.find('cdef extern from *:\n    """')
+    last = activations[-1].name
+    end = pxi.find(f"static inline float dn_dact_{last}(", start)
+    if start < 0 or end < 0:
+        return
+    end = pxi.find("\n", end)
+    c_code = pxi[start + len('cdef extern from *:\n    """'): end] + "\n"
+    test = directory / "preflight.c"
+    test.write_text("#include <Python.h>\n" + c_code)
+    include = sysconfig.get_paths()["include"]
+    try:
+        proc = subprocess.run([*compiler, "-fsyntax-only", *flags, f"-I{include}", str(test)], cwd=directory,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if proc.returncode != 0 and _ERROR_LINE.search(proc.stdout or ""):
+        raise ActivationError(_compile_error(activations, proc.stdout, compiler[0]))
+
+
+def _build_into(activation, key: str, name: str, root: Path, final: Path, source: tuple[str, str]) -> None:
+    """Compile ``activation`` in a temporary directory under ``root`` and rename it to ``final``."""
+    flags = compile_flags()
+    build = root / f".build-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    build.mkdir()
+    try:
+        print(f"deepnet: compiling activation {activation.name!r} (first use; cached in {root})...",
+              file=sys.stderr, flush=True)
+        built, seconds, log = build_module([activation], name, build, flags, source)
+        stage = build / "out"
+        stage.mkdir()
+        built.rename(_module_file(stage, name))
+        (stage / "build.log").write_text(log)
+        (stage / "definition.json").write_text(json.dumps({
+            "module": name, "key": key, "name": activation.name, "origin": activation.origin,
+            "forward_c": activation.forward_c, "derivative_c": activation.derivative_c,
+            "flags": flags, "python": sysconfig.get_config_var("EXT_SUFFIX"),
+            "deepnet": __import__("deepnet").__version__, "compile_seconds": round(seconds, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, indent=1) + "\n")
+        try:
+            os.rename(stage, final)
+            _history.append({"name": activation.name, "event": "compiled", "seconds": seconds,
+                             "path": str(_module_file(final, name))})
+        except OSError:
+            if not final.exists():
+                raise
+            # Another process got there first (no file lock here): its module is the same; keep it.
+            _history.append({"name": activation.name, "event": "discarded", "seconds": seconds,
+                             "path": str(_module_file(final, name))})
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+_ERROR_LINE = re.compile(r"\berror\b", re.IGNORECASE)
+
+
+def _compile_error(activations: list, log: str, compiler: str) -> str:
+    """One line: which activation, which expression, and the compiler's first error line."""
+    lines = log.splitlines()
+    names = ", ".join(repr(a.name) for a in activations)
+    if re.search(r"command '?[^']*'? failed: No such file or directory|unable to execute|: not found", log):
+        return (f"deepnet needs a C compiler to build plugin activation {names} ({compiler} could not "
+                "be run): install gcc (e.g. apt-get install gcc) or clang")
+    first = next((i for i, line in enumerate(lines) if _ERROR_LINE.search(line)), None)
+    if first is None:
+        tail = lines[-1].strip() if lines else "no output"
+        return f"activation {names}: compiling its kernel failed: {tail}"
+    error = re.sub(r"^.*?([^/\s]+\.(c|pyx|pxi):\d+)", r"\1", lines[first].strip())
+    # gcc and clang say which function an error is in ("In function 'dn_dact_x':") and quote the line.
+    context = "\n".join(lines[max(0, first - 6): first + 3])
+    for act in activations:
+        if f"dn_dact_{act.name}" in context or act.derivative_c in context:
+            return f"activation {act.name!r}: C expression `{act.derivative_c}` (derivative) does not compile: {error}"
+        if f"dn_act_{act.name}" in context or act.forward_c in context:
+            return f"activation {act.name!r}: C expression `{act.forward_c}` (forward) does not compile: {error}"
+    exprs = "; ".join(f"{a.name}: `{a.forward_c}` / `{a.derivative_c}`" for a in activations)
+    return f"activation {names}: C expressions {exprs} do not compile: {error}"

@@ -1,0 +1,155 @@
+"""Third-party activations, found through the entry-point group ``deepnet.activations``.
+
+The contract for a plugin package (see ``examples/deepnet-activation-example``)::
+
+    [project.entry-points."deepnet.activations"]
+    isru = "my_package:ISRU"                  # an Activation: the entry point's name must be its name
+    more = "my_package:activations"           # or a function returning an Activation or a list of them
+
+Entry points are loaded once, the first time a name is looked up that is not registered yet (or the
+full list is asked for), in a fixed order (by distribution, then entry-point name). Each activation's
+``origin`` is set to the distribution's name. A plugin never replaces a built-in, nor an activation
+another plugin registered first: such a clash, a failing import or a wrong object is recorded (see
+``errors()``), reported once as a warning, and the rest of the plugins still load. Loading a plugin
+runs its Python code but compiles nothing: its kernel is built the first time it is used
+(``deepnet.activations.compile``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import warnings
+from importlib import metadata
+from typing import Iterable
+
+from deepnet.errors import ActivationError
+
+GROUP = "deepnet.activations"
+
+_lock = threading.RLock()
+_loaded = False
+_loading = False
+_errors: list[str] = []
+_plugin_names: list[str] = []  # names this module registered, for reload()
+_warned: set[str] = set()  # each problem is warned about once per process
+
+
+def entry_points() -> list[metadata.EntryPoint]:
+    """The entry points of the group, in a fixed order (distribution name, then entry-point name)."""
+    if sys.version_info >= (3, 10):
+        eps = list(metadata.entry_points(group=GROUP))
+    else:  # pragma: no cover - Python 3.9
+        eps = list(metadata.entry_points().get(GROUP, []))
+    # The same distribution can be found twice on sys.path (e.g. a source tree and an install): keep one.
+    unique = {(distribution_name(ep), ep.name, ep.value): ep for ep in eps}
+    return sorted(unique.values(), key=lambda ep: (distribution_name(ep), ep.name))
+
+
+def distribution_name(ep: metadata.EntryPoint) -> str:
+    """The name of the distribution that declares ``ep`` (its module's top package if unknown)."""
+    dist = getattr(ep, "dist", None)
+    name = None
+    if dist is not None:
+        try:
+            name = dist.metadata["Name"]
+        except Exception:  # a distribution without readable metadata
+            name = None
+    return name or ep.value.split(":")[0].split(".")[0]
+
+
+def activations_of(ep: metadata.EntryPoint) -> list:
+    """The Activations an entry point provides, with their origin set (ActivationError if it is wrong)."""
+    from deepnet.activations import Activation
+
+    where = f"entry point {ep.name!r} ({ep.value}) of {distribution_name(ep)}"
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        raise ActivationError(f"{where} failed to import: {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, Activation):
+        if obj.name != ep.name:
+            raise ActivationError(f"{where} is activation {obj.name!r}: the entry point must be named after it")
+        found: Iterable = [obj]
+    elif callable(obj):
+        try:
+            found = obj()
+        except Exception as exc:
+            raise ActivationError(f"{where} raised {type(exc).__name__}: {exc}") from None
+        if isinstance(found, Activation):
+            found = [found]
+    else:
+        raise ActivationError(f"{where} is a {type(obj).__name__}, not an Activation or a function returning some")
+    try:
+        found = list(found)
+    except TypeError:
+        raise ActivationError(f"{where} returned a {type(found).__name__}, not Activations") from None
+    bad = [type(a).__name__ for a in found if not isinstance(a, Activation)]
+    if bad:
+        raise ActivationError(f"{where} returned {', '.join(bad)} where Activations were expected")
+    origin = distribution_name(ep)
+    return [dataclasses.replace(a, origin=origin) for a in found]
+
+
+def load() -> None:
+    """Register the activations of every entry point, once per process (``reload()`` does it again)."""
+    global _loaded, _loading
+    from deepnet import activations
+
+    with _lock:
+        if _loaded or _loading:
+            return
+        _loading = True
+        try:
+            for ep in entry_points():
+                try:
+                    provided = activations_of(ep)
+                except ActivationError as exc:
+                    _errors.append(str(exc))
+                    continue
+                for act in provided:
+                    with activations._LOCK:
+                        taken = activations._REGISTRY.get(act.name)
+                        if taken is not None:
+                            _errors.append(f"{act.origin} provides activation {act.name!r}, which is already "
+                                           f"registered (from {taken.origin}): ignored")
+                            continue
+                        activations._REGISTRY[act.name] = act
+                        _plugin_names.append(act.name)
+        finally:
+            _loading = False
+            _loaded = True
+        fresh = [e for e in _errors if e not in _warned]
+        _warned.update(fresh)
+    for message in fresh:
+        warnings.warn(f"deepnet activation plugin: {message}", RuntimeWarning, stacklevel=3)
+
+
+def errors() -> list[str]:
+    """What went wrong loading the plugins (one line each), in the order it happened."""
+    return list(_errors)
+
+
+def reload() -> None:
+    """Forget the plugins' activations and errors and load the entry points again (after installing one,
+    or in tests that change ``sys.path``)."""
+    from deepnet import activations
+
+
+    with _lock:
+        global _loaded
+        with activations._LOCK:
+            for name in _plugin_names:
+                activations._REGISTRY.pop(name, None)
+        _plugin_names.clear()
+        _errors.clear()
+        _loaded = False
+        metadata_cache_clear()
+        load()
+
+
+def metadata_cache_clear() -> None:
+    import importlib
+
+    importlib.invalidate_caches()

@@ -1,0 +1,355 @@
+"""The activation registry (deepnet.activations): definitions, register/get/available, the entry-point
+plugins' discovery and rules, and every built-in's compiled kernel against its NumPy definition, its own
+finite differences, and the float64 reference step.
+
+Nothing here compiles a kernel: built-ins run from the package's compiled module (a built-in that the
+installed build predates is skipped with a note to rebuild); compiled plugins are tests/test_plugins.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+from deepnet import DeepNet, activations
+from deepnet.activations import BUILTINS, Activation, plugins
+from deepnet.activations.check import check_kernels, kernel_act_and_grad
+from deepnet.errors import ActivationError, DeepnetError
+from deepnet.kernels import LayerKernels, builtin_module, in_builtin_module, kernels_for
+from helpers import make_model, read_weights
+from reference import Model64, assert_close, train_step
+
+BUILTIN_NAMES = ["tanh", "softsign", "relu", "identity", "leaky_relu", "hardtanh", "silu", "gelu", "sin"]
+
+
+def _softsign_np(z):
+    return z / (1.0 + np.abs(z))
+
+
+def make(name="thing", forward_c="z", derivative_c="1.0f", **kw) -> Activation:
+    return Activation(name=name, forward_c=forward_c, derivative_c=derivative_c,
+                      forward_np=kw.pop("forward_np", lambda z: z),
+                      derivative_np=kw.pop("derivative_np", lambda z, a: np.ones_like(z)), **kw)
+
+
+@pytest.fixture
+def registry():
+    """The registry, restored (built-ins, plugins, errors, loaded flag) after the test."""
+    saved = dict(activations._REGISTRY)
+    saved_state = (plugins._loaded, list(plugins._errors), list(plugins._plugin_names), set(plugins._warned))
+    yield activations
+    activations._REGISTRY.clear()
+    activations._REGISTRY.update(saved)
+    plugins._loaded, errors, names, warned = saved_state
+    plugins._errors[:] = errors
+    plugins._plugin_names[:] = names
+    plugins._warned.clear()
+    plugins._warned.update(warned)
+
+
+# -------------------------------------------------------------------------------------------------
+# definitions
+
+
+@pytest.mark.parametrize("name", ["", "Tanh", "1relu", "_x", "soft-sign", "a" * 33, "naïve", None, 3])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(ActivationError, match="invalid activation name"):
+        make(name=name)
+
+
+@pytest.mark.parametrize("expr", ["", "  ", "z; system(0)", "z } int x { ", "z /* c */", "z // c", "z\n",
+                                  '"""', "'a'", "#define", "z \\", "(z", "z)) + ((z", "a[0)]"])
+def test_expressions_that_could_escape_their_function_are_refused(expr):
+    with pytest.raises(ActivationError, match="forward_c"):
+        make(forward_c=expr)
+    with pytest.raises(ActivationError, match="derivative_c"):
+        make(derivative_c=expr)
+
+
+def test_numpy_functions_and_description_are_checked():
+    with pytest.raises(ActivationError, match="forward_np"):
+        Activation("x", "z", "1.0f", forward_np=None, derivative_np=lambda z, a: z)
+    with pytest.raises(ActivationError, match="one line"):
+        make(description="two\nlines")
+
+
+def test_definition_equality_ignores_origin_and_numpy():
+    a = make(origin="pkg-a")
+    b = make(origin="pkg-b", forward_np=np.array)
+    assert a == b and a != make(forward_c="z * 1.0f")
+
+
+# -------------------------------------------------------------------------------------------------
+# register / get / available
+
+
+def test_builtins():
+    assert [a.name for a in BUILTINS] == BUILTIN_NAMES
+    for act in BUILTINS:
+        assert act.origin == "built-in" and act.is_builtin and act.description
+        assert activations.get(act.name) is act
+    assert set(BUILTIN_NAMES) <= set(activations.available())
+    assert activations.available() == sorted(activations.available())
+
+
+def test_register_get_and_replace(registry):
+    act = activations.register(make(name="reg_test"))
+    assert act.origin == __name__  # the registering module
+    assert activations.get("reg_test") is act and "reg_test" in activations.available()
+    with pytest.raises(ActivationError, match="already registered"):
+        activations.register(make(name="reg_test", forward_c="z * 2.0f"))
+    newer = activations.register(make(name="reg_test", forward_c="z * 2.0f", origin="mine"), replace=True)
+    assert activations.get("reg_test") is newer and newer.origin == "mine"
+    with pytest.raises(ActivationError, match="takes an Activation"):
+        activations.register("relu")
+
+
+def test_replacing_a_builtin_does_not_use_the_stale_compiled_kernel(registry):
+    activations.register(make(name="relu", forward_c="z", description="not relu"), replace=True)
+    assert not activations.get("relu").is_builtin
+    assert not in_builtin_module(activations.get("relu"))  # kernels_for would compile the new definition
+
+
+def test_unknown_name_names_it_and_the_installed_ones():
+    with pytest.raises(ActivationError) as err:
+        activations.get("no_such_act")
+    msg = str(err.value)
+    assert "'no_such_act'" in msg and "installed:" in msg and "softsign" in msg and "\n" not in msg
+    assert isinstance(err.value, DeepnetError)
+
+
+def test_opening_a_model_with_an_unregistered_activation_fails_clearly(tmp_path, registry, monkeypatch):
+    activations.register(make(name="gone_soon"))
+    path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="gone_soon", input_dim=4)
+    del activations._REGISTRY["gone_soon"]
+    monkeypatch.setattr(plugins, "_loaded", True)
+    with pytest.raises(ActivationError, match=r"'gone_soon' is not registered \(installed: .*softsign"):
+        DeepNet.open(path)
+
+
+# -------------------------------------------------------------------------------------------------
+# plugins through entry points (fake entry points here; the example package in test_plugins.py)
+
+PLUGIN_MODULE = textwrap.dedent('''
+    import numpy as np
+    from deepnet.activations import Activation
+
+    def _act(name, fwd="z / (1.0f + fabsf(z))", der="(1.0f - fabsf(a)) * (1.0f - fabsf(a))"):
+        return Activation(name, fwd, der, lambda z: z / (1 + np.abs(z)), lambda z, a: 1 / (1 + np.abs(z)) ** 2,
+                          "a test plugin", origin="claimed-origin")
+
+    SINGLE = _act("plug_single")
+    MISNAMED = _act("plug_other")
+    CLASH = _act("softsign")
+    def many():
+        return [_act("plug_many_a"), _act("plug_many_b")]
+    def one():
+        return _act("plug_one")
+    def broken():
+        raise RuntimeError("boom")
+    def garbage():
+        return [1, 2]
+    NOT_AN_ACTIVATION = 42
+''')
+
+
+def _entry_points(tmp_path, monkeypatch, spec: dict[str, str]):
+    (tmp_path / "fake_plugin_mod.py").write_text(PLUGIN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from importlib.metadata import EntryPoint
+
+    eps = [EntryPoint(name, value, plugins.GROUP) for name, value in spec.items()]
+    monkeypatch.setattr(plugins, "entry_points", lambda: eps)
+    plugins._loaded = False
+    plugins._errors.clear()
+    plugins._plugin_names.clear()
+    plugins._warned.clear()
+
+
+def test_plugins_load_lazily_and_follow_the_contract(tmp_path, monkeypatch, registry):
+    _entry_points(tmp_path, monkeypatch, {
+        "plug_single": "fake_plugin_mod:SINGLE",      # an Activation named like its entry point
+        "whatever": "fake_plugin_mod:many",           # a function returning a list
+        "one": "fake_plugin_mod:one",                 # a function returning one Activation
+        "misnamed": "fake_plugin_mod:MISNAMED",       # an Activation under another name: refused
+        "softsign": "fake_plugin_mod:CLASH",          # a built-in's name: refused
+        "broken": "fake_plugin_mod:broken",           # raises: recorded
+        "garbage": "fake_plugin_mod:garbage",         # not Activations: recorded
+        "number": "fake_plugin_mod:NOT_AN_ACTIVATION",
+        "missing": "no_such_module_xyz:THING",        # import fails: recorded
+    })
+    assert activations.get("softsign").is_builtin  # a registered name never loads the plugins
+    assert not plugins._loaded
+    with pytest.warns(RuntimeWarning, match="deepnet activation plugin"):
+        act = activations.get("plug_many_b")  # an unknown name loads them
+    assert act.origin == "fake_plugin_mod"  # constructed entry points have no distribution: the module
+    names = activations.available()
+    assert {"plug_single", "plug_many_a", "plug_many_b", "plug_one"} <= set(names)
+    assert "plug_other" not in names
+    assert activations.get("softsign").is_builtin  # not replaced by the clashing plugin
+    errors = plugins.errors()
+    assert len(errors) == 6, errors
+    for fragment in ("must be named after it", "'softsign', which is already registered (from built-in)",
+                     "RuntimeError: boom", "returned int, int", "not an Activation", "failed to import"):
+        assert any(fragment in e for e in errors), (fragment, errors)
+    with pytest.raises(ActivationError, match="6 plugin.* failed to load.*boom"):
+        activations.get("still_missing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading again does not warn again
+        plugins.reload()
+    assert len(plugins.errors()) == 6 and "plug_single" in activations.available()
+
+
+def test_two_plugins_with_one_name_first_wins(tmp_path, monkeypatch, registry):
+    _entry_points(tmp_path, monkeypatch, {"one": "fake_plugin_mod:one", "again": "fake_plugin_mod2:one"})
+    (tmp_path / "fake_plugin_mod2.py").write_text(PLUGIN_MODULE)
+    with pytest.warns(RuntimeWarning, match="fake_plugin_mod2 provides activation 'plug_one', which is already "
+                                            r"registered \(from fake_plugin_mod\): ignored"):
+        assert activations.get("plug_one").origin == "fake_plugin_mod"
+
+
+def test_plugin_discovery_through_installed_metadata(tmp_path, monkeypatch, registry):
+    """A real distribution on sys.path (a dist-info directory, as pip installs one) is found by name."""
+    site = tmp_path / "site"
+    (site / "fake_acts").mkdir(parents=True)
+    (site / "fake_acts" / "__init__.py").write_text(PLUGIN_MODULE)
+    info = site / "fake_acts-1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-acts\nVersion: 1.2\n")
+    (info / "entry_points.txt").write_text("[deepnet.activations]\nplug_single = fake_acts:SINGLE\nmore = fake_acts:many\n")
+    monkeypatch.syspath_prepend(str(site))
+    plugins.reload()
+    act = activations.get("plug_single")
+    assert act.origin == "fake-acts"  # the distribution's name, whatever the plugin claimed
+    assert activations.get("plug_many_a").origin == "fake-acts"
+    assert not act.is_builtin and not in_builtin_module(act)
+    monkeypatch.undo()
+    plugins.reload()  # gone from sys.path: its activations are gone too
+    assert "plug_single" not in activations.available()
+
+
+# -------------------------------------------------------------------------------------------------
+# every built-in: NumPy derivative, compiled kernel vs NumPy, check, and one exact training step
+
+# The kernels approximate: (points, forward tolerance, derivative tolerance), errors absolute below
+# |ref| = 1 and relative above. sin reduces its argument accurately only up to |z| ~ 1e4.
+KERNEL_Z = np.concatenate([np.linspace(-20, 20, 8001), np.geomspace(1e-30, 1e30, 601), -np.geomspace(1e-30, 1e30, 601),
+                           [0.0, -0.0, 88.0, -88.0, -89.5, 1e38, -1e38]]).astype(np.float32)
+TOLERANCES = {
+    "tanh": (1e-6, 2e-6), "softsign": (1e-6, 1e-6), "relu": (0, 0), "identity": (0, 0),
+    "leaky_relu": (1e-7, 1e-7), "hardtanh": (0, 0), "silu": (1e-6, 1e-6), "gelu": (1e-6, 1e-6), "sin": (2e-7, 2e-7),
+}
+DOMAIN = {"sin": 1e4}
+
+
+def builtin_kernels(name: str, module=None) -> LayerKernels:
+    module = module or builtin_module()
+    if name not in module.ACTIVATION_NAMES:
+        pytest.skip(f"the installed build predates built-in {name!r}: rebuild (pip install -e .)")
+    return LayerKernels(name, module, module.activation_index(name))
+
+
+def modules():
+    mods = [builtin_module("portable")]
+    if mods[0].cpu_has_avx2_fma():
+        try:
+            mods.append(builtin_module("avx2"))
+        except ActivationError:
+            pass
+    return mods
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_numpy_derivative_is_the_derivative_of_numpy_forward(name):
+    act = activations.get(name)
+    z = np.linspace(-6, 6, 1201)
+    z = z[(np.abs(z) > 1e-3) & (np.abs(np.abs(z) - 1) > 1e-3)]  # the kinks of relu, leaky_relu, hardtanh
+    eps = 1e-6
+    fd = (act.forward_np(z + eps) - act.forward_np(z - eps)) / (2 * eps)
+    np.testing.assert_allclose(act.derivative_np(z, act.forward_np(z)), fd, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("module", modules(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_builtin_kernel_matches_numpy(name, module):
+    act = activations.get(name)
+    kernels = builtin_kernels(name, module)
+    z = KERNEL_Z[np.abs(KERNEL_Z) <= DOMAIN.get(name, np.inf)]
+    a, d = kernel_act_and_grad(kernels, z)
+    z64 = z.astype(np.float64)
+    with np.errstate(all="ignore"):
+        a_ref = act.forward_np(z64)
+        d_ref = act.derivative_np(z64, a_ref)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(d)), name
+    tol_a, tol_d = TOLERANCES[name]
+    err_a = np.abs(a - a_ref) / np.maximum(1, np.abs(a_ref))
+    err_d = np.abs(d - d_ref) / np.maximum(1, np.abs(d_ref))
+    assert err_a.max() <= tol_a, (name, z[np.argmax(err_a)], err_a.max())
+    assert err_d.max() <= tol_d, (name, z[np.argmax(err_d)], err_d.max())
+    # Beyond its domain sin stays a bounded number; NaN stays NaN (relu maps it to 0).
+    a_big, _ = kernel_act_and_grad(kernels, np.array([3e6, -1e30, 1e38, np.nan], np.float32))
+    assert np.all(np.isfinite(a_big[:3])) and (np.isnan(a_big[3]) or name == "relu")
+    if name in ("tanh", "softsign", "identity", "leaky_relu", "hardtanh", "silu", "gelu", "sin"):
+        a0, _ = kernel_act_and_grad(kernels, np.array([-0.0], np.float32))
+        assert a0[0] == 0 and np.signbit(a0[0]), "act(-0) must be -0"
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_builtin_passes_check(name):
+    """The check of `deepnet activations check` on every built-in: the C derivative is the derivative."""
+    comparisons = check_kernels(activations.get(name), builtin_kernels(name))
+    assert all(c.ok for c in comparisons), comparisons
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_check_catches_a_wrong_derivative_of_each_builtin(name):
+    """The same values with the derivative made wrong (x1.1 + 0.05) always fail the check."""
+    act = activations.get(name)
+    kernels = builtin_kernels(name)
+
+    def wrong(z):
+        a, d = kernel_act_and_grad(kernels, z)
+        return a, (d * 1.1 + 0.05).astype(np.float32)
+
+    comparisons = check_kernels(act, kernels, evaluate=wrong)
+    assert not comparisons[0].ok and comparisons[0].worst_error > 10 * comparisons[0].tolerance
+    assert comparisons[1].ok and not comparisons[2].ok
+
+
+@pytest.mark.parametrize("width,batch", [(4, 5), (5, 9)])  # specialised per-sample; generic width blocked
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_builtin_train_step_matches_float64_reference(tmp_path, name, width, batch):
+    builtin_kernels(name)  # skip if this build predates it
+    layers, layer_lr, head_lr = 30, 0.5, 0.2
+    path = make_model(tmp_path / "m.h5", layers=layers, width=width, activation=name, input_dim=12, seed=width)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, size=(batch, 12)).astype(np.float32)
+    y = rng.integers(0, 10, size=batch)
+    heads, core = read_weights(path)
+    with DeepNet.open(path, writable=True) as net:
+        assert net.kernels.module is builtin_module()
+        ref = train_step(Model64.from_arrays(heads, core, net.file.alpha, name), x, y, layer_lr, head_lr)
+        result = net.train_step(x, y, layer_lr=layer_lr, head_lr=head_lr)
+    new_heads, new_core = read_weights(path)
+    assert result.loss == pytest.approx(ref.loss, rel=1e-5)
+    assert_close(new_core, ref.model.core, what=f"{name} core")
+    for key, value in ref.model.heads().items():
+        assert_close(new_heads[key], value, what=f"{name} {key}")
+    assert np.max(np.abs(new_core - core)) > 1e-3  # the step changed the core well above the tolerance
+
+
+def test_kernels_for_builtin_uses_the_package_module():
+    for name in BUILTIN_NAMES:
+        if name in builtin_module().ACTIVATION_NAMES:
+            k = kernels_for(name)
+            assert k.module is builtin_module() and k.index == builtin_module().ACTIVATION_NAMES.index(name)
+
+
+def test_replace_keeps_definition_fields():
+    relu = activations.get("relu")
+    copy = dataclasses.replace(relu, name="relu_copy", origin="x")
+    assert copy.forward_c == relu.forward_c and not copy.is_builtin
