@@ -5,7 +5,10 @@ The Python API (the `deepnet` command is a thin layer over it):
 - ``deepnet.init(path, layers=..., width=..., activation=..., input_dim=784, seed=...)`` creates a model file;
 - ``deepnet.DeepNet.open(path, writable=True, in_memory=False)`` opens one, with
   ``net.train_step(x, y, layer_lr=..., head_lr=...)``, ``net.evaluate(x, y)``, ``net.logits(x)``, ``net.save()``;
-- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, samples=...)`` run the MNIST recipe;
+- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, samples=...)`` run the MNIST recipe
+  (options: schedules, held-out evaluation, weight average, MLP branch: see deepnet.run_options);
+- ``deepnet.speedrun.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its
+  recipe: ``deepnet.SPEEDRUN``);
 - ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
 """
 
@@ -20,6 +23,8 @@ _API = {
     "train": "deepnet.recipe",
     "evaluate": "deepnet.recipe",
     "RECIPE": "deepnet.recipe",
+    "SPEEDRUN": "deepnet.speedrun",
+    "Schedule": "deepnet.schedule",
 }
 
 __all__ = sorted(_API) + ["__version__"]

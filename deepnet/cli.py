@@ -14,24 +14,31 @@ import fire
 from deepnet import activations as _activations
 from deepnet import mlp as _mlp
 from deepnet import recipe as _recipe
+from deepnet import speedrun as _speedrun
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.report import format_rate, print_fields, print_json
 
 R = _recipe.RECIPE
+_SR = _speedrun.SPEEDRUN
 _MLP = _mlp.MLP_RECIPE
 
 
 class DeepnetCLI:
     """Exact SGD through absurdly deep, narrow residual networks on MNIST.
 
-    Commands: init, train (alias train-dense), eval (alias eval-dense), info, data, activations, bench,
-    train-mlp, eval-mlp, import-raw, export-raw, plot.
+    Commands: init, train (alias train-dense), eval (alias eval-dense), speedrun, info, check, data, activations,
+    bench, train-mlp, eval-mlp, import-raw, export-raw, plot.
     `deepnet COMMAND --help` describes a command's flags:
-    init: --model --layers --width --activation --alpha --seed --input-dim --overwrite;
+    init: --model --layers --width --activation --alpha --seed --input-dim --branch --hidden --overwrite;
     train, train-dense: --model --steps --layers --width --activation --alpha --seed --batch --layer-lr
-    --head-lr --chunk-layers --train-limit --report-every --eval-samples --in-memory --data-dir --json;
-    eval, eval-dense: --model --samples --batch --chunk-layers --in-memory --data-dir --json;
-    info: --model --json; data: --dest; activations: --json;
+    --head-lr --chunk-layers --train-limit --report-every --eval-samples --in-memory --checkpoint-every
+    --resume-torn --holdout --eval-every --schedule --warmup --final-lr-ratio --decay-steps --ema --ema-every
+    --branch --hidden --data-dir --json; check: --model --json;
+    eval, eval-dense: --model --samples --batch --chunk-layers --in-memory --use-ema --data-dir --json;
+    speedrun: --target-acc --layers --width --activation --batch --layer-lr --head-lr --schedule --warmup
+    --final-lr-ratio --eval-every --eval-gate --holdout --max-steps --seed --in-memory --chunk-layers
+    --test-samples --report-every --model --workdir --data-dir --json;
+    info: --model --json; data: --dest; activations [list | check NAME | compile [NAME]]: --json;
     bench: --layers --width --activation --batch --steps --streamed --chunk-layers --eval-images
     --eval-batch --workdir --json;
     train-mlp: --model --hidden --steps --batch --lr --schedule --seed --train-limit --report-every --samples
@@ -43,7 +50,8 @@ class DeepnetCLI:
     """
 
     def init(self, model: str, layers: int = R.layers, width: int = R.width, activation: str = R.activation,
-             alpha: float = None, seed: int = R.seed, input_dim: int = 784, overwrite: bool = False) -> None:
+             alpha: float = None, seed: int = R.seed, input_dim: int = 784, branch: str = None, hidden: int = None,
+             overwrite: bool = False) -> None:
         """Create a model file with freshly initialised weights.
 
         Args:
@@ -54,22 +62,37 @@ class DeepnetCLI:
             alpha: residual scale; default 1/sqrt(layers).
             seed: seed of the weight initialisation and of the minibatch generator.
             input_dim: input features (784 for MNIST).
+            branch: "mlp" adds a residual MLP branch (input -> hidden ReLU -> logits added to the core's).
+            hidden: the branch's hidden units (with --branch mlp).
             overwrite: replace an existing file.
         """
         _recipe.init(model, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
-                    input_dim=input_dim, overwrite=overwrite)
-        print(f"created {model}: {layers} layers x width {width}, {activation}")
+                    input_dim=input_dim, overwrite=overwrite, branch=branch, hidden=hidden)
+        extra = f", with an MLP branch of {hidden} hidden units" if branch else ""
+        print(f"created {model}: {layers} layers x width {width}, {activation}{extra}")
 
     def train(self, model: str = "model.h5", steps: int = R.steps, layers: int = None, width: int = None,
-              activation: str = None, alpha: float = None, seed: int = R.seed, batch: int = R.batch,
-              layer_lr: float = R.layer_lr, head_lr: float = R.head_lr, chunk_layers: int = R.chunk_layers,
-              train_limit: int = R.train_limit, report_every: int = R.report_every,
-              eval_samples: int = R.eval_samples, in_memory: bool = False, data_dir: str = None,
+              activation: str = None, alpha: float = None, seed: int = R.seed, batch: int = None,
+              layer_lr: float = None, head_lr: float = None, chunk_layers: int = R.chunk_layers,
+              train_limit: int = None, report_every: int = R.report_every,
+              eval_samples: int = R.eval_samples, in_memory: bool = False, checkpoint_every: int = None,
+              resume_torn: bool = False, holdout: int = None, eval_every: int = None, schedule: str = None,
+              warmup: int = None, final_lr_ratio: float = None, decay_steps: int = None, ema: float = None,
+              ema_every: int = None, branch: str = None, hidden: int = None, data_dir: str = None,
               json: bool = False) -> None:
         """Train a model on MNIST with exact SGD, creating the model file if it does not exist.
 
-        An existing model continues from its saved step; --layers, --width and --activation must then
-        agree with the file.
+        An existing model continues from its committed step, exactly as if never interrupted; --layers,
+        --width and --activation must then agree with the file, and --batch, --layer-lr, --head-lr and
+        --train-limit default to the values it was trained with. Streamed, every step is committed to
+        the file; in memory, the file is replaced atomically at checkpoints and at the end. Ctrl-C
+        finishes the current step, saves and stops (exit status 130); pressed again, it abandons the step.
+        The table shows step, loss, batch accuracy, held-out accuracy (when measured), s/step,
+        layer-samples/s and the ETA; every step's figures go to /train/log (`deepnet plot` draws them).
+
+        Learning-rate schedules (--schedule --warmup --final-lr-ratio --decay-steps) apply to both rates and
+        are stored with the model: a run given none of these flags continues the stored schedule exactly; a
+        run given any of them starts a new schedule at the model's current step.
 
         Args:
             model: HDF5 model file (created if missing).
@@ -79,14 +102,31 @@ class DeepnetCLI:
             activation: core activation for a new model (default softsign).
             alpha: residual scale for a new model; default 1/sqrt(layers).
             seed: seed of a new model's weights and minibatches.
-            batch: minibatch size.
-            layer_lr: SGD learning rate of the core layers.
-            head_lr: SGD learning rate of the input and output heads.
+            batch: minibatch size (default 16, or the model's last).
+            layer_lr: SGD learning rate of the core layers (default 0.05, or the model's last).
+            head_lr: SGD learning rate of the input and output heads (default 0.05, or the model's last).
             chunk_layers: layers per kernel call and per read from the file (does not change results).
-            train_limit: draw minibatches from the first N training images.
+            train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
             report_every: print a report every N steps (figures are means over those steps).
             eval_samples: test images evaluated at the end (0 to skip).
             in_memory: hold the core weights in RAM instead of streaming them from the file.
+            checkpoint_every: write the model file every N steps (in memory: an atomic replacement; streamed:
+                an fsync); default every 10 minutes of training, and always at the end and on Ctrl-C.
+            resume_torn: train on from a file holding a torn step (a writer killed mid-step), accepting its
+                mixed state as the last committed step; without it such a file is refused.
+            holdout: set the last N training images aside (never trained on) and measure the accuracy on
+                them every --eval-every steps (default: the model's last, else none; 0: none).
+            eval_every: steps between held-out evaluations (with --holdout).
+            schedule: learning-rate schedule: constant, cosine or linear (decay after the warmup).
+            warmup: steps of linear warmup at the start of the schedule.
+            final_lr_ratio: the fraction of the base rates a cosine/linear decay ends at (default 0).
+            decay_steps: the global step where the decay ends (default: the end of this run).
+            ema: keep an exponential moving average of the weights with this decay, e.g. 0.999 (needs
+                --in-memory: a second copy of the core in RAM); the end reports both test accuracies.
+            ema_every: Lookahead-style: every K steps move the average towards the weights (by 1 - ema) and
+                write it back into them, instead of averaging after every step.
+            branch: "mlp" gives a NEW model a residual MLP branch whose logits are added to the core's.
+            hidden: the branch's hidden units (with --branch mlp).
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print JSON lines (one per report and a final object) instead of a table.
         """
@@ -94,11 +134,14 @@ class DeepnetCLI:
         _recipe.train(model, steps=steps, layers=layers, width=width, activation=activation, alpha=alpha,
                      seed=seed, batch=batch, layer_lr=layer_lr, head_lr=head_lr, chunk_layers=chunk_layers,
                      train_limit=train_limit, report_every=report_every, eval_samples=eval_samples,
-                     in_memory=in_memory, data_dir=data_dir, json=json)
+                     in_memory=in_memory, checkpoint_every=checkpoint_every, resume_torn=resume_torn,
+                     holdout=holdout, eval_every=eval_every, schedule=schedule, warmup=warmup,
+                     final_lr_ratio=final_lr_ratio, decay_steps=decay_steps, ema=ema, ema_every=ema_every,
+                     branch=branch, hidden=hidden, data_dir=data_dir, json=json)
 
     def eval(self, model: str = "model.h5", samples: int = 10_000, batch: int = 1024,
-             chunk_layers: int = R.chunk_layers, in_memory: bool = False, data_dir: str = None,
-             json: bool = False) -> None:
+             chunk_layers: int = R.chunk_layers, in_memory: bool = False, use_ema: bool = False,
+             data_dir: str = None, json: bool = False) -> None:
         """Evaluate a model on the MNIST test set: loss, accuracy, elapsed time.
 
         Args:
@@ -107,12 +150,68 @@ class DeepnetCLI:
             batch: images per forward pass.
             chunk_layers: layers per kernel call and per read from the file.
             in_memory: load the core weights into RAM first.
+            use_ema: evaluate the weight average stored by training with --ema (read into RAM).
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print one JSON object instead of text.
         """
         _mlp.require_kind(model, "dense", "eval")
         _recipe.evaluate(model, samples=samples, batch=batch, chunk_layers=chunk_layers, in_memory=in_memory,
-                        data_dir=data_dir, json=json)
+                        use_ema=use_ema, data_dir=data_dir, json=json)
+
+    def speedrun(self, target_acc: float = _SR.target_acc, layers: int = _SR.layers, width: int = _SR.width,
+                 activation: str = _SR.activation, batch: int = _SR.batch, layer_lr: float = _SR.layer_lr,
+                 head_lr: float = _SR.head_lr, schedule: str = _SR.schedule, warmup: int = _SR.warmup,
+                 final_lr_ratio: float = _SR.final_lr_ratio, eval_every: int = _SR.eval_every,
+                 eval_gate: float = _SR.eval_gate, holdout: int = _SR.holdout, max_steps: int = _SR.max_steps,
+                 seed: int = _SR.seed, in_memory: bool = _SR.in_memory, chunk_layers: int = _SR.chunk_layers,
+                 test_samples: int = _SR.test_samples, report_every: int = _SR.report_every, model: str = None,
+                 workdir: str = None, data_dir: str = None, json: bool = False) -> None:
+        """Time to a target accuracy: train a fresh model until its held-out accuracy reaches --target-acc.
+
+        Trains on the first 60000 - --holdout training images, evaluates the last --holdout every
+        --eval-every steps (skipped while the mean batch accuracy since the last evaluation is more than
+        --eval-gate below the target), stops at the target, then evaluates the full test set. The headline,
+        time to target, is wall clock from the first step to the end of the evaluation that reached it:
+        held-out evaluations included; data loading, model creation and the test evaluation excluded.
+        Every default is deepnet.speedrun.SPEEDRUN. Exit status 1 if --max-steps ran out first.
+
+        Args:
+            target_acc: held-out accuracy to reach.
+            layers: core layers L.
+            width: core width w.
+            activation: core activation.
+            batch: minibatch size.
+            layer_lr: SGD learning rate of the core.
+            head_lr: SGD learning rate of the heads.
+            schedule: constant, cosine or linear (decaying over --max-steps).
+            warmup: warmup steps.
+            final_lr_ratio: the fraction of the rates a decay ends at.
+            eval_every: steps between held-out evaluations.
+            eval_gate: skip an evaluation while the mean batch accuracy since the last one is more than this
+                below the target (1 never skips).
+            holdout: held-out images (the last N training images).
+            max_steps: give up after this many steps.
+            seed: seed of the weights and minibatches.
+            in_memory: hold the core in RAM (default; --noin-memory streams it from the file).
+            chunk_layers: layers per kernel call.
+            test_samples: test images of the final evaluation.
+            report_every: a table row every N steps.
+            model: keep the trained model here (must not exist); default a temporary file, removed.
+            workdir: directory of the temporary model (default the system's temporary directory).
+            data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+            json: print one JSON object (and one per report) instead of text.
+        """
+        from deepnet.speedrun import TargetNotReached, speedrun
+
+        report = speedrun(model=model, workdir=workdir, data_dir=data_dir, json=json, target_acc=target_acc,
+                          layers=layers, width=width, activation=activation, batch=batch, layer_lr=layer_lr,
+                          head_lr=head_lr, schedule=schedule, warmup=warmup, final_lr_ratio=final_lr_ratio,
+                          eval_every=eval_every, eval_gate=eval_gate, holdout=holdout, max_steps=max_steps,
+                          seed=seed, in_memory=in_memory, chunk_layers=chunk_layers, test_samples=test_samples,
+                          report_every=report_every)
+        if not report["reached"]:
+            raise TargetNotReached(f"the target held-out accuracy {target_acc:g} was not reached in "
+                                   f"{report['steps']} steps")
 
     # The original experiment's command names.
     train_dense = train
@@ -170,12 +269,36 @@ class DeepnetCLI:
         if model_kind(model) == "mlp":
             summary = MLP.load(model).summary(model)
         else:
+            from deepnet.run_options import summary as _extras
+
             with ModelFile.open(model) as f:
                 summary = f.summary()
+                summary.update(_extras(f))
         if json:
             print_json({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in summary.items()})
         else:
             print_fields(summary)
+
+    def check(self, model: str, json: bool = False) -> None:
+        """Check a model file: format, shapes, dtypes, attributes, every weight finite, and whether it holds
+        a committed step (healthy) or a step its writer was killed in the middle of (torn).
+
+        Exit status 0 only for a healthy file; 1 for a torn or damaged one (the report says what is wrong);
+        2 if it cannot be read as a deepnet model at all.
+
+        Args:
+            model: HDF5 model file.
+            json: print one JSON object instead of text.
+        """
+        from deepnet.check import check_model
+
+        report = check_model(model)
+        if json:
+            print_json(report.as_dict())
+        else:
+            print(report.text())
+        if not report.healthy:
+            raise CheckFailed(f"{model}: {report.summary}")
 
     def train_mlp(self, model: str = "mlp.h5", hidden: int = None, steps: int = _MLP.steps, batch: int = _MLP.batch,
                   lr: float = _MLP.lr, schedule: str = _MLP.schedule, seed: int = _MLP.seed,
@@ -318,18 +441,65 @@ class DeepnetCLI:
         path = fetch_mnist(dest if dest is not None else default_data_dir())
         print(f"MNIST is in {path}")
 
-    def activations(self, json: bool = False) -> None:
-        """List the registered activations.
+    def activations(self, action: str = "list", name: str = None, json: bool = False) -> None:
+        """List the activations (built-in and plugins), check one, or compile plugins ahead of use.
+
+        `deepnet activations` lists name, origin (built-in or the plugin's package), whether its kernel is
+        compiled (built in, cached, or not yet: plugins compile on first use) and description.
+        `deepnet activations check NAME` runs NAME's compiled kernel (compiling it if needed) over a grid
+        of z, compares the C derivative with central finite differences of the C forward and both with
+        the NumPy versions, prints the worst errors, and fails if any is over its tolerance.
+        `deepnet activations compile [NAME]` compiles NAME (default: every activation not compiled yet).
 
         Args:
-            json: print one JSON object per activation.
+            action: list, check or compile.
+            name: the activation to check or compile.
+            json: print JSON (one object per activation, or the check's result) instead of text.
         """
-        for name in _activations.available():
-            act = _activations.get(name)
+        from deepnet.activations import check as _check
+        from deepnet.activations import compile as _compile
+        from deepnet.activations import plugins as _plugins
+
+        if action == "list":
+            for act_name in _activations.available():
+                act = _activations.get(act_name)
+                row = {"name": act_name, "origin": act.origin, "compiled": _compile.status(act),
+                       "description": act.description}
+                if json:
+                    print_json(row)
+                else:
+                    print(f"{act_name:<16} {act.origin:<28} {row['compiled']:<9} {act.description}")
+            for problem in _plugins.errors():
+                print(f"deepnet: plugin problem: {problem}", file=sys.stderr)
+        elif action == "check":
+            if not name:
+                raise ConfigError("deepnet activations check needs the activation's name")
+            result = _check.check_activation(name)
             if json:
-                print_json({"name": name, "origin": act.origin, "description": act.description})
+                print_json(result)
             else:
-                print(f"{name:<12} {act.origin:<10} {act.description}")
+                print(_check.format_report(result))
+            if not result["ok"]:
+                raise _check.ActivationCheckError(_check.failure_message(result))
+        elif action == "compile":
+            names = [name] if name else [n for n in _activations.available()
+                                         if _compile.status(_activations.get(n)) == "not yet"]
+            from deepnet.kernels import kernels_for
+
+            for act_name in names:
+                module = kernels_for(act_name).module
+                if json:
+                    print_json({"name": act_name, "module": module.__name__, "path": getattr(module, "__file__", None)})
+                else:
+                    print(f"{act_name}: {module.__name__} ({getattr(module, '__file__', 'built in')})")
+        else:
+            raise ConfigError(f"deepnet activations: unknown action {action!r} (use list, check or compile)")
+
+
+class CheckFailed(DeepnetError):
+    """`deepnet check` found a torn or damaged file (exit status 1)."""
+
+    exit_status = 1
 
 
 def _check_flags(args: list[str]) -> None:
@@ -360,6 +530,18 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    # A Ctrl-C that lands in a finaliser (a progress bar's __del__ while the run is already stopping)
+    # cannot be raised there; Python would print it as an "Exception ignored" traceback. Note it instead.
+    late_interrupts: list[BaseException] = []
+    previous_hook = sys.unraisablehook
+
+    def quiet_interrupts(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            late_interrupts.append(unraisable.exc_value)
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupts
     try:
         _check_flags(args)
         # An instance, not the class: fire then lists the commands in `deepnet --help`.
@@ -368,12 +550,18 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"deepnet: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("deepnet: interrupted", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_status", 2)
+    except KeyboardInterrupt as exc:
+        detail = str(exc)
+        print(f"deepnet: interrupted{': ' + detail if detail else ''}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     except fire.core.FireExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    finally:
+        sys.unraisablehook = previous_hook
+    if late_interrupts:
+        print("deepnet: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

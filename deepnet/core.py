@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from deepnet.errors import ConfigError
+from deepnet.errors import ConfigError, DeepnetError
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.kernels import LayerKernels
 
@@ -34,6 +35,16 @@ MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
 # not split the batch (per-layer gradient halves would cross cores every layer, TARGETS.md) but
 # recomputes the next segment on a second core while this one back-propagates.
 THREADS_ENV = "DEEPNET_THREADS"
+
+
+class NonFiniteError(DeepnetError):
+    """A loss or gradient is not finite, so the step is refused (``start``/``stop``: the layers of the
+    chunk whose backward pass produced it, when it appeared mid-backward)."""
+
+    def __init__(self, message: str, *, start: int | None = None, stop: int | None = None) -> None:
+        super().__init__(message)
+        self.start = start
+        self.stop = stop
 
 
 def default_threads() -> int:
@@ -268,6 +279,10 @@ class CoreEngine:
         self._pending_backward = False
         self.threads = default_threads() if threads is None else threads
         self._pool: ThreadPoolExecutor | None = None
+        self._backward_seconds: dict[int, float] = {}   # threads -> recent seconds per backward pass
+        self._backward_calls = 0
+        #: Called between chunks (it may raise KeyboardInterrupt): training's Ctrl-C handling.
+        self.interrupt_check: Callable[[], None] | None = None
 
     @property
     def layers(self) -> int:
@@ -311,6 +326,8 @@ class CoreEngine:
                                            None, part, n_parts) for part in range(n_parts)]
                 for f in parts:
                     f.result()
+            if self.interrupt_check is not None:
+                self.interrupt_check()
         self._pending_backward = for_backward
         return h
 
@@ -327,13 +344,48 @@ class CoreEngine:
         n_chunks = len(self._save_offsets)
         # Drive the store's generator to its end (not zip() with a range, which stops before resuming
         # it after the last chunk, so a streamed store never wrote the first chunk back).
-        for j, (start, rows) in enumerate(self.store.backward_chunks(self._bounds, step)):
+        threads = self._backward_threads()
+        started = time.perf_counter()
+        chunks = self.store.backward_chunks(self._bounds, step)
+        for j, (start, rows) in enumerate(chunks):
             k = n_chunks - 1 - j
             saves = self._saves[self._save_offsets[k]:]
             self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
-                                  self.threads)
+                                  threads)
+            # The numerical guard: stop before the next chunk is touched (g is only width x batch).
+            if not np.isfinite(g).all():
+                stop = start + rows.shape[0]
+                chunks.close()  # a streamed store finishes its pending writes (not this chunk's) first
+                raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1}",
+                                     start=start, stop=stop)
+            if self.interrupt_check is not None:
+                try:
+                    self.interrupt_check()
+                except KeyboardInterrupt:
+                    chunks.close()
+                    raise
         self._pending_backward = False
+        seconds = time.perf_counter() - started
+        previous = self._backward_seconds.get(threads)
+        self._backward_seconds[threads] = seconds if previous is None else 0.5 * (previous + seconds)
+        self._backward_calls += 1
         return g
+
+    def _backward_threads(self) -> int:
+        """1 or 2 threads for this backward pass: whichever has been faster here, re-checked now and then.
+
+        Recomputing the next segment on the second core pays only when that core is free; on a machine
+        that is busy with other work the hand-overs cost more than they save. Both give the same result
+        bit for bit, so the choice is made by measurement: try each once, then keep the faster, trying
+        the other again every 16 steps.
+        """
+        if self.threads < 2:
+            return 1
+        for threads in (2, 1):
+            if threads not in self._backward_seconds:
+                return threads
+        best = min(self._backward_seconds, key=self._backward_seconds.get)
+        return 3 - best if self._backward_calls % 16 == 15 else best
 
     def _check_state(self, h: np.ndarray) -> np.ndarray:
         if h.dtype != np.float32 or h.ndim != 2 or h.shape[0] != self.width or not h.flags.c_contiguous:

@@ -2,21 +2,47 @@
 
 ``DeepNet`` holds an open model file, the heads in RAM and a ``CoreEngine`` over the core weights
 (streamed from the file, or in RAM with ``in_memory``). ``train_step`` is one exact SGD step on given
-arrays; ``evaluate`` runs the forward pass only. Nothing here knows about MNIST.
+arrays; ``evaluate`` runs the forward pass only. Nothing here knows about MNIST. A model may also have
+a residual MLP branch on the input (deepnet.branch) whose logits are added to the output head's; it is
+stepped in the same exact step from the same dlogits, at head_lr.
+
+How a step reaches the file (see formats/hdf5.py for the commit record):
+
+- streamed: the backward pass marks each storage chunk with the new step before updating it in the
+  file; then ``train_step`` commits the step (heads, log row, generator state: raw writes into
+  pre-allocated datasets). A file is therefore always a committed step or a detectable torn one.
+- in memory: nothing is written by ``train_step``; ``save()`` (the trainer's checkpoints) replaces the
+  whole file atomically, so the file on disk is always a complete, earlier step.
+
+Numerical guard: a step whose loss or whose gradient reaching the core is not finite is refused before
+anything is modified; a gradient that turns non-finite during the backward pass stops it before the
+next chunk is touched (streamed: the file then holds a torn step; in memory: the weights in RAM are
+unusable and ``save()`` refuses to write them).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from deepnet.core import CoreEngine, InMemoryStore, file_store
-from deepnet.errors import ConfigError
-from deepnet.formats.hdf5 import ModelFile
+from deepnet import branch as _branch
+from deepnet.core import CoreEngine, InMemoryStore, NonFiniteError, file_store
+from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels import kernels_for
+
+
+class TornStepError(ModelFileError):
+    """The model file holds a torn step; training continues from it only when told to (resume_torn)."""
+
+    def __init__(self, message: str, state: FileState) -> None:
+        super().__init__(message)
+        self.state = state
 
 DEFAULT_CHUNK_LAYERS = 100_000
 DEFAULT_EVAL_BATCH = 1024
@@ -56,27 +82,64 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 
 
 class DeepNet:
-    """An open model. Use as a context manager, or call ``close()``; ``save()`` writes it back."""
+    """An open model. Use as a context manager, or call ``close()``.
+
+    Streamed, every ``train_step`` is committed to the file as it ends; in memory, ``save()`` writes
+    the model (atomically). ``save()`` is always safe to call and also appends the carried log rows.
+    """
 
     def __init__(self, model_file: ModelFile, *, in_memory: bool = False,
-                 chunk_layers: int = DEFAULT_CHUNK_LAYERS) -> None:
+                 chunk_layers: int = DEFAULT_CHUNK_LAYERS, resume_torn: bool = False) -> None:
         if chunk_layers < 1:
             raise ConfigError(f"--chunk-layers must be >= 1, got {chunk_layers}")
         self.file = model_file
         self.in_memory = in_memory
+        #: The torn step accepted on opening (resume_torn), if any.
+        self.accepted_torn: FileState | None = None
         self.kernels = kernels_for(model_file.activation)
+        if model_file.mode == "r+":
+            state = model_file.state()
+            if state.status == "torn":
+                if not resume_torn:
+                    raise TornStepError(
+                        f"{model_file.path} holds a torn step {state.torn_step} ({state.layers_updated} of "
+                        f"{model_file.layers} layers updated when its writer stopped); pass --resume-torn to "
+                        f"train on from this mixed state as step {state.step} (`deepnet check` describes it)",
+                        state)
+                self.accepted_torn = model_file.accept_torn()
+            elif state.status == "damaged":
+                raise ModelFileError(f"{model_file.path} is damaged: {state.message} (see `deepnet check`)")
         self.heads = model_file.read_heads()
+        #: The residual MLP branch whose logits are added to the core's (deepnet.branch), or None.
+        self.branch = _branch.load(model_file)
+        #: Writers of the optional parts an in-memory save() puts in the new file (the branch, the weight
+        #: average of deepnet.ema, held-out figures): each is called with the new h5py file.
+        self.extra_writers: list = [] if self.branch is None else [self.branch.write_new]
         store = InMemoryStore(model_file.read_core()) if in_memory else file_store(model_file)
         self.engine = CoreEngine(store, self.kernels, model_file.width, model_file.alpha, chunk_layers)
         self.step = model_file.step
+        #: The minibatch generator state to store with the next commit (set by train_step's caller).
+        self.rng_state: dict | None = model_file.rng_state
+        #: The training settings stored with each commit (the trainer's layer_lr, head_lr, batch, ...).
+        self.train_settings: dict | None = model_file.train_settings
+        #: True while a streamed step is writing the file (its backward pass and commit).
+        self.writing = False
+        self._log_rows: list = []          # in memory: rows of the steps since the last save
+        self._saved_step = self.step       # the step the file on disk holds
+        self._unusable: str | None = None  # why the weights in RAM must not be saved
 
     @classmethod
     def open(cls, path: str | Path, *, writable: bool = False, in_memory: bool = False,
-             chunk_layers: int = DEFAULT_CHUNK_LAYERS, expect: dict | None = None) -> "DeepNet":
-        """Open a model file for training (``writable``) or evaluation."""
+             chunk_layers: int = DEFAULT_CHUNK_LAYERS, expect: dict | None = None,
+             resume_torn: bool = False) -> "DeepNet":
+        """Open a model file for training (``writable``) or evaluation.
+
+        A writable open refuses a file holding a torn step (:class:`TornStepError`) unless
+        ``resume_torn``, which accepts the mixed state as the committed step (and records that it did).
+        """
         model_file = ModelFile.open(path, "r+" if writable else "r", expect=expect)
         try:
-            return cls(model_file, in_memory=in_memory, chunk_layers=chunk_layers)
+            return cls(model_file, in_memory=in_memory, chunk_layers=chunk_layers, resume_torn=resume_torn)
         except BaseException:
             model_file.close()
             raise
@@ -117,37 +180,103 @@ class DeepNet:
 
     # -- training and evaluation --------------------------------------------------------------------
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, *, layer_lr: float, head_lr: float) -> StepResult:
-        """One exact SGD step on the batch (x: (batch, input_dim) float32, y: integer labels)."""
+    def train_step(self, x: np.ndarray, y: np.ndarray, *, layer_lr: float, head_lr: float,
+                   rng_state: dict | None = None) -> StepResult:
+        """One exact SGD step on the batch (x: (batch, input_dim) float32, y: integer labels).
+
+        ``rng_state`` is the minibatch generator's state after drawing this batch: it is committed with
+        the step, so training resumes with the next batch. Raises :class:`NonFiniteError` (and changes
+        nothing) if the loss or the gradient reaching the core is not finite.
+        """
+        if self._unusable:
+            raise ModelFileError(f"cannot train {self.file.path} further: {self._unusable}")
         x, y = self._check_inputs(x, y)
         started = time.perf_counter()
+        step = self.step + 1
         h0 = self._input_head(x)                                   # (batch, w)
         state = np.ascontiguousarray(h0.T)                         # (w, batch): batch innermost
         self.engine.forward(state)
         h_last = state.T
         logits = self._output_head(h_last)
+        branch_step = None if self.branch is None else self.branch.forward(x)
+        if branch_step is not None:
+            logits = logits + branch_step.logits                   # the branch's logits join the core's
         loss, accuracy, dlogits = softmax_cross_entropy(logits, y)
 
         heads = self.heads
         grad_out_w = h_last.T @ dlogits
         grad_out_b = dlogits.sum(axis=0)
         g = np.ascontiguousarray((dlogits @ heads["output_weight"].T).T)   # old output weights
-        heads["output_weight"] -= head_lr * grad_out_w
-        heads["output_bias"] -= head_lr * grad_out_b
+        if not math.isfinite(loss):
+            raise self._refused(step, f"the loss is {loss}")
+        if not (np.isfinite(g).all() and np.isfinite(grad_out_w).all() and np.isfinite(grad_out_b).all()):
+            raise self._refused(step, "the gradient reaching the core is not finite")
+        if branch_step is not None and not self.branch.gradients(branch_step, dlogits).finite():
+            raise self._refused(step, "the gradient of the MLP branch is not finite")
 
-        self.engine.backward(g, layer_lr, self.step + 1)
-        grad_pre = g.T * (1.0 - h0 * h0)                           # through tanh of the input head
-        heads["input_weight"] -= head_lr * (x.T @ grad_pre)
-        heads["input_bias"] -= head_lr * grad_pre.sum(axis=0)
-        self.step += 1
-        return StepResult(self.step, loss, accuracy, time.perf_counter() - started)
+        self.writing = not self.in_memory
+        try:
+            try:
+                self.engine.backward(g, layer_lr, step)
+            except NonFiniteError as exc:
+                raise NonFiniteError(self._broken(step, exc), start=exc.start, stop=exc.stop) from None
+            # The heads change only now, so a refused step leaves them as they were.
+            heads["output_weight"] -= head_lr * grad_out_w
+            heads["output_bias"] -= head_lr * grad_out_b
+            grad_pre = g.T * (1.0 - h0 * h0)                           # through tanh of the input head
+            heads["input_weight"] -= head_lr * (x.T @ grad_pre)
+            heads["input_bias"] -= head_lr * grad_pre.sum(axis=0)
+            if branch_step is not None:
+                self.branch.apply(branch_step, head_lr)                # the branch learns at the heads' rate
+            if rng_state is not None:
+                self.rng_state = rng_state
+            if self.in_memory:
+                self._log_rows.append((step, loss, accuracy, time.perf_counter() - started))
+            else:
+                seconds = time.perf_counter() - started
+                if self.branch is not None:
+                    self.branch.write_in_place(self.file)              # raw writes, before the record
+                self.file.commit(step, heads, rng_state=self.rng_state, train=self.train_settings,
+                                 log=[(step, loss, accuracy, seconds)])
+                self._saved_step = step
+            self.step = step
+        except BaseException as exc:
+            if self.step != step and not isinstance(exc, NonFiniteError):
+                # Interrupted part-way (Ctrl-C twice, a write error): what is in RAM is not a step.
+                self._unusable = (f"step {step} was interrupted part-way; "
+                                  f"{self._file_holds()}")
+            raise
+        finally:
+            self.writing = False
+        return StepResult(step, loss, accuracy, time.perf_counter() - started)
+
+    def _refused(self, step: int, why: str) -> NonFiniteError:
+        error = NonFiniteError(f"step {step} refused: {why}; nothing was written ({self._file_holds()})")
+        error.why = why
+        return error
+
+    def _file_holds(self) -> str:
+        if self.in_memory:
+            return f"{self.file.path} holds step {self._saved_step}"
+        state = self.file.state()
+        return f"{self.file.path} holds step {state.step}" if state.healthy else \
+            f"{self.file.path} now holds a {state.message}"
+
+    def _broken(self, step: int, exc: NonFiniteError) -> str:
+        if self.in_memory:
+            self._unusable = f"the weights in RAM were damaged by a non-finite gradient in step {step}"
+            return (f"step {step} failed: {exc}; the weights in RAM are unusable and will not be saved "
+                    f"({self.file.path} holds step {self._saved_step})")
+        self._unusable = f"a non-finite gradient stopped step {step} part-way"
+        return f"step {step} failed: {exc}; {self._file_holds()}"
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: logits (batch, n_classes) of x."""
         x, _ = self._check_inputs(x, None)
         state = np.ascontiguousarray(self._input_head(x).T)
         self.engine.forward(state, for_backward=False)
-        return self._output_head(state.T)
+        logits = self._output_head(state.T)
+        return logits if self.branch is None else logits + self.branch.logits(x)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = DEFAULT_EVAL_BATCH,
                  progress=None) -> EvalResult:
@@ -170,13 +299,37 @@ class DeepNet:
 
     # -- persistence --------------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Write heads, step and (in memory) the core back to the file, then flush."""
+    def save(self, *, durable: bool = False) -> None:
+        """Make the file hold the current step.
+
+        In memory: the whole file is replaced atomically (written beside it, fsync'd, renamed over it).
+        Streamed: the step is already committed; this appends the carried log rows and mirrors the step
+        into the root attributes. With ``durable`` the file is also fsync'd (streamed mode's checkpoint).
+        """
+        if self._unusable:
+            raise ModelFileError(f"not saving {self.file.path}: {self._unusable}")
         if self.in_memory:
-            self.file.write_core(self.engine.store.weights, self.step)
-        self.file.write_heads(self.heads)
-        self.file.step = self.step
-        self.file.flush()
+            if self.step == self._saved_step and not self._log_rows and self.rng_state == self.file.rng_state \
+                    and self.train_settings == self.file.train_settings:
+                return
+            self.file.rewrite(self.engine.store.weights, step=self.step, heads=self.heads,
+                              rng_state=self.rng_state, log=self._log_rows, train=self.train_settings,
+                              extra=self._write_extras if self.extra_writers else None)
+            self._log_rows = []
+            self._saved_step = self.step
+            return
+        if self.rng_state != self.file.rng_state or self.train_settings != self.file.train_settings:
+            self.file.commit(self.step, self.heads, rng_state=self.rng_state, train=self.train_settings)
+        self.file.sync(durable=durable)
+
+    def _write_extras(self, h5) -> None:
+        for write in self.extra_writers:
+            write(h5)
+
+    @property
+    def saved_step(self) -> int:
+        """The step the model file on disk holds."""
+        return self._saved_step
 
     def close(self) -> None:
         self.engine.close()

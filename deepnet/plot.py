@@ -40,12 +40,35 @@ def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]
                     or "step" not in log.dtype.names:
                 raise ModelFileError(f"{path} has no training log table (/train/log with a step column)")
             rows = log[()]
+            held = f.get("train/heldout")
+            if isinstance(held, h5py.Dataset) and held.dtype.names and "step" in held.dtype.names:
+                rows = merge_heldout(rows, held[()])
             attrs = {k: (_decode(v) if isinstance(v, (bytes, str, np.bytes_)) else v) for k, v in f.attrs.items()
                      if k in ("kind", "layers", "width", "activation", "hidden", "step")}
     except OSError as exc:
         raise ModelFileError(f"could not read {path}: {' '.join(str(exc).split())}") from exc
     attrs["kind"] = kind
     return rows, attrs
+
+
+def merge_heldout(rows: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The log rows with the held-out columns of /train/heldout (deepnet.heldout) joined on the step:
+    NaN on the steps without a measurement, so they are drawn as sparse series."""
+    extra = [n for n in held.dtype.names if n != "step"]
+    if not extra or not held.size:
+        return rows
+    out = np.empty(rows.shape, dtype=np.dtype(rows.dtype.descr + [(n, "<f8") for n in extra]))
+    for name in rows.dtype.names:
+        out[name] = rows[name]
+    for name in extra:
+        out[name] = np.nan
+    order = np.argsort(rows["step"], kind="stable")
+    sorted_steps = rows["step"][order]
+    at = np.searchsorted(sorted_steps, held["step"])
+    found = (at < sorted_steps.size) & (sorted_steps[np.minimum(at, sorted_steps.size - 1)] == held["step"])
+    for name in extra:
+        out[name][order[at[found]]] = held[name][found]
+    return out
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:

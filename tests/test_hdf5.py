@@ -774,12 +774,24 @@ def test_open_unchunked_weights(tmp_path):
 
 
 def test_open_corrupt_rng_state(tmp_path):
+    # A file without a commit record (written before it existed) is read from its attributes.
     path = tmp_path / "m.h5"
     make(path).close()
-    _edit(path, lambda f: f.attrs.__setitem__("rng_state", "{not json"))
+    _edit(path, lambda f: (f.attrs.__setitem__("rng_state", "{not json"), f.__delitem__("train/commit")))
     with ModelFile.open(path) as m, pytest.raises(ModelFileError) as e:
         m.rng_state
     check_message(e, str(path), "rng_state", "not valid JSON")
+
+
+def test_commit_record_is_authoritative_over_the_attributes(tmp_path):
+    # The root attributes only mirror the commit record (at report boundaries).
+    path = tmp_path / "m.h5"
+    make(path).close()
+    with ModelFile.open(path, "r+") as m:
+        m.rng_state = {"bit_generator": "PCG64", "state": {"state": 5, "inc": 7}, "has_uint32": 0, "uinteger": 0}
+    _edit(path, lambda f: f.attrs.__setitem__("rng_state", "{not json"))
+    with ModelFile.open(path) as m:
+        assert m.rng_state["state"] == {"state": 5, "inc": 7}
 
 
 @pytest.mark.parametrize(

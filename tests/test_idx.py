@@ -330,3 +330,103 @@ def test_property_valid_files_read_back(scratch, data):
 @given(mutated_idx())
 def test_property_mutated_files(scratch, data):
     check_any_bytes(scratch, data)
+
+
+# ---------------------------------------------------------------------------------------------------
+# More properties (issue 6): headers claiming anything, and mutated MNIST splits through load_mnist
+
+
+@st.composite
+def wild_headers(draw) -> bytes:
+    """A well-formed magic number with dimensions anywhere in uint32 (up to terabytes of claimed data)
+    and a small payload, raw or gzip-compressed."""
+    ndim = draw(st.integers(1, 3))
+    dims = draw(st.lists(st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1)), min_size=ndim, max_size=ndim))
+    data = header(dims) + draw(st.binary(max_size=64))
+    return gzip.compress(data) if draw(st.booleans()) else data
+
+
+@_settings
+@given(wild_headers())
+def test_property_wild_headers_never_allocate_what_the_file_cannot_hold(scratch, data):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(idx.np, "empty", _bounded_empty(len(data)))
+        check_any_bytes(scratch, data)
+
+
+def _bounded_empty(file_bytes: int):
+    real = np.empty
+
+    def empty(shape, dtype=float, *args, **kwargs):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        # Raw: exactly the file's payload; gzip: at most what deflate could expand the file to.
+        assert n <= max(file_bytes, 1) * idx.MAX_GZIP_RATIO, f"allocated {n} bytes for a {file_bytes}-byte file"
+        return real(shape, dtype, *args, **kwargs)
+
+    return empty
+
+
+def mnist_split_bytes(draw, n: int) -> tuple[bytes, bytes]:
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    images = struct.pack(">I3I", idx.IMAGES_MAGIC, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
+    labels = struct.pack(">II", idx.LABELS_MAGIC, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes()
+    return images, labels
+
+
+def mutate(draw, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["flip", "header", "truncate", "append", "insert", "label"]))
+        if kind == "flip" and data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        elif kind == "header" and data:  # a byte of the magic number or the dimensions
+            data[draw(st.integers(0, min(15, len(data) - 1)))] = draw(st.integers(0, 255))
+        elif kind == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        elif kind == "append":
+            data += draw(st.binary(min_size=1, max_size=8))
+        elif kind == "insert":
+            i = draw(st.integers(0, len(data)))
+            data[i:i] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "label" and len(data) > 8:
+            data[draw(st.integers(8, len(data) - 1))] = draw(st.integers(10, 255))
+    return bytes(data)
+
+
+@st.composite
+def mutated_mnist_split(draw) -> tuple[bytes, bytes]:
+    images, labels = mnist_split_bytes(draw, draw(st.integers(1, 3)))
+    which = draw(st.sampled_from(["images", "labels", "both"]))
+    if which in ("images", "both"):
+        images = mutate(draw, images)
+    if which in ("labels", "both"):
+        labels = mutate(draw, labels)
+    if draw(st.booleans()):
+        images = gzip.compress(images)
+    if draw(st.booleans()):
+        labels = gzip.compress(labels)
+    return images, labels
+
+
+def check_mnist_split(directory: Path, images: bytes, labels: bytes) -> None:
+    """load_mnist either returns a consistent split or raises a one-line DataError naming a file."""
+    for old in directory.glob("t10k-*"):
+        old.unlink()
+    names = idx.mnist_file_names("test")
+    (directory / names[0]).write_bytes(images)
+    (directory / names[1]).write_bytes(labels)
+    try:
+        x, y = load_mnist(directory, "test")
+    except DataError as exc:
+        message = str(exc)
+        assert "\n" not in message and str(directory) in message
+        return
+    assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (28, 28)
+    assert y.dtype == np.uint8 and y.shape == (x.shape[0],) and int(y.max()) <= 9
+
+
+@_settings
+@given(mutated_mnist_split())
+def test_property_mutated_mnist_splits(scratch, split):
+    check_mnist_split(scratch, *split)

@@ -9,6 +9,33 @@ Layout (format "deepnet", format_version 1, kind "dense")::
     /head/input/weight   float32 (input_dim, w)      /head/input/bias   float32 (w,)
     /head/output/weight  float32 (w, n_classes)      /head/output/bias  float32 (n_classes,)
     /train/log           compound (step i8, loss f8, batch_acc f8, seconds f8), resizable
+    /train/commit        uint8 (2, COMMIT_SLOT_BYTES), contiguous: two slots of the commit record
+
+The commit record (``/train/commit``) is what makes a step durable. It holds the committed step, the
+minibatch generator's state, the training settings, a CRC-32 of the heads, how many rows of
+/train/log belong to the committed history and the log rows not yet appended there. It is written as
+raw data into a pre-allocated dataset (never HDF5 metadata), alternately into two slots, each slot
+checksummed: a write cut short by a kill leaves the other slot, the previous commit, intact. Readers
+take the valid slot with the highest sequence number; the root attributes ``step``/``rng_state``/
+``updated`` mirror it at report boundaries (files without the dataset, written before it existed, are
+read from those attributes and get it on their first commit).
+
+A step is committed in this order: every storage chunk's ``chunk_step`` is set to the new step before
+the chunk is modified, the heads are written, then the record. So a file is in one of three states:
+
+- healthy: every ``chunk_step`` <= the record's step and the heads match its checksum;
+- torn: some ``chunk_step`` = step + 1 (a step was being written when the writer died), or the heads
+  differ from the record (it died between the heads and the record);
+- damaged: anything else (see :mod:`deepnet.check`).
+
+What survives what. Against the death of the writing process (SIGKILL, the OOM killer, a crash, a
+second Ctrl-C) every write already made is in the OS page cache and reaches the disk, so the file is
+always a committed step or a torn step that ``deepnet check`` describes. Against power loss or an OS
+crash only what was fsync'd is safe: an in-memory checkpoint (the new file and its directory are
+fsync'd before and after the rename), and in streamed mode the file at every checkpoint and at the end of
+a run (``--checkpoint-every``; the memory-mapped core is written back by the same fsync); between those
+the OS writes dirty pages back in an order of its choosing. An fsync after every step would make that
+per-step too, at about 0.3 s per step on a 10M-layer model (a third of a step), so it is not done.
 
 Choices worth knowing about:
 
@@ -24,6 +51,14 @@ Choices worth knowing about:
   (about 50 bytes per rewrite, forever), which over millions of steps would grow the file.
 - Raw chunk I/O bypasses HDF5's chunk cache (``rdcc_nbytes=0``): chunks are read and written whole
   and sequentially, the OS page cache already holds recent ones, and the cache would only add a copy.
+- HDF5's data sieve buffer is off too (``sieve_buf_size=0``): with it, a small raw write (a
+  ``chunk_step`` mark) could sit in HDF5's buffer while a later, larger one (the rows it guards) went
+  straight to the file, reversing the order a kill must see; and the memory-mapped writers would have
+  h5py read stale copies. Raw writes to contiguous datasets (heads, commit record, ``chunk_step``) go
+  to the file with one ``pwrite`` each.
+- One writer: HDF5 locks the file (flock) while it is open, exclusively for writing; a second writer or
+  a reader during training is refused with a one-line message. Where HDF5's locking is switched off
+  (``HDF5_USE_FILE_LOCKING=FALSE``, as on some network file systems) deepnet takes the same flock itself.
 """
 
 from __future__ import annotations
@@ -35,7 +70,10 @@ import math
 import operator
 import os
 import re
+import struct
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -64,6 +102,17 @@ _HEAD_PATHS = {
     "output_weight": "head/output/weight",
     "output_bias": "head/output/bias",
 }
+
+#: The commit record: two slots of this many bytes in /train/commit (see the module docstring).
+COMMIT_SLOTS = 2
+COMMIT_SLOT_BYTES = 32768
+_COMMIT_MAGIC = b"DNCOMMIT"
+_COMMIT_HEADER = struct.Struct("<8sII")  # magic, payload length, CRC-32 of the payload
+#: Log rows carried in the commit record before they are appended to /train/log (which changes HDF5
+#: metadata, so it happens at report boundaries or when this many rows are waiting).
+LOG_PENDING_MAX = 128
+# Passed for "leave this part of the record as it is".
+_KEEP: Any = object()
 
 # Fixed-length ASCII attributes (see the module docstring for why they are not variable-length).
 _TIME_ATTR_LEN = 32
@@ -158,7 +207,23 @@ def _set_fixed_ascii_attr(attrs: h5py.AttributeManager, name: str, text: str, qu
     """
     length = max(quantum, -(-len(text) // quantum) * quantum)
     data, dtype = _fixed_ascii(text, length)
-    attrs.create(name, data, dtype=dtype)
+    _rewrite_attr(attrs, name, data, dtype)
+
+
+def _rewrite_attr(attrs: h5py.AttributeManager, name: str, data: Any, dtype: Any) -> None:
+    """Set an attribute, in place when one of the same type and shape exists.
+
+    h5py's ``attrs[name] = x`` replaces an existing attribute by creating a temporary, deleting the old
+    one and renaming, in three calls: a Ctrl-C between them (Python runs signal handlers between C
+    calls) would leave the attribute missing and the file unreadable. Writing in place is one call.
+    """
+    value = np.asarray(data, dtype=dtype)
+    if name in attrs:
+        attr = h5py.h5a.open(attrs._id, name.encode())
+        if attr.dtype == value.dtype and attr.shape == value.shape:
+            attr.write(value)
+            return
+    attrs.create(name, value, dtype=dtype)
 
 
 def _write_block(dset: h5py.Dataset, start: int, block: np.ndarray) -> None:
@@ -166,9 +231,143 @@ def _write_block(dset: h5py.Dataset, start: int, block: np.ndarray) -> None:
     dset.write_direct(block, dest_sel=np.s_[start : start + block.shape[0]])
 
 
+def _file_access() -> Any:
+    """HDF5 file access properties: no chunk cache and no data sieve buffer (see the module docstring)."""
+    try:
+        from h5py._hl.files import make_fapl
+
+        fapl = make_fapl(None, rdcc_nbytes=0)
+        fapl.set_sieve_buf_size(0)
+        return fapl
+    except Exception:  # pragma: no cover - an h5py without these internals: its defaults still work
+        return None
+
+
 def _open_h5(path: str, mode: str) -> h5py.File:
-    # rdcc_nbytes=0: whole-chunk sequential I/O goes straight between the file and the caller's buffer.
-    return h5py.File(path, mode, rdcc_nbytes=0)
+    """Open ("r", "r+") or create ("w") an HDF5 file with deepnet's access properties."""
+    fapl = _file_access()
+    if fapl is None:  # pragma: no cover
+        return h5py.File(path, mode, rdcc_nbytes=0)
+    name = os.fsencode(path)
+    if mode == "r":
+        fid = h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=fapl)
+    elif mode == "r+":
+        fid = h5py.h5f.open(name, h5py.h5f.ACC_RDWR, fapl=fapl)
+    elif mode == "w":
+        fid = h5py.h5f.create(name, h5py.h5f.ACC_TRUNC, fapl=fapl)
+    else:
+        raise ValueError(f"mode {mode!r}")
+    return h5py.File(fid)
+
+
+def _hdf5_locking_disabled() -> bool:
+    """True when HDF5 will not lock files (then deepnet takes the same flock itself)."""
+    return os.environ.get("HDF5_USE_FILE_LOCKING", "").strip().upper() in ("FALSE", "0")
+
+
+def _flock(path: str, exclusive: bool) -> int:
+    """Take the lock HDF5 would take (a non-blocking flock on the file); return the descriptor holding it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _contiguous_offset(ds: h5py.Dataset) -> int | None:
+    """Byte offset of a contiguous, allocated, unfiltered dataset in the file (None otherwise)."""
+    if ds.chunks is not None or ds.compression or ds.shuffle or ds.fletcher32 or ds.scaleoffset is not None:
+        return None
+    try:
+        offset = ds.id.get_offset()
+    except Exception:  # pragma: no cover
+        return None
+    return None if offset is None else int(offset)
+
+
+def heads_crc32(heads: Mapping[str, np.ndarray]) -> int:
+    """CRC-32 of the four head arrays' bytes, in HEAD_KEYS order (recorded with every commit)."""
+    crc = 0
+    for key in HEAD_KEYS:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(heads[key], dtype="<f4")).cast("B"), crc)
+    return crc
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One commit-record slot's bytes: magic, length, CRC-32, then the record as JSON."""
+    payload = json.dumps(dict(record), separators=(",", ":"), default=_json_default).encode("utf-8")
+    return _COMMIT_HEADER.pack(_COMMIT_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_record(raw: bytes) -> dict | None:
+    """The record in one slot, or None if the slot is empty, cut short or fails its checksum."""
+    raw = bytes(raw)
+    if len(raw) < _COMMIT_HEADER.size:
+        return None
+    magic, length, crc = _COMMIT_HEADER.unpack_from(raw)
+    if magic != _COMMIT_MAGIC or length > len(raw) - _COMMIT_HEADER.size:
+        return None
+    payload = raw[_COMMIT_HEADER.size : _COMMIT_HEADER.size + length]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        record = json.loads(payload.decode("utf-8"))
+    except ValueError:
+        return None
+    return record if _record_is_valid(record) else None
+
+
+def _record_is_valid(rec: Any) -> bool:
+    def nonneg_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(rec, dict):
+        return False
+    if not (nonneg_int(rec.get("seq")) and nonneg_int(rec.get("step")) and nonneg_int(rec.get("log_rows"))):
+        return False
+    if rec.get("rng_state") is not None and not isinstance(rec["rng_state"], dict):
+        return False
+    if rec.get("heads_crc32") is not None and not nonneg_int(rec["heads_crc32"]):
+        return False
+    if rec.get("train") is not None and not isinstance(rec["train"], dict):
+        return False
+    pending = rec.get("pending_log")
+    if not isinstance(pending, list):
+        return False
+    for row in pending:
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], int)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class FileState:
+    """Whether a model file is a committed step (healthy), an interrupted one (torn), or neither."""
+
+    status: str                 # "healthy", "torn" or "damaged"
+    step: int                   # the committed step
+    message: str                # one line saying so
+    torn_step: int | None = None
+    layers_updated: int = 0
+    chunks_updated: tuple[int, int] | None = None   # first and last storage chunk already at torn_step
+    heads_changed: bool = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "healthy"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,9 +397,57 @@ class ModelFile:
         self._seed = meta["seed"]
         self._init_scale = meta["init_scale"]
         self._chunk_layers = meta["storage_chunk_layers"]
+        self._lock_fd: int | None = None
+        self._bind(h5file)
+        self._record: dict = self._load_record(meta)
+
+    def _bind(self, h5file: h5py.File) -> None:
+        """(Re)attach the dataset handles and raw-write offsets to an open HDF5 file."""
+        self._f = h5file
         self._weights: h5py.Dataset = h5file["core/weights"]
         self._chunk_step: h5py.Dataset = h5file["core/chunk_step"]
         self._log: h5py.Dataset = h5file["train/log"]
+        commit = h5file.get("train/commit")
+        self._commit: h5py.Dataset | None = commit if isinstance(commit, h5py.Dataset) else None
+        # Raw writes to contiguous datasets go straight to HDF5's own descriptor (one pwrite each).
+        self._fd: int | None = None
+        if self._mode == "r+" and h5file.driver == "sec2":
+            try:
+                self._fd = int(h5file.id.get_vfd_handle())
+            except Exception:  # pragma: no cover
+                self._fd = None
+        self._offsets: dict[str, int | None] = {}
+        try:  # which file this is, to notice it being replaced under us (see rewrite)
+            self._inode = os.stat(self._path).st_ino
+        except OSError:  # pragma: no cover
+            self._inode = None
+
+    def _offset(self, name: str) -> int | None:
+        if name not in self._offsets:
+            self._offsets[name] = _contiguous_offset(self._f[name]) if self._fd is not None else None
+        return self._offsets[name]
+
+    def _raw_write(self, name: str, array: np.ndarray, byte_offset: int = 0) -> None:
+        """Write `array`'s bytes into dataset `name` at `byte_offset`: a pwrite when the dataset is
+        contiguous (no HDF5 call at all), else through h5py. Never changes HDF5 metadata."""
+        offset = self._offset(name)
+        if offset is not None:
+            _pwrite_all(self._fd, np.ascontiguousarray(array), offset + byte_offset)
+            return
+        ds = self._f[name]
+        flat = np.ascontiguousarray(array)
+        if byte_offset == 0 and flat.shape == ds.shape:
+            ds.write_direct(flat)
+            return
+        # Only the commit record and chunk_step are written partially; both are 1-byte or 8-byte rows.
+        item = ds.dtype.itemsize
+        start = byte_offset // item
+        flat = flat.view(ds.dtype).reshape(-1)
+        if ds.ndim == 1:
+            ds.write_direct(flat, dest_sel=np.s_[start : start + flat.size])
+        else:
+            row, col = divmod(start, ds.shape[1])
+            ds.write_direct(flat, dest_sel=np.s_[row, col : col + flat.size])
 
     @classmethod
     def create(
@@ -219,6 +466,7 @@ class ModelFile:
         overwrite: bool = False,
         progress: bool = True,
         core_weights: np.ndarray | None = None,
+        extra: Any = None,
     ) -> "ModelFile":
         """Create a new model file at `path`, initialised, and return it open in mode "r+".
 
@@ -227,7 +475,8 @@ class ModelFile:
         not depend on the block or storage chunk size); the heads are Xavier-uniform with zero biases,
         drawn afterwards from the same generator (input head, then output head). With `core_weights`
         the given (L, w*w + w) array is written instead of drawn, and the generator is advanced past
-        the draws it replaces, so the heads are the same as without it.
+        the draws it replaces, so the heads are the same as without it. `extra`, if given, is called
+        with the new h5py file to add optional parts (e.g. deepnet.branch's MLP branch) before it is placed.
 
         The file is written under a temporary name in the same directory and renamed into place only
         when complete; on any failure the temporary file is removed.
@@ -265,14 +514,16 @@ class ModelFile:
             raise ModelFileError(f"cannot create {path}: it is a directory")
         if os.path.lexists(path) and not overwrite:
             raise ModelFileError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+        if overwrite:
+            _refuse_if_in_use(path)
         if not os.path.isdir(directory):
             raise ModelFileError(f"cannot create {path}: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ModelFileError(f"cannot create {path}: directory {directory} is not writable")
 
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        tmp = _temporary_name(path)
         try:
-            with h5py.File(tmp, "w", rdcc_nbytes=0) as f:
+            with _open_h5(tmp, "w") as f:
                 cls._write_new(
                     f,
                     name=path,
@@ -288,11 +539,15 @@ class ModelFile:
                     progress=progress,
                     core_weights=core_weights,
                 )
+                if extra is not None:
+                    extra(f)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if overwrite:
+                _refuse_if_in_use(path)
             _place(tmp, path, overwrite)
         except BaseException as exc:
             try:
@@ -400,6 +655,11 @@ class ModelFile:
         f.create_dataset("head/input/bias", data=np.zeros(width, dtype=np.float32))
         f.create_dataset("head/output/weight", data=w_out)
         f.create_dataset("head/output/bias", data=np.zeros(n_classes, dtype=np.float32))
+        heads = {"input_weight": w_in, "input_bias": np.zeros(width, np.float32), "output_weight": w_out,
+                 "output_bias": np.zeros(n_classes, np.float32)}
+        commit = f.create_dataset("train/commit", data=np.zeros((COMMIT_SLOTS, COMMIT_SLOT_BYTES), np.uint8))
+        record = encode_record(_new_record(step=0, heads=heads, updated=now))
+        commit.write_direct(np.frombuffer(record, np.uint8), dest_sel=np.s_[0, 0 : len(record)])
         f.flush()
 
     @classmethod
@@ -429,20 +689,33 @@ class ModelFile:
             raise ModelFileError(f"could not open {path}: {_os_reason(exc)}") from exc
         if not is_hdf5:
             raise ModelFileError(f"{path} is not a deepnet model file (not an HDF5 file)")
+        locked = f"could not open {path} in mode {mode!r}: it is locked by another process (a training run?)"
+        lock_fd = None
+        if _hdf5_locking_disabled():
+            try:
+                lock_fd = _flock(path, exclusive=(mode == "r+"))
+            except BlockingIOError:
+                raise ModelFileError(locked) from None
+            except OSError as exc:
+                raise ModelFileError(f"could not open {path} in mode {mode!r}: {_os_reason(exc)}") from exc
         try:
             f = _open_h5(path, mode)
         except OSError as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
             if "unable to lock file" in str(exc):
-                raise ModelFileError(
-                    f"could not open {path} in mode {mode!r}: it is locked by another process (a training run?)"
-                ) from exc
+                raise ModelFileError(locked) from exc
             raise ModelFileError(f"could not open {path} in mode {mode!r}: {_os_reason(exc)}") from exc
         try:
             meta = _validate(f, path)
             _check_expect(meta, expect, path)
-            return cls(f, path, mode, meta)
+            model_file = cls(f, path, mode, meta)
+            model_file._lock_fd = lock_fd
+            return model_file
         except BaseException:
             f.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
             raise
 
     # ------------------------------------------------------------------ properties
@@ -458,6 +731,12 @@ class ModelFile:
     @property
     def closed(self) -> bool:
         return self._f is None
+
+    @property
+    def h5(self) -> h5py.File:
+        """The open h5py file, for the optional parts stored beside the model (deepnet.branch: /branch,
+        deepnet.ema: /ema, deepnet.heldout: /train/heldout), which this class carries along unread."""
+        return self._file()
 
     @property
     def layers(self) -> int:
@@ -507,44 +786,48 @@ class ModelFile:
 
     @property
     def step(self) -> int:
-        """Training steps completed; setting it also stamps `updated`."""
-        return int(self._file().attrs["step"])
+        """The committed step (training steps completed); setting it commits that step number."""
+        self._file()
+        return int(self._record["step"])
 
     @step.setter
     def step(self, value: int) -> None:
         value = _check_int("step", value, minimum=0)
         f = self._writable()
-        f.attrs["step"] = np.int64(value)
+        self._write_record(step=value)
+        _rewrite_attr(f.attrs, "step", value, np.int64)
         self._touch()
 
     @property
     def rng_state(self) -> dict | None:
-        """The training generator's ``bit_generator.state`` (None until the trainer stores one)."""
-        text = _decode(self._file().attrs["rng_state"])
-        if not text:
-            return None
-        try:
-            state = json.loads(text)
-        except ValueError as exc:
-            raise ModelFileError(f"{self._path}: attribute rng_state is not valid JSON ({exc})") from None
-        if not isinstance(state, dict):
-            raise ModelFileError(f"{self._path}: attribute rng_state is not a JSON object")
-        return state
+        """The training generator's ``bit_generator.state`` at the committed step (None until stored)."""
+        self._file()
+        if self._rng_error:
+            raise ModelFileError(self._rng_error)
+        state = self._record.get("rng_state")
+        return None if state is None else json.loads(json.dumps(state, default=_json_default))  # a copy
 
     @rng_state.setter
     def rng_state(self, state: Mapping | None) -> None:
-        if state is None:
-            text = ""
-        else:
-            if not isinstance(state, Mapping):
-                raise ConfigError(f"rng_state must be a dict (a bit_generator.state) or None, got {type(state).__name__}")
-            try:
-                text = json.dumps(dict(state), default=_json_default)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"rng_state is not JSON-serialisable: {exc}") from None
+        text = _rng_text(state)
         f = self._writable()
+        self._write_record(rng_state=None if state is None else json.loads(text))
         _set_fixed_ascii_attr(f.attrs, "rng_state", text, _RNG_ATTR_QUANTUM)
         self._touch()
+
+    @property
+    def train_settings(self) -> dict | None:
+        """The training settings of the last commit (layer_lr, head_lr, batch, train_limit), if any."""
+        self._file()
+        settings = self._record.get("train")
+        return None if settings is None else dict(settings)
+
+    @property
+    def torn_accepted(self) -> dict | None:
+        """If this history includes a torn step accepted with --resume-torn: which step and how many layers."""
+        self._file()
+        note = self._record.get("torn_accepted")
+        return None if note is None else dict(note)
 
     @property
     def created(self) -> str:
@@ -552,7 +835,9 @@ class ModelFile:
 
     @property
     def updated(self) -> str:
-        return _decode(self._file().attrs["updated"])
+        """When the file was last committed to (UTC, ISO-8601)."""
+        f = self._file()
+        return self._record.get("updated") or _decode(f.attrs["updated"])
 
     # ------------------------------------------------------------------ core weights
 
@@ -603,8 +888,8 @@ class ModelFile:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         c0 = start // self._chunk_layers
         c1 = (stop - 1) // self._chunk_layers + 1
-        self._chunk_step.write_direct(np.full(c1 - c0, step, dtype=np.int64), dest_sel=np.s_[c0:c1])
-        self._weights.write_direct(rows, dest_sel=np.s_[start:stop])
+        self._raw_write("core/chunk_step", np.full(c1 - c0, step, dtype="<i8"), 8 * c0)
+        _write_block(self._weights, start, rows)
 
     def mark_chunk_steps(self, start: int, stop: int, step: int) -> None:
         """Record `step` in ``chunk_step`` for every storage chunk that layers [start, stop) touch.
@@ -618,8 +903,7 @@ class ModelFile:
             return
         c0 = start // self._chunk_layers
         c1 = (stop - 1) // self._chunk_layers + 1
-        self._chunk_step.write_direct(np.full(c1 - c0, _check_int("step", step, minimum=0), dtype=np.int64),
-                                      dest_sel=np.s_[c0:c1])
+        self._raw_write("core/chunk_step", np.full(c1 - c0, _check_int("step", step, minimum=0), dtype="<i8"), 8 * c0)
 
     def chunk_step_offset(self) -> int | None:
         """Byte offset of /core/chunk_step (contiguous little-endian int64) in the file, for writers that
@@ -677,7 +961,7 @@ class ModelFile:
             raise ConfigError(f"core array has shape {arr.shape} but {self._path} needs {(self._layers, self.row_size)}")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise ConfigError(f"core array must be float32, got dtype {arr.dtype}")
-        self._chunk_step[...] = np.full(self.n_storage_chunks, step, dtype=np.int64)
+        self._raw_write("core/chunk_step", np.full(self.n_storage_chunks, step, dtype="<i8"))
         _write_array_blocks(self._weights, arr, _block_layers(self._chunk_layers, self.row_size))
         self._touch()
 
@@ -694,8 +978,19 @@ class ModelFile:
         return {key: np.ascontiguousarray(f[_HEAD_PATHS[key]][()], dtype=np.float32) for key in HEAD_KEYS}
 
     def write_heads(self, heads: Mapping[str, np.ndarray]) -> None:
-        """Overwrite the four head arrays; each must be float32 of the file's shape."""
-        f = self._writable()
+        """Overwrite the four head arrays (each float32 of the file's shape) and commit their checksum
+        at the current step. (Training commits heads with :meth:`commit` instead.)"""
+        arrays = self._check_heads(heads)
+        self._write_heads_raw(arrays)
+        self._write_record(heads_crc32=heads_crc32(arrays))
+        self._touch()
+
+    def _write_heads_raw(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for key in HEAD_KEYS:
+            self._raw_write(_HEAD_PATHS[key], arrays[key])
+
+    def _check_heads(self, heads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._writable()
         missing = [k for k in HEAD_KEYS if k not in heads]
         extra = sorted(set(heads) - set(HEAD_KEYS))
         if missing or extra:
@@ -716,14 +1011,15 @@ class ModelFile:
             if value.shape != shapes[key]:
                 raise ConfigError(f"head {key} has shape {value.shape} but {self._path} needs {shapes[key]}")
             arrays[key] = np.ascontiguousarray(value)
-        for key, value in arrays.items():
-            f[_HEAD_PATHS[key]].write_direct(value)
-        self._touch()
+        return arrays
 
     # ------------------------------------------------------------------ training log
 
     def append_log(self, step, loss, batch_acc, seconds) -> None:
-        """Append rows to /train/log; each argument is a scalar or a 1-D sequence of equal length."""
+        """Append rows to /train/log now; each argument is a scalar or a 1-D sequence of equal length.
+
+        (Training hands its rows to :meth:`commit`, which carries them in the commit record and appends
+        them in batches.)"""
         self._writable()
         cols = [np.atleast_1d(np.asarray(v)) for v in (step, loss, batch_acc, seconds)]
         if any(c.ndim != 1 for c in cols):
@@ -739,19 +1035,314 @@ class ModelFile:
         rows = np.empty(n, dtype=LOG_DTYPE)
         for name, col in zip(LOG_DTYPE.names, cols):
             rows[name] = col
-        old = self._log.shape[0]
-        self._log.resize((old + n,))
-        self._log.write_direct(rows, dest_sel=np.s_[old : old + n])
+        self._append_rows(rows)
 
     def read_log(self) -> np.ndarray:
-        """The whole training log as a structured array (fields step, loss, batch_acc, seconds)."""
+        """The committed training log as a structured array (fields step, loss, batch_acc, seconds)."""
         self._file()
-        return self._log[()]
+        n = int(self._record["log_rows"])
+        stored = self._log[:n] if n else np.empty(0, LOG_DTYPE)
+        pending = self._record["pending_log"]
+        return np.concatenate([stored, _log_rows(pending)]) if pending else stored
 
     @property
     def log_rows(self) -> int:
+        """Rows in the committed training log."""
         self._file()
-        return int(self._log.shape[0])
+        return int(self._record["log_rows"]) + len(self._record["pending_log"])
+
+    def flush_log(self) -> None:
+        """Append the log rows carried in the commit record to /train/log (an HDF5 metadata change)."""
+        self._writable()
+        if self._record["pending_log"]:
+            self._append_rows(np.empty(0, LOG_DTYPE))
+
+    def _append_rows(self, rows: np.ndarray) -> None:
+        # Rows past the committed count (left by an append a kill interrupted) are overwritten.
+        rows = np.concatenate([_log_rows(self._record["pending_log"]), rows])
+        n = int(self._record["log_rows"])
+        try:
+            _append_log_rows(self._log, n, rows)
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            raise ModelFileError(
+                f"could not append to the training log of {self._path}: {_os_reason(exc)} "
+                f"(the file still holds step {self.step})"
+            ) from exc
+        self._write_record(log_rows=n + rows.shape[0], pending_log=[])
+
+    # ------------------------------------------------------------------ commits
+
+    def commit(self, step: int, heads: Mapping[str, np.ndarray], *, rng_state: Any = _KEEP,
+               log: Any = (), train: Any = _KEEP) -> None:
+        """Make a training step durable: the heads, then the commit record, as raw writes only.
+
+        Call it once the step's core updates are written (and their chunks marked with `step`).
+        `log` holds the rows (step, loss, batch_acc, seconds) of the steps being committed; they are
+        carried in the record and appended to /train/log once LOG_PENDING_MAX are waiting (or by
+        :meth:`flush_log` / :meth:`sync`). `rng_state` and `train` (the training settings) replace
+        the recorded ones when given.
+        """
+        step = _check_int("step", step, minimum=0)
+        arrays = self._check_heads(heads)
+        pending = list(self._record["pending_log"])
+        for row in log:
+            pending.append([int(row[0]), float(row[1]), float(row[2]), float(row[3])])
+        changes: dict[str, Any] = {"step": step, "heads_crc32": heads_crc32(arrays), "pending_log": pending}
+        if rng_state is not _KEEP:
+            if rng_state is not None and not isinstance(rng_state, Mapping):
+                raise ConfigError(f"rng_state must be a dict (a bit_generator.state) or None, got {type(rng_state).__name__}")
+            changes["rng_state"] = None if rng_state is None else dict(rng_state)
+        if train is not _KEEP:
+            changes["train"] = None if train is None else dict(train)
+        self._write_heads_raw(arrays)
+        self._write_record(**changes)
+        if len(pending) >= LOG_PENDING_MAX:
+            self.flush_log()
+
+    def sync(self, *, durable: bool = False) -> None:
+        """Report-boundary housekeeping: append the carried log rows, mirror the committed step, rng
+        state and time into the root attributes, flush; with `durable` also fsync the file (which
+        writes back the memory-mapped core too)."""
+        f = self._writable()
+        self.flush_log()
+        text = _rng_text(self._record.get("rng_state"))
+        if int(f.attrs["step"]) != self.step or _decode(f.attrs["rng_state"]) != text:
+            _rewrite_attr(f.attrs, "step", self.step, np.int64)
+            _set_fixed_ascii_attr(f.attrs, "rng_state", text, _RNG_ATTR_QUANTUM)
+            self._touch()
+        try:
+            self.flush(sync=durable)
+        except (OSError, RuntimeError) as exc:
+            raise ModelFileError(f"could not write {self._path}: {_os_reason(exc)}") from exc
+
+    def state(self) -> FileState:
+        """Healthy, torn or damaged, from /core/chunk_step and the commit record (weights are not read;
+        :func:`deepnet.check.check_model` also checks they are finite)."""
+        self._file()
+        step = self.step
+        cs = self.chunk_steps()
+        n = cs.shape[0]
+        crc = self._record.get("heads_crc32")
+        heads_changed = crc is not None and heads_crc32(self.read_heads()) != crc
+        wrong = np.flatnonzero((cs < 0) | (cs > step + 1))
+        if wrong.size:
+            c = int(wrong[0])
+            return FileState("damaged", step, f"storage chunk {c} of /core/chunk_step says step {int(cs[c])} "
+                             f"but the committed step is {step} ({wrong.size} such chunks)")
+        ahead = np.flatnonzero(cs == step + 1)
+        if not ahead.size:
+            if heads_changed:
+                return FileState("damaged", step, f"the heads differ from the checksum committed with step {step}",
+                                 heads_changed=True)
+            return FileState("healthy", step, f"healthy: step {step}")
+        sizes = np.minimum(self._chunk_layers, self._layers - ahead * self._chunk_layers)
+        layers = int(sizes.sum())
+        first, last = int(ahead[0]), int(ahead[-1])
+        where = f"storage chunk {first}" if first == last else f"storage chunks {first}..{last}"
+        message = (f"torn step {step + 1}: {layers} of {self._layers} layers updated ({where} of {n})"
+                   + ("; heads updated" if heads_changed else "")
+                   + f"; the rest is step {step}")
+        return FileState("torn", step, message, torn_step=step + 1, layers_updated=layers,
+                         chunks_updated=(first, last), heads_changed=heads_changed)
+
+    def accept_torn(self) -> FileState:
+        """Accept a torn step's mixed state as the committed step (``--resume-torn``).
+
+        The record is rewritten first (heads checksum of the heads as they are, and a note of what was
+        accepted), then every ``chunk_step`` past the committed step is set back to it; interrupted,
+        the file stays torn and this can simply be run again. Returns the state that was accepted.
+        """
+        self._writable()
+        state = self.state()
+        if state.status != "torn":
+            return state
+        self._write_record(heads_crc32=heads_crc32(self.read_heads()),
+                           torn_accepted={"step": state.torn_step, "layers_updated": state.layers_updated,
+                                          "heads_updated": state.heads_changed})
+        self._raw_write("core/chunk_step", np.minimum(self.chunk_steps(), state.step).astype("<i8"))
+        self._f.flush()
+        return state
+
+    def rewrite(self, core: np.ndarray, *, step: int, heads: Mapping[str, np.ndarray], rng_state: Any = _KEEP,
+                log: Any = (), train: Any = _KEEP, progress: bool = False, extra: Any = None) -> None:
+        """Replace the whole file atomically with this state (the in-memory mode's checkpoint).
+
+        The new file is written beside this one under a temporary name (the core straight from `core`,
+        block by block: no second copy in RAM), fsync'd, then renamed over it; this object then refers
+        to it. On any failure the temporary file is removed and the file on disk keeps its last
+        committed step. `log` holds the rows of the steps since the last commit. `extra`, if given, is
+        called with the new h5py file to write the optional parts (branch, weight average, held-out
+        figures) as of this state; what it writes is not copied from the old file.
+        """
+        self._writable()
+        step = _check_int("step", step, minimum=0)
+        core = np.asarray(core)
+        if core.shape != (self._layers, self.row_size) or core.dtype != np.float32:
+            raise ConfigError(f"core array must be float32 of shape {(self._layers, self.row_size)}, "
+                              f"got {core.dtype} {core.shape}")
+        arrays = self._check_heads(heads)
+        rows = np.concatenate([self.read_log(), _log_rows([list(r) for r in log])])
+        record = dict(self._record)
+        record.update(step=step, heads_crc32=heads_crc32(arrays), log_rows=int(rows.shape[0]), pending_log=[])
+        if rng_state is not _KEEP:
+            record["rng_state"] = None if rng_state is None else dict(rng_state)
+        if train is not _KEEP:
+            record["train"] = None if train is None else dict(train)
+        record["seq"] = self._record["seq"] + 1
+        record["updated"] = _now()
+        encoded = encode_record(record)
+        if len(encoded) > COMMIT_SLOT_BYTES:
+            raise ModelFileError(f"{self._path}: the commit record would take {len(encoded)} bytes, "
+                                 f"more than a slot's {COMMIT_SLOT_BYTES}")
+
+        old_step = self.step
+        directory = os.path.dirname(os.path.abspath(self._path))
+        tmp = _temporary_name(self._path)
+        new: h5py.File | None = None
+        lock_fd = None
+        try:
+            new = _open_h5(tmp, "w")
+            self._write_copy(new, core, record, encoded, arrays, rows, progress, extra)
+            new.flush()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if self._lock_fd is not None:
+                lock_fd = _flock(tmp, exclusive=True)
+            if self._inode is not None and os.stat(self._path).st_ino != self._inode:
+                raise ModelFileError(f"{self._path} was replaced by another process while this one was training it; "
+                                     f"not overwriting it (the checkpoint of step {step} is lost)")
+            os.replace(tmp, self._path)
+        except BaseException as exc:
+            if new is not None:
+                try:
+                    new.close()
+                except Exception:
+                    pass
+            if lock_fd is not None:
+                os.close(lock_fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, (OSError, RuntimeError)):
+                raise ModelFileError(
+                    f"could not write a checkpoint of {self._path}: {_os_reason(exc)} "
+                    f"(the file still holds step {old_step})"
+                ) from exc
+            raise
+        _fsync_dir(directory)
+        old, old_lock = self._f, self._lock_fd
+        self._bind(new)
+        self._record = record
+        self._lock_fd = lock_fd
+        try:
+            old.close()
+        finally:
+            if old_lock is not None:
+                os.close(old_lock)
+
+    def _write_copy(self, new: h5py.File, core: np.ndarray, record: dict, encoded: bytes,
+                    heads: Mapping[str, np.ndarray], rows: np.ndarray, progress: bool, extra: Any = None) -> None:
+        """Fill a new HDF5 file with this model in the given state (see :meth:`rewrite`)."""
+        old = self._file()
+        for name in old.attrs:  # every root attribute, with its own type (fixed-length strings stay so)
+            new.attrs.create(name, old.attrs[name], dtype=old.attrs.get_id(name).dtype)
+        new.attrs["step"] = np.int64(record["step"])
+        _set_fixed_ascii_attr(new.attrs, "rng_state", _rng_text(record.get("rng_state")), _RNG_ATTR_QUANTUM)
+        _set_fixed_ascii_attr(new.attrs, "updated", record["updated"], _TIME_ATTR_LEN)
+        weights = new.create_dataset("core/weights", shape=self._weights.shape, dtype="<f4",
+                                     chunks=self._weights.chunks, fillvalue=0.0)
+        _write_array_blocks(weights, core, _block_layers(self._chunk_layers, self.row_size))
+        new.create_dataset("core/chunk_step", data=np.full(self.n_storage_chunks, record["step"], dtype="<i8"))
+        for key in HEAD_KEYS:
+            new.create_dataset(_HEAD_PATHS[key], data=heads[key])
+        new.create_dataset("train/log", data=rows, maxshape=(None,), chunks=(LOG_CHUNK_ROWS,))
+        commit = new.create_dataset("train/commit", data=np.zeros((COMMIT_SLOTS, COMMIT_SLOT_BYTES), np.uint8))
+        slot = record["seq"] % COMMIT_SLOTS
+        commit.write_direct(np.frombuffer(encoded, np.uint8), dest_sel=np.s_[slot, 0 : len(encoded)])
+        known = {"core/weights", "core/chunk_step", "train/log", "train/commit", *_HEAD_PATHS.values()}
+
+        def copy_unknown(name: str, obj: Any) -> None:
+            # Anything this deepnet does not know about (a newer writer's addition) travels along.
+            if isinstance(obj, h5py.Dataset) and name not in known and name not in new:
+                parent = name.rpartition("/")[0]
+                old.copy(obj, new.require_group(parent) if parent else new, name=name.rpartition("/")[2])
+
+        if extra is not None:
+            extra(new)
+        old.visititems(copy_unknown)
+
+    def _load_record(self, meta: dict[str, Any]) -> dict:
+        """The latest valid commit record; for a file without one, the same fields from its attributes."""
+        self._rng_error: str | None = None
+        legacy = {"seq": 0, "step": meta["step"], "rng_state": None, "log_rows": int(self._log.shape[0]),
+                  "pending_log": [], "heads_crc32": None, "train": None, "updated": meta["updated"]}
+        text = meta["rng_state"]
+        if text:
+            try:
+                state = json.loads(text)
+                if not isinstance(state, dict):
+                    raise ValueError("not a JSON object")
+                legacy["rng_state"] = state
+            except ValueError as exc:
+                legacy_error = f"{self._path}: attribute rng_state is not valid JSON ({exc})"
+            else:
+                legacy_error = None
+        else:
+            legacy_error = None
+        if self._commit is None:
+            self._rng_error = legacy_error
+            return legacy
+        if self._commit.dtype != np.uint8 or self._commit.shape != (COMMIT_SLOTS, COMMIT_SLOT_BYTES):
+            raise ModelFileError(f"{self._path}: dataset /train/commit has dtype {self._commit.dtype} and shape "
+                                 f"{self._commit.shape} but uint8 {(COMMIT_SLOTS, COMMIT_SLOT_BYTES)} is required")
+        raw = self._commit[()]
+        records = [r for r in (decode_record(raw[i].tobytes()) for i in range(COMMIT_SLOTS)) if r is not None]
+        if not records:
+            if not raw.any():  # allocated, never written
+                self._rng_error = legacy_error
+                return legacy
+            raise ModelFileError(f"{self._path}: the commit record is damaged (no slot of /train/commit passes "
+                                 f"its checksum)")
+        record = max(records, key=lambda r: r["seq"])
+        if meta["step"] > record["step"]:
+            # A writer that only knows the attributes (an older deepnet) trained it since.
+            self._rng_error = legacy_error
+            legacy["seq"] = record["seq"]
+            return legacy
+        if record["log_rows"] > self._log.shape[0]:
+            raise ModelFileError(f"{self._path}: the commit record counts {record['log_rows']} rows of /train/log "
+                                 f"but the dataset has {self._log.shape[0]}")
+        return record
+
+    def _write_record(self, **changes: Any) -> None:
+        """Write the current record with `changes` into the next slot (one raw write)."""
+        f = self._writable()
+        record = dict(self._record)
+        record.update(changes)
+        record["seq"] = self._record["seq"] + 1
+        record["updated"] = _now()
+        try:
+            encoded = encode_record(record)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"the commit record is not JSON-serialisable: {exc}") from None
+        if len(encoded) > COMMIT_SLOT_BYTES:
+            raise ModelFileError(f"{self._path}: the commit record would take {len(encoded)} bytes, "
+                                 f"more than a slot's {COMMIT_SLOT_BYTES}")
+        if self._commit is None:
+            # A file from before the commit record: it gets the dataset now (once; a metadata change).
+            self._commit = f.create_dataset("train/commit", data=np.zeros((COMMIT_SLOTS, COMMIT_SLOT_BYTES), np.uint8))
+            self._offsets.pop("train/commit", None)
+            f.flush()
+        slot = record["seq"] % COMMIT_SLOTS
+        self._raw_write("train/commit", np.frombuffer(encoded, np.uint8), slot * COMMIT_SLOT_BYTES)
+        self._record = record
+        if "rng_state" in changes:
+            self._rng_error = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -773,6 +1364,9 @@ class ModelFile:
                 self._f.close()
             finally:
                 self._f = None
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
 
     def __enter__(self) -> "ModelFile":
         return self
@@ -797,10 +1391,11 @@ class ModelFile:
     def summary(self) -> dict[str, Any]:
         """Everything `deepnet info` shows, as plain Python values."""
         f = self._file()
-        n_log = int(self._log.shape[0])
+        n_log = self.log_rows
         last = None
         if n_log:
-            row = self._log[n_log - 1]
+            pending = self._record["pending_log"]
+            row = _log_rows(pending[-1:])[0] if pending else self._log[n_log - 1]
             last = {
                 "step": int(row["step"]),
                 "loss": float(row["loss"]),
@@ -828,6 +1423,7 @@ class ModelFile:
             "updated": self.updated,
             "log_rows": n_log,
             "last_log": last,
+            "state": self.state().message,
         }
 
     # ------------------------------------------------------------------ internals
@@ -912,6 +1508,107 @@ def _write_array_blocks(dset: h5py.Dataset, arr: np.ndarray, block_layers: int) 
     for start in range(0, arr.shape[0], block_layers):
         block = np.ascontiguousarray(arr[start : start + block_layers], dtype=np.float32)
         _write_block(dset, start, block)
+
+
+def _rng_text(state: Any) -> str:
+    """A generator state as the JSON text of the rng_state attribute ("" for None)."""
+    if state is None:
+        return ""
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"rng_state must be a dict (a bit_generator.state) or None, got {type(state).__name__}")
+    try:
+        return json.dumps(dict(state), default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"rng_state is not JSON-serialisable: {exc}") from None
+
+
+def _log_rows(rows: list) -> np.ndarray:
+    """Log rows [step, loss, batch_acc, seconds] as a LOG_DTYPE array."""
+    out = np.empty(len(rows), dtype=LOG_DTYPE)
+    for i, row in enumerate(rows):
+        out[i] = tuple(row)
+    return out
+
+
+def _append_log_rows(log: h5py.Dataset, at: int, rows: np.ndarray) -> None:
+    """Make /train/log `at` + len(rows) rows long with `rows` from row `at` (one hook for tests)."""
+    if rows.shape[0] == 0 and log.shape[0] == at:
+        return
+    log.resize((at + rows.shape[0],))
+    if rows.shape[0]:
+        log.write_direct(rows, dest_sel=np.s_[at : at + rows.shape[0]])
+
+
+def _new_record(*, step: int, heads: Mapping[str, np.ndarray], updated: str) -> dict:
+    return {"seq": 0, "step": step, "rng_state": None, "log_rows": 0, "pending_log": [],
+            "heads_crc32": heads_crc32(heads), "train": None, "updated": updated}
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _temporary_name(path: str) -> str:
+    """Where a new version of `path` is written before it is renamed into place."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Temporary files beside `path` left by a deepnet process that no longer runs (a killed init or
+    checkpoint): safe to remove, never mistaken for the model."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    found = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    for name in names:
+        m = _TEMPORARY.match(name)
+        if not m or m.group("name") != os.path.basename(path):
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still running: perhaps writing it right now
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        else:
+            continue
+        found.append(os.path.join(directory, name))
+    return sorted(found)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove :func:`stale_temporaries` of `path`; returns what was removed."""
+    removed = []
+    for tmp in stale_temporaries(path):
+        try:
+            os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _refuse_if_in_use(path: str) -> None:
+    """Refuse to replace a file another process has open for training (it holds HDF5's lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ModelFileError(f"cannot replace {path}: another process has it open (a training run?)") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _place(tmp: str, path: str, overwrite: bool) -> None:

@@ -1,0 +1,179 @@
+"""`deepnet check`: is a model file a committed step (healthy), a step its writer died in (torn), or
+neither (damaged)?
+
+Opening the file already verifies the format, version, attributes, and every dataset's shape and
+dtype (formats/hdf5.py: a file failing that cannot be read at all, and the error says why). This adds
+what only reading everything can tell: the commit record against /core/chunk_step and the heads'
+checksum (see formats/hdf5.py), every weight finite, the stored generator state usable, the training
+log consistent, and leftovers of interrupted writers beside the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deepnet.errors import DeepnetError
+from deepnet.formats.hdf5 import HEAD_KEYS, ModelFile, stale_temporaries
+
+# Layers read at a time while checking that the core is finite.
+_SCAN_BLOCK_BYTES = 16 << 20
+
+
+@dataclass
+class CheckReport:
+    """What `deepnet check` found. ``status`` is "healthy", "torn" or "damaged"."""
+
+    path: str
+    status: str
+    step: int | None
+    summary: str
+    findings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "healthy"
+
+    def text(self) -> str:
+        return "\n".join([*self.findings, self.summary])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event": "check", "model": self.path, "status": self.status, "step": self.step,
+                "summary": self.summary, "findings": list(self.findings), **self.details}
+
+
+def check_model(path: str | os.PathLike) -> CheckReport:
+    """Check the model file at `path` (dense or mlp). Raises a DeepnetError if it cannot be read at all."""
+    from deepnet.mlp import model_kind
+
+    path = os.fspath(path)
+    if model_kind(path) == "mlp":
+        return _check_mlp(path)
+    with ModelFile.open(path) as f:
+        return _check_dense(f)
+
+
+def _check_dense(f: ModelFile) -> CheckReport:
+    from deepnet import activations
+
+    findings: list[str] = []
+    problems: list[str] = []
+    details: dict[str, Any] = {}
+    findings.append(f"model: dense, {f.layers:,} layers x width {f.width}, {f.activation}, alpha {f.alpha:g}, "
+                    f"{f.input_dim} inputs, {f.n_classes} classes; format deepnet v1")
+    try:
+        activations.get(f.activation)
+    except DeepnetError:
+        findings.append(f"note: activation {f.activation!r} is not registered here (see `deepnet activations`); "
+                        f"this deepnet cannot train or evaluate it")
+
+    record = f._record
+    if f._commit is None or record.get("heads_crc32") is None:
+        findings.append("commit record: none (written before deepnet kept one); step and generator state "
+                        "come from the attributes")
+    else:
+        findings.append(f"commit record: step {f.step}, written {f.updated}")
+    note = f.torn_accepted
+    if note:
+        findings.append(f"note: this history includes torn step {note.get('step')} accepted with --resume-torn "
+                        f"({note.get('layers_updated')} layers had been updated)")
+
+    state = f.state()
+    details.update(torn_step=state.torn_step, layers_updated=state.layers_updated,
+                   chunks_updated=list(state.chunks_updated) if state.chunks_updated else None,
+                   heads_updated=state.heads_changed)
+    cs = f.chunk_steps()
+    findings.append(f"core: {f.n_storage_chunks} storage chunks of {f.storage_chunk_layers} layers; "
+                    f"chunk steps {int(cs.min())}..{int(cs.max())}")
+    if state.status == "damaged":
+        problems.append(state.message)
+
+    bad_layers = _non_finite_layers(f)
+    details["non_finite_layers"] = int(bad_layers.size)
+    if bad_layers.size:
+        problems.append(f"{bad_layers.size} core layers hold non-finite weights (first {int(bad_layers[0])}, "
+                        f"last {int(bad_layers[-1])})")
+    else:
+        findings.append("core weights: all finite")
+    heads = f.read_heads()
+    bad_heads = [k for k in HEAD_KEYS if not np.isfinite(heads[k]).all()]
+    if bad_heads:
+        problems.append(f"non-finite values in the head(s) {', '.join(bad_heads)}")
+    else:
+        findings.append("heads: all finite")
+
+    try:
+        rng_state = f.rng_state
+    except DeepnetError as exc:
+        problems.append(str(exc))
+        rng_state = None
+    if rng_state is not None:
+        try:
+            np.random.default_rng().bit_generator.state = rng_state
+        except (TypeError, ValueError, KeyError) as exc:
+            problems.append(f"the stored minibatch generator state is unusable ({exc})")
+
+    log = f.read_log()
+    stored_rows = int(f._log.shape[0])
+    details["log_rows"] = int(log.shape[0])
+    if log.shape[0]:
+        steps = log["step"]
+        findings.append(f"training log: {log.shape[0]} rows, steps {int(steps[0])}..{int(steps[-1])}")
+        if steps.max() > f.step:
+            problems.append(f"the training log has rows for step {int(steps.max())}, after the committed step {f.step}")
+        if np.any(np.diff(steps) <= 0):
+            findings.append("note: the training log's steps do not always increase")
+    else:
+        findings.append("training log: empty")
+    committed_rows = int(record["log_rows"])
+    if stored_rows > committed_rows:
+        findings.append(f"note: /train/log has {stored_rows - committed_rows} rows past the committed ones "
+                        f"(an append that was interrupted; they are ignored and overwritten)")
+
+    for tmp in stale_temporaries(f.path):
+        findings.append(f"note: {tmp} is a leftover of an interrupted write (deepnet train removes it)")
+
+    if state.status == "torn":
+        status = "torn"
+        summary = state.message
+        if problems:
+            summary += "; also " + "; ".join(problems)
+    elif problems:
+        status = "damaged"
+        summary = "damaged: " + "; ".join(problems)
+    else:
+        status = "healthy"
+        summary = f"healthy: step {f.step}"
+    return CheckReport(f.path, status, f.step, summary, findings, details)
+
+
+def _non_finite_layers(f: ModelFile) -> np.ndarray:
+    """Indices of the core layers holding a NaN or an infinity."""
+    block = max(1, _SCAN_BLOCK_BYTES // (4 * f.row_size))
+    buf = np.empty((min(block, f.layers), f.row_size), np.float32)
+    bad = []
+    for start in range(0, f.layers, block):
+        stop = min(f.layers, start + block)
+        rows = f.read_layers(start, stop, out=buf)
+        ok = np.isfinite(rows).all(axis=1)
+        if not ok.all():
+            bad.append(start + np.flatnonzero(~ok))
+    return np.concatenate(bad) if bad else np.empty(0, np.int64)
+
+
+def _check_mlp(path: str) -> CheckReport:
+    from deepnet.mlp import MLP
+
+    net = MLP.load(path)  # validates format, attributes, shapes and dtypes
+    findings = [f"model: mlp, hidden {net.hidden}; format deepnet v1 (written whole and renamed into place, "
+                f"so it is never torn)"]
+    bad = [name for name, value in net.params().items() if not np.isfinite(value).all()]
+    if bad:
+        summary = f"damaged: non-finite values in {', '.join(bad)}"
+        return CheckReport(path, "damaged", net.step, summary, findings)
+    findings.append("weights: all finite")
+    return CheckReport(path, "healthy", net.step, f"healthy: step {net.step}", findings)

@@ -1,0 +1,191 @@
+"""Learning-rate schedules of the dense model: a factor by which the core's and the heads' base learning
+rates are multiplied at each global step.
+
+A ``Schedule`` is a small frozen value: ``kind`` (constant, cosine or linear), ``warmup_steps``,
+``decay_steps``, ``final_ratio`` and ``start_step``. Steps are *global*: the step numbers of the model
+file, so a schedule stored with the model continues exactly where it stopped when training resumes.
+``factor(t)`` is the factor for the step taken from committed step ``t`` (the model's step before it:
+the first step of a new model has t = 0)::
+
+    s = start_step, w = warmup_steps, e = decay_steps
+    t <  s + w:             (t - s + 1) / w                          linear warmup to 1
+    constant:               1
+    cosine (after warmup):  r + (1 - r) * (1 + cos(pi * p)) / 2      p = clip((t - s - w) / (e - s - w), 0, 1)
+    linear (after warmup):  1 - (1 - r) * p                          r = final_ratio
+
+so a decay reaches ``final_ratio`` at step ``e`` and stays there. ``decay_steps`` None means "the end of
+the run that sets the schedule": :func:`resolve` fills it in when training starts, and the resolved value
+is what the model file stores.
+
+How training chooses its schedules (:func:`resolve`), and why: the schedules in force are stored with
+every committed step (in the commit record's training settings, beside the base learning rates), so
+
+- a run given none of ``--schedule --warmup --final-lr-ratio --decay-steps`` continues the stored
+  schedules exactly (a new model gets ``RECIPE``'s: constant);
+- a run given any of them starts a new schedule at the model's current step: the flags given, the
+  other fields as stored (``decay_steps`` as given, else the end of this run). To continue a run,
+  repeat it without the schedule flags; to spread one schedule over several runs, give
+  ``--decay-steps`` (the global step where the decay ends) when it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping
+
+from deepnet.errors import ConfigError
+
+KINDS = ("constant", "cosine", "linear")
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+        raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate factor over global steps (see the module docstring for the formulas)."""
+
+    kind: str = "constant"
+    warmup_steps: int = 0
+    #: The global step where the decay ends (``final_ratio`` from then on); None: the end of the run.
+    decay_steps: int | None = None
+    final_ratio: float = 0.0
+    #: The global step where the schedule (its warmup) begins.
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or self.kind.strip().lower() not in KINDS:
+            raise ConfigError(f"--schedule must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "kind", self.kind.strip().lower())
+        object.__setattr__(self, "warmup_steps", _int("warmup", self.warmup_steps, 0))
+        object.__setattr__(self, "start_step", _int("start-step", self.start_step, 0))
+        if self.decay_steps is not None:
+            object.__setattr__(self, "decay_steps", _int("decay-steps", self.decay_steps, 1))
+        ratio = self.final_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+                or not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"--final-lr-ratio must be a number in [0, 1], got {ratio!r}")
+        object.__setattr__(self, "final_ratio", float(ratio))
+
+    @property
+    def decays(self) -> bool:
+        return self.kind != "constant"
+
+    def factor(self, step: int, end: int | None = None) -> float:
+        """The factor for the step taken from committed step ``step``; ``end`` stands in for an unresolved
+        ``decay_steps``."""
+        t = int(step) - self.start_step
+        if t < 0:
+            t = 0
+        w = self.warmup_steps
+        if t < w:
+            return (t + 1) / w
+        if not self.decays:
+            return 1.0
+        stop = self.decay_steps if self.decay_steps is not None else end
+        if stop is None:
+            raise ConfigError(f"a {self.kind} schedule needs decay_steps (the step where its decay ends)")
+        span = stop - self.start_step - w
+        p = 1.0 if span <= 0 else min(1.0, max(0.0, (t - w) / span))
+        r = self.final_ratio
+        if self.kind == "cosine":
+            return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+        return 1.0 - (1.0 - r) * p
+
+    def resolved(self, end: int) -> "Schedule":
+        """This schedule with an unset ``decay_steps`` of a decaying kind set to ``end``."""
+        if self.decays and self.decay_steps is None:
+            return replace(self, decay_steps=int(end))
+        return self
+
+    def describe(self) -> str:
+        """One line for people: 'cosine from step 0 to 0.1x at step 2000, warmup 100'."""
+        parts = [self.kind]
+        if self.decays:
+            end = "the end of the run" if self.decay_steps is None else f"step {self.decay_steps}"
+            parts.append(f"from step {self.start_step} to {self.final_ratio:g}x at {end}")
+        elif self.start_step:
+            parts.append(f"from step {self.start_step}")
+        if self.warmup_steps:
+            parts.append(f"warmup {self.warmup_steps}")
+        return " ".join(parts[:1]) + (" " + ", ".join(parts[1:]) if len(parts) > 1 else "")
+
+    # -- storage -----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Schedule":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a stored schedule must be a JSON object, got {type(data).__name__}")
+        known = {"kind", "warmup_steps", "decay_steps", "final_ratio", "start_step"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"a stored schedule has unknown fields {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schedule":
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"a stored schedule is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+#: The keys of the training settings (stored with every commit) that hold the schedules.
+SETTINGS_KEYS = ("layer_schedule", "head_schedule")
+
+
+def resolve(stored: Mapping[str, Any] | None, *, step: int, run_end: int, default: Schedule,
+            kind: str | None = None, warmup: int | None = None, final_ratio: float | None = None,
+            decay_steps: int | None = None) -> dict[str, Schedule]:
+    """The layer and head schedules of a run starting at committed ``step`` and ending at ``run_end``.
+
+    ``stored`` is the model's training settings (None for a new model); the flags are None when not
+    given. See the module docstring for the rule.
+    """
+    stored = stored or {}
+    flags = {"kind": kind, "warmup_steps": warmup, "final_ratio": final_ratio, "decay_steps": decay_steps}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if decay_steps is not None:
+        _int("decay-steps", decay_steps, 1)
+        if decay_steps <= step:
+            raise ConfigError(f"--decay-steps is the global step where the decay ends and must be after the "
+                              f"model's step {step}, got {decay_steps}")
+    out = {}
+    for key in SETTINGS_KEYS:
+        if key in stored and stored[key] is not None:
+            try:
+                base = Schedule.from_dict(stored[key])
+            except ConfigError as exc:
+                raise ConfigError(f"the model's stored {key} is unusable: {exc}") from None
+        else:
+            base = default
+        if given:
+            fields = base.to_dict()
+            fields.update(given, start_step=step)
+            if decay_steps is None:
+                fields["decay_steps"] = None
+            schedule = Schedule(**fields)
+        else:
+            schedule = base
+        out[key] = schedule.resolved(run_end)
+    return out
+
+
+def settings(schedules: Mapping[str, Schedule]) -> dict:
+    """The schedules as training-settings entries (plain dicts, JSON-ready)."""
+    return {key: schedules[key].to_dict() for key in SETTINGS_KEYS}

@@ -1,0 +1,265 @@
+"""`deepnet speedrun`: wall-clock time to a target held-out accuracy, in the spirit of hlb-CIFAR10.
+
+The whole recipe, top to bottom, with every hyperparameter in ``SPEEDRUN`` (a ``SpeedrunRecipe``):
+
+1. load MNIST; set the last ``holdout`` training images aside (the held-out slice) and draw minibatches
+   uniformly from the rest;
+2. create a fresh model (a temporary file unless ``--model`` is given) and open it, in RAM by default;
+3. start the clock; step; after every ``eval_every``-th step evaluate the held-out slice, unless the mean
+   batch accuracy of the steps since the last evaluation is more than ``eval_gate`` below the target
+   (the batch accuracy is free; an evaluation through 10M layers is not); stop as soon as the held-out
+   accuracy reaches ``target_acc``, or after ``max_steps``;
+4. stop the clock; evaluate the full 10,000-image test set.
+
+The headline figure, ``time_to_target``, is the wall-clock time from the start of the first step to
+the end of the held-out evaluation that reached the target: it includes every step and every held-out
+evaluation, and excludes loading the data, creating and loading the model, the final test evaluation
+and saving. The report also gives the steps, the held-out accuracy at the target, the test accuracy, the
+time spent in steps and in evaluations, and the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from deepnet.errors import ConfigError, DeepnetError
+from deepnet.heldout import HeldOut
+from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
+from deepnet.report import format_seconds, print_fields, print_json
+from deepnet.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class SpeedrunRecipe:
+    """Every hyperparameter of the speedrun, in one place (the CLI's flags override them)."""
+
+    target_acc: float = 0.70          # stop when the held-out accuracy reaches this
+    layers: int = 10_000_000
+    width: int = 4
+    activation: str = "softsign"
+    batch: int = 16
+    layer_lr: float = 0.05
+    head_lr: float = 0.05
+    schedule: str = "constant"        # constant, cosine or linear (deepnet.schedule), over max_steps
+    warmup: int = 0
+    final_lr_ratio: float = 0.0       # where a cosine/linear decay ends, as a fraction of the base rates
+    eval_every: int = 100             # held-out evaluation cadence (steps)
+    eval_gate: float = 0.05           # skip an evaluation while the mean batch accuracy is this far below target
+    holdout: int = 5000               # the last N training images, never trained on
+    max_steps: int = 5000             # give up after this many steps
+    seed: int = 0                     # model initialisation and minibatches
+    in_memory: bool = True            # core weights in RAM (faster); False: streamed from the file
+    chunk_layers: int = DEFAULT_CHUNK_LAYERS
+    test_samples: int = 10_000        # the final test evaluation (the whole MNIST test set)
+    report_every: int = 100           # a table row every N steps (and after every held-out evaluation)
+
+
+SPEEDRUN = SpeedrunRecipe()
+
+
+class TargetNotReached(DeepnetError):
+    """The speedrun ended (max_steps) without reaching its target; the CLI exits with status 1."""
+
+    exit_status = 1
+
+
+def machine() -> str:
+    """The CPU model, the CPUs this process may use, and the RAM: what a time is measured on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    ram = ""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    ram = f", {int(line.split()[1]) / 2**20:.0f} GiB RAM"
+                    break
+    except (OSError, ValueError):
+        pass
+    return f"{model}, {cpus} CPUs{ram}"
+
+
+def _check(recipe: SpeedrunRecipe) -> None:
+    if not 0.0 < recipe.target_acc <= 1.0:
+        raise ConfigError(f"--target-acc must be in (0, 1], got {recipe.target_acc!r}")
+    for name in ("layers", "width", "batch", "eval_every", "holdout", "max_steps", "chunk_layers",
+                 "test_samples", "report_every"):
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    for name in ("layer_lr", "head_lr", "eval_gate"):
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}")
+
+
+def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = None,
+             data_dir: str | Path | None = None, json: bool = False, progress: bool = True,
+             **overrides) -> dict:
+    """Run the speedrun (``SPEEDRUN`` with ``overrides``, e.g. ``layers=100, target_acc=0.5``); returns
+    the report as a dict (``reached`` False if ``max_steps`` ran out first).
+
+    ``model``: keep the trained model at this path (it must not exist); default a temporary file in
+    ``workdir`` (default the system's temporary directory), removed at the end.
+    """
+    unknown = sorted(set(overrides) - {f.name for f in fields(SpeedrunRecipe)})
+    if unknown:
+        raise ConfigError(f"speedrun has no setting {', '.join(unknown)}")
+    recipe = replace(SPEEDRUN, **{k: v for k, v in overrides.items() if v is not None})
+    _check(recipe)
+    schedule = Schedule(recipe.schedule, warmup_steps=recipe.warmup, decay_steps=recipe.max_steps,
+                        final_ratio=recipe.final_lr_ratio)
+    if model is not None and Path(model).exists():
+        raise ConfigError(f"{model} already exists: a speedrun starts from a fresh model (choose another --model)")
+
+    from deepnet.formats.idx import load_mnist
+    from deepnet.data import ensure_mnist
+    from deepnet.recipe import init, load_test_set, mnist_inputs
+
+    # 1. data (not timed)
+    images, labels = load_mnist(ensure_mnist(data_dir), "train")
+    n = images.shape[0]
+    if recipe.holdout >= n:
+        raise ConfigError(f"--holdout must be < {n}, got {recipe.holdout}")
+    n_train = n - recipe.holdout
+    x_train, y_train = mnist_inputs(images[:n_train]), labels[:n_train]
+    heldout = HeldOut(mnist_inputs(images[n_train:]), labels[n_train:], recipe.eval_every)
+    x_test, y_test = load_test_set(data_dir, recipe.test_samples)
+
+    # 2. a fresh model (not timed)
+    tmpdir = None
+    if model is None:
+        tmpdir = tempfile.TemporaryDirectory(dir=workdir, prefix="deepnet-speedrun-")
+        path = Path(tmpdir.name) / "speedrun.h5"
+    else:
+        path = Path(model)
+    say = (lambda line: None) if json else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        say(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch {recipe.batch}, "
+            f"target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}")
+        init(path, layers=recipe.layers, width=recipe.width, activation=recipe.activation, seed=recipe.seed,
+             progress=progress and not json)
+        with DeepNet.open(path, writable=True, in_memory=recipe.in_memory, chunk_layers=recipe.chunk_layers) as net:
+            report = _run(net, recipe, schedule, x_train, y_train, heldout, json=json, progress=progress)
+            with tqdm(total=len(y_test), desc="test", unit="img", disable=json or not progress, leave=False,
+                      dynamic_ncols=True) as bar:
+                result = net.evaluate(x_test, y_test, progress=bar.update)
+            report.update(test_acc=result.accuracy, test_loss=result.loss, test_samples=result.samples,
+                          test_seconds=result.seconds)
+            if model is not None:
+                heldout.attach(net)
+                net.save(durable=True)
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+    report.update(model=None if model is None else str(model), machine=machine(), recipe=asdict(recipe))
+    if json:
+        print_json(report)
+    else:
+        _print(report)
+    return report
+
+
+def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray, y: np.ndarray,
+         heldout: HeldOut, *, json: bool, progress: bool) -> dict:
+    """3. the timed part: steps and held-out evaluations until the target (or max_steps)."""
+    from deepnet.recipe import _StepLog, _training_rng
+
+    net.train_settings = {"batch": recipe.batch, "layer_lr": recipe.layer_lr, "head_lr": recipe.head_lr,
+                          "train_limit": int(x.shape[0]), "holdout": heldout.size, "eval_every": recipe.eval_every,
+                          "layer_schedule": schedule.to_dict(), "head_schedule": schedule.to_dict()}
+    rng = _training_rng(net)
+    log = _StepLog(net, recipe.report_every, json, total=recipe.max_steps, heldout=True, batch=recipe.batch)
+    bar = tqdm(total=recipe.max_steps, desc="speedrun", unit="step", disable=json or not progress, leave=False,
+               dynamic_ncols=True)
+    if not bar.disable:
+        log.write = bar.write
+    best = (0, -1.0)
+    reached_at = None
+    since_eval: list[float] = []
+    started = time.perf_counter()
+    try:
+        for _ in range(recipe.max_steps):
+            idx = rng.integers(0, x.shape[0], size=recipe.batch)
+            factor = schedule.factor(net.step)
+            result = net.train_step(x[idx], y[idx], layer_lr=recipe.layer_lr * factor,
+                                    head_lr=recipe.head_lr * factor, rng_state=rng.bit_generator.state)
+            since_eval.append(result.batch_acc)
+            acc = None
+            if heldout.due(net.step) and np.mean(since_eval) >= recipe.target_acc - recipe.eval_gate:
+                acc = heldout.measure(net)
+                since_eval = []
+                if acc > best[1]:
+                    best = (net.step, acc)
+            elif heldout.due(net.step):
+                since_eval = []
+            bar.update(1)
+            log.add(result, acc)
+            if acc is not None and acc >= recipe.target_acc:
+                reached_at = time.perf_counter() - started
+                break
+        log.flush()
+    finally:
+        bar.close()
+    elapsed = reached_at if reached_at is not None else time.perf_counter() - started
+    return {
+        "event": "speedrun",
+        "reached": reached_at is not None,
+        "target_acc": recipe.target_acc,
+        "time_to_target": reached_at,
+        "steps": net.step,
+        "heldout_acc": heldout.last[2] if heldout.last else None,   # the last measurement (at the target)
+        "best_heldout_acc": best[1] if best[1] >= 0 else None,
+        "best_heldout_step": best[0] if best[1] >= 0 else None,
+        "heldout_samples": heldout.size,
+        "evaluations": len(heldout.rows),
+        "eval_seconds": heldout.seconds,
+        "train_seconds": elapsed - heldout.seconds,
+        "seconds": elapsed,
+        "seconds_per_step": (elapsed - heldout.seconds) / max(1, net.step),
+        "mode": "in memory" if net.in_memory else "streamed",
+    }
+
+
+def _print(report: dict) -> None:
+    r = report["recipe"]
+    if report["reached"]:
+        headline = (f"{format_seconds(report['time_to_target'])} ({report['time_to_target']:.1f} s) to held-out "
+                    f"accuracy {report['heldout_acc']:.4f} >= {report['target_acc']:g}, at step {report['steps']}")
+    else:
+        best = "no held-out evaluation passed the gate" if report["best_heldout_acc"] is None else \
+            f"best held-out accuracy {report['best_heldout_acc']:.4f} at step {report['best_heldout_step']}"
+        headline = (f"target {report['target_acc']:g} NOT reached in {report['steps']} steps "
+                    f"({format_seconds(report['seconds'])}; {best})")
+    print_fields({
+        "time to target": headline,
+        "test": f"accuracy {report['test_acc']:.4f}, loss {report['test_loss']:.4f} on {report['test_samples']} images",
+        "time": (f"{format_seconds(report['seconds'])}: steps {format_seconds(report['train_seconds'])} "
+                 f"({report['seconds_per_step']:.4f} s/step), {report['evaluations']} held-out evaluations "
+                 f"{format_seconds(report['eval_seconds'])}"),
+        "workload": (f"{r['layers']:,} layers x width {r['width']}, {r['activation']}, batch {r['batch']}, "
+                     f"lr {r['layer_lr']:g}/{r['head_lr']:g} {r['schedule']}, {report['mode']}, "
+                     f"held-out {r['holdout']} images every {r['eval_every']} steps"),
+        "machine": report["machine"],
+        **({"model": report["model"]} if report["model"] else {}),
+    })

@@ -1,0 +1,182 @@
+"""The weight average (deepnet.ema): its arithmetic, the Lookahead-style variant, what the file stores,
+evaluation with the average, and the refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import deepnet
+import reference_branch as rb
+from deepnet import DeepNet, ModelFile, ema
+from deepnet.errors import ConfigError
+from deepnet.recipe import load_test_set
+from helpers import MNIST_DIR, have_mnist, make_model
+from reference import Model64, assert_close, softmax_xent
+
+
+def live_weights(net) -> dict:
+    out = {"core": net.engine.store.weights.astype(np.float64)}
+    out.update({k: v.astype(np.float64) for k, v in net.heads.items()})
+    if net.branch is not None:
+        out.update({f"branch_{k}": v.astype(np.float64) for k, v in net.branch.params.items()})
+    return out
+
+
+def average_weights(avg) -> dict:
+    out = {"core": avg.core}
+    out.update(avg.heads)
+    if avg.branch is not None:
+        out.update({f"branch_{k}": v for k, v in avg.branch.items()})
+    return out
+
+
+@pytest.mark.parametrize("with_branch", [False, True], ids=["plain", "branch"])
+def test_average_matches_numpy_reference(tmp_path, with_branch, monkeypatch):
+    monkeypatch.setattr(ema, "BLOCK_FLOATS", 512)  # several blocks per thread, and a partial last one
+    if with_branch:
+        deepnet.init(tmp_path / "m.h5", layers=300, width=4, input_dim=20, branch="mlp", hidden=8, progress=False)
+        path = tmp_path / "m.h5"
+    else:
+        path = make_model(tmp_path / "m.h5", layers=300, width=4, activation="softsign", input_dim=20)
+    rng = np.random.default_rng(2)
+    decay = 0.8
+    with DeepNet.open(path, writable=True, in_memory=True) as net:
+        avg = ema.WeightAverage.start(net, decay)
+        avg.threads = 2  # exercise the threaded blend (the core has > BLOCK_FLOATS floats)
+        assert net.engine.store.weights.size > ema.BLOCK_FLOATS
+        ref = live_weights(net)
+        for _ in range(4):
+            x = rng.uniform(0, 1, size=(5, 20)).astype(np.float32)
+            y = rng.integers(0, 10, size=5)
+            net.train_step(x, y, layer_lr=0.5, head_lr=0.5)
+            avg.after_step(net)
+            live = live_weights(net)
+            ref = {k: decay * ref[k] + (1 - decay) * live[k] for k in ref}
+        got = average_weights(avg)
+        assert set(got) == set(ref)
+        for key in ref:
+            assert got[key].dtype == np.float32
+            assert_close(got[key], ref[key], rtol=2e-6, what=key)
+        for key in ("core", "output_weight"):  # the average is clearly not the live weights
+            assert np.max(np.abs(ref[key] - live[key])) > 100 * 2e-6 * np.max(np.abs(ref[key])), key
+        assert avg.step == 4
+        avg.close()
+
+
+def test_every_k_writes_the_average_back(tmp_path):
+    path = make_model(tmp_path / "m.h5", layers=20, width=4, activation="tanh", input_dim=20)
+    rng = np.random.default_rng(4)
+    decay, k = 0.5, 3
+    with DeepNet.open(path, writable=True, in_memory=True) as net:
+        avg = ema.WeightAverage.start(net, decay, every=k)
+        slow = live_weights(net)
+        for step in range(1, 7):
+            x = rng.uniform(0, 1, size=(4, 20)).astype(np.float32)
+            y = rng.integers(0, 10, size=4)
+            net.train_step(x, y, layer_lr=0.3, head_lr=0.3)
+            fast = live_weights(net)
+            avg.after_step(net)
+            if step % k == 0:
+                slow = {key: slow[key] + (1 - decay) * (fast[key] - slow[key]) for key in slow}
+                now = live_weights(net)
+                for key in slow:
+                    assert np.array_equal(now[key], average_weights(avg)[key]), key   # live <- avg
+                    assert_close(now[key], slow[key], rtol=2e-6, what=key)
+            else:
+                # between the K-th steps nothing is averaged
+                for key in slow:
+                    assert_close(average_weights(avg)[key], slow[key], rtol=2e-6, what=key)
+
+
+def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir, capsys):
+    path = tmp_path / "m.h5"
+    final = deepnet.train(path, steps=30, layers=40, width=4, branch="mlp", hidden=16, ema=0.9, in_memory=True,
+                          eval_samples=300, json=True, progress=False)
+    capsys.readouterr()
+    assert {"test_acc", "ema_test_acc", "ema_test_loss"} <= set(final) and final["ema_decay"] == 0.9
+    assert final["ema_test_loss"] != final["test_loss"]
+    with ModelFile.open(path) as f:
+        h5 = f.h5
+        assert h5["ema/core/weights"].shape == h5["core/weights"].shape
+        assert h5["ema/core/weights"].chunks == h5["core/weights"].chunks
+        assert int(h5.attrs["ema_step"]) == 30 and float(h5.attrs["ema_decay"]) == 0.9
+        assert int(h5.attrs["ema_every"]) == 0
+        assert set(h5["ema/branch/mlp"]) == {"w1", "b1", "w2", "b2"}
+        core, heads, branch = ema.read_arrays(f, branch=True)
+        live_core, alpha = f.read_core(), f.alpha
+    assert not np.array_equal(core, live_core)
+
+    # eval --use-ema: differs from plain eval and matches a manual float64 computation on the average
+    plain = deepnet.evaluate(path, samples=500, json=True, progress=False)
+    averaged = deepnet.evaluate(path, samples=500, json=True, progress=False, use_ema=True)
+    capsys.readouterr()
+    assert averaged["ema"] is True and averaged["ema_step"] == 30
+    assert averaged["loss"] != plain["loss"]
+    x, y = load_test_set(None, 500)
+    ref = rb.logits(Model64.from_arrays(heads, core, alpha, "softsign"), branch, x)
+    loss, _ = softmax_xent(ref, y)
+    assert averaged["loss"] == pytest.approx(loss, rel=1e-5)
+    assert averaged["accuracy"] == pytest.approx(np.mean(np.argmax(ref, axis=1) == y), abs=2 / 500)
+    # ... and the final report's EMA figure is that same evaluation
+    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, samples=300, json=True, progress=False,
+                                                                    use_ema=True)["loss"], rel=1e-6)
+    capsys.readouterr()
+
+
+def test_resumed_average_continues_exactly(tmp_path, mnist_dir, capsys):
+    kw = dict(layers=12, width=4, eval_samples=0, json=True, progress=False, in_memory=True, ema=0.7)
+    deepnet.train(tmp_path / "one.h5", steps=10, **kw)
+    deepnet.train(tmp_path / "two.h5", steps=5, **kw)
+    deepnet.train(tmp_path / "two.h5", steps=5, **kw)
+    capsys.readouterr()
+    with ModelFile.open(tmp_path / "one.h5") as a, ModelFile.open(tmp_path / "two.h5") as b:
+        ca, ha, _ = ema.read_arrays(a, branch=False)
+        cb, hb, _ = ema.read_arrays(b, branch=False)
+        assert np.array_equal(ca, cb) and all(np.array_equal(ha[k], hb[k]) for k in ha)
+        assert np.array_equal(a.read_core(), b.read_core())
+
+
+def test_refusals(tmp_path, mnist_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="--ema needs --in-memory"):
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, eval_samples=0, progress=False)
+    assert not (tmp_path / "s.h5").exists()
+    with pytest.raises(ConfigError, match="--ema-every needs --ema"):
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema_every=3, in_memory=True, progress=False)
+    with pytest.raises(ConfigError, match=r"--ema must be a decay in \[0, 1\)"):
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=1.0, in_memory=True, progress=False)
+    with pytest.raises(ConfigError, match="--ema-every must be an integer >= 1"):
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.5, ema_every=0, in_memory=True, progress=False)
+    # too little memory: refused before the model is even created
+    monkeypatch.setattr(ema, "mem_available", lambda: 100)
+    with pytest.raises(ConfigError, match=r"second copy of the core in RAM .* only 0.00 GB is available now \(MemAvailable\)"):
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, in_memory=True, eval_samples=0, progress=False)
+    assert not (tmp_path / "s.h5").exists()
+    with pytest.raises(ConfigError, match="MemAvailable"):
+        ema.check_fits(800_000_000, resident=True, available=700_000_000)
+    ema.check_fits(800_000_000, resident=True, available=900_000_000)
+    with pytest.raises(ConfigError, match=r"1.60 GB with the core itself"):
+        ema.check_fits(800_000_000, resident=False, available=900_000_000)
+    monkeypatch.undo()
+    # no average in the file
+    deepnet.init(tmp_path / "plain.h5", layers=5, progress=False)
+    with pytest.raises(ConfigError, match="holds no weight average"):
+        deepnet.evaluate(tmp_path / "plain.h5", samples=10, use_ema=True, progress=False)
+    assert ema.mem_available() is None or ema.mem_available() > 0
+
+
+@pytest.mark.skipif(not have_mnist(), reason="no MNIST")
+def test_cli_refusals_are_one_line(tmp_path):
+    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": ""}
+    for args in (["train", "--model", "m.h5", "--layers", "5", "--steps", "1", "--ema", "0.9"],
+                 ["eval", "--model", "p.h5", "--samples", "5", "--use-ema"]):
+        if args[0] == "eval":
+            deepnet.init(tmp_path / "p.h5", layers=5, progress=False)
+        proc = subprocess.run([sys.executable, "-m", "deepnet", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("deepnet: error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "m.h5").exists()
