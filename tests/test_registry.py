@@ -353,3 +353,13 @@ def test_replace_keeps_definition_fields():
     relu = activations.get("relu")
     copy = dataclasses.replace(relu, name="relu_copy", origin="x")
     assert copy.forward_c == relu.forward_c and not copy.is_builtin
+
+
+def test_only_call_free_branch_free_activations_get_unrolled_loops():
+    """is_light picks the loop shape only (both shapes compute the same), but a wrong pick costs 1.6-3x."""
+    from deepnet.kernel_template import is_light
+
+    light = {a.name for a in BUILTINS if is_light(a)}
+    assert light == {"softsign", "identity"}
+    assert not is_light(Activation(name="isru_like", forward_c="z / sqrtf(1.0f + z * z)", derivative_c="1.0f",
+                                   forward_np=np.tanh, derivative_np=lambda z, a: 1 - a * a, description="x"))
