@@ -178,3 +178,14 @@ def run_pedantic(benchmark, fn, setup=None, rounds: int | None = None, warmup_ro
             rounds = max(ROUNDS, min(MAX_ROUNDS, int(budget_s / max(probe, 1e-6))))
             warmup_rounds = 0
     return benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+
+
+def run_kernel(benchmark, w: "Workload", kind: str) -> None:
+    """Time ``w.forward`` or ``w.backward`` (kind) with pytest-benchmark; the output must stay finite."""
+    if kind == "forward":
+        run_pedantic(benchmark, w.forward, setup=w.forward_setup)
+        assert np.isfinite(w.h).all()
+    else:
+        w.make_saves()
+        run_pedantic(benchmark, w.backward, setup=w.backward_setup)
+        assert np.isfinite(w.g).all()

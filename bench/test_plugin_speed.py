@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from benchlib import _FIGURES, Workload, load_kernels, record, run_pedantic
+from benchlib import _FIGURES, Workload, load_kernels, record, run_kernel
 from deepnet import activations
 from deepnet.activations import compile as compile_activation
 from deepnet.kernels import kernels_for
@@ -71,13 +71,7 @@ def _kernels(activation: str, plugin_kernels):
 def test_kernel(benchmark, plugin, activation, kind, width, batch, layers):
     w = Workload(_kernels(activation, plugin), layers=layers, width=width, batch=batch)
     benchmark.group = f"plugin vs built-in: {kind} w{width} B{batch}"
-    if kind == "forward":
-        run_pedantic(benchmark, w.forward, setup=w.forward_setup)
-        assert np.isfinite(w.h).all()
-    else:
-        w.make_saves()
-        run_pedantic(benchmark, w.backward, setup=w.backward_setup)
-        assert np.isfinite(w.g).all()
+    run_kernel(benchmark, w, kind)
     record(benchmark, layer_samples=w.layer_samples, kind=kind, **w.describe())
 
 

@@ -13,10 +13,9 @@ session. forward = one chunk forward with checkpoints; backward = recompute + ex
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from benchlib import Workload, load_kernels, record, run_pedantic
+from benchlib import Workload, load_kernels, record, run_kernel
 
 # (activation, width, batch, layers)
 SHAPES = [
@@ -46,13 +45,7 @@ def test_build(benchmark, shape, kind, build):
     activation, width, batch, layers = shape
     w = Workload(load_kernels(activation, build), layers=layers, width=width, batch=batch)
     benchmark.group = f"{kind} {_shape_id(shape)}: portable vs avx2"
-    if kind == "forward":
-        run_pedantic(benchmark, w.forward, setup=w.forward_setup)
-        assert np.isfinite(w.h).all()
-    else:
-        w.make_saves()
-        run_pedantic(benchmark, w.backward, setup=w.backward_setup)
-        assert np.isfinite(w.g).all()
+    run_kernel(benchmark, w, kind)
     median = record(benchmark, layer_samples=w.layer_samples, kind=kind, requested_build=build, **w.describe())
     if median is None:
         return

@@ -104,7 +104,7 @@ class MLPBranch:
         input_dim, hidden = p["w1"].shape
         if p["b1"].shape != (hidden,) or p["w2"].ndim != 2 or p["w2"].shape[0] != hidden \
                 or p["b2"].shape != (p["w2"].shape[1],):
-            raise ConfigError(f"branch parameter shapes do not fit: " +
+            raise ConfigError("branch parameter shapes do not fit: " +
                               ", ".join(f"{k} {v.shape}" for k, v in p.items()))
 
     kind = "mlp"

@@ -42,3 +42,15 @@ def read_weights(path) -> tuple[dict, np.ndarray]:
 
     with ModelFile.open(path) as f:
         return f.read_heads(), f.read_core()
+
+
+def train_tiny(path, steps: int) -> None:
+    """`steps` SGD steps of random 4-image batches on the model at `path` (seeded), then save."""
+    import deepnet
+
+    with deepnet.DeepNet.open(path, writable=True) as net:
+        rng = np.random.default_rng(0)
+        for _ in range(steps):
+            net.train_step(rng.uniform(0, 1, (4, 784)).astype(np.float32), rng.integers(0, 10, 4),
+                           layer_lr=0.1, head_lr=0.1)
+        net.save()

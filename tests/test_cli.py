@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import deepnet
-from helpers import MNIST_DIR, have_mnist, read_weights
+from helpers import MNIST_DIR, have_mnist, read_weights, train_tiny
 
 pytestmark = pytest.mark.skipif(not have_mnist(), reason=f"MNIST is not in {MNIST_DIR}")
 
@@ -212,12 +212,7 @@ def workdir(tmp_path_factory) -> Path:
     """A directory holding one trained tiny model, existing.h5 (width 4, 20 layers, step 2)."""
     d = tmp_path_factory.mktemp("cli")
     deepnet.init(d / "existing.h5", layers=20, width=4, activation="softsign", progress=False)
-    with deepnet.DeepNet.open(d / "existing.h5", writable=True) as net:
-        rng = np.random.default_rng(0)
-        for _ in range(2):
-            net.train_step(rng.uniform(0, 1, (4, 784)).astype(np.float32), rng.integers(0, 10, 4),
-                           layer_lr=0.1, head_lr=0.1)
-        net.save()
+    train_tiny(d / "existing.h5", 2)
     (d / "notes.txt").write_text("not a model\n")
     return d
 

@@ -27,7 +27,7 @@ import deepnet
 from crash_harness import make_small_mnist
 from deepnet.formats import hdf5
 from deepnet.formats.idx import write_idx
-from helpers import MNIST_DIR, have_mnist
+from helpers import MNIST_DIR, have_mnist, train_tiny
 
 pytestmark = pytest.mark.skipif(not have_mnist(), reason=f"MNIST is not in {MNIST_DIR}")
 
@@ -44,12 +44,7 @@ def template(tmp_path_factory) -> Path:
     make_small_mnist(MNIST_DIR, d / "mnist", N_TRAIN, 200)
     deepnet.ModelFile.create(d / "existing.h5", layers=40, width=4, activation="softsign", storage_chunk_layers=10,
                              progress=False).close()
-    with deepnet.DeepNet.open(d / "existing.h5", writable=True) as net:
-        rng = np.random.default_rng(0)
-        for _ in range(3):
-            net.train_step(rng.uniform(0, 1, (4, 784)).astype(np.float32), rng.integers(0, 10, 4),
-                           layer_lr=0.1, head_lr=0.1)
-        net.save()
+    train_tiny(d / "existing.h5", 3)
     (d / "notes.txt").write_text("not a model\n")
     (d / "adir").mkdir()
     return d

@@ -27,7 +27,7 @@ from deepnet.errors import ModelFileError
 from deepnet.formats import hdf5
 from deepnet.formats.hdf5 import COMMIT_SLOT_BYTES, LOG_PENDING_MAX, HEAD_KEYS
 from deepnet.model import TornStepError
-from helpers import MNIST_DIR, have_mnist, read_weights
+from helpers import MNIST_DIR, have_mnist
 
 needs_mnist = pytest.mark.skipif(not have_mnist(), reason=f"MNIST is not in {MNIST_DIR}")
 
