@@ -65,9 +65,15 @@ def default_threads() -> int:
 
 
 def choose_save_every(layers: int, width: int, batch: int, chunk_layers: int) -> int:
-    """Layers per recomputed segment: small enough for L2, large enough to bound the saved states."""
+    """Layers per recomputed segment: small enough for L2, large enough to bound the saved states.
+
+    A segment's recomputed states and derivatives and its weights are read again by the
+    back-propagation right after the recomputation: all three should still be in L2 then (the weights
+    dominate at large width and small batch: 4 KiB a layer at width 32).
+    """
     per_state = 4 * width * batch
-    for_cache = max(16, SEGMENT_CACHE_BYTES // (2 * per_state))
+    per_layer = 2 * per_state + 4 * (width * width + width)
+    for_cache = max(16, SEGMENT_CACHE_BYTES // per_layer)
     for_memory = math.ceil(layers * per_state / MAX_SAVED_STATE_BYTES)
     return max(1, min(chunk_layers, max(for_cache, for_memory)))
 

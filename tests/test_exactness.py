@@ -249,7 +249,7 @@ def run_kernels(kern, activation, params, h, g, alpha, lr, save_every):
     return h_out, saves, g_in, p
 
 
-WIDTHS = [1, 2, 3, 4, 5, 7, 8, 16, 33]  # 5, 7, 33: the generic (any-width) path; the rest specialised
+WIDTHS = [1, 2, 3, 4, 5, 7, 8, 16, 32, 33]  # 5, 7, 33: the generic (any-width) path; the rest specialised
 BATCHES = [1, 7, 8, 9, 17]              # around the 8-lane batch sums
 
 
@@ -272,7 +272,7 @@ def test_kernels_match_reference(kern, activation, width, batch):
     assert_update_close(p, params, ref_params, what="params update")
 
 
-@pytest.mark.parametrize("width, batch", [(4, 9), (5, 16), (2, 1)])
+@pytest.mark.parametrize("width, batch", [(4, 9), (5, 16), (2, 1), (32, 1), (16, 7)])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_kernels_save_every_does_not_change_results(kern, activation, width, batch):
     """Recomputing from checkpoints is bit-identical to the forward pass, for any checkpoint spacing."""
