@@ -54,3 +54,13 @@ def train_tiny(path, steps: int) -> None:
             net.train_step(rng.uniform(0, 1, (4, 784)).astype(np.float32), rng.integers(0, 10, 4),
                            layer_lr=0.1, head_lr=0.1)
         net.save()
+
+
+def kernel_builds() -> list:
+    """The kernel modules this machine can run: the portable build, and the AVX2 one where the CPU has it."""
+    from deepnet.kernels import builtin_module
+
+    mods = [builtin_module("portable")]
+    if mods[0].cpu_has_avx2_fma():
+        mods.append(builtin_module("avx2"))
+    return mods

@@ -11,7 +11,8 @@ import pytest
 
 from deepnet.activations import BUILTINS, get
 from deepnet.activations.check import kernel_act_and_grad as probe
-from deepnet.kernels import LayerKernels, builtin_module, kernels_for
+from helpers import kernel_builds
+from deepnet.kernels import LayerKernels, kernels_for
 
 # Points across the whole float32 range that matters: tiny, around 1, large, and the signed zeros.
 Z = np.concatenate([
@@ -33,14 +34,7 @@ FORWARD_RELATIVE = {"gelu": 2e-5}
 DOMAIN = {"sin": 1e4}
 
 
-def modules():
-    mods = [builtin_module("portable")]
-    if mods[0].cpu_has_avx2_fma():
-        mods.append(builtin_module("avx2"))
-    return mods
-
-
-@pytest.mark.parametrize("module", modules(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("name", [a.name for a in BUILTINS])
 def test_kernel_activation_matches_float64(name, module):
     act = get(name)

@@ -4,17 +4,11 @@ training forward's states, for every build, width class and batch shape, whole o
 import numpy as np
 import pytest
 
-from deepnet.kernels import LayerKernels, builtin_module
+from helpers import kernel_builds
+from deepnet.kernels import LayerKernels
 
 
-def modules():
-    mods = [builtin_module("portable")]
-    if mods[0].cpu_has_avx2_fma():
-        mods.append(builtin_module("avx2"))
-    return mods
-
-
-@pytest.mark.parametrize("module", modules(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("activation", ["softsign", "tanh", "relu"])
 @pytest.mark.parametrize("width", [1, 2, 4, 5, 8])
 @pytest.mark.parametrize("batch", [8, 16, 37, 64, 100])

@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 
 from deepnet.core import CoreEngine, InMemoryStore
+from helpers import kernel_builds
 from deepnet.kernels import LayerKernels, builtin_module
 
 
-def modules():
-    mods = [builtin_module("portable")]
-    if mods[0].cpu_has_avx2_fma():
-        mods.append(builtin_module("avx2"))
-    return mods
-
-
-@pytest.mark.parametrize("module", modules(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("width,batch", [(4, 16), (4, 40), (2, 3), (5, 16), (32, 1)])
 def test_pipelined_backward_matches_one_thread(module, width, batch):
     rng = np.random.default_rng(width * 100 + batch)
