@@ -70,16 +70,23 @@ import math
 import operator
 import os
 import re
-import struct
-import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats.commit import (  # noqa: F401 - FileState and the slot sizes are part of this module's API
+    COMMIT_SLOT_BYTES,
+    COMMIT_SLOTS,
+    FileState,
+    decode_record,
+    encode_record,
+    json_default,
+    new_record,
+)
+from deepnet.formats.commit import heads_crc32 as _heads_crc32
 
 FORMAT = "deepnet"
 FORMAT_VERSION = 1
@@ -103,11 +110,6 @@ _HEAD_PATHS = {
     "output_bias": "head/output/bias",
 }
 
-#: The commit record: two slots of this many bytes in /train/commit (see the module docstring).
-COMMIT_SLOTS = 2
-COMMIT_SLOT_BYTES = 32768
-_COMMIT_MAGIC = b"DNCOMMIT"
-_COMMIT_HEADER = struct.Struct("<8sII")  # magic, payload length, CRC-32 of the payload
 #: Log rows carried in the commit record before they are appended to /train/log (which changes HDF5
 #: metadata, so it happens at report boundaries or when this many rows are waiting).
 LOG_PENDING_MAX = 128
@@ -299,75 +301,7 @@ def _contiguous_offset(ds: h5py.Dataset) -> int | None:
 
 def heads_crc32(heads: Mapping[str, np.ndarray]) -> int:
     """CRC-32 of the four head arrays' bytes, in HEAD_KEYS order (recorded with every commit)."""
-    crc = 0
-    for key in HEAD_KEYS:
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(heads[key], dtype="<f4")).cast("B"), crc)
-    return crc
-
-
-def encode_record(record: Mapping[str, Any]) -> bytes:
-    """One commit-record slot's bytes: magic, length, CRC-32, then the record as JSON."""
-    payload = json.dumps(dict(record), separators=(",", ":"), default=_json_default).encode("utf-8")
-    return _COMMIT_HEADER.pack(_COMMIT_MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def decode_record(raw: bytes) -> dict | None:
-    """The record in one slot, or None if the slot is empty, cut short or fails its checksum."""
-    raw = bytes(raw)
-    if len(raw) < _COMMIT_HEADER.size:
-        return None
-    magic, length, crc = _COMMIT_HEADER.unpack_from(raw)
-    if magic != _COMMIT_MAGIC or length > len(raw) - _COMMIT_HEADER.size:
-        return None
-    payload = raw[_COMMIT_HEADER.size : _COMMIT_HEADER.size + length]
-    if zlib.crc32(payload) != crc:
-        return None
-    try:
-        record = json.loads(payload.decode("utf-8"))
-    except ValueError:
-        return None
-    return record if _record_is_valid(record) else None
-
-
-def _record_is_valid(rec: Any) -> bool:
-    def nonneg_int(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    if not isinstance(rec, dict):
-        return False
-    if not (nonneg_int(rec.get("seq")) and nonneg_int(rec.get("step")) and nonneg_int(rec.get("log_rows"))):
-        return False
-    if rec.get("rng_state") is not None and not isinstance(rec["rng_state"], dict):
-        return False
-    if rec.get("heads_crc32") is not None and not nonneg_int(rec["heads_crc32"]):
-        return False
-    if rec.get("train") is not None and not isinstance(rec["train"], dict):
-        return False
-    pending = rec.get("pending_log")
-    if not isinstance(pending, list):
-        return False
-    for row in pending:
-        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], int)
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
-            return False
-    return True
-
-
-@dataclass(frozen=True)
-class FileState:
-    """Whether a model file is a committed step (healthy), an interrupted one (torn), or neither."""
-
-    status: str                 # "healthy", "torn" or "damaged"
-    step: int                   # the committed step
-    message: str                # one line saying so
-    torn_step: int | None = None
-    layers_updated: int = 0
-    chunks_updated: tuple[int, int] | None = None   # first and last storage chunk already at torn_step
-    heads_changed: bool = False
-
-    @property
-    def healthy(self) -> bool:
-        return self.status == "healthy"
+    return _heads_crc32(heads, HEAD_KEYS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,7 +592,7 @@ class ModelFile:
         heads = {"input_weight": w_in, "input_bias": np.zeros(width, np.float32), "output_weight": w_out,
                  "output_bias": np.zeros(n_classes, np.float32)}
         commit = f.create_dataset("train/commit", data=np.zeros((COMMIT_SLOTS, COMMIT_SLOT_BYTES), np.uint8))
-        record = encode_record(_new_record(step=0, heads=heads, updated=now))
+        record = encode_record(new_record(step=0, heads_crc=heads_crc32(heads), updated=now))
         commit.write_direct(np.frombuffer(record, np.uint8), dest_sel=np.s_[0, 0 : len(record)])
         f.flush()
 
@@ -805,7 +739,7 @@ class ModelFile:
         if self._rng_error:
             raise ModelFileError(self._rng_error)
         state = self._record.get("rng_state")
-        return None if state is None else json.loads(json.dumps(state, default=_json_default))  # a copy
+        return None if state is None else json.loads(json.dumps(state, default=json_default))  # a copy
 
     @rng_state.setter
     def rng_state(self, state: Mapping | None) -> None:
@@ -1465,14 +1399,6 @@ def _is_int(value: Any) -> bool:
         return False
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def _show(value: Any) -> str:
     """An attribute value for a one-line message: plain Python repr, shortened."""
     if isinstance(value, (np.generic, np.ndarray)):
@@ -1517,7 +1443,7 @@ def _rng_text(state: Any) -> str:
     if not isinstance(state, Mapping):
         raise ConfigError(f"rng_state must be a dict (a bit_generator.state) or None, got {type(state).__name__}")
     try:
-        return json.dumps(dict(state), default=_json_default)
+        return json.dumps(dict(state), default=json_default)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"rng_state is not JSON-serialisable: {exc}") from None
 
@@ -1537,11 +1463,6 @@ def _append_log_rows(log: h5py.Dataset, at: int, rows: np.ndarray) -> None:
     log.resize((at + rows.shape[0],))
     if rows.shape[0]:
         log.write_direct(rows, dest_sel=np.s_[at : at + rows.shape[0]])
-
-
-def _new_record(*, step: int, heads: Mapping[str, np.ndarray], updated: str) -> dict:
-    return {"seq": 0, "step": step, "rng_state": None, "log_rows": 0, "pending_log": [],
-            "heads_crc32": heads_crc32(heads), "train": None, "updated": updated}
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")

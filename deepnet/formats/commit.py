@@ -1,0 +1,112 @@
+"""The commit record of a model file (``/train/commit``): what makes a step durable.
+
+Two fixed-size slots, written alternately as raw bytes (never HDF5 metadata); each slot is a magic
+number, the payload's length and CRC-32, then the record as JSON: the committed step, a sequence
+number, the minibatch generator's state, the training settings, a CRC-32 of the heads, how many rows of
+/train/log belong to the committed history and the log rows not yet appended there. A slot cut short
+by a kill fails its checksum and the other slot, the previous commit, is read instead. How a file
+uses it: :mod:`deepnet.formats.hdf5`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+COMMIT_SLOTS = 2
+COMMIT_SLOT_BYTES = 32768
+_COMMIT_MAGIC = b"DNCOMMIT"
+_COMMIT_HEADER = struct.Struct("<8sII")  # magic, payload length, CRC-32 of the payload
+
+
+def heads_crc32(heads: Mapping[str, np.ndarray], keys: tuple[str, ...]) -> int:
+    """CRC-32 of the head arrays' bytes, in `keys` order (recorded with every commit)."""
+    crc = 0
+    for key in keys:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(heads[key], dtype="<f4")).cast("B"), crc)
+    return crc
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One commit-record slot's bytes: magic, length, CRC-32, then the record as JSON."""
+    payload = json.dumps(dict(record), separators=(",", ":"), default=json_default).encode("utf-8")
+    return _COMMIT_HEADER.pack(_COMMIT_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_record(raw: bytes) -> dict | None:
+    """The record in one slot, or None if the slot is empty, cut short or fails its checksum."""
+    raw = bytes(raw)
+    if len(raw) < _COMMIT_HEADER.size:
+        return None
+    magic, length, crc = _COMMIT_HEADER.unpack_from(raw)
+    if magic != _COMMIT_MAGIC or length > len(raw) - _COMMIT_HEADER.size:
+        return None
+    payload = raw[_COMMIT_HEADER.size : _COMMIT_HEADER.size + length]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        record = json.loads(payload.decode("utf-8"))
+    except ValueError:
+        return None
+    return record if _record_is_valid(record) else None
+
+
+def _record_is_valid(rec: Any) -> bool:
+    def nonneg_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(rec, dict):
+        return False
+    if not (nonneg_int(rec.get("seq")) and nonneg_int(rec.get("step")) and nonneg_int(rec.get("log_rows"))):
+        return False
+    if rec.get("rng_state") is not None and not isinstance(rec["rng_state"], dict):
+        return False
+    if rec.get("heads_crc32") is not None and not nonneg_int(rec["heads_crc32"]):
+        return False
+    if rec.get("train") is not None and not isinstance(rec["train"], dict):
+        return False
+    pending = rec.get("pending_log")
+    if not isinstance(pending, list):
+        return False
+    for row in pending:
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], int)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class FileState:
+    """Whether a model file is a committed step (healthy), an interrupted one (torn), or neither."""
+
+    status: str                 # "healthy", "torn" or "damaged"
+    step: int                   # the committed step
+    message: str                # one line saying so
+    torn_step: int | None = None
+    layers_updated: int = 0
+    chunks_updated: tuple[int, int] | None = None   # first and last storage chunk already at torn_step
+    heads_changed: bool = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "healthy"
+
+
+def new_record(*, step: int, heads_crc: int, updated: str) -> dict:
+    """The record of a new model file (or one written before records existed), at `step`."""
+    return {"seq": 0, "step": step, "rng_state": None, "log_rows": 0, "pending_log": [],
+            "heads_crc32": heads_crc, "train": None, "updated": updated}
+
+
+def json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
