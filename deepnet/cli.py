@@ -530,18 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    # A Ctrl-C that lands in a finaliser (a progress bar's __del__ while the run is already stopping)
-    # cannot be raised there; Python would print it as an "Exception ignored" traceback. Note it instead.
-    late_interrupts: list[BaseException] = []
-    previous_hook = sys.unraisablehook
-
-    def quiet_interrupts(unraisable) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            late_interrupts.append(unraisable.exc_value)
-        else:
-            previous_hook(unraisable)
-
-    sys.unraisablehook = quiet_interrupts
     try:
         _check_flags(args)
         # An instance, not the class: fire then lists the commands in `deepnet --help`.
@@ -557,11 +545,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + getattr(exc, "signum", 2)
     except fire.core.FireExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    finally:
-        sys.unraisablehook = previous_hook
-    if late_interrupts:
-        print("deepnet: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -353,23 +353,22 @@ class CoreEngine:
         threads = self._backward_threads()
         started = time.perf_counter()
         chunks = self.store.backward_chunks(self._bounds, step)
-        for j, (start, rows) in enumerate(chunks):
-            k = n_chunks - 1 - j
-            saves = self._saves[self._save_offsets[k]:]
-            self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
-                                  threads)
-            # The numerical guard: stop before the next chunk is touched (g is only width x batch).
-            if not np.isfinite(g).all():
-                stop = start + rows.shape[0]
-                chunks.close()  # a streamed store finishes its pending writes (not this chunk's) first
-                raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1}",
-                                     start=start, stop=stop)
-            if self.interrupt_check is not None:
-                try:
+        try:
+            for j, (start, rows) in enumerate(chunks):
+                k = n_chunks - 1 - j
+                saves = self._saves[self._save_offsets[k]:]
+                self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
+                                      threads)
+                # The numerical guard: stop before the next chunk is touched (g is only width x batch).
+                if not np.isfinite(g).all():
+                    stop = start + rows.shape[0]
+                    raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1}",
+                                         start=start, stop=stop)
+                if self.interrupt_check is not None:
                     self.interrupt_check()
-                except KeyboardInterrupt:
-                    chunks.close()
-                    raise
+        except BaseException:
+            chunks.close()  # stopped mid-pass: a streamed store finishes its pending writes (not this chunk's)
+            raise
         self._pending_backward = False
         seconds = time.perf_counter() - started
         previous = self._backward_seconds.get(threads)

@@ -50,6 +50,8 @@ import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats.commit import json_default
+from deepnet.formats.hdf5 import fsync_dir
 
 KIND = "mlp"
 FORMAT = "deepnet"
@@ -396,7 +398,7 @@ class MLP:
                 a["n_classes"] = np.int64(self.n_classes)
                 a["step"] = np.int64(self.step)
                 a["seed"] = np.int64(self.seed)
-                a["rng_state"] = "" if self.rng_state is None else _json.dumps(self.rng_state, default=_jsonable)
+                a["rng_state"] = "" if self.rng_state is None else _json.dumps(self.rng_state, default=json_default)
                 a["init"] = INIT
                 a["created"] = self.created
                 a["updated"] = _now()
@@ -419,7 +421,7 @@ class MLP:
             raise
         self._log = [log] if len(log) else []
         self._pending = []
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MLP":
@@ -497,27 +499,6 @@ class MLP:
             out["file_size_bytes"] = os.path.getsize(path)
         out.update({"created": self.created, "log_rows": int(len(log)), "last_log": last})
         return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _not_a_model(path: str):

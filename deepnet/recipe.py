@@ -195,8 +195,6 @@ class _StopSignal:
                 self.done = True
                 raise Interrupted(self._after, signum)
             raise KeyboardInterrupt
-        # From the abandoning signal on, further signals are ignored: one arriving while the first's
-        # KeyboardInterrupt is being handled would otherwise escape the handler that reports it.
         self.count += 1
         if self.count == 1:
             self.write("deepnet: finishing the current step, then saving and stopping (press Ctrl-C again to "
@@ -205,6 +203,8 @@ class _StopSignal:
             self.write(f"deepnet: step {self.net.step + 1} is being written into {self.net.file.path}; abandoning it "
                        f"now would leave a torn step, so it is finishing (Ctrl-C once more to abandon it anyway)")
         else:
+            # From the abandoning signal on, further signals are ignored: one arriving while this
+            # KeyboardInterrupt is being handled would otherwise escape the handler that reports it.
             self.done = True
             raise KeyboardInterrupt
 

@@ -495,7 +495,7 @@ class ModelFile:
             if isinstance(exc, OSError):
                 raise ModelFileError(f"could not write {path}: {_os_reason(exc)}") from exc
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return cls.open(path, "r+")
 
     @staticmethod
@@ -1168,7 +1168,7 @@ class ModelFile:
                     f"(the file still holds step {old_step})"
                 ) from exc
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         old, old_lock = self._f, self._lock_fd
         self._bind(new)
         self._record = record
@@ -1552,7 +1552,8 @@ def _place(tmp: str, path: str, overwrite: bool) -> None:
     os.unlink(tmp)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """fsync a directory, so a rename inside it survives power loss (best effort: some filesystems refuse)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
