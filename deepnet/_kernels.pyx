@@ -85,13 +85,6 @@ cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
     return save_every * w * MAX_BLOCK
 
 
-def batch_block(Py_ssize_t width) -> int:
-    """Samples per batch block of the kernels of this width (split a batch at multiples of it)."""
-    if width <= 4 and width in WIDTH_VARIANTS:
-        return DN_BLOCK_NARROW
-    return 8
-
-
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
     """Floats of scratch a backward call needs: two buffer sets of a segment's states and of its
     derivatives (recomputation of the next segment overlaps back-propagation of this one), the

@@ -31,6 +31,8 @@ from deepnet.kernels import LayerKernels
 SEGMENT_CACHE_BYTES = 256 * 1024
 # Upper bound on the memory of all saved states; deeper models get longer segments instead.
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
+# Samples in the smallest batch block the forward kernels run (a thread's share is a multiple of it).
+MIN_SPLIT_BLOCK = 8
 # Threads: the forward pass splits its batch columns (they are independent); the backward pass does
 # not split the batch (per-layer gradient halves would cross cores every layer, TARGETS.md) but
 # recomputes the next segment on a second core while this one back-propagates.
@@ -262,6 +264,38 @@ def file_store(model_file: ModelFile) -> WeightStore:
     return StreamedStore(model_file)
 
 
+class ThreadChoice:
+    """1 or ``most`` threads for a pass that is run again and again: whichever has been faster here.
+
+    The second core pays only when it is free and when the kernels at hand use it well (splitting a
+    batch of 16 into two blocks of 8 helps softsign and tanh and slows relu, whose 8-sample code the
+    compiler leaves partly scalar), and one thread or two give the same result bit for bit. So the choice is made by measurement: try each
+    once, then keep the faster, trying the other again every ``RECHECK_EVERY`` passes.
+    """
+
+    RECHECK_EVERY = 16
+
+    def __init__(self, most: int) -> None:
+        self.most = max(1, most)
+        self._seconds: dict[int, float] = {}   # threads -> recent seconds per pass
+        self._calls = 0
+
+    def pick(self) -> int:
+        if self.most < 2:
+            return 1
+        for threads in (self.most, 1):
+            if threads not in self._seconds:
+                return threads
+        best = min(self._seconds, key=self._seconds.get)
+        other = 1 if best != 1 else self.most
+        return other if self._calls % self.RECHECK_EVERY == self.RECHECK_EVERY - 1 else best
+
+    def record(self, threads: int, seconds: float) -> None:
+        previous = self._seconds.get(threads)
+        self._seconds[threads] = seconds if previous is None else 0.5 * (previous + seconds)
+        self._calls += 1
+
+
 class CoreEngine:
     """Runs h through the L core layers and back, one kernel call per chunk."""
 
@@ -285,8 +319,8 @@ class CoreEngine:
         self._pending_backward = False
         self.threads = default_threads() if threads is None else threads
         self._pool: ThreadPoolExecutor | None = None
-        self._backward_seconds: dict[int, float] = {}   # threads -> recent seconds per backward pass
-        self._backward_calls = 0
+        # Per pass kind (training forward, evaluation, backward): one thread or two, by measurement.
+        self._thread_choices: dict[tuple[str, int], ThreadChoice] = {}
         #: Called between chunks (it may raise KeyboardInterrupt): training's Ctrl-C handling.
         self.interrupt_check: Callable[[], None] | None = None
 
@@ -316,10 +350,15 @@ class CoreEngine:
         h = self._check_state(h)
         batch = h.shape[1]
         self._prepare(batch)
-        block = self.kernels.batch_block(self.width)
-        n_parts = min(self.threads, -(-batch // block)) if batch >= 2 * block else 1
+        # The kernels cut a batch into blocks of 8 samples at the least, so batch 16 can use two threads.
+        # Evaluation keeps whole blocks (32 samples at width <= 4) and always gains from a second thread;
+        # training's forward may cut its blocks to 8 samples, which helps some activations only.
+        most = min(self.threads, batch // MIN_SPLIT_BLOCK) if batch >= 2 * MIN_SPLIT_BLOCK else 1
+        choice = self._thread_choice("forward", most) if for_backward else None
+        n_parts = choice.pick() if choice is not None else most
         if n_parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepnet-forward")
+        started = time.perf_counter()
         for k, (start, rows) in enumerate(self.store.forward_chunks(self._bounds)):
             saves = None
             if for_backward:
@@ -334,6 +373,8 @@ class CoreEngine:
                     f.result()
             if self.interrupt_check is not None:
                 self.interrupt_check()
+        if choice is not None:
+            choice.record(n_parts, time.perf_counter() - started)
         self._pending_backward = for_backward
         return h
 
@@ -350,7 +391,8 @@ class CoreEngine:
         n_chunks = len(self._save_offsets)
         # Drive the store's generator to its end (not zip() with a range, which stops before resuming
         # it after the last chunk, so a streamed store never wrote the first chunk back).
-        threads = self._backward_threads()
+        choice = self._thread_choice("backward", self.threads)
+        threads = choice.pick()
         started = time.perf_counter()
         chunks = self.store.backward_chunks(self._bounds, step)
         try:
@@ -370,27 +412,15 @@ class CoreEngine:
             chunks.close()  # stopped mid-pass: a streamed store finishes its pending writes (not this chunk's)
             raise
         self._pending_backward = False
-        seconds = time.perf_counter() - started
-        previous = self._backward_seconds.get(threads)
-        self._backward_seconds[threads] = seconds if previous is None else 0.5 * (previous + seconds)
-        self._backward_calls += 1
+        choice.record(threads, time.perf_counter() - started)
         return g
 
-    def _backward_threads(self) -> int:
-        """1 or 2 threads for this backward pass: whichever has been faster here, re-checked now and then.
-
-        Recomputing the next segment on the second core pays only when that core is free; on a machine
-        that is busy with other work the hand-overs cost more than they save. Both give the same result
-        bit for bit, so the choice is made by measurement: try each once, then keep the faster, trying
-        the other again every 16 steps.
-        """
-        if self.threads < 2:
-            return 1
-        for threads in (2, 1):
-            if threads not in self._backward_seconds:
-                return threads
-        best = min(self._backward_seconds, key=self._backward_seconds.get)
-        return 3 - best if self._backward_calls % 16 == 15 else best
+    def _thread_choice(self, kind: str, most: int) -> ThreadChoice:
+        """The thread choice for one kind of pass at the current batch size."""
+        key = (kind, self._work_batch)
+        if key not in self._thread_choices:
+            self._thread_choices[key] = ThreadChoice(most)
+        return self._thread_choices[key]
 
     def _check_state(self, h: np.ndarray) -> np.ndarray:
         if h.dtype != np.float32 or h.ndim != 2 or h.shape[0] != self.width or not h.flags.c_contiguous:

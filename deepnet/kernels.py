@@ -75,10 +75,6 @@ class LayerKernels:
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
         return self.module.workspace_size(width, batch, save_every)
 
-    def batch_block(self, width: int) -> int:
-        """Samples per batch block: the unit in which a batch can be split across threads."""
-        return self.module.batch_block(width)
-
 
 def in_builtin_module(activation: activations.Activation, module: ModuleType | None = None) -> bool:
     """Whether the package's compiled module holds this very definition of the activation."""

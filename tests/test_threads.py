@@ -34,7 +34,7 @@ def test_pipelined_backward_matches_one_thread(module, width, batch):
     assert not np.array_equal(results[0][0], params)  # the update really happened
 
 
-@pytest.mark.parametrize("batch", [64, 37, 5])
+@pytest.mark.parametrize("batch", [64, 37, 16, 5])
 def test_threaded_engine_matches_one_thread(batch):
     rng = np.random.default_rng(batch)
     layers, width = 3000, 4
@@ -52,3 +52,26 @@ def test_threaded_engine_matches_one_thread(batch):
         engine.close()
     for a, b in zip(*out):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("width,batch", [(4, 16), (2, 16), (4, 24), (4, 48), (3, 16), (8, 16), (32, 16)])
+def test_forward_split_in_parts_matches_one_call(module, width, batch):
+    """A batch split into parts (blocks of 8 when there are fewer full blocks than parts, as for batch
+    16 on two threads) saves the same states and ends in the same h as one call, bit for bit."""
+    rng = np.random.default_rng(width * 1000 + batch)
+    layers, save_every = 900, 64
+    kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
+    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
+    h0 = rng.standard_normal((width, batch)).astype(np.float32)
+    results = []
+    for n_parts in (1, 2, 3):
+        h = h0.copy()
+        saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
+        for part in range(n_parts):
+            kernels.forward(params, h, 0.05, saves, save_every, None, part, n_parts)
+        results.append((h, saves))
+    for h, saves in results[1:]:
+        assert np.array_equal(h, results[0][0])
+        assert np.array_equal(saves, results[0][1])
+    assert not np.array_equal(results[0][0], h0)
