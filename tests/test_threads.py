@@ -75,3 +75,24 @@ def test_forward_split_in_parts_matches_one_call(module, width, batch):
         assert np.array_equal(h, results[0][0])
         assert np.array_equal(saves, results[0][1])
     assert not np.array_equal(results[0][0], h0)
+
+
+def test_thread_choice_tries_both_then_keeps_the_faster():
+    from deepnet.core import ThreadChoice
+
+    choice = ThreadChoice(2)
+    seconds = {1: 0.5, 2: 0.3}
+    picks = []
+    for _ in range(40):
+        threads = choice.pick()
+        picks.append(threads)
+        choice.record(threads, seconds[threads])
+    assert picks[:2] == [2, 1]                        # each tried once, the most threads first
+    assert picks.count(1) == 1 + 2                    # then 1 only as the re-check every 16 passes
+    assert [i for i, t in enumerate(picks) if t == 1] == [1, 15, 31]
+    seconds[1] = 0.1                                  # the machine changed: re-checks notice (averaged)
+    for _ in range(30):
+        threads = choice.pick()
+        choice.record(threads, seconds[threads])
+    assert choice.pick() == 1
+    assert ThreadChoice(1).pick() == 1 and ThreadChoice(0).pick() == 1
