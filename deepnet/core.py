@@ -351,8 +351,8 @@ class CoreEngine:
         batch = h.shape[1]
         self._prepare(batch)
         # The kernels cut a batch into blocks of 8 samples at the least, so batch 16 can use two threads.
-        # Evaluation keeps whole blocks (32 samples at width <= 4) and always gains from a second thread;
-        # training's forward may cut its blocks to 8 samples, which helps some activations only.
+        # Evaluation splits whole blocks (32 samples at width <= 4), as it always has; training's forward
+        # may cut its blocks to 8 samples, which helps some activations only, so it is measured.
         most = min(self.threads, batch // MIN_SPLIT_BLOCK) if batch >= 2 * MIN_SPLIT_BLOCK else 1
         choice = self._thread_choice("forward", most) if for_backward else None
         n_parts = choice.pick() if choice is not None else most
