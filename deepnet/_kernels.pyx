@@ -82,14 +82,14 @@ cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept nogil:
 
 cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
     # one buffer set: a segment's states (or derivatives) for one batch block
-    return save_every * w * MAX_BLOCK
+    return save_every * w * DN_BACKWARD_BLOCK
 
 
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
     """Floats of scratch a backward call needs: two buffer sets of a segment's states and of its
-    derivatives (recomputation of the next segment overlaps back-propagation of this one), the
-    segment's weight gradients, and two threads' scratch."""
-    return 4 * _set_size(width, save_every) + save_every * _grad_stride(width) + 2 * _scratch_size(width)
+    derivatives (one per thread), two of a segment's weight gradients (two segments in flight), and
+    two threads' scratch."""
+    return 4 * _set_size(width, save_every) + 2 * save_every * _grad_stride(width) + 2 * _scratch_size(width)
 
 
 cdef int _check_act(int act) except -1:
@@ -151,7 +151,8 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
     return g is the gradient at the chunk's input. Each layer's gradient is summed over the batch and
     the gradient flowing further down uses the layer's old weights. With ``threads`` > 1 a second
-    thread recomputes the next segment while this one back-propagates (same result, bit for bit).
+    thread takes half the batch's blocks, a segment behind the first (or, at a batch of one block,
+    recomputes the next segment while the first back-propagates this one): the same result, bit for bit.
     """
     _check_act(act)
     cdef Py_ssize_t w = g.shape[0], B = g.shape[1], n = params.shape[0]
@@ -180,7 +181,7 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     cdef float* hbuf = buf
     cdef float* dbuf = hbuf + 2 * set_floats
     cdef float* grad = dbuf + 2 * set_floats
-    cdef float* scratch = grad + save_every * _grad_stride(w)
+    cdef float* scratch = grad + 2 * save_every * _grad_stride(w)
     cdef backward_fn fn = _BACKWARD[act][_variant(w)]
     try:
         with nogil:

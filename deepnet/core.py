@@ -33,9 +33,10 @@ SEGMENT_CACHE_BYTES = 256 * 1024
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
 # Samples in the smallest batch block the forward kernels run (a thread's share is a multiple of it).
 MIN_SPLIT_BLOCK = 8
-# Threads: the forward pass splits its batch columns (they are independent); the backward pass does
-# not split the batch (per-layer gradient halves would cross cores every layer, TARGETS.md) but
-# recomputes the next segment on a second core while this one back-propagates.
+# Threads: the forward pass splits its batch columns (they are independent). The backward pass gives
+# each core half the batch's blocks, the second one segment behind the first, adding its blocks to the
+# gradient sums the first left (they cross cores once per segment of hundreds of layers, not per layer);
+# at a batch of one block the second core recomputes the next segment instead. Bit-identical either way.
 THREADS_ENV = "DEEPNET_THREADS"
 
 

@@ -1,8 +1,9 @@
-"""The second core changes nothing: threaded forward and pipelined backward are bit-identical to one thread.
+"""The second core changes nothing: threaded forward and backward are bit-identical to one thread.
 
-Sizes are chosen above the kernels' threshold for starting a thread (a few units of >= 2e6
-multiply-adds), so the threaded code paths really run: blocked (batch >= 8), per-sample (batch < 8),
-the generic width, and both builds.
+Sizes are chosen above the kernels' threshold for starting a thread (``THREAD_MIN_WORK`` multiply-adds
+per call), so the threaded code paths really run: two halves of the batch's blocks (batch >= 16, and
+per sample below 8), the recomputation pipeline (one block: batch 8, or 1), the generic width, and
+both builds.
 """
 
 import numpy as np
@@ -13,11 +14,16 @@ from helpers import kernel_builds
 from deepnet.kernels import LayerKernels, builtin_module
 
 
+def layers_to_thread(module, width: int, batch: int, at_least: int) -> int:
+    """Layers for one call to be well above the threshold at which a backward call starts a thread."""
+    return max(at_least, int(1.5 * module.THREAD_MIN_WORK) // ((width * width + width) * batch) + 1)
+
+
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
-@pytest.mark.parametrize("width,batch", [(4, 16), (4, 40), (2, 3), (5, 16), (32, 1)])
-def test_pipelined_backward_matches_one_thread(module, width, batch):
+@pytest.mark.parametrize("width,batch", [(4, 16), (4, 24), (4, 40), (4, 8), (2, 3), (5, 16), (32, 1), (32, 4)])
+def test_threaded_backward_matches_one_thread(module, width, batch):
     rng = np.random.default_rng(width * 100 + batch)
-    layers, save_every = 6000 if width < 32 else 400, 64
+    layers, save_every = layers_to_thread(module, width, batch, 600), 64
     kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
     params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
     h = rng.standard_normal((width, batch)).astype(np.float32)
@@ -37,14 +43,17 @@ def test_pipelined_backward_matches_one_thread(module, width, batch):
 @pytest.mark.parametrize("batch", [64, 37, 16, 5])
 def test_threaded_engine_matches_one_thread(batch):
     rng = np.random.default_rng(batch)
-    layers, width = 3000, 4
-    kernels = LayerKernels("tanh", builtin_module(), builtin_module().activation_index("tanh"))
+    width = 4
+    module = builtin_module()
+    chunk = layers_to_thread(module, width, batch, 700)
+    layers = 3 * chunk + 123  # three full chunks and a short one
+    kernels = LayerKernels("tanh", module, module.activation_index("tanh"))
     weights = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / 2).astype(np.float32)
     h0 = rng.standard_normal((width, batch)).astype(np.float32)
     g0 = rng.standard_normal((width, batch)).astype(np.float32)
     out = []
     for threads in (1, 2):
-        engine = CoreEngine(InMemoryStore(weights.copy()), kernels, width, 0.02, chunk_layers=700, threads=threads)
+        engine = CoreEngine(InMemoryStore(weights.copy()), kernels, width, 0.02, chunk_layers=chunk, threads=threads)
         h = engine.forward(h0.copy())
         g = engine.backward(g0.copy(), 0.01, step=1)
         evaluated = engine.forward(h0.copy(), for_backward=False)
