@@ -37,7 +37,7 @@ def write_if_changed(path: str, text: str) -> None:
 
 write_if_changed(os.path.join(HERE, "deepnet", "_layer_loops.pxi"), render_layer_loops(BUILTINS))
 
-BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-pthread"]
+BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-pthread"]
 
 
 def kernel_extension(module: str, extra_args: list[str]) -> Extension:

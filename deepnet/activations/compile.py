@@ -3,7 +3,7 @@
 The kernels of a plugin's activation come from the very template the built-ins are compiled from:
 ``deepnet.kernel_template.render_layer_loops([activation])`` is rendered next to a copy of
 ``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
-the package's own build (``-O3 -fno-math-errno -fno-trapping-math``, plus ``-mavx2 -mfma`` when the
+the package's own build (``-O3 -fno-math-errno -fno-trapping-math -fopenmp-simd``, plus ``-mavx2 -mfma`` when the
 package uses its AVX2 build here), and loaded. So a plugin's kernel is the same code as a built-in's.
 
 Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
@@ -50,7 +50,7 @@ from types import ModuleType
 from deepnet.errors import ActivationError
 
 CACHE_ENV = "DEEPNET_CACHE"
-BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math")  # as setup.py
+BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")  # as setup.py
 AVX2_FLAGS = ("-mavx2", "-mfma")
 # An unknown function in an expression is an error here, not a warning and a failed import later.
 CHECK_FLAGS = ("-Werror=implicit-function-declaration",)
