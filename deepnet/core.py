@@ -125,6 +125,16 @@ class InMemoryStore(WeightStore):
             yield start, self.weights[start:stop]
 
 
+def contiguous_runs(offsets: np.ndarray, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Runs [first, stop) of storage chunks that lie back to back in the file, in layer order."""
+    runs, first = [], 0
+    for c in range(1, len(offsets) + 1):
+        if c == len(offsets) or int(offsets[c]) != int(offsets[c - 1]) + chunk_bytes:
+            runs.append((first, c))
+            first = c
+    return runs
+
+
 class MappedStore(WeightStore):
     """Core weights streamed from the model file through a memory map of its storage chunks.
 
@@ -133,6 +143,10 @@ class MappedStore(WeightStore):
     madvise) and writes dirty pages back in the background. Each storage chunk's ``chunk_step`` is
     marked before the chunk is modified, so an interrupted step is detectable as a torn step. Used for
     every file whose core chunks are plain float32 on disk (all files deepnet writes).
+
+    Storage chunks (~1 MiB) that lie back to back in the file (all of them, in a file deepnet wrote)
+    form one view, so a kernel call covers ``chunk_layers`` as in RAM: cut at every storage chunk, the
+    calls were 8x more and each pays for starting the backward's second thread.
     """
 
     def __init__(self, model_file: ModelFile, offsets: np.ndarray, chunk_step_offset: int) -> None:
@@ -144,23 +158,27 @@ class MappedStore(WeightStore):
         self.writable = model_file.mode != "r"
         with open(model_file.path, "r+b" if self.writable else "rb") as fh:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
-        self._views = [self._chunk_view(c) for c in range(len(offsets))]
+        self._runs = contiguous_runs(offsets, self.chunk * self.row_size * 4)
+        self._views = [self._run_view(first, stop) for first, stop in self._runs]
+        self._run_of_chunk = np.repeat(np.arange(len(self._runs)), [stop - first for first, stop in self._runs])
         # chunk_step is marked through the map too: through h5py each mark costs ~150 us, ~0.1 s a step.
         self._chunk_step = np.frombuffer(self._map, dtype="<i8", count=len(offsets), offset=chunk_step_offset)
 
-    def _chunk_view(self, c: int) -> np.ndarray:
-        n = min(self.chunk, self.layers - c * self.chunk)
+    def _run_view(self, first: int, stop: int) -> np.ndarray:
+        n = min(stop * self.chunk, self.layers) - first * self.chunk
         return np.frombuffer(self._map, dtype=np.float32, count=n * self.row_size,
-                             offset=int(self.offsets[c])).reshape(n, self.row_size)
+                             offset=int(self.offsets[first])).reshape(n, self.row_size)
 
     def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
-        # Pieces never cross a storage chunk (each is contiguous in the file) nor a chunk_layers boundary.
-        cuts = sorted(set(range(0, self.layers, chunk_layers)) | set(range(0, self.layers, self.chunk)))
+        # Pieces never cross a run of back-to-back storage chunks (each is contiguous in the file) nor
+        # a chunk_layers boundary.
+        cuts = sorted(set(range(0, self.layers, chunk_layers)) | {first * self.chunk for first, _ in self._runs})
         return list(zip(cuts, cuts[1:] + [self.layers]))
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
-        c = start // self.chunk
-        return self._views[c][start - c * self.chunk: stop - c * self.chunk]
+        run = int(self._run_of_chunk[start // self.chunk])
+        first = self._runs[run][0] * self.chunk
+        return self._views[run][start - first: stop - first]
 
     def _prefetch(self, start: int, stop: int) -> None:
         if not hasattr(self._map, "madvise"):

@@ -15,6 +15,7 @@ import pytest
 
 import deepnet
 from deepnet import DeepNet, ModelFile
+from deepnet.core import MappedStore, contiguous_runs, file_store
 from helpers import make_model, read_weights
 
 
@@ -150,3 +151,37 @@ def test_recipe_resumed_run_equals_one_run(tmp_path, mnist_dir, capsys):
     deepnet.train(tmp_path / "two.h5", steps=6, in_memory=True, **RUN)
     capsys.readouterr()
     assert_same_files(file_state(tmp_path / "one.h5"), file_state(tmp_path / "two.h5"))
+
+
+def test_contiguous_runs_of_storage_chunks():
+    chunk = 100
+    assert contiguous_runs(np.array([0, 100, 200, 300]), chunk) == [(0, 4)]
+    assert contiguous_runs(np.array([0, 100, 500, 600, 700]), chunk) == [(0, 2), (2, 5)]
+    assert contiguous_runs(np.array([300, 0, 100]), chunk) == [(0, 1), (1, 3)]   # out of order in the file
+    assert contiguous_runs(np.array([40]), chunk) == [(0, 1)]
+
+
+def test_mapped_store_calls_span_storage_chunks(tmp_path):
+    """Back-to-back storage chunks form one view: kernel calls cover chunk_layers, not one storage chunk,
+    and never cross a run of chunks (the rows of a run are contiguous in the file)."""
+    path = tmp_path / "m.h5"
+    ModelFile.create(path, layers=95, width=4, activation="tanh", storage_chunk_layers=10, init_scale=0.5,
+                     progress=False).close()
+    with ModelFile.open(path) as f:
+        store = file_store(f)
+        try:
+            assert isinstance(store, MappedStore)
+            runs = store._runs
+            assert runs[0][0] == 0 and runs[-1][1] == 10 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+            assert max(stop - first for first, stop in runs) > 1   # HDF5 allocates most chunks back to back
+            for chunk_layers in (100_000, 20, 7):
+                bounds = store.bounds(chunk_layers)
+                assert bounds[0][0] == 0 and bounds[-1][1] == 95
+                run_of = lambda layer: next(k for k, (a, b) in enumerate(runs) if a * 10 <= layer < b * 10)
+                assert all(run_of(start) == run_of(stop - 1) for start, stop in bounds)
+                assert all(stop - start <= chunk_layers for start, stop in bounds)
+                rows = [r.copy() for _, r in store.forward_chunks(bounds)]
+                assert np.array_equal(np.concatenate(rows), f.read_core())
+            assert len(store.bounds(100_000)) == len(runs)
+        finally:
+            store.close()
