@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterator
 
 import numpy as np
@@ -86,6 +87,9 @@ class WeightStore:
 
     layers: int
     row_size: int
+    #: Whether the chunks a pass yields stay valid together (views of the weights), so threads may each
+    #: run their share of the batch through all of them; a store that reuses buffers is False.
+    random_access = False
 
     def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
         """(start, stop) of the chunks, first to last: one kernel call each."""
@@ -109,6 +113,8 @@ def chunk_bounds(layers: int, chunk_layers: int) -> list[tuple[int, int]]:
 
 class InMemoryStore(WeightStore):
     """All core weights in one array in RAM; chunks are views, updated in place."""
+
+    random_access = True
 
     def __init__(self, weights: np.ndarray) -> None:
         if weights.dtype != np.float32 or weights.ndim != 2 or not weights.flags.c_contiguous:
@@ -148,6 +154,8 @@ class MappedStore(WeightStore):
     form one view, so a kernel call covers ``chunk_layers`` as in RAM: cut at every storage chunk, the
     calls were 8x more and each pays for starting the backward's second thread.
     """
+
+    random_access = True
 
     def __init__(self, model_file: ModelFile, offsets: np.ndarray, chunk_step_offset: int) -> None:
         self.file = model_file
@@ -334,6 +342,7 @@ class CoreEngine:
         self._save_offsets: list[int] = []
         self._save_every = 0
         self._work: np.ndarray | None = None
+        self._part_work: list[np.ndarray] = []
         self._work_batch = 0
         self._pending_backward = False
         self.threads = default_threads() if threads is None else threads
@@ -358,6 +367,8 @@ class CoreEngine:
         self._save_offsets = offsets
         self._saves = np.empty((total, self.width * batch), np.float32)
         self._work = np.empty(self.kernels.workspace_size(self.width, batch, self._save_every), np.float32)
+        # the forward's other threads' scratch (the calling thread's part uses self._work)
+        self._part_work = [np.empty_like(self._work) for _ in range(max(0, self.threads - 1))]
         self._work_batch = batch
 
     def forward(self, h: np.ndarray, *, for_backward: bool = True) -> np.ndarray:
@@ -378,24 +389,65 @@ class CoreEngine:
         if n_parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepnet-forward")
         started = time.perf_counter()
-        for k, (start, rows) in enumerate(self.store.forward_chunks(self._bounds)):
-            saves = None
-            if for_backward:
-                saves = self._saves[self._save_offsets[k]:]
-            if n_parts == 1:
-                self.kernels.forward(rows, h, self.alpha, saves, self._save_every, self._work)
-            else:
-                # Each thread takes its own run of batch blocks of this chunk (and its own scratch).
-                parts = [self._pool.submit(self.kernels.forward, rows, h, self.alpha, saves, self._save_every,
-                                           None, part, n_parts) for part in range(n_parts)]
-                for f in parts:
-                    f.result()
-            if self.interrupt_check is not None:
-                self.interrupt_check()
+
+        def saves_of(k: int) -> np.ndarray | None:
+            return self._saves[self._save_offsets[k]:] if for_backward else None
+
+        if n_parts > 1 and self.store.random_access:
+            self._forward_free_running(list(self.store.forward_chunks(self._bounds)), h, saves_of, n_parts)
+        else:
+            for k, (start, rows) in enumerate(self.store.forward_chunks(self._bounds)):
+                if n_parts == 1:
+                    self.kernels.forward(rows, h, self.alpha, saves_of(k), self._save_every, self._work)
+                else:
+                    # Each thread takes its own run of batch blocks of this chunk (and its own scratch).
+                    parts = [self._pool.submit(self.kernels.forward, rows, h, self.alpha, saves_of(k),
+                                               self._save_every, self._scratch(part), part, n_parts)
+                             for part in range(n_parts)]
+                    for f in parts:
+                        f.result()
+                if self.interrupt_check is not None:
+                    self.interrupt_check()
         if choice is not None:
             choice.record(n_parts, time.perf_counter() - started)
         self._pending_backward = for_backward
         return h
+
+    def _scratch(self, part: int) -> np.ndarray:
+        """Part ``part``'s kernel scratch, allocated once per batch size (none per chunk)."""
+        return self._work if part == 0 else self._part_work[part - 1]
+
+    def _forward_free_running(self, chunks: list[tuple[int, np.ndarray]], h: np.ndarray,
+                              saves_of: Callable[[int], np.ndarray | None], n_parts: int) -> None:
+        """Each thread runs its share of the batch's blocks through every chunk on its own.
+
+        The columns of the batch are independent in the forward pass, so the threads need not meet
+        after each chunk: a thread the machine slows for a moment delays only its own share instead of
+        holding the other at every chunk. The calling thread waits, running the interrupt check.
+        """
+        stop = threading.Event()
+
+        def run_part(part: int) -> None:
+            for k, (_, rows) in enumerate(chunks):
+                if stop.is_set():
+                    return
+                self.kernels.forward(rows, h, self.alpha, saves_of(k), self._save_every, self._scratch(part), part,
+                                     n_parts)
+
+        futures = [self._pool.submit(run_part, part) for part in range(n_parts)]
+        try:
+            while True:
+                done, pending = wait(futures, timeout=0.05)
+                for f in done:
+                    f.result()  # a thread's error stops the pass
+                if self.interrupt_check is not None:
+                    self.interrupt_check()
+                if not pending:
+                    break
+        except BaseException:
+            stop.set()  # the threads stop after their current chunk; h is not touched once this returns
+            wait(futures)
+            raise
 
     def backward(self, g: np.ndarray, layer_lr: float, step: int) -> np.ndarray:
         """g = dLoss/dh_L (width, batch) back to dLoss/dh_0, in place, updating every layer with SGD.

@@ -6,6 +6,9 @@ per sample below 8), the recomputation pipeline (one block: batch 8, or 1), the 
 both builds.
 """
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -105,3 +108,52 @@ def test_thread_choice_tries_both_then_keeps_the_faster():
         choice.record(threads, seconds[threads])
     assert choice.pick() == 1
     assert ThreadChoice(1).pick() == 1 and ThreadChoice(0).pick() == 1
+
+
+def test_free_running_forward_stops_on_interrupt():
+    """An interrupt while the threads run their shares through all chunks: the pass stops, no thread
+    is left running, and the engine works on (same result as an uninterrupted engine)."""
+    rng = np.random.default_rng(7)
+    width, batch, layers = 4, 16, 4000
+    module = builtin_module()
+    kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
+    weights = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / 2).astype(np.float32)
+    h0 = rng.standard_normal((width, batch)).astype(np.float32)
+    engine = CoreEngine(InMemoryStore(weights.copy()), kernels, width, 0.02, chunk_layers=500, threads=2)
+    running, started, lock = [0], [0], threading.Lock()
+
+    class Counting:  # the kernels, counting the calls in progress
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def forward(self, *args):
+            with lock:
+                running[0] += 1
+                started[0] += 1
+            try:
+                kernels.forward(*args)
+                time.sleep(0.02)  # a slow chunk, so the interrupt comes mid-pass
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    engine.kernels = Counting()
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    engine.interrupt_check = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        engine.forward(h0.copy(), for_backward=False)
+    assert calls
+    assert running[0] == 0   # no thread still runs a chunk once forward has raised
+    assert started[0] < 2 * 8  # and the threads stopped before the end of the pass (8 chunks each)
+    engine.interrupt_check = None
+    engine.kernels = kernels
+    h = engine.forward(h0.copy(), for_backward=False)
+    reference = CoreEngine(InMemoryStore(weights.copy()), kernels, width, 0.02, chunk_layers=500, threads=1)
+    assert np.array_equal(h, reference.forward(h0.copy(), for_backward=False))
+    engine.close()
+    reference.close()
