@@ -294,18 +294,25 @@ def file_store(model_file: ModelFile) -> WeightStore:
 class ThreadChoice:
     """1 or ``most`` threads for a pass that is run again and again: whichever has been faster here.
 
-    The second core pays only when it is free and when the kernels at hand use it well (splitting a
-    batch of 16 into two blocks of 8 helps softsign and tanh and slows relu, whose 8-sample code the
-    compiler leaves partly scalar), and one thread or two give the same result bit for bit. So the choice is made by measurement: try each
-    once, then keep the faster, trying the other again every ``RECHECK_EVERY`` passes.
+    The second core pays only when it is free and when the kernels at hand use it well (at width 32
+    and batch 1, handing a segment's weights between cores costs more than the second core gives),
+    and one thread or two give the same result bit for bit. So the choice is made by measurement: try
+    each once, then keep the faster, trying the other again after ``RECHECK_EVERY`` passes; each
+    re-check that confirms the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``),
+    so a much slower option costs little, and one that wins resets it.
     """
 
     RECHECK_EVERY = 16
+    MAX_RECHECK_EVERY = 256
 
     def __init__(self, most: int) -> None:
         self.most = max(1, most)
         self._seconds: dict[int, float] = {}   # threads -> recent seconds per pass
-        self._calls = 0
+        self._interval = self.RECHECK_EVERY
+        self._since_check = 0                  # passes since the other option last ran
+
+    def _best(self) -> int:
+        return min(self._seconds, key=self._seconds.get)
 
     def pick(self) -> int:
         if self.most < 2:
@@ -313,14 +320,20 @@ class ThreadChoice:
         for threads in (self.most, 1):
             if threads not in self._seconds:
                 return threads
-        best = min(self._seconds, key=self._seconds.get)
+        best = self._best()
         other = 1 if best != 1 else self.most
-        return other if self._calls % self.RECHECK_EVERY == self.RECHECK_EVERY - 1 else best
+        return other if self._since_check >= self._interval - 1 else best
 
     def record(self, threads: int, seconds: float) -> None:
+        rechecked = len(self._seconds) == 2 and threads != self._best()
         previous = self._seconds.get(threads)
         self._seconds[threads] = seconds if previous is None else 0.5 * (previous + seconds)
-        self._calls += 1
+        if rechecked:
+            confirmed = threads != self._best()
+            self._interval = min(2 * self._interval, self.MAX_RECHECK_EVERY) if confirmed else self.RECHECK_EVERY
+            self._since_check = 0
+        else:
+            self._since_check += 1
 
 
 class CoreEngine:
