@@ -296,23 +296,27 @@ class ThreadChoice:
 
     The second core pays only when it is free and when the kernels at hand use it well (at width 32
     and batch 1, handing a segment's weights between cores costs more than the second core gives),
-    and one thread or two give the same result bit for bit. So the choice is made by measurement: try
-    each once, then keep the faster, trying the other again after ``RECHECK_EVERY`` passes; each
-    re-check that confirms the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``),
-    so a much slower option costs little, and one that wins resets it.
+    and one thread or two give the same result bit for bit. So the choice is made by measurement: the
+    first pass is not counted (it pays for first touches of new buffers), then each option is tried and
+    the faster kept, trying the other again after ``RECHECK_EVERY`` passes; each re-check that confirms
+    the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``), so a much slower option
+    costs little. An option's speed is the best of its last ``KEEP`` passes: on a shared machine a pass
+    is only ever slowed by others, so one unlucky pass does not decide the choice for long.
     """
 
     RECHECK_EVERY = 16
     MAX_RECHECK_EVERY = 256
+    KEEP = 3
 
     def __init__(self, most: int) -> None:
         self.most = max(1, most)
-        self._seconds: dict[int, float] = {}   # threads -> recent seconds per pass
+        self._seconds: dict[int, list[float]] = {}   # threads -> seconds of its last KEEP passes
+        self._warmed_up = False
         self._interval = self.RECHECK_EVERY
-        self._since_check = 0                  # passes since the other option last ran
+        self._since_check = 0                        # passes since the other option last ran
 
     def _best(self) -> int:
-        return min(self._seconds, key=self._seconds.get)
+        return min(self._seconds, key=lambda threads: min(self._seconds[threads]))
 
     def pick(self) -> int:
         if self.most < 2:
@@ -325,9 +329,11 @@ class ThreadChoice:
         return other if self._since_check >= self._interval - 1 else best
 
     def record(self, threads: int, seconds: float) -> None:
+        if not self._warmed_up:
+            self._warmed_up = True
+            return
         rechecked = len(self._seconds) == 2 and threads != self._best()
-        previous = self._seconds.get(threads)
-        self._seconds[threads] = seconds if previous is None else 0.5 * (previous + seconds)
+        self._seconds[threads] = (self._seconds.get(threads, []) + [seconds])[-self.KEEP:]
         if rechecked:
             confirmed = threads != self._best()
             self._interval = min(2 * self._interval, self.MAX_RECHECK_EVERY) if confirmed else self.RECHECK_EVERY
