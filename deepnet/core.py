@@ -297,8 +297,8 @@ class ThreadChoice:
     The second core pays only when it is free and when the kernels at hand use it well (at width 32
     and batch 1, handing a segment's weights between cores costs more than the second core gives),
     and one thread or two give the same result bit for bit. So the choice is made by measurement: the
-    first pass is not counted (it pays for first touches of new buffers), then each option is tried and
-    the faster kept, trying the other again after ``RECHECK_EVERY`` passes; each re-check that confirms
+    first pass is not counted (it pays for first touches of new buffers), then each option is tried
+    ``TRIALS`` times (alternately) and the faster kept, trying the other again after ``RECHECK_EVERY`` passes; each re-check that confirms
     the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``), so a much slower option
     costs little. An option's speed is the best of its last ``KEEP`` passes: on a shared machine a pass
     is only ever slowed by others, so one unlucky pass does not decide the choice for long.
@@ -307,6 +307,7 @@ class ThreadChoice:
     RECHECK_EVERY = 16
     MAX_RECHECK_EVERY = 256
     KEEP = 3
+    TRIALS = 2   # passes of each option before the first choice
 
     def __init__(self, most: int) -> None:
         self.most = max(1, most)
@@ -321,9 +322,10 @@ class ThreadChoice:
     def pick(self) -> int:
         if self.most < 2:
             return 1
-        for threads in (self.most, 1):
-            if threads not in self._seconds:
-                return threads
+        for _ in range(self.TRIALS):
+            for threads in (self.most, 1):
+                if len(self._seconds.get(threads, [])) <= _:
+                    return threads
         best = self._best()
         other = 1 if best != 1 else self.most
         return other if self._since_check >= self._interval - 1 else best
@@ -332,13 +334,14 @@ class ThreadChoice:
         if not self._warmed_up:
             self._warmed_up = True
             return
-        rechecked = len(self._seconds) == 2 and threads != self._best()
+        trials = len(self._seconds) < 2 or min(len(v) for v in self._seconds.values()) < self.TRIALS
+        rechecked = not trials and threads != self._best()
         self._seconds[threads] = (self._seconds.get(threads, []) + [seconds])[-self.KEEP:]
         if rechecked:
             confirmed = threads != self._best()
             self._interval = min(2 * self._interval, self.MAX_RECHECK_EVERY) if confirmed else self.RECHECK_EVERY
             self._since_check = 0
-        else:
+        elif not trials:
             self._since_check += 1
 
 
