@@ -150,9 +150,10 @@ class MappedStore(WeightStore):
     marked before the chunk is modified, so an interrupted step is detectable as a torn step. Used for
     every file whose core chunks are plain float32 on disk (all files deepnet writes).
 
-    Storage chunks (~1 MiB) that lie back to back in the file (all of them, in a file deepnet wrote)
-    form one view, so a kernel call covers ``chunk_layers`` as in RAM: cut at every storage chunk, the
-    calls were 8x more and each pays for starting the backward's second thread.
+    Storage chunks (~1 MiB) that lie back to back in the file (most of them: HDF5 allocated a 10M-layer
+    file's 763 chunks in 14 runs) form one view, so a kernel call covers ``chunk_layers`` as in RAM:
+    cut at every storage chunk, the calls were 8x more and each pays for starting the backward's second
+    thread.
     """
 
     random_access = True
@@ -298,10 +299,11 @@ class ThreadChoice:
     and batch 1, handing a segment's weights between cores costs more than the second core gives),
     and one thread or two give the same result bit for bit. So the choice is made by measurement: the
     first pass is not counted (it pays for first touches of new buffers), then each option is tried
-    ``TRIALS`` times (alternately) and the faster kept, trying the other again after ``RECHECK_EVERY`` passes; each re-check that confirms
-    the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``), so a much slower option
-    costs little. An option's speed is the best of its last ``KEEP`` passes: on a shared machine a pass
-    is only ever slowed by others, so one unlucky pass does not decide the choice for long.
+    ``TRIALS`` times (alternately) and the faster kept, trying the other again after ``RECHECK_EVERY``
+    passes; each re-check that confirms the choice doubles the wait before the next (up to
+    ``MAX_RECHECK_EVERY``), so a much slower option costs little. An option's speed is the best of its
+    last ``KEEP`` passes: on a shared machine a pass is only ever slowed by others, so one unlucky pass
+    does not decide the choice for long.
     """
 
     RECHECK_EVERY = 16
@@ -322,9 +324,9 @@ class ThreadChoice:
     def pick(self) -> int:
         if self.most < 2:
             return 1
-        for _ in range(self.TRIALS):
+        for trial in range(self.TRIALS):
             for threads in (self.most, 1):
-                if len(self._seconds.get(threads, [])) <= _:
+                if len(self._seconds.get(threads, [])) <= trial:
                     return threads
         best = self._best()
         other = 1 if best != 1 else self.most
@@ -416,6 +418,7 @@ class CoreEngine:
             return self._saves[self._save_offsets[k]:] if for_backward else None
 
         if n_parts > 1 and self.store.random_access:
+            # All chunks at once (a memory-mapped store asks the OS to read all of them ahead).
             self._forward_free_running(list(self.store.forward_chunks(self._bounds)), h, saves_of, n_parts)
         else:
             for k, (start, rows) in enumerate(self.store.forward_chunks(self._bounds)):
