@@ -296,7 +296,7 @@ class ThreadChoice:
     """1 or ``most`` threads for a pass that is run again and again: whichever has been faster here.
 
     The second core pays only when it is free and when the kernels at hand use it well (at width 32
-    and batch 1, handing a segment's weights between cores costs more than the second core gives),
+    and batch 1 two threads measured 3-4x slower than one),
     and one thread or two give the same result bit for bit. So the choice is made by measurement: the
     first pass is not counted (it pays for first touches of new buffers), then each option is tried
     ``TRIALS`` times (alternately) and the faster kept, trying the other again after ``RECHECK_EVERY``
@@ -391,8 +391,7 @@ class CoreEngine:
         self._save_offsets = offsets
         self._saves = np.empty((total, self.width * batch), np.float32)
         self._work = np.empty(self.kernels.workspace_size(self.width, batch, self._save_every), np.float32)
-        # the forward's other threads' scratch (the calling thread's part uses self._work)
-        self._part_work = [np.empty_like(self._work) for _ in range(max(0, self.threads - 1))]
+        self._part_work = []   # the forward's other threads' scratch, made when a pass first splits
         self._work_batch = batch
 
     def forward(self, h: np.ndarray, *, for_backward: bool = True) -> np.ndarray:
@@ -440,7 +439,11 @@ class CoreEngine:
 
     def _scratch(self, part: int) -> np.ndarray:
         """Part ``part``'s kernel scratch, allocated once per batch size (none per chunk)."""
-        return self._work if part == 0 else self._part_work[part - 1]
+        if part == 0:
+            return self._work
+        while len(self._part_work) < part:
+            self._part_work.append(np.empty_like(self._work))
+        return self._part_work[part - 1]
 
     def _forward_free_running(self, chunks: list[tuple[int, np.ndarray]], h: np.ndarray,
                               saves_of: Callable[[int], np.ndarray | None], n_parts: int) -> None:
@@ -452,14 +455,14 @@ class CoreEngine:
         """
         stop = threading.Event()
 
-        def run_part(part: int) -> None:
+        def run_part(part: int, scratch: np.ndarray) -> None:
             for k, (_, rows) in enumerate(chunks):
                 if stop.is_set():
                     return
-                self.kernels.forward(rows, h, self.alpha, saves_of(k), self._save_every, self._scratch(part), part,
-                                     n_parts)
+                self.kernels.forward(rows, h, self.alpha, saves_of(k), self._save_every, scratch, part, n_parts)
 
-        futures = [self._pool.submit(run_part, part) for part in range(n_parts)]
+        # scratch is handed out here, on the calling thread (it may be allocated on first use)
+        futures = [self._pool.submit(run_part, part, self._scratch(part)) for part in range(n_parts)]
         try:
             while True:
                 done, pending = wait(futures, timeout=0.05)
