@@ -2,7 +2,11 @@
 
 Creates a throw-away model of the requested shape in a temporary directory, then times exact SGD
 steps (in RAM or streamed from the file) and, optionally, forward-only evaluation. Inputs are random:
-the time of a step does not depend on the data.
+the time of a step does not depend on the data. Warm-up steps come first and are reported apart:
+the first pays for first touches of memory, and on a machine with two cores or more the next few
+alternate on purpose between one thread and several until each kind of pass has chosen the faster
+(core.ThreadChoice; four steps with its two trials of each), so timing them would mix in the slower
+option.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ import numpy as np
 
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.recipe import _positive, init
+
+#: Warm-up steps at most (the first step and the thread choices' trials take 5 on two cores).
+MAX_WARMUP_STEPS = 12
+
+
+def warm_up(step, net: DeepNet, most: int = MAX_WARMUP_STEPS) -> list[float]:
+    """Run ``step()`` (returning its seconds) once, then until ``net``'s thread choices are made (at
+    most ``most`` times in all); return the seconds of each."""
+    times = [step()]
+    while not net.engine.thread_choices_settled and len(times) < most:
+        times.append(step())
+    return times
 
 
 def peak_rss_bytes() -> int:
@@ -49,7 +65,7 @@ def run_bench(
     workdir: str | Path | None = None,
     seed: int = 0,
 ) -> dict:
-    """Time ``steps`` exact SGD steps (after one warm-up step) and optionally an evaluation pass."""
+    """Time ``steps`` exact SGD steps (after the warm-up steps) and optionally an evaluation pass."""
     for name, value in (("layers", layers), ("width", width), ("batch", batch), ("steps", steps),
                         ("chunk-layers", chunk_layers), ("eval-batch", eval_batch)):
         _positive(name, value)
@@ -58,18 +74,20 @@ def run_bench(
         path = Path(tmp) / "bench.h5"
         init(path, layers=layers, width=width, activation=activation, seed=seed, progress=False)
         with DeepNet.open(path, writable=True, in_memory=in_memory, chunk_layers=chunk_layers) as net:
-            times = []
-            for _ in range(steps + 1):
+            def step() -> float:
                 x = rng.random((batch, net.input_dim), dtype=np.float32)
                 y = rng.integers(0, 10, size=batch)
-                times.append(net.train_step(x, y, layer_lr=0.01, head_lr=0.01).seconds)
-            step_times = times[1:]  # the first step pays for page faults and buffer allocation
+                return net.train_step(x, y, layer_lr=0.01, head_lr=0.01).seconds
+
+            warmup_times = warm_up(step, net)
+            step_times = [step() for _ in range(steps)]
             median = statistics.median(step_times)
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
                 "mode": "in-memory" if in_memory else "streamed", "steps": steps,
                 "seconds_per_step": median, "seconds_per_step_min": min(step_times),
-                "step_times": step_times, "layer_samples_per_s": layers * batch / median,
+                "step_times": step_times, "warmup_times": warmup_times,
+                "layer_samples_per_s": layers * batch / median,
             }
             if eval_images:
                 x = rng.random((eval_images, net.input_dim), dtype=np.float32)

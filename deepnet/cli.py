@@ -222,15 +222,16 @@ class DeepnetCLI:
               eval_batch: int = 1024, workdir: str = None, json: bool = False) -> None:
         """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
 
-        Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), times one warm-up
-        and then --steps steps, and prints the median seconds per step and layer-samples per second.
+        Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), runs warm-up steps
+        (the first, then until the choice of one thread or two is made: 5 on two cores), times --steps
+        steps, and prints the median seconds per step and layer-samples per second.
 
         Args:
             layers: core layers.
             width: core width.
             activation: core activation.
             batch: minibatch size.
-            steps: timed steps (after one warm-up step); the median is reported.
+            steps: timed steps (after the warm-up steps, reported apart); the median is reported.
             streamed: stream the weights from the file instead of holding them in RAM.
             chunk_layers: layers per kernel call and per read.
             eval_images: also time forward-only evaluation of this many images (0: skip).
@@ -249,6 +250,8 @@ class DeepnetCLI:
         fields = {
             "workload": f"{layers:,} layers x width {width}, {activation}, batch {batch}, {result['mode']}",
             "s/step": f"{result['seconds_per_step']:.4f} median of {steps} (min {result['seconds_per_step_min']:.4f})",
+            "warm-up": f"{len(result['warmup_times'])} steps, "
+                       + " ".join(f"{seconds:.3f}" for seconds in result["warmup_times"]) + " s",
             "layer-samples/s": format_rate(result["layer_samples_per_s"]),
             "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",
         }

@@ -318,6 +318,14 @@ class ThreadChoice:
         self._interval = self.RECHECK_EVERY
         self._since_check = 0                        # passes since the other option last ran
 
+    @property
+    def settled(self) -> bool:
+        """Whether the first choice is made: until then passes alternate between the options on purpose."""
+        if self.most < 2:
+            return True
+        return (self._warmed_up and len(self._seconds) == 2
+                and min(len(seconds) for seconds in self._seconds.values()) >= self.TRIALS)
+
     def _best(self) -> int:
         return min(self._seconds, key=lambda threads: min(self._seconds[threads]))
 
@@ -513,6 +521,12 @@ class CoreEngine:
         self._pending_backward = False
         choice.record(threads, time.perf_counter() - started)
         return g
+
+    @property
+    def thread_choices_settled(self) -> bool:
+        """Whether every kind of pass run so far has made its first choice of one thread or several
+        (a benchmark should time the passes after that, not the trials; see ThreadChoice)."""
+        return all(choice.settled for choice in self._thread_choices.values())
 
     def _thread_choice(self, kind: str, most: int) -> ThreadChoice:
         """The thread choice for one kind of pass at the current batch size."""

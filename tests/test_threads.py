@@ -6,6 +6,7 @@ per sample below 8), the recomputation pipeline (one block: batch 8, or 1), the 
 both builds.
 """
 
+import statistics
 import threading
 import time
 
@@ -100,6 +101,7 @@ def test_thread_choice_tries_both_then_keeps_the_faster():
         picks.append(threads)
         choice.record(threads, seconds[threads])
     assert picks[:5] == [2, 2, 1, 2, 1]   # a first pass not counted (first touches), each option twice
+    assert choice.settled
     # then 1 only as a re-check, after 16 passes, then 32 (the first re-check confirmed the choice)
     assert [i for i, t in enumerate(picks) if t == 1] == [2, 4, 20, 52]
     seconds[1] = 0.1                                  # the machine changed: the next re-check notices
@@ -137,3 +139,38 @@ def test_thread_choice_is_not_decided_by_one_slow_pass():
         choice.record(threads, next(times) if threads == 2 else 0.5)
     assert picks[:5] == [2, 2, 1, 2, 1]
     assert picks[5:] == [2] * 15   # its other trial (0.3 s) outweighs the spike
+
+
+def test_thread_choice_is_settled_after_its_trials():
+    from deepnet.core import ThreadChoice
+
+    choice = ThreadChoice(2)
+    settled = []
+    for _ in range(8):
+        threads = choice.pick()
+        choice.record(threads, {1: 0.5, 2: 0.3}[threads])
+        settled.append(choice.settled)
+    assert settled == [False, False, False, False, True, True, True, True]   # warm-up + 2 trials of each
+    assert ThreadChoice(1).settled
+
+
+def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypatch):
+    """deepnet bench's timed steps come after the warm-up: the first step and the thread choices'
+    trials (which alternate on purpose between one thread and two) are reported apart."""
+    from deepnet import bench
+    from deepnet.model import DeepNet
+
+    monkeypatch.setenv("DEEPNET_THREADS", "2")
+    calls = []
+    real_warm_up = bench.warm_up
+
+    def spy(step, net, most=bench.MAX_WARMUP_STEPS):
+        times = real_warm_up(step, net, most)
+        calls.append((len(times), net.engine.thread_choices_settled))
+        return times
+
+    monkeypatch.setattr(bench, "warm_up", spy)
+    result = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
+    assert calls == [(5, True)]               # the first step, then two trials of each option
+    assert len(result["warmup_times"]) == 5 and len(result["step_times"]) == 2
+    assert result["seconds_per_step"] == statistics.median(result["step_times"])
