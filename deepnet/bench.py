@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from deepnet.recipe import _positive, init
 MAX_WARMUP_STEPS = 12
 
 
-def warm_up(step, net: DeepNet, most: int = MAX_WARMUP_STEPS) -> list[float]:
+def warm_up(step: Callable[[], float], net: DeepNet, most: int = MAX_WARMUP_STEPS) -> list[float]:
     """Run ``step()`` (returning its seconds) once, then until ``net``'s thread choices are made (at
     most ``most`` times in all); return the seconds of each."""
     times = [step()]
