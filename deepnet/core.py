@@ -341,10 +341,12 @@ class ThreadChoice:
         return other if self._since_check >= self._interval - 1 else best
 
     def record(self, threads: int, seconds: float) -> None:
+        if self.most < 2:
+            return   # nothing to choose
         if not self._warmed_up:
             self._warmed_up = True
             return
-        trials = len(self._seconds) < 2 or min(len(v) for v in self._seconds.values()) < self.TRIALS
+        trials = not self.settled
         rechecked = not trials and threads != self._best()
         self._seconds[threads] = (self._seconds.get(threads, []) + [seconds])[-self.KEEP:]
         if rechecked:

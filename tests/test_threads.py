@@ -7,8 +7,6 @@ both builds.
 """
 
 import statistics
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -158,7 +156,6 @@ def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypat
     """deepnet bench's timed steps come after the warm-up: the first step and the thread choices'
     trials (which alternate on purpose between one thread and two) are reported apart."""
     from deepnet import bench
-    from deepnet.model import DeepNet
 
     monkeypatch.setenv("DEEPNET_THREADS", "2")
     calls = []
