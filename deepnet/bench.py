@@ -81,13 +81,19 @@ def run_bench(
                 return net.train_step(x, y, layer_lr=0.01, head_lr=0.01).seconds
 
             warmup_times = warm_up(step, net)
-            step_times = [step() for _ in range(steps)]
+            step_times, step_threads = [], []
+            for _ in range(steps):
+                step_times.append(step())
+                used = net.engine.threads_used
+                step_threads.append([used["forward"], used["backward"]])
             median = statistics.median(step_times)
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
                 "mode": "in-memory" if in_memory else "streamed", "steps": steps,
                 "seconds_per_step": median, "seconds_per_step_min": min(step_times),
                 "step_times": step_times, "warmup_times": warmup_times,
+                # [forward, backward] threads of each timed step: the thread choice follows the machine
+                "step_threads": step_threads,
                 "layer_samples_per_s": layers * batch / median,
             }
             if eval_images:

@@ -252,6 +252,8 @@ class DeepnetCLI:
             "s/step": f"{result['seconds_per_step']:.4f} median of {steps} (min {result['seconds_per_step_min']:.4f})",
             "warm-up": f"{len(result['warmup_times'])} steps, "
                        + " ".join(f"{seconds:.3f}" for seconds in result["warmup_times"]) + " s",
+            "threads": "forward/backward per step: "
+                       + " ".join(f"{fwd}/{bwd}" for fwd, bwd in result["step_threads"]),
             "layer-samples/s": format_rate(result["layer_samples_per_s"]),
             "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",
         }

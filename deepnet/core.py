@@ -383,6 +383,8 @@ class CoreEngine:
         self._pool: ThreadPoolExecutor | None = None
         # Per pass kind (training forward, evaluation, backward): one thread or two, by measurement.
         self._thread_choices: dict[tuple[str, int], ThreadChoice] = {}
+        #: threads the latest pass of each kind ran on ("forward", "backward"), for benchmarks to report
+        self.threads_used: dict[str, int] = {}
         #: Called between chunks (it may raise KeyboardInterrupt): training's Ctrl-C handling.
         self.interrupt_check: Callable[[], None] | None = None
 
@@ -419,6 +421,7 @@ class CoreEngine:
         most = min(self.threads, batch // MIN_SPLIT_BLOCK) if batch >= 2 * MIN_SPLIT_BLOCK else 1
         choice = self._thread_choice("forward", most) if for_backward else None
         n_parts = choice.pick() if choice is not None else most
+        self.threads_used["forward" if for_backward else "evaluation"] = n_parts
         if n_parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepnet-forward")
         started = time.perf_counter()
@@ -502,6 +505,7 @@ class CoreEngine:
         # it after the last chunk, so a streamed store never wrote the first chunk back).
         choice = self._thread_choice("backward", self.threads)
         threads = choice.pick()
+        self.threads_used["backward"] = threads
         started = time.perf_counter()
         chunks = self.store.backward_chunks(self._bounds, step)
         try:

@@ -126,6 +126,11 @@ def test_text_output(tmp_path):
     proc = ok(deepnet_cmd("module", "activations", cwd=tmp_path))
     for name in ("tanh", "softsign", "relu"):
         assert name in proc.stdout
+    # bench: seconds per step, the warm-up apart, and the threads each timed step's passes ran on
+    proc = ok(deepnet_cmd("module", "bench", "--layers", "3000", "--steps", "2", "--workdir", str(tmp_path),
+                          cwd=tmp_path))
+    assert "median of 2" in proc.stdout and "warm-up" in proc.stdout
+    assert re.search(r"threads +forward/backward per step: [12]/[12] [12]/[12]\n", proc.stdout), proc.stdout
 
 
 def test_aliases_take_the_original_flag_names(tmp_path):

@@ -171,3 +171,6 @@ def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypat
     assert calls == [(5, True)]               # the first step, then two trials of each option
     assert len(result["warmup_times"]) == 5 and len(result["step_times"]) == 2
     assert result["seconds_per_step"] == statistics.median(result["step_times"])
+    # each timed step reports the threads its forward and backward passes ran on (one or the two allowed)
+    assert len(result["step_threads"]) == 2
+    assert all(fwd in (1, 2) and bwd in (1, 2) for fwd, bwd in result["step_threads"])
