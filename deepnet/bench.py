@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from deepnet.errors import ConfigError
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.recipe import _positive, init
 
@@ -65,16 +66,24 @@ def run_bench(
     eval_batch: int = 1024,
     workdir: str | Path | None = None,
     seed: int = 0,
+    threads: int = 0,
 ) -> dict:
-    """Time ``steps`` exact SGD steps (after the warm-up steps) and optionally an evaluation pass."""
+    """Time ``steps`` exact SGD steps (after the warm-up steps) and optionally an evaluation pass.
+
+    ``threads`` > 0 runs every pass on that many threads (at most the engine's) instead of letting the
+    thread choice measure which is faster; 0 lets it choose, as training does.
+    """
     for name, value in (("layers", layers), ("width", width), ("batch", batch), ("steps", steps),
                         ("chunk-layers", chunk_layers), ("eval-batch", eval_batch)):
         _positive(name, value)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"--threads must be an integer >= 0 (0: let the thread choice decide), got {threads!r}")
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="deepnet-bench-") as tmp:
         path = Path(tmp) / "bench.h5"
         init(path, layers=layers, width=width, activation=activation, seed=seed, progress=False)
         with DeepNet.open(path, writable=True, in_memory=in_memory, chunk_layers=chunk_layers) as net:
+            net.engine.fixed_threads = threads or None
             def step() -> float:
                 x = rng.random((batch, net.input_dim), dtype=np.float32)
                 y = rng.integers(0, 10, size=batch)
@@ -90,6 +99,7 @@ def run_bench(
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
                 "mode": "in-memory" if in_memory else "streamed", "steps": steps,
+                "threads": threads or "chosen",
                 "seconds_per_step": median, "seconds_per_step_min": min(step_times),
                 "step_times": step_times, "warmup_times": warmup_times,
                 # [forward, backward] threads of each timed step: the thread choice follows the machine

@@ -40,7 +40,7 @@ class DeepnetCLI:
     --test-samples --report-every --model --workdir --data-dir --json;
     info: --model --json; data: --dest; activations [list | check NAME | compile [NAME]]: --json;
     bench: --layers --width --activation --batch --steps --streamed --chunk-layers --eval-images
-    --eval-batch --workdir --json;
+    --eval-batch --workdir --threads --json;
     train-mlp: --model --hidden --steps --batch --lr --schedule --seed --train-limit --report-every --samples
     --threads --data-dir --json; eval-mlp: --model --samples --batch --data-dir --json;
     import-raw: --model --head --weights --kind --layers --width --activation --alpha --hidden --seed
@@ -219,7 +219,7 @@ class DeepnetCLI:
 
     def bench(self, layers: int = 10_000_000, width: int = 4, activation: str = "softsign", batch: int = 16,
               steps: int = 3, streamed: bool = False, chunk_layers: int = R.chunk_layers, eval_images: int = 0,
-              eval_batch: int = 1024, workdir: str = None, json: bool = False) -> None:
+              eval_batch: int = 1024, workdir: str = None, threads: int = 0, json: bool = False) -> None:
         """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
 
         Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), runs warm-up steps
@@ -237,13 +237,15 @@ class DeepnetCLI:
             eval_images: also time forward-only evaluation of this many images (0: skip).
             eval_batch: images per evaluation forward pass.
             workdir: directory for the temporary model (default: the system temp dir).
+            threads: run every pass on this many threads (at most the CPUs, or $DEEPNET_THREADS) instead of
+                letting the thread choice measure one against two, as training does (0).
             json: print one JSON object.
         """
         from deepnet.bench import run_bench
 
         result = run_bench(layers=layers, width=width, activation=activation, batch=batch, steps=steps,
                            in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_images,
-                           eval_batch=eval_batch, workdir=workdir)
+                           eval_batch=eval_batch, workdir=workdir, threads=threads)
         if json:
             print_json(result)
             return

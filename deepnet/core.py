@@ -357,6 +357,21 @@ class ThreadChoice:
             self._since_check += 1
 
 
+class FixedThreads:
+    """A thread count set by the user instead of measured: ThreadChoice's interface, always ``threads``."""
+
+    settled = True
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def pick(self) -> int:
+        return self.threads
+
+    def record(self, threads: int, seconds: float) -> None:
+        pass
+
+
 class CoreEngine:
     """Runs h through the L core layers and back, one kernel call per chunk."""
 
@@ -385,6 +400,9 @@ class CoreEngine:
         self._thread_choices: dict[tuple[str, int], ThreadChoice] = {}
         #: threads the latest pass of each kind ran on ("forward", "backward"), for benchmarks to report
         self.threads_used: dict[str, int] = {}
+        #: if set, every pass runs on this many threads (at most what the pass can use) instead of the
+        #: thread choice's measured pick: for measuring one option on its own (`deepnet bench --threads`)
+        self.fixed_threads: int | None = None
         #: Called between chunks (it may raise KeyboardInterrupt): training's Ctrl-C handling.
         self.interrupt_check: Callable[[], None] | None = None
 
@@ -420,7 +438,7 @@ class CoreEngine:
         # may cut its blocks to 8 samples, which helps some activations only, so it is measured.
         most = min(self.threads, batch // MIN_SPLIT_BLOCK) if batch >= 2 * MIN_SPLIT_BLOCK else 1
         choice = self._thread_choice("forward", most) if for_backward else None
-        n_parts = choice.pick() if choice is not None else most
+        n_parts = choice.pick() if choice is not None else min(self.fixed_threads or most, most)
         self.threads_used["forward" if for_backward else "evaluation"] = n_parts
         if n_parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepnet-forward")
@@ -536,6 +554,8 @@ class CoreEngine:
 
     def _thread_choice(self, kind: str, most: int) -> ThreadChoice:
         """The thread choice for one kind of pass at the current batch size."""
+        if self.fixed_threads:
+            return FixedThreads(min(self.fixed_threads, most))
         key = (kind, self._work_batch)
         if key not in self._thread_choices:
             self._thread_choices[key] = ThreadChoice(most)

@@ -275,6 +275,8 @@ BAD_IN_PROCESS = {
     "unknown-flag-existing": ["train", "existing.h5", "--step", "1"],
     "unknown-flag-eval": ["eval", "existing.h5", "--sample", "5"],
     "not-a-model": ["eval", "notes.txt"],
+    "bench-threads-negative": ["bench", "--layers", "100", "--threads", "-1"],
+    "bench-threads-not-int": ["bench", "--layers", "100", "--threads", "1.5"],
 }
 
 

@@ -174,3 +174,18 @@ def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypat
     # each timed step reports the threads its forward and backward passes ran on (one or the two allowed)
     assert len(result["step_threads"]) == 2
     assert all(fwd in (1, 2) and bwd in (1, 2) for fwd, bwd in result["step_threads"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
+    """deepnet bench --threads N runs every pass on N threads, with no trials of the other option (so
+    no warm-up beyond the first step), and says so."""
+    from deepnet import bench
+
+    monkeypatch.setenv("DEEPNET_THREADS", "2")
+    result = bench.run_bench(layers=3000, steps=3, workdir=tmp_path, threads=threads)
+    assert result["threads"] == threads
+    assert len(result["warmup_times"]) == 1
+    assert result["step_threads"] == [[threads, threads]] * 3
+    chosen = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
+    assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == 5
