@@ -6,7 +6,7 @@ the time of a step does not depend on the data. Warm-up steps come first and are
 the first pays for first touches of memory, and on a machine with two cores or more the next few
 alternate on purpose between one thread and several until each kind of pass has chosen the faster
 (core.ThreadChoice; four steps with its two trials of each), so timing them would mix in the slower
-option.
+option. Each timed step records the threads its passes ran on; ``threads`` pins them instead.
 """
 
 from __future__ import annotations

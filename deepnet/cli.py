@@ -223,8 +223,9 @@ class DeepnetCLI:
         """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
 
         Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), runs warm-up steps
-        (the first, then until the choice of one thread or two is made: 5 on two cores), times --steps
-        steps, and prints the median seconds per step and layer-samples per second.
+        (the first, then until the choice of one thread or two is made: 5 on two cores; 1 with
+        --threads), times --steps steps, and prints the median seconds per step, layer-samples per
+        second and the threads each timed step's forward and backward passes ran on.
 
         Args:
             layers: core layers.
