@@ -398,7 +398,7 @@ class CoreEngine:
         self._pool: ThreadPoolExecutor | None = None
         # Per pass kind (training forward, evaluation, backward): one thread or two, by measurement.
         self._thread_choices: dict[tuple[str, int], ThreadChoice] = {}
-        #: threads the latest pass of each kind ran on ("forward", "backward"), for benchmarks to report
+        #: threads the latest pass of each kind ran on ("forward", "evaluation", "backward"), for benchmarks
         self.threads_used: dict[str, int] = {}
         #: if set, every pass runs on this many threads (at most what the pass can use) instead of the
         #: thread choice's measured pick: for measuring one option on its own (`deepnet bench --threads`)
@@ -437,9 +437,10 @@ class CoreEngine:
         # Evaluation splits whole blocks (32 samples at width <= 4), as it always has; training's forward
         # may cut its blocks to 8 samples, which helps some activations only, so it is measured.
         most = min(self.threads, batch // MIN_SPLIT_BLOCK) if batch >= 2 * MIN_SPLIT_BLOCK else 1
-        choice = self._thread_choice("forward", most) if for_backward else None
-        n_parts = choice.pick() if choice is not None else min(self.fixed_threads or most, most)
-        self.threads_used["forward" if for_backward else "evaluation"] = n_parts
+        kind = "forward" if for_backward else "evaluation"
+        choice = self._thread_choice(kind, most, measured=for_backward)
+        n_parts = choice.pick()
+        self.threads_used[kind] = n_parts
         if n_parts > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepnet-forward")
         started = time.perf_counter()
@@ -463,8 +464,7 @@ class CoreEngine:
                         f.result()
                 if self.interrupt_check is not None:
                     self.interrupt_check()
-        if choice is not None:
-            choice.record(n_parts, time.perf_counter() - started)
+        choice.record(n_parts, time.perf_counter() - started)
         self._pending_backward = for_backward
         return h
 
@@ -552,10 +552,11 @@ class CoreEngine:
         (a benchmark should time the passes after that, not the trials; see ThreadChoice)."""
         return all(choice.settled for choice in self._thread_choices.values())
 
-    def _thread_choice(self, kind: str, most: int) -> ThreadChoice:
-        """The thread choice for one kind of pass at the current batch size."""
-        if self.fixed_threads:
-            return FixedThreads(min(self.fixed_threads, most))
+    def _thread_choice(self, kind: str, most: int, measured: bool = True) -> ThreadChoice | FixedThreads:
+        """The thread choice for one kind of pass at the current batch size: measured, or ``most``
+        threads when not, or the user's ``fixed_threads`` (at most ``most``)."""
+        if self.fixed_threads or not measured:
+            return FixedThreads(min(self.fixed_threads or most, most))
         key = (kind, self._work_batch)
         if key not in self._thread_choices:
             self._thread_choices[key] = ThreadChoice(most)
