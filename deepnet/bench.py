@@ -20,9 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from deepnet.errors import ConfigError
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
-from deepnet.recipe import _positive, init
+from deepnet.recipe import _non_negative_int, _positive, init
 
 #: Warm-up steps at most (the first step and the thread choices' trials take 5 on two cores).
 MAX_WARMUP_STEPS = 12
@@ -76,8 +75,7 @@ def run_bench(
     for name, value in (("layers", layers), ("width", width), ("batch", batch), ("steps", steps),
                         ("chunk-layers", chunk_layers), ("eval-batch", eval_batch)):
         _positive(name, value)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ConfigError(f"--threads must be an integer >= 0 (0: let the thread choice decide), got {threads!r}")
+    _non_negative_int("threads", threads, " (0: let the thread choice decide)")
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="deepnet-bench-") as tmp:
         path = Path(tmp) / "bench.h5"

@@ -68,6 +68,12 @@ def _positive(name: str, value, kind=int) -> None:
         raise ConfigError(f"--{name} must be > 0, got {value!r}")
 
 
+def _non_negative_int(name: str, value, meaning: str = "") -> None:
+    """Refuse anything but an integer >= 0 (``meaning``: what 0 means, for the message)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"--{name} must be an integer >= 0{meaning}, got {value!r}")
+
+
 def _non_negative_float(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"--{name} must be a finite number >= 0, got {value!r}")
@@ -283,8 +289,7 @@ def train(
     for name, value in (("layer-lr", layer_lr), ("head-lr", head_lr)):
         if value is not None:
             _non_negative_float(name, value)
-    if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 0:
-        raise ConfigError(f"--eval-samples must be an integer >= 0, got {eval_samples!r}")
+    _non_negative_int("eval-samples", eval_samples)
     if alpha is not None:
         _positive("alpha", alpha, float)
     if activation is not None:
