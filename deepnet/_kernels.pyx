@@ -28,6 +28,23 @@ include "_layer_loops.pxi"
 _fill_kernel_tables()
 
 
+def set_spin_seconds(double seconds) -> float:
+    """How long a backward thread that has to wait for the other spins before it sleeps; returns the
+    previous setting. Results never depend on it (tests set 0 to take the sleeping path every time).
+    Set it only while no backward call runs."""
+    global dn_spin_seconds
+    if not seconds >= 0:
+        raise ValueError(f"spin seconds must be >= 0, got {seconds}")
+    previous = dn_spin_seconds
+    dn_spin_seconds = seconds
+    return previous
+
+
+def sleep_count() -> int:
+    """Waits between the backward's threads so far that ended in sleeping rather than spinning."""
+    return dn_sleeps
+
+
 cdef extern from *:
     """
     static int dn_cpu_has_avx2_fma(void) {

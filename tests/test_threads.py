@@ -21,9 +21,7 @@ def layers_to_thread(module, width: int, batch: int, at_least: int) -> int:
     return max(at_least, int(1.5 * module.THREAD_MIN_WORK) // ((width * width + width) * batch) + 1)
 
 
-@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
-@pytest.mark.parametrize("width,batch", [(4, 16), (4, 24), (4, 40), (4, 8), (2, 3), (5, 16), (32, 1), (32, 4)])
-def test_threaded_backward_matches_one_thread(module, width, batch):
+def assert_threaded_backward_matches_one_thread(module, width: int, batch: int) -> None:
     rng = np.random.default_rng(width * 100 + batch)
     layers, save_every = layers_to_thread(module, width, batch, 600), 64
     kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
@@ -40,6 +38,31 @@ def test_threaded_backward_matches_one_thread(module, width, batch):
     assert np.array_equal(results[0][0], results[1][0])
     assert np.array_equal(results[0][1], results[1][1])
     assert not np.array_equal(results[0][0], params)  # the update really happened
+
+
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("width,batch", [(4, 16), (4, 24), (4, 40), (4, 8), (2, 3), (5, 16), (32, 1), (32, 4)])
+def test_threaded_backward_matches_one_thread(module, width, batch):
+    assert_threaded_backward_matches_one_thread(module, width, batch)
+
+
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
+def test_threads_that_sleep_instead_of_spinning_give_the_same_result(module):
+    """A thread that has to wait spins for up to ~2 ms, so on a quiet machine the sleeping path is
+    rare: with no spinning every wait sleeps, and the results still equal one thread's."""
+    previous = module.set_spin_seconds(0.0)
+    try:
+        before = module.sleep_count()
+        # two halves of the blocks, the recomputation pipeline (one block), per-sample widths
+        for width, batch in [(4, 16), (4, 40), (4, 8), (32, 1)]:
+            assert_threaded_backward_matches_one_thread(module, width, batch)
+        # the pipeline's first wait (for the second thread's first segment) always happens
+        assert module.sleep_count() > before
+    finally:
+        module.set_spin_seconds(previous)
+    assert module.set_spin_seconds(previous) == previous
+    with pytest.raises(ValueError, match="spin seconds"):
+        module.set_spin_seconds(-1.0)
 
 
 @pytest.mark.parametrize("batch", [64, 37, 16, 5])
