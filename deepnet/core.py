@@ -296,8 +296,9 @@ class ThreadChoice:
     """1 or ``most`` threads for a pass that is run again and again: whichever has been faster here.
 
     The second core pays only when it is free and when the kernels at hand use it well (at width 32
-    and batch 1 two threads measured 3-4x slower than one),
-    and one thread or two give the same result bit for bit. So the choice is made by measurement: the
+    and batch 1 two threads once measured 3-4x slower than one; since the backward's threads spin
+    rather than sleep while they wait, about as fast), and one thread or two give the same result bit
+    for bit. So the choice is made by measurement: the
     first pass is not counted (it pays for first touches of new buffers), then each option is tried
     ``TRIALS`` times (alternately) and the faster kept, trying the other again after ``RECHECK_EVERY``
     passes; each re-check that confirms the choice doubles the wait before the next (up to
