@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.flags import int_at_least
 
 KINDS = ("mlp",)
 KEYS = ("w1", "b1", "w2", "b2")
@@ -77,9 +78,7 @@ def check_options(branch: str | None, hidden: int | None) -> tuple[str | None, i
         raise ConfigError(f"--branch must be {' or '.join(KINDS)} (or omitted), got {branch!r}")
     if hidden is None:
         raise ConfigError("--branch mlp needs --hidden H (the branch's hidden units, e.g. 128)")
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ConfigError(f"--hidden must be an integer >= 1, got {hidden!r}")
-    return branch, hidden
+    return branch, int_at_least("hidden", hidden, 1)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.flags import int_at_least
 
 #: Floats per block of the blend: 256 KiB, so ``live - avg`` stays in L2 for the two operations after it.
 BLOCK_FLOATS = 1 << 16
@@ -76,8 +77,8 @@ def check_options(ema: float | None, ema_every: int | None, in_memory: bool) -> 
         return
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
         raise ConfigError(f"--ema must be a decay in [0, 1), e.g. 0.999, got {ema!r}")
-    if ema_every is not None and (isinstance(ema_every, bool) or not isinstance(ema_every, int) or ema_every < 1):
-        raise ConfigError(f"--ema-every must be an integer >= 1, got {ema_every!r}")
+    if ema_every is not None:
+        int_at_least("ema-every", ema_every, 1)
     if not in_memory:
         raise ConfigError("--ema needs --in-memory: the average is a second copy of the core in RAM, updated "
                           "every step, and streamed training keeps no copy of the core in RAM")

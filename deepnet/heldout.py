@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from deepnet.errors import ConfigError
+from deepnet.flags import int_at_least
 
 DATASET = "train/heldout"
 DTYPE = np.dtype([("step", "<i8"), ("heldout_loss", "<f8"), ("heldout_acc", "<f8")])
@@ -32,8 +33,7 @@ def check_options(holdout: int | None, eval_every: int | None, n_train: int) -> 
     if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < n_train:
         raise ConfigError(f"--holdout must be an integer in 0..{n_train - 1}, got {holdout!r}")
     if eval_every is not None:
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-            raise ConfigError(f"--eval-every must be an integer >= 1, got {eval_every!r}")
+        int_at_least("eval-every", eval_every, 1)
         if not holdout:
             raise ConfigError("--eval-every evaluates on the held-out images: give --holdout N too")
     elif holdout:

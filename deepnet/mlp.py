@@ -50,6 +50,7 @@ import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.flags import int_at_least
 from deepnet.formats.commit import json_default
 from deepnet.formats.hdf5 import fsync_dir
 
@@ -266,8 +267,7 @@ class MLP:
         """Freshly initialised: w1 He-uniform, w2 Xavier-uniform, zero biases (module docstring)."""
         for name, value, minimum in (("hidden", hidden, 1), ("input-dim", input_dim, 1),
                                      ("n-classes", n_classes, 2), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+            int_at_least(name, value, minimum)
         rng = np.random.default_rng([seed, 0])
         lim1 = math.sqrt(6.0 / input_dim)
         lim2 = math.sqrt(6.0 / (hidden + n_classes))
@@ -540,11 +540,6 @@ def require_kind(path: str | os.PathLike, kind: str, command: str) -> None:
 # the recipe: train and evaluate on MNIST
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_lr(value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"--lr must be a finite number > 0, got {value!r}")
@@ -581,9 +576,9 @@ def train_mlp(
     for name, value, minimum in (("steps", steps, 1), ("batch", batch, 1), ("train-limit", train_limit, 1),
                                  ("report-every", report_every, 1), ("samples", samples, 0), ("seed", seed, 0),
                                  ("threads", threads, 0)):
-        _check_int(name, value, minimum)
+        int_at_least(name, value, minimum)
     if hidden is not None:
-        _check_int("hidden", hidden, 1)
+        int_at_least("hidden", hidden, 1)
     _check_lr(lr)
     lr_at = parse_schedule(schedule, float(lr))
 
@@ -687,8 +682,8 @@ def evaluate_mlp(
     from deepnet.recipe import load_test_set
     from deepnet.report import format_seconds, print_fields, print_json
 
-    _check_int("samples", samples, 1)
-    _check_int("batch", batch, 1)
+    int_at_least("samples", samples, 1)
+    int_at_least("batch", batch, 1)
     net = MLP.load(model)
     x, y = load_test_set(data_dir, samples)
     result = net.evaluate(x, y, batch=batch)

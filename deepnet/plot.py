@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.flags import int_at_least
 
 #: Smallest and largest automatic moving-average window (steps); automatic = about 1/50 of the log.
 AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX = 1, 1000
@@ -120,8 +121,7 @@ def plot_training(
     """
     for name, value, minimum in (("smooth", smooth, 0), ("width", width, 100), ("height", height, 100),
                                  ("dpi", dpi, 10)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+        int_at_least(name, value, minimum)
     if width > 20_000 or height > 20_000:
         raise ConfigError(f"--width and --height must be <= 20000 pixels, got {width} x {height}")
     model = os.fspath(model)

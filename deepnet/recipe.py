@@ -24,6 +24,7 @@ from deepnet import ema as _ema
 from deepnet.data import ensure_mnist
 from deepnet.core import NonFiniteError
 from deepnet.errors import ConfigError, DeepnetError, ModelFileError
+from deepnet.flags import int_at_least
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
 from deepnet.formats.idx import load_mnist
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DEFAULT_EVAL_BATCH, DeepNet, EvalResult
@@ -66,12 +67,6 @@ def _positive(name: str, value, kind=int) -> None:
         raise ConfigError(f"--{name} must be finite, got {value!r}")
     if value <= 0:
         raise ConfigError(f"--{name} must be > 0, got {value!r}")
-
-
-def _non_negative_int(name: str, value, meaning: str = "") -> None:
-    """Refuse anything but an integer >= 0 (``meaning``: what 0 means, for the message)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"--{name} must be an integer >= 0{meaning}, got {value!r}")
 
 
 def _non_negative_float(name: str, value) -> None:
@@ -289,7 +284,7 @@ def train(
     for name, value in (("layer-lr", layer_lr), ("head-lr", head_lr)):
         if value is not None:
             _non_negative_float(name, value)
-    _non_negative_int("eval-samples", eval_samples)
+    int_at_least("eval-samples", eval_samples, 0)
     if alpha is not None:
         _positive("alpha", alpha, float)
     if activation is not None:

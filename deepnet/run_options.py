@@ -21,6 +21,7 @@ from deepnet import ema as _ema
 from deepnet import heldout as _heldout
 from deepnet import schedule as _schedule
 from deepnet.errors import ConfigError
+from deepnet.flags import int_at_least
 
 
 class RunOptions:
@@ -33,11 +34,10 @@ class RunOptions:
         # Cheap checks first: a bad flag is refused before any data is read or file created.
         _ema.check_options(ema, ema_every, in_memory)
         self.branch, self.hidden = _branch.check_options(branch, hidden)
-        if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0):
-            raise ConfigError(f"--holdout must be an integer >= 0, got {holdout!r}")
-        if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int)
-                                       or eval_every < 1):
-            raise ConfigError(f"--eval-every must be an integer >= 1, got {eval_every!r}")
+        if holdout is not None:
+            int_at_least("holdout", holdout, 0)
+        if eval_every is not None:
+            int_at_least("eval-every", eval_every, 1)
         self.flags = {"kind": schedule, "warmup": warmup, "final_ratio": final_lr_ratio, "decay_steps": decay_steps}
         if schedule is not None or warmup is not None or final_lr_ratio is not None:
             _schedule.Schedule(kind=schedule or "constant", warmup_steps=warmup or 0,

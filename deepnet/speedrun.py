@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet.errors import ConfigError, DeepnetError
+from deepnet.flags import int_at_least
 from deepnet.heldout import HeldOut
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.report import format_seconds, print_fields, print_json
@@ -104,9 +105,7 @@ def _check(recipe: SpeedrunRecipe) -> None:
         raise ConfigError(f"--target-acc must be in (0, 1], got {recipe.target_acc!r}")
     for name in ("layers", "width", "batch", "eval_every", "holdout", "max_steps", "chunk_layers",
                  "test_samples", "report_every"):
-        value = getattr(recipe, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        int_at_least(name.replace("_", "-"), getattr(recipe, name), 1)
     for name in ("layer_lr", "head_lr", "eval_gate"):
         value = getattr(recipe, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

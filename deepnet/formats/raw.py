@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.flags import int_at_least
 
 RAW_DTYPE = np.dtype("<f4")
 #: Bytes per streamed block (rounded to whole HDF5 storage chunks of the model).
@@ -64,9 +65,7 @@ def _implied_width(nbytes: int, input_dim: int, n_classes: int) -> int | None:
 def _int_flag(name: str, value: Any, minimum: int = 1) -> int:
     if value is None:
         raise ConfigError(f"--{name} is required")
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"--{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return int_at_least(name, value, minimum)
 
 
 def _path_flag(name: str, value: Any) -> str:
