@@ -37,6 +37,41 @@ def warm_up(step: Callable[[], float], net: DeepNet, most: int = MAX_WARMUP_STEP
     return times
 
 
+def cpu_ticks(stat_path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks of the whole machine so far, or None where the kernel does not say.
+
+    "Stolen" is the time a hypervisor ran something else while this machine's vCPUs wanted to run
+    (Linux's steal column). On a shared virtual machine it is the part of the noise in a benchmark
+    that the machine itself can see (it misses shorter pauses: on the project's machine a clock-reading
+    loop lost ~5% of its time while steal counted ~2%).
+    """
+    try:
+        with open(stat_path) as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    try:
+        # user nice system idle iowait irq softirq steal (guest time is already inside user)
+        ticks = [int(value) for value in fields[1:9]]
+    except ValueError:
+        return None
+    return ticks[7], sum(ticks)
+
+
+#: Fewest ticks (1/100 s of one CPU each) between two readings for a share worth reporting.
+MIN_STEAL_TICKS = 50
+
+
+def stolen_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time between two cpu_ticks() readings that was stolen (None if
+    either is missing or too little time passed to say)."""
+    if before is None or after is None or after[1] - before[1] < MIN_STEAL_TICKS:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far.
 
@@ -90,10 +125,12 @@ def run_bench(
 
             warmup_times = warm_up(step, net)
             step_times, step_threads = [], []
+            ticks_before = cpu_ticks()
             for _ in range(steps):
                 step_times.append(step())
                 used = net.engine.threads_used
                 step_threads.append([used["forward"], used["backward"]])
+            stolen = stolen_fraction(ticks_before, cpu_ticks())
             median = statistics.median(step_times)
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
@@ -103,6 +140,8 @@ def run_bench(
                 "step_times": step_times, "warmup_times": warmup_times,
                 # [forward, backward] threads of each timed step: the thread choice follows the machine
                 "step_threads": step_threads,
+                # share of the machine's CPU time the hypervisor gave elsewhere during the timed steps
+                "cpu_stolen_fraction": stolen,
                 "layer_samples_per_s": layers * batch / median,
             }
             if eval_images:

@@ -225,7 +225,9 @@ class DeepnetCLI:
         Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), runs warm-up steps
         (the first, then until the choice of one thread or two is made: 5 on two cores; 1 with
         --threads), times --steps steps, and prints the median seconds per step, layer-samples per
-        second and the threads each timed step's forward and backward passes ran on.
+        second, the threads each timed step's forward and backward passes ran on, and (on Linux) how much
+        of the machine's CPU time a hypervisor took for others meanwhile: on a shared virtual machine,
+        how disturbed the figures are.
 
         Args:
             layers: core layers.
@@ -260,6 +262,10 @@ class DeepnetCLI:
             "layer-samples/s": format_rate(result["layer_samples_per_s"]),
             "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",
         }
+        stolen = result["cpu_stolen_fraction"]
+        fields["cpu stolen"] = ("not measured (no steal count from the kernel, or timed steps too short to count)"
+                                if stolen is None else f"{100 * stolen:.1f}% of the machine's CPU time during the "
+                                "timed steps (run by the hypervisor for others)")
         if eval_images:
             fields["eval"] = f"{result['eval_images_per_s']:.1f} images/s over {eval_images} images"
         print_fields(fields)

@@ -131,6 +131,9 @@ def test_text_output(tmp_path):
                           cwd=tmp_path))
     assert "median of 2" in proc.stdout and "warm-up" in proc.stdout
     assert re.search(r"threads +forward/backward per step: [12]/[12] [12]/[12]\n", proc.stdout), proc.stdout
+    # how much CPU time the hypervisor took meanwhile (not measurable when the steps fit in a clock tick)
+    assert re.search(r"cpu stolen +(\d+\.\d% of the machine's CPU time during the timed steps|not measured)",
+                     proc.stdout), proc.stdout
 
 
 def test_aliases_take_the_original_flag_names(tmp_path):

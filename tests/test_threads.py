@@ -212,3 +212,28 @@ def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
     assert result["step_threads"] == [[threads, threads]] * 3
     chosen = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
     assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == 5
+
+
+def test_bench_reports_the_cpu_time_stolen_during_its_timed_steps(tmp_path, monkeypatch):
+    """Steal ticks from /proc/stat around the timed steps: their share of all ticks, or None where the
+    kernel does not report them (a bad or missing file is not an error)."""
+    from deepnet import bench
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+    assert bench.cpu_ticks(str(stat)) == (35, 1000)
+    assert bench.stolen_fraction((35, 1000), (60, 1500)) == pytest.approx(25 / 500)
+    assert bench.stolen_fraction(None, (60, 1500)) is None
+    assert bench.stolen_fraction((35, 1000), (35, 1000)) is None   # no time passed
+    assert bench.stolen_fraction((35, 1000), (36, 1000 + bench.MIN_STEAL_TICKS - 1)) is None   # too little
+    for bad in ("", "intr 1 2 3\n", "cpu 1 2 3\n", "cpu a b c d e f g h\n"):
+        stat.write_text(bad)
+        assert bench.cpu_ticks(str(stat)) is None
+    assert bench.cpu_ticks(str(tmp_path / "missing")) is None
+
+    monkeypatch.setenv("DEEPNET_THREADS", "1")
+    result = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
+    stolen = result["cpu_stolen_fraction"]   # None also when the timed steps fit in one clock tick
+    assert stolen is None or 0.0 <= stolen <= 1.0
+    if bench.cpu_ticks() is None:
+        assert stolen is None
