@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
-from deepnet.flags import int_at_least
-from deepnet.recipe import _positive, init
+from deepnet.flags import int_at_least, positive
+from deepnet.recipe import init
 
 #: Warm-up steps at most (the first step and the thread choices' trials take 5 on two cores).
 MAX_WARMUP_STEPS = 12
@@ -110,7 +110,7 @@ def run_bench(
     """
     for name, value in (("layers", layers), ("width", width), ("batch", batch), ("steps", steps),
                         ("chunk-layers", chunk_layers), ("eval-batch", eval_batch)):
-        _positive(name, value)
+        positive(name, value)
     int_at_least("threads", threads, 0, " (0: let the thread choice decide)")
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="deepnet-bench-") as tmp:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import numpy as np
 
 from deepnet.errors import ConfigError
@@ -15,3 +17,19 @@ def int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"--{name} must be an integer >= {minimum}{meaning}, got {value!r}")
     return int(value)
+
+
+def positive(name: str, value: Any, kind: type = int) -> None:
+    """Refuse anything but an integer > 0 (``kind=float``: a finite number > 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(f"--{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"--{name} must be finite, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"--{name} must be > 0, got {value!r}")
+
+
+def non_negative_number(name: str, value: Any) -> None:
+    """Refuse anything but a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"--{name} must be a finite number >= 0, got {value!r}")

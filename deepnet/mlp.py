@@ -50,7 +50,7 @@ import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
-from deepnet.flags import int_at_least
+from deepnet.flags import int_at_least, positive
 from deepnet.formats.commit import json_default
 from deepnet.formats.hdf5 import fsync_dir
 
@@ -540,11 +540,6 @@ def require_kind(path: str | os.PathLike, kind: str, command: str) -> None:
 # the recipe: train and evaluate on MNIST
 
 
-def _check_lr(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"--lr must be a finite number > 0, got {value!r}")
-
-
 def train_mlp(
     model: str | os.PathLike,
     *,
@@ -579,7 +574,7 @@ def train_mlp(
         int_at_least(name, value, minimum)
     if hidden is not None:
         int_at_least("hidden", hidden, 1)
-    _check_lr(lr)
+    positive("lr", lr, float)
     lr_at = parse_schedule(schedule, float(lr))
 
     path = Path(model)

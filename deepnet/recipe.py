@@ -24,7 +24,7 @@ from deepnet import ema as _ema
 from deepnet.data import ensure_mnist
 from deepnet.core import NonFiniteError
 from deepnet.errors import ConfigError, DeepnetError, ModelFileError
-from deepnet.flags import int_at_least
+from deepnet.flags import int_at_least, non_negative_number, positive
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
 from deepnet.formats.idx import load_mnist
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DEFAULT_EVAL_BATCH, DeepNet, EvalResult
@@ -58,20 +58,6 @@ RECIPE = Recipe()
 def mnist_inputs(images: np.ndarray) -> np.ndarray:
     """Pixels (n, 28, 28) uint8 -> (n, 784) float32 in [0, 1] (x = pixels / 255)."""
     return images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0)
-
-
-def _positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise ConfigError(f"--{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"--{name} must be finite, got {value!r}")
-    if value <= 0:
-        raise ConfigError(f"--{name} must be > 0, got {value!r}")
-
-
-def _non_negative_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"--{name} must be a finite number >= 0, got {value!r}")
 
 
 def load_training_set(data_dir: str | Path | None, train_limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,17 +262,17 @@ def train(
     the MLP branch (deepnet.branch).
     """
     for name, value in (("steps", steps), ("chunk-layers", chunk_layers), ("report-every", report_every)):
-        _positive(name, value)
+        positive(name, value)
     for name, value in (("batch", batch), ("train-limit", train_limit), ("checkpoint-every", checkpoint_every),
                         ("layers", layers), ("width", width)):
         if value is not None:
-            _positive(name, value)
+            positive(name, value)
     for name, value in (("layer-lr", layer_lr), ("head-lr", head_lr)):
         if value is not None:
-            _non_negative_float(name, value)
+            non_negative_number(name, value)
     int_at_least("eval-samples", eval_samples, 0)
     if alpha is not None:
-        _positive("alpha", alpha, float)
+        positive("alpha", alpha, float)
     if activation is not None:
         activations.get(activation)
     options = RunOptions(holdout=holdout, eval_every=eval_every, schedule=schedule, warmup=warmup,
@@ -541,11 +527,11 @@ def init(
 
     ``branch="mlp", hidden=H`` adds the residual MLP branch (deepnet.branch), drawn from its own stream.
     """
-    _positive("layers", layers)
-    _positive("width", width)
+    positive("layers", layers)
+    positive("width", width)
     activations.get(activation)
     if alpha is not None:
-        _positive("alpha", alpha, float)
+        positive("alpha", alpha, float)
     branch, hidden = _branch.check_options(branch, hidden)
     extra = None
     if branch is not None:
@@ -574,9 +560,9 @@ def evaluate(
     ``use_ema`` evaluates the weight average stored in the file (deepnet.ema) instead of the weights,
     reading the averaged core into RAM; it is an error if the file has none.
     """
-    _positive("samples", samples)
-    _positive("batch", batch)
-    _positive("chunk-layers", chunk_layers)
+    positive("samples", samples)
+    positive("batch", batch)
+    positive("chunk-layers", chunk_layers)
     x, y = load_test_set(data_dir, samples)
     with DeepNet.open(model, in_memory=in_memory, chunk_layers=chunk_layers) as net:
         state = net.file.state()

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet.errors import ConfigError, DeepnetError
-from deepnet.flags import int_at_least
+from deepnet.flags import int_at_least, non_negative_number
 from deepnet.heldout import HeldOut
 from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.report import format_seconds, print_fields, print_json
@@ -107,9 +107,7 @@ def _check(recipe: SpeedrunRecipe) -> None:
                  "test_samples", "report_every"):
         int_at_least(name.replace("_", "-"), getattr(recipe, name), 1)
     for name in ("layer_lr", "head_lr", "eval_gate"):
-        value = getattr(recipe, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}")
+        non_negative_number(name.replace("_", "-"), getattr(recipe, name))
 
 
 def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = None,
