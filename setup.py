@@ -5,11 +5,14 @@ included by ``deepnet/_kernels.pyx``. Compiler flags:
 
 - always ``-O3`` (plus flags that let the compiler vectorise without changing any result:
   ``-fno-math-errno``, ``-fno-trapping-math``; never ``-ffast-math``, which would reassociate sums);
-- by default two builds of the same source: ``deepnet._kernels`` for the compiler's portable baseline
-  and, on x86-64, ``deepnet._kernels_avx2`` with AVX2 + FMA; ``deepnet.kernels`` loads the AVX2 one
-  only after asking the CPU whether it has those instructions, so the package never dies with SIGILL;
+- by default one build per entry of ``deepnet.builds``: ``deepnet._kernels`` for the compiler's
+  portable baseline and, on x86-64, ``deepnet._kernels_avx2`` (AVX2 + FMA) and
+  ``deepnet._kernels_avx512`` (AVX-512 F/VL/BW/DQ); ``deepnet.kernels`` loads the fastest one only after
+  asking the CPU whether it has those instructions, so the package never dies with SIGILL;
 - ``DEEPNET_MARCH=native pip install .`` instead builds one ``_kernels`` for this CPU (``-march=native``):
   possibly a little faster here, but it may crash on an older CPU of the same family, so it is opt-in.
+
+The modules compile in parallel, one per core.
 """
 
 import os
@@ -24,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from deepnet.activations import BUILTINS  # noqa: E402
+from deepnet.builds import BASE_FLAGS, X86_BUILDS  # noqa: E402
 from deepnet.kernel_template import render_layer_loops  # noqa: E402
 
 
@@ -37,7 +41,7 @@ def write_if_changed(path: str, text: str) -> None:
 
 write_if_changed(os.path.join(HERE, "deepnet", "_layer_loops.pxi"), render_layer_loops(BUILTINS))
 
-BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-pthread"]
+BASE_ARGS = list(BASE_FLAGS) + ["-pthread"]
 
 
 def kernel_extension(module: str, extra_args: list[str]) -> Extension:
@@ -61,11 +65,15 @@ if march:
     # One build for the named CPU (e.g. native): fastest here, may die with SIGILL on an older CPU.
     extensions = [kernel_extension("_kernels", [f"-march={march}"])]
 else:
-    # A portable build, plus on x86-64 an AVX2+FMA build that deepnet.kernels picks at run time only on
-    # a CPU that has those instructions.
+    # A portable build, plus on x86-64 the builds deepnet.kernels picks at run time only on a CPU that
+    # has their instructions.
     extensions = [kernel_extension("_kernels", [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        extensions.append(kernel_extension("_kernels_avx2", ["-mavx2", "-mfma"]))
+        extensions += [kernel_extension(build.module, list(build.flags)) for build in X86_BUILDS]
 
 directives = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
-setup(ext_modules=cythonize(extensions, language_level=3, compiler_directives=directives))
+jobs = os.cpu_count() or 1
+setup(
+    ext_modules=cythonize(extensions, language_level=3, compiler_directives=directives, nthreads=jobs),
+    options={"build_ext": {"parallel": jobs}},
+)

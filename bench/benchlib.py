@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from deepnet.core import CoreEngine, InMemoryStore, choose_save_every
-from deepnet.kernels import LayerKernels, builtin_module
+from deepnet.errors import ActivationError
+from deepnet.kernels import LayerKernels, build_label, builtin_module
 from deepnet.model import DEFAULT_CHUNK_LAYERS
 
 # Timed rounds per benchmark: at least ROUNDS, and as many more (up to MAX_ROUNDS) as fit in BUDGET_S seconds.
@@ -35,26 +36,18 @@ _FIGURES: list[tuple[str, dict]] = []
 # -- kernels and workloads --------------------------------------------------------------------------
 
 def load_kernels(activation: str, build: str | None = None) -> LayerKernels:
-    """The compiled kernels of a built-in activation from one build ("auto", "portable", "avx2").
+    """The compiled kernels of a built-in activation from one build ("auto", "portable", "avx2", "avx512").
 
-    ``None`` follows $DEEPNET_KERNELS like ``deepnet.kernels.kernels_for``; "avx2" skips the test if this
-    CPU or this build has no AVX2+FMA kernels.
+    ``None`` follows $DEEPNET_KERNELS like ``deepnet.kernels.kernels_for``; a named build skips the test
+    if this CPU cannot run it or this installation lacks it (built with DEEPNET_MARCH, or not x86-64).
     """
-    if build == "avx2":
-        portable = builtin_module("portable")
-        if not portable.cpu_has_avx2_fma():
-            pytest.skip("this CPU has no AVX2+FMA")
-        try:
-            from deepnet import _kernels_avx2  # noqa: F401
-        except ImportError:
-            pytest.skip("this build has no AVX2 kernels (built with DEEPNET_MARCH or not on x86-64)")
-    module = builtin_module(build)
+    try:
+        module = builtin_module(build)
+    except ActivationError as exc:
+        if build is None:  # a bad $DEEPNET_KERNELS is an error, not a skip
+            raise
+        pytest.skip(str(exc))
     return LayerKernels(name=activation, module=module, index=module.activation_index(activation))
-
-
-def build_label(kernels: LayerKernels) -> str:
-    """Which compiled module ran, e.g. "_kernels_avx2 (avx2+fma)"."""
-    return f"{kernels.module.__name__.rsplit('.', 1)[-1]} ({kernels.module.BUILT_FOR})"
 
 
 class Workload:
@@ -84,7 +77,7 @@ class Workload:
 
     def describe(self) -> dict:
         return {"layers": self.layers, "width": self.width, "batch": self.batch, "activation": self.kernels.name,
-                "build": build_label(self.kernels), "save_every": self.save_every}
+                "build": build_label(self.kernels.module), "save_every": self.save_every}
 
     # Each *_setup restores the inputs the timed call consumes; pedantic() calls it before every round.
     def forward_setup(self):

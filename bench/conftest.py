@@ -11,8 +11,8 @@ extrapolated full-size figures vs targets) after pytest-benchmark's tables. Noth
 
 Environment knobs (optional): ``DEEPNET_BENCH_ROUNDS`` (minimum timed rounds per benchmark, default 5) and
 ``DEEPNET_BENCH_BUDGET`` (seconds of timed rounds to aim for per benchmark, default 0.3).
-The kernels build under test follows ``$DEEPNET_KERNELS`` (auto/portable/avx2) like the package does,
-except in test_portable.py, which loads both builds explicitly.
+The kernels build under test follows ``$DEEPNET_KERNELS`` (auto/portable/avx2/avx512) like the package does,
+except in test_portable.py, which loads each build explicitly.
 """
 
 from __future__ import annotations

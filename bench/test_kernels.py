@@ -3,7 +3,7 @@
 The kernels are called directly (``LayerKernels.forward`` / ``.backward`` on one chunk of random weights) and
 through ``CoreEngine`` (the engine DeepNet runs: chunks of 100,000 layers, checkpoints, forward split over
 threads where the batch allows). The build is the one the package picks (``$DEEPNET_KERNELS``, default
-auto = AVX2+FMA where the CPU has it); ``extra_info["build"]`` says which ran.
+auto = the fastest build the CPU runs: AVX-512, AVX2+FMA or portable); ``extra_info["build"]`` says which ran.
 
 Workloads: widths 2, 4, 8, 32 (specialised kernels) and 5 (the generic-width path), softsign / tanh / relu,
 batch 16 (and batch 1 at width 32, the per-sample path). Depths are modest (about 10-60 ms per call) so the

@@ -1,14 +1,15 @@
-"""The portable build against the AVX2+FMA build, side by side on the same workloads.
+"""The builds of the kernels side by side on the same workloads: portable, AVX2+FMA and AVX-512.
 
-``builtin_module("portable")`` (``deepnet._kernels``: baseline x86-64, SSE2 vectors) and
-``builtin_module("avx2")`` (``deepnet._kernels_avx2``: the same source built with -mavx2 -mfma, loaded at
-run time only if the CPU has AVX2+FMA) run the same weights, inputs and kernel calls. The avx2 cases are
-skipped on a CPU (or a build) without AVX2+FMA.
+``builtin_module("portable")`` (``deepnet._kernels``: baseline x86-64, SSE2 vectors),
+``builtin_module("avx2")`` (``deepnet._kernels_avx2``: the same source built with -mavx2 -mfma) and
+``builtin_module("avx512")`` (``deepnet._kernels_avx512``: with AVX-512 F/VL/BW/DQ as well) run the same
+weights, inputs and kernel calls; the fast builds are loaded only if the CPU has their instructions, and
+their cases are skipped on a CPU (or an installation) without them.
 
-Each workload is one pytest-benchmark group ("<kind> <shape>: portable vs avx2"), so the table shows
-the two builds next to each other; ``extra_info["build"]`` names the module that ran, and the avx2 case
-records ``speedup_vs_portable`` (portable median / avx2 median) when the portable case ran in the same
-session. forward = one chunk forward with checkpoints; backward = recompute + exact gradient with lr = 0.
+Each workload is one pytest-benchmark group ("<kind> <shape>: builds"), so the table shows the builds
+next to each other; ``extra_info["build"]`` names the module that ran, and each fast build records
+``speedup_vs_portable`` (portable median / its median) when the portable case ran in the same session.
+forward = one chunk forward with checkpoints; backward = recompute + exact gradient with lr = 0.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SHAPES = [
     ("softsign", 5, 16, 50_000),    # the generic-width loops
     ("softsign", 32, 1, 10_000),    # the per-sample path
 ]
-BUILDS = ["portable", "avx2"]
+BUILDS = ["portable", "avx2", "avx512"]
 CASES = [(shape, kind, build) for shape in SHAPES for kind in ("forward", "backward") for build in BUILDS]
 
 
@@ -44,7 +45,7 @@ _PORTABLE_MEDIANS: dict[tuple, float] = {}
 def test_build(benchmark, shape, kind, build):
     activation, width, batch, layers = shape
     w = Workload(load_kernels(activation, build), layers=layers, width=width, batch=batch)
-    benchmark.group = f"{kind} {_shape_id(shape)}: portable vs avx2"
+    benchmark.group = f"{kind} {_shape_id(shape)}: builds"
     run_kernel(benchmark, w, kind)
     median = record(benchmark, layer_samples=w.layer_samples, kind=kind, requested_build=build, **w.describe())
     if median is None:

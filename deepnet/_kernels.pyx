@@ -55,7 +55,19 @@ cdef extern from *:
         return 0;
     #endif
     }
-    #if defined(__AVX2__) && defined(__FMA__)
+    /* libgcc's checks also ask the OS (XCR0) whether it saves the 512-bit register state. */
+    static int dn_cpu_has_avx512(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return dn_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    #else
+        return 0;
+    #endif
+    }
+    #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__FMA__)
+    #define DN_BUILT_FOR "avx512"
+    #elif defined(__AVX2__) && defined(__FMA__)
     #define DN_BUILT_FOR "avx2+fma"
     #elif defined(__AVX__)
     #define DN_BUILT_FOR "avx"
@@ -68,12 +80,18 @@ cdef extern from *:
     #endif
     """
     int dn_cpu_has_avx2_fma() noexcept nogil
+    int dn_cpu_has_avx512() noexcept nogil
     const char* DN_BUILT_FOR
 
 
 def cpu_has_avx2_fma() -> bool:
     """Whether this CPU runs AVX2 and FMA instructions (False off x86)."""
     return bool(dn_cpu_has_avx2_fma())
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU (and OS) runs AVX-512 F/VL/BW/DQ with AVX2 and FMA (False off x86)."""
+    return bool(dn_cpu_has_avx512())
 
 
 BUILT_FOR = DN_BUILT_FOR.decode()

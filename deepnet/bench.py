@@ -20,8 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.flags import int_at_least, positive
+from deepnet.kernels import build_label
+from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.recipe import init
 
 #: Warm-up steps at most (the first step and the thread choices' trials take 5 on two cores).
@@ -143,6 +144,8 @@ def run_bench(
                 # share of the machine's CPU time the hypervisor gave elsewhere during the timed steps
                 "cpu_stolen_fraction": stolen,
                 "layer_samples_per_s": layers * batch / median,
+                # the compiled build that ran ($DEEPNET_KERNELS, else the fastest this CPU runs)
+                "kernels": build_label(net.kernels.module),
             }
             if eval_images:
                 x = rng.random((eval_images, net.input_dim), dtype=np.float32)

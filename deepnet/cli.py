@@ -227,7 +227,8 @@ class DeepnetCLI:
         --threads), times --steps steps, and prints the median seconds per step, layer-samples per
         second, the threads each timed step's forward and backward passes ran on, and (on Linux) how much
         of the machine's CPU time a hypervisor took for others meanwhile: on a shared virtual machine,
-        how disturbed the figures are.
+        how disturbed the figures are. The kernels are the fastest build this CPU runs (AVX-512, AVX2 or
+        portable), printed as "kernels"; $DEEPNET_KERNELS=portable|avx2|avx512 picks one.
 
         Args:
             layers: core layers.
@@ -260,6 +261,7 @@ class DeepnetCLI:
             "threads": "forward/backward per step: "
                        + " ".join(f"{fwd}/{bwd}" for fwd, bwd in result["step_threads"]),
             "layer-samples/s": format_rate(result["layer_samples_per_s"]),
+            "kernels": result["kernels"],
             "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",
         }
         stolen = result["cpu_stolen_fraction"]

@@ -57,10 +57,7 @@ def train_tiny(path, steps: int) -> None:
 
 
 def kernel_builds() -> list:
-    """The kernel modules this machine can run: the portable build, and the AVX2 one where the CPU has it."""
-    from deepnet.kernels import builtin_module
+    """The kernel modules this machine can run: the portable build, and AVX2 / AVX-512 where the CPU has them."""
+    from deepnet.kernels import runnable_builds
 
-    mods = [builtin_module("portable")]
-    if mods[0].cpu_has_avx2_fma():
-        mods.append(builtin_module("avx2"))
-    return mods
+    return runnable_builds()

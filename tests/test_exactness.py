@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import deepnet
-from deepnet import DeepNet, ModelFile, _kernels, activations
-from helpers import make_model
+from deepnet import DeepNet, ModelFile, activations
+from helpers import kernel_builds, make_model
 from reference import (
     Model64,
     assert_close,
@@ -202,21 +202,8 @@ def test_applied_update_is_the_finite_difference_gradient(tmp_path, activation, 
 # the kernels, called directly
 
 
-def _kernel_modules() -> dict:
-    """Every build of the built-in kernels this machine can run (the portable one, and AVX2+FMA if any)."""
-    import importlib
-
-    modules = {"portable": _kernels}
-    try:
-        avx2 = importlib.import_module("deepnet._kernels_avx2")
-    except ImportError:
-        return modules
-    if getattr(_kernels, "cpu_has_avx2_fma", lambda: False)():
-        modules["avx2"] = avx2
-    return modules
-
-
-KERNEL_MODULES = _kernel_modules()
+# Every build of the built-in kernels this machine can run (portable; AVX2, AVX-512 where the CPU has them).
+KERNEL_MODULES = {m.__name__.rsplit(".", 1)[-1]: m for m in kernel_builds()}
 
 
 @pytest.fixture(params=sorted(KERNEL_MODULES))

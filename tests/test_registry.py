@@ -20,7 +20,7 @@ from deepnet.activations import BUILTINS, Activation, plugins
 from deepnet.activations.check import check_kernels, kernel_act_and_grad
 from deepnet.errors import ActivationError, DeepnetError
 from deepnet.kernels import LayerKernels, builtin_module, in_builtin_module, kernels_for
-from helpers import make_model, read_weights
+from helpers import kernel_builds, make_model, read_weights
 from reference import Model64, assert_close, train_step
 
 BUILTIN_NAMES = ["tanh", "softsign", "relu", "identity", "leaky_relu", "hardtanh", "silu", "gelu", "sin"]
@@ -253,16 +253,6 @@ def builtin_kernels(name: str, module=None) -> LayerKernels:
     return LayerKernels(name, module, module.activation_index(name))
 
 
-def modules():
-    mods = [builtin_module("portable")]
-    if mods[0].cpu_has_avx2_fma():
-        try:
-            mods.append(builtin_module("avx2"))
-        except ActivationError:
-            pass
-    return mods
-
-
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_numpy_derivative_is_the_derivative_of_numpy_forward(name):
     act = activations.get(name)
@@ -273,7 +263,7 @@ def test_numpy_derivative_is_the_derivative_of_numpy_forward(name):
     np.testing.assert_allclose(act.derivative_np(z, act.forward_np(z)), fd, rtol=1e-6, atol=1e-8, err_msg=name)
 
 
-@pytest.mark.parametrize("module", modules(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_builtin_kernel_matches_numpy(name, module):
     act = activations.get(name)

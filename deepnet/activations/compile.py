@@ -3,8 +3,8 @@
 The kernels of a plugin's activation come from the very template the built-ins are compiled from:
 ``deepnet.kernel_template.render_layer_loops([activation])`` is rendered next to a copy of
 ``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
-the package's own build (``-O3 -fno-math-errno -fno-trapping-math -fopenmp-simd``, plus ``-mavx2 -mfma`` when the
-package uses its AVX2 build here), and loaded. So a plugin's kernel is the same code as a built-in's.
+the package's build in use here (``deepnet.builds``: ``-O3 -fno-math-errno -fno-trapping-math
+-fopenmp-simd``, plus the AVX2 or AVX-512 flags when the package runs that build), and loaded. So a plugin's kernel is the same code as a built-in's.
 
 Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
 
@@ -47,11 +47,10 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
+from deepnet import builds
 from deepnet.errors import ActivationError
 
 CACHE_ENV = "DEEPNET_CACHE"
-BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")  # as setup.py
-AVX2_FLAGS = ("-mavx2", "-mfma")
 # An unknown function in an expression is an error here, not a warning and a failed import later.
 CHECK_FLAGS = ("-Werror=implicit-function-declaration",)
 DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
@@ -107,10 +106,7 @@ def compile_flags() -> list[str]:
     """The flags of the package's own build of the kernels this process uses (see setup.py)."""
     from deepnet.kernels import builtin_module
 
-    flags = list(BASE_FLAGS)
-    if builtin_module().BUILT_FOR == "avx2+fma":
-        flags += AVX2_FLAGS
-    return flags + list(CHECK_FLAGS)
+    return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
 
 
 def _package_file(name: str) -> Path:

@@ -1,0 +1,54 @@
+"""The builds of the kernels: one template, compiled once per instruction set, picked at run time.
+
+Pure Python with no import of the compiled package, so ``setup.py`` reads it before anything is
+built. ``setup.py`` compiles ``deepnet._kernels`` for the compiler's portable baseline and, on x86-64,
+one more module per entry of ``X86_BUILDS``; ``deepnet.kernels`` loads the fastest one whose CPU check
+passes (the check asks the CPU, and the OS for its register state, so nothing dies with SIGILL); a
+plugin's activation is compiled with the flags of the build in use (``deepnet.activations.compile``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Flags every build shares: vectorise without changing any result (never -ffast-math, which would
+# reassociate sums and make the kernels disagree with one another and with the reference).
+BASE_FLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One compiled variant of the kernels."""
+
+    name: str                 # what $DEEPNET_KERNELS calls it
+    module: str               # the extension module inside ``deepnet``
+    flags: tuple[str, ...]    # compiler flags on top of BASE_FLAGS
+    built_for: str            # the module's BUILT_FOR, from the compiler's predefined macros
+    cpu_check: str | None     # function of the portable module that says whether this CPU runs it
+
+
+PORTABLE = KernelBuild("portable", "_kernels", (), "", None)
+AVX2 = KernelBuild("avx2", "_kernels_avx2", ("-mavx2", "-mfma"), "avx2+fma", "cpu_has_avx2_fma")
+# x86-64-v4's vector extensions: 16-float registers, so one register holds a unit of a batch of 16.
+AVX512 = KernelBuild(
+    "avx512", "_kernels_avx512",
+    ("-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"),
+    "avx512", "cpu_has_avx512",
+)
+
+# The x86-64 builds, fastest first: "auto" takes the first one this CPU runs.
+X86_BUILDS: tuple[KernelBuild, ...] = (AVX512, AVX2)
+ALL_BUILDS: tuple[KernelBuild, ...] = (PORTABLE,) + tuple(reversed(X86_BUILDS))  # slowest first
+CHOICES: tuple[str, ...] = ("auto",) + tuple(b.name for b in ALL_BUILDS)
+
+
+def by_name(name: str) -> KernelBuild:
+    return next(b for b in ALL_BUILDS if b.name == name)
+
+
+def flags_for(built_for: str) -> tuple[str, ...]:
+    """The extra flags of the build whose module reports ``built_for`` (none for the portable one)."""
+    for build in X86_BUILDS:
+        if build.built_for == built_for:
+            return build.flags
+    return ()
