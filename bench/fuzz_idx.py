@@ -4,7 +4,8 @@ an allocation the file could not fill.
 
     python bench/fuzz_idx.py                       # 20,000 examples of each property (a few minutes)
     python bench/fuzz_idx.py --examples 200000     # longer
-    python bench/fuzz_idx.py --atheris -- -runs=1000000   # coverage-guided, if atheris is installed
+    python bench/fuzz_idx.py --atheris --atheris-args=-runs=1000000   # coverage-guided, if atheris is installed
+    python bench/fuzz_idx.py --help                # the flags (a fire command line)
 
 The properties and input generators are those of tests/test_idx.py (random bytes, bytes behind a gzip
 magic, valid files, mutated valid files, headers claiming up to terabytes, mutated MNIST splits
@@ -13,7 +14,6 @@ through load_mnist); CI runs 200 examples of each. Prints how many inputs ran an
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 import tempfile
@@ -27,7 +27,10 @@ import test_idx as t  # noqa: E402  (the strategies and checks of the test suite
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from deepnet.errors import DataError  # noqa: E402
+import fire  # noqa: E402
+
+from deepnet.errors import DataError, DeepnetError  # noqa: E402
+from deepnet.flags import positive  # noqa: E402
 from deepnet.formats.idx import read_idx  # noqa: E402
 
 
@@ -90,23 +93,30 @@ def run_atheris(argv: list[str], scratch: Path) -> None:
     atheris.Fuzz()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=20_000, help="examples per property (default 20000)")
-    parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
-    parser.add_argument("--atheris", action="store_true", help="coverage-guided fuzzing with atheris instead")
-    args, rest = parser.parse_known_args()
+def fuzz(examples: int = 20_000, seed: int = None, atheris: bool = False, atheris_args: str = "") -> None:
+    """Fuzz deepnet.formats.idx with the test suite's properties; prints how many inputs ran and how they ended.
+
+    Args:
+        examples: hypothesis examples per property.
+        seed: hypothesis seed (default: random).
+        atheris: coverage-guided fuzzing with atheris (pip install atheris) instead of hypothesis.
+        atheris_args: libFuzzer flags for atheris, separated by spaces (e.g. "-runs=1000000").
+    """
+    positive("examples", examples)
     with tempfile.TemporaryDirectory(prefix="deepnet-fuzz-") as tmp:
         scratch = Path(tmp)
-        if args.atheris:
-            run_atheris([a for a in rest if a != "--"], scratch)
-            return 0
-        print(f"fuzzing deepnet.formats.idx: {args.examples:,} examples per property")
-        outcomes = run_hypothesis(args.examples, scratch, args.seed)
+        if atheris:
+            run_atheris(str(atheris_args).split(), scratch)
+            return
+        print(f"fuzzing deepnet.formats.idx: {examples:,} examples per property")
+        outcomes = run_hypothesis(examples, scratch, seed)
     total = outcomes.pop("total")
     print(f"{total:,} inputs, no failure; outcomes: {dict(outcomes)}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        fire.Fire(fuzz)
+    except DeepnetError as exc:  # a bad flag: one line, no traceback
+        print(f"fuzz_idx: error: {exc}", file=sys.stderr)
+        sys.exit(2)

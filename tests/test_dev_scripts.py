@@ -1,0 +1,50 @@
+"""The developer scripts in bench/ (long crash soaks and IDX fuzzing): fire command lines that run,
+report, and refuse a bad flag in one line. Tiny runs here; the long runs are what the scripts are for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import MNIST_DIR, have_mnist
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEEPNET_DATA=str(MNIST_DIR))
+    return subprocess.run([sys.executable, str(BENCH / name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_fuzz_idx_runs_every_property(tmp_path):
+    proc = run_script("fuzz_idx.py", "--examples", "20", "--seed", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "120 inputs, no failure" in proc.stdout  # six properties x 20 examples
+    assert "mutated MNIST splits" in proc.stdout
+
+
+@pytest.mark.skipif(not have_mnist(), reason="needs MNIST")
+def test_crash_soak_kills_and_checks(tmp_path):
+    proc = run_script("crash_soak.py", "--kills", "1", "--layers", "2000", "--steps", "40", "--modes", "in-memory",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "in-memory: 1 kills survived" in proc.stdout and "resumed to the end bit-exactly" in proc.stdout
+    assert "streamed:" not in proc.stdout
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("crash_soak.py", ["--modes", "streamed,bogus"], "--modes must be streamed, in-memory or both"),
+    ("crash_soak.py", ["--kills", "0"], "--kills must be > 0"),
+    ("fuzz_idx.py", ["--examples", "-5"], "--examples must be > 0"),
+])
+def test_a_bad_flag_is_one_line(tmp_path, name, args, message):
+    proc = run_script(name, *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
