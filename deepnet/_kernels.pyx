@@ -40,6 +40,17 @@ def set_spin_seconds(double seconds) -> float:
     return previous
 
 
+def set_fused_backward(bint enabled) -> bool:
+    """Whether the backward pass of narrow widths recomputes a block in the same loop that
+    back-propagates another (the default) or one after the other; returns the previous setting.
+    Results never depend on it (tests compare the two bit for bit). Set it only while no backward
+    call runs."""
+    global dn_fuse
+    previous = dn_fuse != 0
+    dn_fuse = 1 if enabled else 0
+    return previous
+
+
 def sleep_count() -> int:
     """Waits between the backward's threads so far that ended in sleeping rather than spinning."""
     return dn_sleeps
@@ -121,11 +132,11 @@ cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
 
 
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
-    """Floats of scratch a backward call needs: two buffer sets of a segment's states (twice a set:
-    even narrow widths keep two vectors per unit) and of its derivatives (one per thread),
-    DN_GRAD_BUFFERS of a segment's weight gradients (segments in flight between the threads), and two
-    threads' scratch."""
-    return (6 * _set_size(width, save_every) + DN_GRAD_BUFFERS * save_every * _grad_stride(width)
+    """Floats of scratch a backward call needs: four buffer sets of a segment's states (twice a set:
+    even narrow widths keep two vectors per unit) and of its derivatives (two per thread: one being
+    back-propagated, one being recomputed), DN_GRAD_BUFFERS of a segment's weight gradients (segments
+    in flight between the threads), and two threads' scratch."""
+    return (12 * _set_size(width, save_every) + DN_GRAD_BUFFERS * save_every * _grad_stride(width)
             + 2 * _scratch_size(width))
 
 
@@ -216,8 +227,8 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
         buf = &work[0]
     cdef Py_ssize_t set_floats = _set_size(w, save_every)
     cdef float* hbuf = buf
-    cdef float* dbuf = hbuf + 4 * set_floats   # hbuf's two sets are twice the size (dn_backward_run)
-    cdef float* grad = dbuf + 2 * set_floats
+    cdef float* dbuf = hbuf + 8 * set_floats   # hbuf's four sets are twice the size (dn_backward_run)
+    cdef float* grad = dbuf + 4 * set_floats
     cdef float* scratch = grad + DN_GRAD_BUFFERS * save_every * _grad_stride(w)
     cdef backward_fn fn = _BACKWARD[act][_variant(w)]
     try:

@@ -47,6 +47,52 @@ def test_threaded_backward_matches_one_thread(module, width, batch):
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("activation", ["softsign", "tanh", "relu"])
+@pytest.mark.parametrize("width,batch", [(4, 16), (4, 40), (4, 8), (4, 9), (3, 16), (2, 24), (1, 16), (8, 16)])
+def test_fused_backward_equals_recomputing_then_back_propagating(module, activation, width, batch):
+    """Narrow widths recompute one block in the loop that back-propagates another (one thread: the next
+    block or segment; two: each its own half): the weights and g come out bit for bit as with the
+    recomputation and back-propagation one after the other, on one thread or two. A last segment
+    shorter than the rest makes the two parts of a fused loop differ in length."""
+    rng = np.random.default_rng([width, batch, len(activation)])
+    save_every = 64
+    layers = layers_to_thread(module, width, batch, 600) // save_every * save_every + 37
+    kernels = LayerKernels(activation, module, module.activation_index(activation))
+    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
+    h = rng.standard_normal((width, batch)).astype(np.float32)
+    saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
+    alpha = 2.0 / layers  # relu's states grow by up to (1 + alpha |W|) a layer: stay finite at any depth
+    kernels.forward(params, h, alpha, saves, save_every)
+    assert np.all(np.isfinite(h))
+    g0 = rng.standard_normal((width, batch)).astype(np.float32)
+    results = {}
+    try:
+        for fused in (False, True):
+            module.set_fused_backward(fused)
+            for threads in (1, 2):
+                p, g = params.copy(), g0.copy()
+                kernels.backward(p, saves, save_every, g, alpha, 0.01, None, threads)
+                results[fused, threads] = (p, g)
+    finally:
+        module.set_fused_backward(True)
+    p_ref, g_ref = results[False, 1]
+    assert not np.array_equal(p_ref, params)  # the update really happened
+    assert np.all(np.isfinite(p_ref)) and np.all(np.isfinite(g_ref))
+    for key, (p, g) in results.items():
+        assert np.array_equal(p, p_ref), key
+        assert np.array_equal(g, g_ref), key
+
+
+def test_fused_backward_switch_reports_its_previous_setting():
+    module = kernel_builds()[-1]
+    try:
+        assert module.set_fused_backward(False) is True   # on by default
+        assert module.set_fused_backward(True) is False
+    finally:
+        module.set_fused_backward(True)
+
+
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 def test_threads_that_sleep_instead_of_spinning_give_the_same_result(module):
     """A thread that has to wait spins for up to ~2 ms, so on a quiet machine the sleeping path is
     rare: with no spinning every wait sleeps, and the results still equal one thread's."""
