@@ -122,8 +122,9 @@ cdef Py_ssize_t _variant(Py_ssize_t w) noexcept:
 
 
 cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept nogil:
-    # block state, z and g of the generic-width and per-sample paths
-    return 3 * w * MAX_BLOCK
+    # block state, z and g of the generic-width and per-sample paths, plus slack to align the vectors
+    # of the any-width path to 32 bytes (dn_align32)
+    return 3 * w * MAX_BLOCK + 8
 
 
 cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
