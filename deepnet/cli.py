@@ -7,6 +7,7 @@ Each method's docstring is its ``--help``. User errors (``DeepnetError``) print 
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 
 import fire
@@ -541,6 +542,17 @@ def _check_flags(args: list[str]) -> None:
         raise ConfigError(f"deepnet {args[0]} has no flag --{key.replace('_', '-')} (see `deepnet {args[0]} --help`)")
 
 
+def _ignore_stop_signals() -> None:
+    """Ignore Ctrl-C and SIGTERM from now on: the command has reported its stop and is exiting.
+
+    Presses can keep arriving (a held-down key, or presses that reach a busy machine late). The
+    interpreter's shutdown resets Python-level handlers to the default, which would kill the process
+    with the signal instead of letting it exit with its status; an ignored signal stays ignored.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deepnet` console command."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -558,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         detail = str(exc)
         print(f"deepnet: interrupted{': ' + detail if detail else ''}", file=sys.stderr)
+        if argv is None:  # the console command itself is about to exit
+            _ignore_stop_signals()
         return 128 + getattr(exc, "signum", 2)
     except fire.core.FireExit as exc:
         return exc.code if isinstance(exc.code, int) else 2

@@ -379,6 +379,31 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, mini, in_m
 
 
 @needs_mnist
+def test_ctrl_c_held_down_until_the_command_has_exited_still_exits_130(tmp_path, mini):
+    """Presses that keep arriving while the command reports the stop and exits (a held-down Ctrl-C, or
+    presses that reach a busy machine late) must not kill it with the signal: the interpreter's
+    shutdown resets Python-level handlers to the default, so the command ignores them from then on."""
+    path = new_model(tmp_path / "m.h5", layers=3000, chunk=100, seed=2)
+    proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
+                         "--train-limit", "1000", "--eval-samples", "0", "--json", env_data=mini)
+    wait_for_report(proc)
+    presses = 0
+    while proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            break
+        presses += 1
+        time.sleep(0.0005)
+    out, err = proc.communicate(timeout=120)
+    assert presses >= 3
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert re.search(r"deepnet: interrupted: (abandoned (saving )?step \d+|stopped after step \d+); ", err), err
+    assert file_state(path)["state"] == "healthy"
+
+
+@needs_mnist
 def test_ctrl_c_three_times_abandons_the_step(tmp_path, mini):
     path = new_model(tmp_path / "m.h5", layers=60000, chunk=1000, seed=2)
     proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
