@@ -29,10 +29,11 @@ class KernelBuild:
 
 PORTABLE = KernelBuild("portable", "_kernels", (), "", None)
 AVX2 = KernelBuild("avx2", "_kernels_avx2", ("-mavx2", "-mfma"), "avx2+fma", "cpu_has_avx2_fma")
-# x86-64-v4's vector extensions. The specialised kernels use 8-float vector types whatever the build,
-# so they gain from AVX-512's 32 registers and instructions, not its width. The loops GCC vectorises on
-# its own (the widths without a specialised variant) ran 1.3-2x slower with 512-bit vectors than with the
-# AVX2 build (width 5/6, batch 16, Zen 5) and no slower with -mprefer-vector-width=256.
+# x86-64-v4's vector extensions. The block kernels use 8-float vector types whatever the build, so they
+# gain from AVX-512's 32 registers and instructions, not its width. The loops GCC vectorises on its own
+# (one sample at a time, batch < 8, at widths without a variant of their own) do better with 256-bit
+# vectors: width 5, batch 4, backward on two threads 0.041-0.047 s with -mprefer-vector-width=256
+# against 0.067-0.071 s without (one 400k-layer chunk, Zen 5, two runs); other shapes alike.
 AVX512 = KernelBuild(
     "avx512", "_kernels_avx512",
     ("-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mprefer-vector-width=256"),

@@ -4,7 +4,8 @@ The kernels of a plugin's activation come from the very template the built-ins a
 ``deepnet.kernel_template.render_layer_loops([activation])`` is rendered next to a copy of
 ``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
 the package's build in use here (``deepnet.builds``: ``-O3 -fno-math-errno -fno-trapping-math
--fopenmp-simd``, plus the AVX2 or AVX-512 flags when the package runs that build), and loaded. So a plugin's kernel is the same code as a built-in's.
+-fopenmp-simd``, plus the AVX2 or AVX-512 flags when the package runs that build), and loaded. So a
+plugin's kernel is the same code as a built-in's.
 
 Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
 
