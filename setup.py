@@ -1,13 +1,13 @@
 """Build the Cython kernels.
 
-The layer loops are rendered from ``deepnet/_layer_loops.pxi.tp`` for every built-in activation and
+The layer loops are rendered from ``deepnet/kernels/layer_loops.pxi.tp`` for every built-in activation and
 included by ``deepnet/_kernels.pyx``. Compiler flags:
 
 - always ``-O3`` (plus flags that let the compiler vectorise without changing any result:
   ``-fno-math-errno``, ``-fno-trapping-math``; never ``-ffast-math``, which would reassociate sums);
-- by default one build per entry of ``deepnet.builds``: ``deepnet._kernels`` for the compiler's
+- by default one build per entry of ``deepnet.kernels.builds``: ``deepnet._kernels`` for the compiler's
   portable baseline and, on x86-64, ``deepnet._kernels_avx2`` (AVX2 + FMA) and
-  ``deepnet._kernels_avx512`` (AVX-512 F/VL/BW/DQ); ``deepnet.kernels`` loads the fastest one only after
+  ``deepnet._kernels_avx512`` (AVX-512 F/VL/BW/DQ); ``deepnet.kernels.loader`` loads the fastest one only after
   asking the CPU whether it has those instructions, so the package never dies with SIGILL;
 - ``DEEPNET_MARCH=native pip install .`` instead builds one ``_kernels`` for this CPU (``-march=native``):
   possibly a little faster here, but it may crash on an older CPU of the same family, so it is opt-in.
@@ -27,8 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from deepnet.activations import BUILTINS  # noqa: E402
-from deepnet.builds import BASE_FLAGS, X86_BUILDS  # noqa: E402
-from deepnet.kernel_template import render_layer_loops  # noqa: E402
+from deepnet.kernels.builds import BASE_FLAGS, X86_BUILDS  # noqa: E402
+from deepnet.kernels.template import render_layer_loops  # noqa: E402
 
 
 def write_if_changed(path: str, text: str) -> None:
@@ -65,7 +65,7 @@ if march:
     # One build for the named CPU (e.g. native): fastest here, may die with SIGILL on an older CPU.
     extensions = [kernel_extension("_kernels", [f"-march={march}"])]
 else:
-    # A portable build, plus on x86-64 the builds deepnet.kernels picks at run time only on a CPU that
+    # A portable build, plus on x86-64 the builds deepnet.kernels.loader picks at run time only on a CPU that
     # has their instructions.
     extensions = [kernel_extension("_kernels", [])]
     if platform.machine().lower() in ("x86_64", "amd64"):

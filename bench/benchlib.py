@@ -18,10 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from deepnet.core import CoreEngine, InMemoryStore, choose_save_every
+from deepnet.nn.engine import CoreEngine, InMemoryStore, choose_save_every
 from deepnet.errors import ActivationError
-from deepnet.kernels import LayerKernels, build_label, builtin_module
-from deepnet.model import DEFAULT_CHUNK_LAYERS
+from deepnet.kernels.loader import LayerKernels, build_label, builtin_module
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS
 
 # Timed rounds per benchmark: at least ROUNDS, and as many more (up to MAX_ROUNDS) as fit in BUDGET_S seconds.
 ROUNDS = max(1, int(os.environ.get("DEEPNET_BENCH_ROUNDS", "5")))
@@ -38,7 +38,7 @@ _FIGURES: list[tuple[str, dict]] = []
 def load_kernels(activation: str, build: str | None = None) -> LayerKernels:
     """The compiled kernels of a built-in activation from one build ("auto", "portable", "avx2", "avx512").
 
-    ``None`` follows $DEEPNET_KERNELS like ``deepnet.kernels.kernels_for``; a named build skips the test
+    ``None`` follows $DEEPNET_KERNELS like ``deepnet.kernels.loader.kernels_for``; a named build skips the test
     if this CPU cannot run it or this installation lacks it (built with DEEPNET_MARCH, or not x86-64).
     """
     try:

@@ -8,7 +8,7 @@ The same campaign as tests/test_crash.py (see tests/crash_harness.py for what is
 kill: the file opens; `deepnet check` says healthy or torn, never damaged; a healthy file is exactly the
 uninterrupted run's state at its step; a torn one holds step S+1 in the chunks it marks and step S
 elsewhere; and the file, resumed to the end, equals the uninterrupted run bit for bit). Needs MNIST in
-$DEEPNET_TEST_MNIST or /work/shared/data/mnist. Prints the counts.
+$DEEPNET_DATA. Prints the counts.
 """
 
 from __future__ import annotations

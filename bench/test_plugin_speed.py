@@ -29,8 +29,8 @@ import pytest
 
 from benchlib import _FIGURES, Workload, load_kernels, record, run_kernel
 from deepnet import activations
-from deepnet.activations import compile as compile_activation
-from deepnet.kernels import kernels_for
+from deepnet.kernels import jit as compile_activation
+from deepnet.kernels.loader import kernels_for
 
 COPY = "softsign_copy"
 SHAPES = [
@@ -129,7 +129,7 @@ def test_first_use_and_cached_load(benchmark, tmp_path):
     if benchmark.disabled:
         pytest.skip("a timing only (and a compile): not run under --benchmark-disable")
     code = _REGISTER + (
-        "import json, time; from deepnet.kernels import kernels_for; from deepnet.activations import compile as c\n"
+        "import json, time; from deepnet.kernels.loader import kernels_for; from deepnet.kernels import jit as c\n"
         f"t = time.perf_counter(); kernels_for({COPY!r}); s = time.perf_counter() - t\n"
         "print(json.dumps({'seconds': s, 'events': [e['event'] for e in c.history()]}))"
     )

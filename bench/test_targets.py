@@ -1,4 +1,4 @@
-"""One benchmark per target in /work/shared/docs/TARGETS.md, scaled down so a benchmark run stays short.
+"""One benchmark per target in TARGETS.md (../shared/docs/ beside the checkout), scaled down so a benchmark run stays short.
 
 Each runs the real thing -- a ``DeepNet`` over a model file made by ``deepnet.init`` (core weights uniform in
 [-0.001, 0.001], alpha = 1/sqrt(L)), random inputs and labels (a step's time does not depend on the data),
@@ -32,9 +32,9 @@ import numpy as np
 import pytest
 
 from benchlib import ROUNDS, median_seconds, record, run_pedantic
-from deepnet.bench import warm_up
-from deepnet.model import DeepNet
-from deepnet.recipe import init
+from deepnet.tools.bench import warm_up
+from deepnet.nn.network import DeepNet
+from deepnet.training.recipe import init
 
 FULL_LAYERS = 10_000_000
 STEP_LAYERS = 1_000_000     # timed depth of the step targets (1/10 of the full size)

@@ -6,8 +6,8 @@ The Python API (the `deepnet` command is a thin layer over it):
 - ``deepnet.DeepNet.open(path, writable=True, in_memory=False)`` opens one, with
   ``net.train_step(x, y, layer_lr=..., head_lr=...)``, ``net.evaluate(x, y)``, ``net.logits(x)``, ``net.save()``;
 - ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, samples=...)`` run the MNIST recipe
-  (options: schedules, held-out evaluation, weight average, MLP branch: see deepnet.run_options);
-- ``deepnet.speedrun.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its
+  (options: schedules, held-out evaluation, weight average, MLP branch: see deepnet.training.options);
+- ``deepnet.training.speedrun.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its
   recipe: ``deepnet.SPEEDRUN``);
 - ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
 """
@@ -15,16 +15,16 @@ The Python API (the `deepnet` command is a thin layer over it):
 __version__ = "0.1.0"
 
 _API = {
-    "DeepNet": "deepnet.model",
-    "StepResult": "deepnet.model",
-    "EvalResult": "deepnet.model",
+    "DeepNet": "deepnet.nn.network",
+    "StepResult": "deepnet.nn.network",
+    "EvalResult": "deepnet.nn.network",
     "ModelFile": "deepnet.formats.hdf5",
-    "init": "deepnet.recipe",
-    "train": "deepnet.recipe",
-    "evaluate": "deepnet.recipe",
-    "RECIPE": "deepnet.recipe",
-    "SPEEDRUN": "deepnet.speedrun",
-    "Schedule": "deepnet.schedule",
+    "init": "deepnet.training.recipe",
+    "train": "deepnet.training.recipe",
+    "evaluate": "deepnet.training.recipe",
+    "RECIPE": "deepnet.training.recipe",
+    "SPEEDRUN": "deepnet.training.speedrun",
+    "Schedule": "deepnet.training.schedule",
 }
 
 __all__ = sorted(_API) + ["__version__"]

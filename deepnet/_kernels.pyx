@@ -1,6 +1,6 @@
 """Compiled residual-layer kernels: h <- h + alpha * act(h W + b), forward and exact backward.
 
-The loops themselves come from one template (``_layer_loops.pxi.tp``) rendered for every registered
+The loops themselves come from one template (``kernels/layer_loops.pxi.tp``) rendered for every registered
 built-in activation and a set of widths; this module is the thin checked layer over them. Each call
 runs a whole chunk of layers without the GIL and without touching a Python object per layer.
 

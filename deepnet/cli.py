@@ -13,15 +13,16 @@ import sys
 import fire
 
 from deepnet import activations as _activations
-from deepnet import mlp as _mlp
-from deepnet import recipe as _recipe
-from deepnet import speedrun as _speedrun
+from deepnet.nn import mlp as _mlp
+from deepnet.training.mlp import MLP_RECIPE
+from deepnet.training import recipe as _recipe
+from deepnet.training import speedrun as _speedrun
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.report import format_rate, print_fields, print_json
 
 R = _recipe.RECIPE
 _SR = _speedrun.SPEEDRUN
-_MLP = _mlp.MLP_RECIPE
+_MLP = MLP_RECIPE
 
 
 class DeepnetCLI:
@@ -174,7 +175,7 @@ class DeepnetCLI:
         --eval-gate below the target), stops at the target, then evaluates the full test set. The headline,
         time to target, is wall clock from the first step to the end of the evaluation that reached it:
         held-out evaluations included; data loading, model creation and the test evaluation excluded.
-        Every default is deepnet.speedrun.SPEEDRUN. Exit status 1 if --max-steps ran out first.
+        Every default is deepnet.training.speedrun.SPEEDRUN. Exit status 1 if --max-steps ran out first.
 
         Args:
             target_acc: held-out accuracy to reach.
@@ -202,7 +203,7 @@ class DeepnetCLI:
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print one JSON object (and one per report) instead of text.
         """
-        from deepnet.speedrun import TargetNotReached, speedrun
+        from deepnet.training.speedrun import TargetNotReached, speedrun
 
         report = speedrun(model=model, workdir=workdir, data_dir=data_dir, json=json, target_acc=target_acc,
                           layers=layers, width=width, activation=activation, batch=batch, layer_lr=layer_lr,
@@ -246,7 +247,7 @@ class DeepnetCLI:
                 letting the thread choice measure one against two, as training does (0).
             json: print one JSON object.
         """
-        from deepnet.bench import run_bench
+        from deepnet.tools.bench import run_bench
 
         result = run_bench(layers=layers, width=width, activation=activation, batch=batch, steps=steps,
                            in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_images,
@@ -281,12 +282,12 @@ class DeepnetCLI:
             json: print one JSON object instead of text.
         """
         from deepnet.formats.hdf5 import ModelFile
-        from deepnet.mlp import MLP, model_kind
+        from deepnet.nn.mlp import MLP, model_kind
 
         if model_kind(model) == "mlp":
             summary = MLP.load(model).summary(model)
         else:
-            from deepnet.run_options import summary as _extras
+            from deepnet.training.options import summary as _extras
 
             with ModelFile.open(model) as f:
                 summary = f.summary()
@@ -307,7 +308,7 @@ class DeepnetCLI:
             model: HDF5 model file.
             json: print one JSON object instead of text.
         """
-        from deepnet.check import check_model
+        from deepnet.tools.check import check_model
 
         report = check_model(model)
         if json:
@@ -324,7 +325,7 @@ class DeepnetCLI:
                   json: bool = False) -> None:
         """Train the baseline 784-hidden-10 ReLU MLP (NumPy, minibatch SGD), creating the file if missing.
 
-        The defaults are deepnet.mlp.MLP_RECIPE (hidden 512, batch 128, lr 0.2 cosine, 15000 steps).
+        The defaults are deepnet.training.mlp.MLP_RECIPE (hidden 512, batch 128, lr 0.2 cosine, 15000 steps).
         The original experiment's run: --hidden 128 --batch 128 --steps 5000 --lr 0.05 --schedule step:2500=0.03.
         An existing model continues from its saved step; --hidden must then agree with the file.
 
@@ -344,7 +345,7 @@ class DeepnetCLI:
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print JSON lines (one per report and a final object) instead of a table.
         """
-        from deepnet.mlp import train_mlp
+        from deepnet.training.mlp import train_mlp
 
         train_mlp(model, hidden=hidden, steps=steps, batch=batch, lr=lr, schedule=schedule, seed=seed,
                   train_limit=train_limit, report_every=report_every, samples=samples, threads=threads,
@@ -361,7 +362,7 @@ class DeepnetCLI:
             data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
             json: print one JSON object instead of text.
         """
-        from deepnet.mlp import evaluate_mlp
+        from deepnet.training.mlp import evaluate_mlp
 
         evaluate_mlp(model, samples=samples, batch=batch, data_dir=data_dir, json=json)
 
@@ -439,7 +440,7 @@ class DeepnetCLI:
             height: image height in pixels.
             json: print one JSON object.
         """
-        from deepnet.plot import plot_training
+        from deepnet.tools.plot import plot_training
 
         result = plot_training(model, out, smooth=smooth, width=width, height=height)
         if json:
@@ -453,7 +454,7 @@ class DeepnetCLI:
         Args:
             dest: target directory; default $DEEPNET_DATA, else a per-user cache directory.
         """
-        from deepnet.data import default_data_dir, fetch_mnist
+        from deepnet.data.mnist import default_data_dir, fetch_mnist
 
         path = fetch_mnist(dest if dest is not None else default_data_dir())
         print(f"MNIST is in {path}")
@@ -474,7 +475,7 @@ class DeepnetCLI:
             json: print JSON (one object per activation, or the check's result) instead of text.
         """
         from deepnet.activations import check as _check
-        from deepnet.activations import compile as _compile
+        from deepnet.kernels import jit as _compile
         from deepnet.activations import plugins as _plugins
 
         if action == "list":
@@ -501,7 +502,7 @@ class DeepnetCLI:
         elif action == "compile":
             names = [name] if name else [n for n in _activations.available()
                                          if _compile.status(_activations.get(n)) == "not yet"]
-            from deepnet.kernels import kernels_for
+            from deepnet.kernels.loader import kernels_for
 
             for act_name in names:
                 module = kernels_for(act_name).module

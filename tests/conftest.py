@@ -11,7 +11,11 @@ import pytest
 # tests/reference.py and tests/helpers.py are imported by name from the test modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import MNIST_DIR, have_mnist  # noqa: E402
+from helpers import MNIST_DIR, have_mnist, require_mnist_in_ci  # noqa: E402
+
+
+def pytest_configure(config) -> None:
+    require_mnist_in_ci()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet.check import check_model
+from deepnet.tools.check import check_model
 from deepnet.formats.hdf5 import HEAD_KEYS, ModelFile, stale_temporaries
 from deepnet.formats.idx import load_mnist, write_idx
 
@@ -100,7 +100,7 @@ def build_reference(setup: CrashSetup, path: Path) -> Reference:
 
     (test_crash checks that a real uninterrupted `deepnet train` ends with the same weights.)"""
     from deepnet import DeepNet, RECIPE
-    from deepnet.recipe import mnist_inputs
+    from deepnet.training.recipe import mnist_inputs
 
     create_model(setup, path)
     images, labels = load_mnist(setup.data_dir, "train")

@@ -12,7 +12,7 @@ import pytest
 from deepnet.activations import BUILTINS, get
 from deepnet.activations.check import kernel_act_and_grad as probe
 from helpers import kernel_builds
-from deepnet.kernels import LayerKernels, kernels_for
+from deepnet.kernels.loader import LayerKernels, kernels_for
 
 # Points across the whole float32 range that matters: tiny, around 1, large, and the signed zeros.
 Z = np.concatenate([

@@ -1,4 +1,4 @@
-"""The residual MLP branch (deepnet.branch): the combined step is exact, it is stored and loaded with the
+"""The residual MLP branch (deepnet.nn.branch): the combined step is exact, it is stored and loaded with the
 model, evaluation includes it, and a model without one behaves exactly as before."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import deepnet
 import reference_branch as rb
 from deepnet import DeepNet, ModelFile
-from deepnet.branch import MLPBranch
+from deepnet.nn.branch import MLPBranch
 from deepnet.errors import ConfigError
 from helpers import MNIST_DIR, have_mnist, read_weights
 from reference import Model64, assert_close, assert_update_close, softmax_xent

@@ -11,16 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepnet import DeepNet, builds
-from deepnet.activations import compile as compile_activation
+from deepnet import DeepNet
+from deepnet.kernels import builds
+from deepnet.kernels import jit as compile_activation
 from deepnet.errors import ActivationError
-from deepnet.kernels import KERNELS_ENV, build_label, builtin_module, kernels_for, runnable_builds
+from deepnet.kernels.loader import KERNELS_ENV, build_label, builtin_module, kernels_for, runnable_builds
 from helpers import kernel_builds, make_model, read_weights
 from reference import assert_close
 
 
 def build_of(module) -> builds.KernelBuild:
-    """The entry of deepnet.builds that a loaded kernel module was built from."""
+    """The entry of deepnet.kernels.builds that a loaded kernel module was built from."""
     return next(b for b in builds.ALL_BUILDS if module.__name__ == f"deepnet.{b.module}")
 
 

@@ -132,7 +132,7 @@ def test_text_output(tmp_path):
     assert "median of 2" in proc.stdout and "warm-up" in proc.stdout
     assert re.search(r"threads +forward/backward per step: [12]/[12] [12]/[12]\n", proc.stdout), proc.stdout
     # which compiled build ran: the fastest this CPU runs
-    from deepnet.kernels import build_label, builtin_module
+    from deepnet.kernels.loader import build_label, builtin_module
     assert re.search(rf"kernels +{re.escape(build_label(builtin_module()))}\n", proc.stdout), proc.stdout
     # how much CPU time the hypervisor took meanwhile (not measurable when the steps fit in a clock tick)
     assert re.search(r"cpu stolen +(\d+\.\d% of the machine's CPU time during the timed steps|not measured)",

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepnet import data
+from deepnet.data import mnist as data
 from deepnet.errors import DataError
 from deepnet.formats.idx import encode_idx, load_mnist, write_idx
 

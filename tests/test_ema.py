@@ -1,4 +1,4 @@
-"""The weight average (deepnet.ema): its arithmetic, the Lookahead-style variant, what the file stores,
+"""The weight average (deepnet.training.ema): its arithmetic, the Lookahead-style variant, what the file stores,
 evaluation with the average, and the refusals."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import pytest
 
 import deepnet
 import reference_branch as rb
-from deepnet import DeepNet, ModelFile, ema
+from deepnet import DeepNet, ModelFile
+from deepnet.training import ema
 from deepnet.errors import ConfigError
-from deepnet.recipe import load_test_set
+from deepnet.training.recipe import load_test_set
 from helpers import MNIST_DIR, have_mnist, make_model
 from reference import Model64, assert_close, softmax_xent
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from helpers import kernel_builds
-from deepnet.kernels import LayerKernels
+from deepnet.kernels.loader import LayerKernels
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)

@@ -1,4 +1,4 @@
-"""Held-out evaluation while training (deepnet.heldout), the table's new columns, /train/heldout, and
+"""Held-out evaluation while training (deepnet.training.heldout), the table's new columns, /train/heldout, and
 what `deepnet info` and `deepnet plot` make of it."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import deepnet
 from deepnet import ModelFile
 from deepnet.errors import ConfigError
-from deepnet.heldout import DTYPE, read_rows, train_limit
-from deepnet.plot import merge_heldout, read_train_log
+from deepnet.training.heldout import DTYPE, read_rows, train_limit
+from deepnet.tools.plot import merge_heldout, read_train_log
 
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
@@ -82,7 +82,7 @@ def test_plot_and_info_use_heldout(tmp_path, mnist_dir, capsys):
     rows, _ = read_train_log(path)
     assert {"heldout_acc", "heldout_loss"} <= set(rows.dtype.names)
     assert np.isnan(rows["heldout_acc"][0]) and np.isfinite(rows["heldout_acc"][1])
-    from deepnet.plot import plot_training
+    from deepnet.tools.plot import plot_training
 
     result = plot_training(path, tmp_path / "c.png", width=400, height=300)
     assert "heldout_acc" in result["columns"] and "heldout_loss" in result["columns"]

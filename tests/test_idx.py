@@ -96,7 +96,7 @@ def test_images_and_labels_readers(tmp_path):
 
 
 def real_data_dir() -> Path | None:
-    for candidate in (os.environ.get("DEEPNET_DATA"), "/work/shared/data/mnist"):
+    for candidate in (os.environ.get("DEEPNET_DATA"),):
         if candidate and all(
             idx.find_idx_file(candidate, name) is not None
             for split in ("train", "test")

@@ -1,4 +1,4 @@
-"""The recipe learns MNIST (the real data set, /work/shared/data/mnist or $DEEPNET_DATA)."""
+"""The recipe learns MNIST (the real data set, found through $DEEPNET_DATA)."""
 
 from __future__ import annotations
 

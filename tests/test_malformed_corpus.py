@@ -154,7 +154,7 @@ def nan_weights(d: Path) -> None:
 
 
 def mlp_model(d: Path) -> None:
-    from deepnet.mlp import MLP
+    from deepnet.nn.mlp import MLP
 
     MLP.new(8, seed=0).save(d / "mlp.h5")
 

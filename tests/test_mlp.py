@@ -1,4 +1,4 @@
-"""The baseline MLP (deepnet.mlp, `deepnet train-mlp` / `eval-mlp`): the gradient, the file, resuming,
+"""The baseline MLP (deepnet.nn.mlp, `deepnet train-mlp` / `eval-mlp`): the gradient, the file, resuming,
 the schedules, the errors, and learning on real MNIST (a small fast budget; the full recipe is slow)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import deepnet
 from deepnet.cli import main
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import LOG_DTYPE
-from deepnet.mlp import MLP, MLP_RECIPE, ORIGINAL_MLP_RECIPE, evaluate_mlp, model_kind, parse_schedule, train_mlp
+from deepnet.nn.mlp import MLP, model_kind
+from deepnet.training.mlp import MLP_RECIPE, ORIGINAL_MLP_RECIPE, evaluate_mlp, parse_schedule, train_mlp
 
 
 def _files(directory: Path) -> list[str]:
@@ -237,14 +238,14 @@ def test_default_recipe_reaches_0975_on_the_full_test_set(tmp_path, mnist_dir):
 
 
 def test_blas_threads_are_limited_and_restored():
-    from deepnet.mlp import _openblas_controls, blas_threads
+    from deepnet.nn.blas import openblas_controls, blas_threads
 
-    before = [n for _, n in _openblas_controls()]
+    before = [n for _, n in openblas_controls()]
     if not before:
         pytest.skip("no OpenBLAS found in this process")
     with blas_threads(1):
-        assert all(n == 1 for _, n in _openblas_controls())
-    assert [n for _, n in _openblas_controls()] == before
+        assert all(n == 1 for _, n in openblas_controls())
+    assert [n for _, n in openblas_controls()] == before
 
 
 @pytest.mark.parametrize("corrupt, match", [

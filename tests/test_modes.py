@@ -15,7 +15,7 @@ import pytest
 
 import deepnet
 from deepnet import DeepNet, ModelFile
-from deepnet.core import MappedStore, contiguous_runs, file_store
+from deepnet.nn.engine import MappedStore, contiguous_runs, file_store
 from helpers import make_model, read_weights
 
 

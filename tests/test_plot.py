@@ -1,4 +1,4 @@
-"""Training curves (deepnet.plot, `deepnet plot`): a real, non-trivial image for dense and mlp files."""
+"""Training curves (deepnet.tools.plot, `deepnet plot`): a real, non-trivial image for dense and mlp files."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import deepnet
 from deepnet.cli import main
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import ModelFile
-from deepnet.mlp import MLP
-from deepnet.plot import moving_average, plot_training
+from deepnet.nn.mlp import MLP
+from deepnet.tools.plot import moving_average, plot_training
 
 pytest.importorskip("matplotlib")
 

@@ -22,10 +22,11 @@ import pytest
 
 import deepnet
 from deepnet import DeepNet, activations
-from deepnet.activations import Activation, compile as compile_activation, plugins
+from deepnet.activations import Activation, plugins
+from deepnet.kernels import jit as compile_activation
 from deepnet.activations.check import check_activation
 from deepnet.errors import ActivationError
-from deepnet.kernels import builtin_module, kernels_for
+from deepnet.kernels.loader import builtin_module, kernels_for
 from helpers import make_model, read_weights
 from reference import Model64, assert_close, train_step
 
@@ -153,7 +154,7 @@ def test_first_use_compiles_into_the_cache_and_a_second_process_loads_it(compile
     assert not list((kernel_cache / "kernels").glob(".build-*"))  # nothing left of the builds
 
     code = ("import json, time; t = time.perf_counter()\n"
-            "from deepnet.kernels import kernels_for; from deepnet.activations import compile as c\n"
+            "from deepnet.kernels.loader import kernels_for; from deepnet.kernels import jit as c\n"
             "k = kernels_for('softsign_plugin')\n"
             "print(json.dumps({'seconds': time.perf_counter() - t, 'events': c.history(), 'file': k.module.__file__}))")
     proc = _python(code, PYTHONPATH=example_site, DEEPNET_CACHE=kernel_cache)
@@ -380,7 +381,7 @@ def test_a_broken_cache_entry_is_set_aside_and_rebuilt(fake_compiler, tmp_path, 
 @pytest.mark.slow
 def test_two_processes_using_a_plugin_first_at_once(compiled, example_site, tmp_path):
     """Two processes use isru for the first time together: one compiles, the other waits and loads it."""
-    code = ("import json; from deepnet.kernels import kernels_for; from deepnet.activations import compile as c\n"
+    code = ("import json; from deepnet.kernels.loader import kernels_for; from deepnet.kernels import jit as c\n"
             "k = kernels_for('isru'); print(json.dumps({'events': c.history(), 'file': k.module.__file__}))")
     env = _env(PYTHONPATH=example_site, DEEPNET_CACHE=tmp_path)
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -16,7 +16,7 @@ from deepnet.errors import ConfigError, DeepnetError, ModelFileError
 from deepnet.formats import raw
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.raw import dense_head_bytes, dense_weights_bytes, export_raw, import_raw, mlp_head_bytes
-from deepnet.mlp import MLP
+from deepnet.nn.mlp import MLP
 from helpers import make_model, read_weights
 
 
@@ -92,7 +92,7 @@ def test_trained_dense_model_survives_export_and_import(tmp_path, mnist_dir, sma
 
 
 def test_trained_mlp_survives_export_and_import(tmp_path, mnist_dir):
-    from deepnet.mlp import evaluate_mlp, train_mlp
+    from deepnet.training.mlp import evaluate_mlp, train_mlp
 
     train_mlp(tmp_path / "a.h5", hidden=24, steps=40, batch=32, train_limit=1000, samples=0, json=True,
               progress=False)

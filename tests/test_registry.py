@@ -19,7 +19,7 @@ from deepnet import DeepNet, activations
 from deepnet.activations import BUILTINS, Activation, plugins
 from deepnet.activations.check import check_kernels, kernel_act_and_grad
 from deepnet.errors import ActivationError, DeepnetError
-from deepnet.kernels import LayerKernels, builtin_module, in_builtin_module, kernels_for
+from deepnet.kernels.loader import LayerKernels, builtin_module, in_builtin_module, kernels_for
 from helpers import kernel_builds, make_model, read_weights
 from reference import Model64, assert_close, train_step
 
@@ -347,7 +347,7 @@ def test_replace_keeps_definition_fields():
 
 def test_only_call_free_branch_free_activations_get_unrolled_loops():
     """is_light picks the loop shape only (both shapes compute the same), but a wrong pick costs 1.6-3x."""
-    from deepnet.kernel_template import is_light
+    from deepnet.kernels.template import is_light
 
     light = {a.name for a in BUILTINS if is_light(a)}
     assert light == {"softsign", "identity"}

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (deepnet.schedule): the factors, the stored form, the resume rule, and that a
+"""Learning-rate schedules (deepnet.training.schedule): the factors, the stored form, the resume rule, and that a
 resumed run continues a schedule bit for bit."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import deepnet
 from deepnet import ModelFile
 from deepnet.errors import ConfigError
-from deepnet.schedule import Schedule, resolve
+from deepnet.training.schedule import Schedule, resolve
 from helpers import read_weights
 
 

@@ -1,4 +1,4 @@
-"""`deepnet speedrun` (deepnet.speedrun): reaches a small target quickly and reports consistent figures;
+"""`deepnet speedrun` (deepnet.training.speedrun): reaches a small target quickly and reports consistent figures;
 the max-steps path says clearly that the target was not reached."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from deepnet import ModelFile
 from deepnet.errors import ConfigError
-from deepnet.heldout import read_rows
-from deepnet.speedrun import SPEEDRUN, SpeedrunRecipe, speedrun
+from deepnet.training.heldout import read_rows
+from deepnet.training.speedrun import SPEEDRUN, SpeedrunRecipe, speedrun
 from helpers import MNIST_DIR, have_mnist
 
 pytestmark = pytest.mark.skipif(not have_mnist(), reason="no MNIST")

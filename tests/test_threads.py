@@ -11,9 +11,9 @@ import statistics
 import numpy as np
 import pytest
 
-from deepnet.core import CoreEngine, InMemoryStore
+from deepnet.nn.engine import CoreEngine, InMemoryStore
 from helpers import kernel_builds
-from deepnet.kernels import LayerKernels, builtin_module
+from deepnet.kernels.loader import LayerKernels, builtin_module
 
 
 def layers_to_thread(module, width: int, batch: int, at_least: int) -> int:
@@ -158,7 +158,7 @@ def test_forward_split_in_parts_matches_one_call(module, width, batch):
 
 
 def test_thread_choice_tries_both_then_keeps_the_faster():
-    from deepnet.core import ThreadChoice
+    from deepnet.nn.engine import ThreadChoice
 
     choice = ThreadChoice(2)
     seconds = {1: 0.5, 2: 0.3}
@@ -180,7 +180,7 @@ def test_thread_choice_tries_both_then_keeps_the_faster():
 
 
 def test_thread_choice_waits_are_capped():
-    from deepnet.core import ThreadChoice
+    from deepnet.nn.engine import ThreadChoice
 
     choice = ThreadChoice(2)
     picks = []
@@ -195,7 +195,7 @@ def test_thread_choice_waits_are_capped():
 
 def test_thread_choice_is_not_decided_by_one_slow_pass():
     """A pass slowed by another job (a spike) does not hand the choice to the slower option."""
-    from deepnet.core import ThreadChoice
+    from deepnet.nn.engine import ThreadChoice
 
     choice = ThreadChoice(2)
     times = iter([9.0, 5.0] + [0.3] * 100)   # warm-up, then two threads hit by a spike once
@@ -209,7 +209,7 @@ def test_thread_choice_is_not_decided_by_one_slow_pass():
 
 
 def test_thread_choice_is_settled_after_its_trials():
-    from deepnet.core import ThreadChoice
+    from deepnet.nn.engine import ThreadChoice
 
     choice = ThreadChoice(2)
     settled = []
@@ -224,7 +224,7 @@ def test_thread_choice_is_settled_after_its_trials():
 def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypatch):
     """deepnet bench's timed steps come after the warm-up: the first step and the thread choices'
     trials (which alternate on purpose between one thread and two) are reported apart."""
-    from deepnet import bench
+    from deepnet.tools import bench
 
     monkeypatch.setenv("DEEPNET_THREADS", "2")
     calls = []
@@ -249,7 +249,7 @@ def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypat
 def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
     """deepnet bench --threads N runs every pass on N threads, with no trials of the other option (so
     no warm-up beyond the first step), and says so."""
-    from deepnet import bench
+    from deepnet.tools import bench
 
     monkeypatch.setenv("DEEPNET_THREADS", "2")
     result = bench.run_bench(layers=3000, steps=3, workdir=tmp_path, threads=threads)
@@ -263,7 +263,7 @@ def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
 def test_bench_reports_the_cpu_time_stolen_during_its_timed_steps(tmp_path, monkeypatch):
     """Steal ticks from /proc/stat around the timed steps: their share of all ticks, or None where the
     kernel does not report them (a bad or missing file is not an error)."""
-    from deepnet import bench
+    from deepnet.tools import bench
 
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")

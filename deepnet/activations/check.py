@@ -127,7 +127,7 @@ def check_activation(name: str) -> dict:
     Returns a dict (name, origin, kernel module, ok, comparisons); does not raise on a failed check.
     """
     from deepnet import activations
-    from deepnet.kernels import kernels_for
+    from deepnet.kernels.loader import kernels_for
 
     activation = activations.get(name)
     kernels = kernels_for(name)

@@ -12,7 +12,7 @@ full list is asked for), in a fixed order (by distribution, then entry-point nam
 another plugin registered first: such a clash, a failing import or a wrong object is recorded (see
 ``errors()``), reported once as a warning, and the rest of the plugins still load. Loading a plugin
 runs its Python code but compiles nothing: its kernel is built the first time it is used
-(``deepnet.activations.compile``).
+(``deepnet.kernels.jit``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ the chunk is modified, the heads are written, then the record. So a file is in o
 - healthy: every ``chunk_step`` <= the record's step and the heads match its checksum;
 - torn: some ``chunk_step`` = step + 1 (a step was being written when the writer died), or the heads
   differ from the record (it died between the heads and the record);
-- damaged: anything else (see :mod:`deepnet.check`).
+- damaged: anything else (see :mod:`deepnet.tools.check`).
 
 What survives what. Against the death of the writing process (SIGKILL, the OOM killer, a crash, a
 second Ctrl-C) every write already made is in the OS page cache and reaches the disk, so the file is
@@ -410,7 +410,7 @@ class ModelFile:
         drawn afterwards from the same generator (input head, then output head). With `core_weights`
         the given (L, w*w + w) array is written instead of drawn, and the generator is advanced past
         the draws it replaces, so the heads are the same as without it. `extra`, if given, is called
-        with the new h5py file to add optional parts (e.g. deepnet.branch's MLP branch) before it is placed.
+        with the new h5py file to add optional parts (e.g. deepnet.nn.branch's MLP branch) before it is placed.
 
         The file is written under a temporary name in the same directory and renamed into place only
         when complete; on any failure the temporary file is removed.
@@ -668,8 +668,8 @@ class ModelFile:
 
     @property
     def h5(self) -> h5py.File:
-        """The open h5py file, for the optional parts stored beside the model (deepnet.branch: /branch,
-        deepnet.ema: /ema, deepnet.heldout: /train/heldout), which this class carries along unread."""
+        """The open h5py file, for the optional parts stored beside the model (deepnet.nn.branch: /branch,
+        deepnet.training.ema: /ema, deepnet.training.heldout: /train/heldout), which this class carries along unread."""
         return self._file()
 
     @property
@@ -1052,7 +1052,7 @@ class ModelFile:
 
     def state(self) -> FileState:
         """Healthy, torn or damaged, from /core/chunk_step and the commit record (weights are not read;
-        :func:`deepnet.check.check_model` also checks they are finite)."""
+        :func:`deepnet.tools.check.check_model` also checks they are finite)."""
         self._file()
         step = self.step
         cs = self.chunk_steps()

@@ -265,7 +265,7 @@ def import_raw(
 
 def _import_mlp(model: str, head: str, hidden: int, seed: int, input_dim: int, n_classes: int,
                 overwrite: bool) -> dict:
-    from deepnet.mlp import MLP
+    from deepnet.nn.mlp import MLP
 
     started = time.perf_counter()
     flat = _read_floats(head, mlp_head_bytes(hidden, input_dim, n_classes) // 4, "the mlp parameters")
@@ -349,7 +349,7 @@ def export_raw(
 
     A dense model needs ``weights`` (the core, streamed) and ``head``; an mlp model only ``head``.
     """
-    from deepnet.mlp import model_kind
+    from deepnet.nn.mlp import model_kind
 
     model = _path_flag("model", model)
     head = _path_flag("head", head)
@@ -392,7 +392,7 @@ def _write_tmp(path: str, arrays: list[np.ndarray]) -> str:
 
 
 def _export_mlp(model: str, head: str, overwrite: bool) -> dict:
-    from deepnet.mlp import MLP
+    from deepnet.nn.mlp import MLP
 
     started = time.perf_counter()
     net = MLP.load(model)

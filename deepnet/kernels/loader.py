@@ -1,9 +1,9 @@
 """Finds the compiled kernels of an activation and calls them.
 
 Built-in activations live in ``deepnet._kernels`` and its faster builds for x86-64 instruction sets
-(compiled when the package is built, picked here at run time; see ``deepnet.builds``); any other
+(compiled when the package is built, picked here at run time; see ``deepnet.kernels.builds``); any other
 registered activation (a plugin's, or a built-in this build predates) is compiled from the same template
-on first use and cached on disk (``deepnet.activations.compile``). The rest of the package talks to
+on first use and cached on disk (``deepnet.kernels.jit``). The rest of the package talks to
 kernels only through ``LayerKernels``, so where a kernel comes from is decided here.
 """
 
@@ -17,11 +17,12 @@ from types import ModuleType
 
 import numpy as np
 
-from deepnet import activations, builds
+from deepnet import activations
+from deepnet.kernels import builds
 from deepnet.errors import ActivationError
 
 
-# Which build of the built-in kernels to use: "auto" (the fastest this CPU runs), or one of deepnet.builds.
+# Which build of the built-in kernels to use: "auto" (the fastest this CPU runs), or one of deepnet.kernels.builds.
 KERNELS_ENV = "DEEPNET_KERNELS"
 
 
@@ -131,7 +132,7 @@ def kernels_for(name: str) -> LayerKernels:
     activation = activations.get(name)  # unknown names fail here, with the list of known ones
     module = builtin_module()
     if not in_builtin_module(activation, module):
-        from deepnet.activations import compile as compile_activation
+        from deepnet.kernels import jit as compile_activation
 
         module = compile_activation.load(activation)
     try:

@@ -1,9 +1,9 @@
 """The optional parts of a dense training run, set up from ``deepnet.train``'s flags and called from its loop.
 
-- learning-rate schedules (deepnet.schedule): the layer and head rates of each step;
-- held-out evaluation (deepnet.heldout): ``--holdout N --eval-every K``;
-- the weight average (deepnet.ema): ``--ema DECAY [--ema-every K]``, in memory only;
-- the MLP branch (deepnet.branch): chosen when the model is created; checked here when it exists.
+- learning-rate schedules (deepnet.training.schedule): the layer and head rates of each step;
+- held-out evaluation (deepnet.training.heldout): ``--holdout N --eval-every K``;
+- the weight average (deepnet.training.ema): ``--ema DECAY [--ema-every K]``, in memory only;
+- the MLP branch (deepnet.nn.branch): chosen when the model is created; checked here when it exists.
 
 The stored training settings (the commit record's ``train`` entry, committed with every step) hold the
 schedules and the held-out split beside batch, learning rates and train_limit, so a resumed run goes on
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from deepnet import branch as _branch
-from deepnet import ema as _ema
-from deepnet import heldout as _heldout
-from deepnet import schedule as _schedule
+from deepnet.nn import branch as _branch
+from deepnet.training import ema as _ema
+from deepnet.training import heldout as _heldout
+from deepnet.training import schedule as _schedule
 from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least
 
@@ -84,7 +84,7 @@ class RunOptions:
                                                        default_train_limit, n_train, holdout)
         if holdout:  # stored only when in use: a plain run's settings are what they always were
             settings["holdout"], settings["eval_every"] = holdout, eval_every
-            from deepnet.recipe import mnist_inputs
+            from deepnet.training.recipe import mnist_inputs
 
             self.heldout = _heldout.HeldOut(mnist_inputs(images[n_train - holdout:]), labels[n_train - holdout:],
                                             eval_every)

@@ -48,7 +48,7 @@ class CheckReport:
 
 def check_model(path: str | os.PathLike) -> CheckReport:
     """Check the model file at `path` (dense or mlp). Raises a DeepnetError if it cannot be read at all."""
-    from deepnet.mlp import model_kind
+    from deepnet.nn.mlp import model_kind
 
     path = os.fspath(path)
     if model_kind(path) == "mlp":
@@ -166,7 +166,7 @@ def _non_finite_layers(f: ModelFile) -> np.ndarray:
 
 
 def _check_mlp(path: str) -> CheckReport:
-    from deepnet.mlp import MLP
+    from deepnet.nn.mlp import MLP
 
     net = MLP.load(path)  # validates format, attributes, shapes and dtypes
     findings = [f"model: mlp, hidden {net.hidden}; format deepnet v1 (written whole and renamed into place, "

@@ -134,7 +134,7 @@ class WeightAverage:
             _copy_blocks(core, live)
             heads = {k: v.copy() for k, v in net.heads.items()}
             branch = None if net.branch is None else {k: v.copy() for k, v in net.branch.params.items()}
-        from deepnet.core import default_threads
+        from deepnet.nn.engine import default_threads
 
         average = cls(decay, every, core, heads, branch, net.step, threads=min(2, default_threads()))
         net.extra_writers.append(average.write_copy)
@@ -283,7 +283,7 @@ def read_arrays(model_file: Any, *, branch: bool) -> tuple[np.ndarray, dict, dic
         heads[key] = np.ascontiguousarray(hd[()], dtype=np.float32)
     params = None
     if branch:
-        from deepnet.branch import MLPBranch
+        from deepnet.nn.branch import MLPBranch
 
         stored = MLPBranch.read(h5, path, input_dim=model_file.input_dim, n_classes=model_file.n_classes,
                                 group=BRANCH_GROUP)
@@ -294,7 +294,7 @@ def read_arrays(model_file: Any, *, branch: bool) -> tuple[np.ndarray, dict, dic
 def use_average(net: Any) -> dict:
     """Make an open DeepNet (opened for evaluation) compute with the average stored in its file: the
     averaged core is read into RAM. Returns the stored decay/every/step."""
-    from deepnet.core import CoreEngine, InMemoryStore
+    from deepnet.nn.engine import CoreEngine, InMemoryStore
 
     info = stored_info(net.file)
     if info is None:

@@ -2,9 +2,9 @@
 
 Pure Python with no import of the compiled package, so ``setup.py`` reads it before anything is
 built. ``setup.py`` compiles ``deepnet._kernels`` for the compiler's portable baseline and, on x86-64,
-one more module per entry of ``X86_BUILDS``; ``deepnet.kernels`` loads the fastest one whose CPU check
+one more module per entry of ``X86_BUILDS``; ``deepnet.kernels.loader`` loads the fastest one whose CPU check
 passes (the check asks the CPU, and the OS for its register state, so nothing dies with SIGILL); a
-plugin's activation is compiled with the flags of the build in use (``deepnet.activations.compile``).
+plugin's activation is compiled with the flags of the build in use (``deepnet.kernels.jit``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Renders the one kernel template (``_layer_loops.pxi.tp``) for a list of activations.
+"""Renders the one kernel template (``layer_loops.pxi.tp``) for a list of activations.
 
 Used by ``setup.py`` to build the built-in activations into ``deepnet._kernels`` and, later, to compile
 a plugin's activation from the very same loops. Pure Python with no import of the compiled package, so
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-TEMPLATE_PATH = Path(__file__).with_name("_layer_loops.pxi.tp")
+TEMPLATE_PATH = Path(__file__).with_name("layer_loops.pxi.tp")
 
 # Widths that get a variant with the width as a compile-time constant; every other width runs the
 # generic variant.
@@ -38,5 +38,5 @@ def render_layer_loops(activations: Sequence, widths: Sequence[int] = SPECIALISE
     from Cython import Tempita  # Cython is a build requirement, so it is here whenever this runs
 
     template = Tempita.Template(TEMPLATE_PATH.read_text(), name=str(TEMPLATE_PATH))
-    header = "# Generated from _layer_loops.pxi.tp by deepnet/kernel_template.py: do not edit.\n"
+    header = "# Generated from kernels/layer_loops.pxi.tp by deepnet/kernels/template.py: do not edit.\n"
     return header + template.substitute(activations=list(activations), widths=list(widths), is_light=is_light)

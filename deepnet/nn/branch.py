@@ -8,7 +8,7 @@ deep core's plus the branch's::
 and one training step descends both together: the loss's gradient with respect to the logits
 (``dlogits``) flows into the output head and the core as before, and into the branch, whose gradients
 are taken at its pre-step weights and applied with the heads' learning rate (scheduled like them).
-The branch's arithmetic is the MLP baseline's (``deepnet.mlp.MLP.train_step``: ReLU mask from the
+The branch's arithmetic is the MLP baseline's (``deepnet.nn.mlp.MLP.train_step``: ReLU mask from the
 hidden activations, ``dh`` through the old ``w2``), only fed an external ``dlogits``.
 
 Its parameters live in the model file beside the heads::
@@ -24,7 +24,7 @@ Files written before branches existed have no ``branch`` attribute and are branc
 BLAS: the branch's matrix products (batch x 784 x H) run on one BLAS thread. On a small machine a
 multi-threaded BLAS call between two core passes leaves its worker threads spinning on the cores the
 kernels need (measured here: a 100k-layer step went from 17 ms to 39 ms with a hidden-128 branch, and
-back to 17 ms with one BLAS thread), as deepnet.mlp found for the MLP baseline.
+back to 17 ms with one BLAS thread), as deepnet.nn.mlp found for the MLP baseline.
 
 Initialisation: as the MLP baseline's (``w1`` He-uniform, ``w2`` Xavier-uniform, zero biases), drawn from
 ``np.random.default_rng([seed, 2])``, a stream of its own, so a model with a branch has exactly the core
@@ -56,9 +56,9 @@ def one_blas_thread():
     """OpenBLAS limited to one thread inside the block (found once; a no-op without OpenBLAS)."""
     global _BLAS_CONTROLS
     if _BLAS_CONTROLS is None:
-        from deepnet.mlp import _openblas_controls
+        from deepnet.nn.blas import openblas_controls
 
-        _BLAS_CONTROLS = [(setter, old) for setter, old in _openblas_controls() if old > 1]
+        _BLAS_CONTROLS = [(setter, old) for setter, old in openblas_controls() if old > 1]
     for setter, _ in _BLAS_CONTROLS:
         setter(1)
     try:

@@ -26,7 +26,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.formats.hdf5 import ModelFile
-from deepnet.kernels import LayerKernels
+from deepnet.kernels.loader import LayerKernels
 
 # Bytes of recomputed activations (inputs and derivatives of one segment) that should stay in L2.
 SEGMENT_CACHE_BYTES = 256 * 1024

@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import int_at_least, non_negative_number
-from deepnet.heldout import HeldOut
-from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
+from deepnet.training.heldout import HeldOut
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.report import format_seconds, print_fields, print_json
-from deepnet.schedule import Schedule
+from deepnet.training.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class SpeedrunRecipe:
     batch: int = 16
     layer_lr: float = 0.05
     head_lr: float = 0.05
-    schedule: str = "constant"        # constant, cosine or linear (deepnet.schedule), over max_steps
+    schedule: str = "constant"        # constant, cosine or linear (deepnet.training.schedule), over max_steps
     warmup: int = 0
     final_lr_ratio: float = 0.0       # where a cosine/linear decay ends, as a fraction of the base rates
     eval_every: int = 100             # held-out evaluation cadence (steps)
@@ -130,8 +130,8 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
         raise ConfigError(f"{model} already exists: a speedrun starts from a fresh model (choose another --model)")
 
     from deepnet.formats.idx import load_mnist
-    from deepnet.data import ensure_mnist
-    from deepnet.recipe import init, load_test_set, mnist_inputs
+    from deepnet.data.mnist import ensure_mnist
+    from deepnet.training.recipe import init, load_test_set, mnist_inputs
 
     # 1. data (not timed)
     images, labels = load_mnist(ensure_mnist(data_dir), "train")
@@ -180,7 +180,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
 def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray, y: np.ndarray,
          heldout: HeldOut, *, json: bool, progress: bool) -> dict:
     """3. the timed part: steps and held-out evaluations until the target (or max_steps)."""
-    from deepnet.recipe import _StepLog, _training_rng
+    from deepnet.training.recipe import _StepLog, _training_rng
 
     net.train_settings = {"batch": recipe.batch, "layer_lr": recipe.layer_lr, "head_lr": recipe.head_lr,
                           "train_limit": int(x.shape[0]), "holdout": heldout.size, "eval_every": recipe.eval_every,

@@ -3,7 +3,7 @@
 ``DeepNet`` holds an open model file, the heads in RAM and a ``CoreEngine`` over the core weights
 (streamed from the file, or in RAM with ``in_memory``). ``train_step`` is one exact SGD step on given
 arrays; ``evaluate`` runs the forward pass only. Nothing here knows about MNIST. A model may also have
-a residual MLP branch on the input (deepnet.branch) whose logits are added to the output head's; it is
+a residual MLP branch on the input (deepnet.nn.branch) whose logits are added to the output head's; it is
 stepped in the same exact step from the same dlogits, at head_lr.
 
 How a step reaches the file (see formats/hdf5.py for the commit record):
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet import branch as _branch
-from deepnet.core import CoreEngine, InMemoryStore, NonFiniteError, file_store
+from deepnet.nn import branch as _branch
+from deepnet.nn.engine import CoreEngine, InMemoryStore, NonFiniteError, file_store
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import FileState, ModelFile
-from deepnet.kernels import kernels_for
+from deepnet.kernels.loader import kernels_for
 
 
 class TornStepError(ModelFileError):
@@ -109,10 +109,10 @@ class DeepNet:
             elif state.status == "damaged":
                 raise ModelFileError(f"{model_file.path} is damaged: {state.message} (see `deepnet check`)")
         self.heads = model_file.read_heads()
-        #: The residual MLP branch whose logits are added to the core's (deepnet.branch), or None.
+        #: The residual MLP branch whose logits are added to the core's (deepnet.nn.branch), or None.
         self.branch = _branch.load(model_file)
         #: Writers of the optional parts an in-memory save() puts in the new file (the branch, the weight
-        #: average of deepnet.ema, held-out figures): each is called with the new h5py file.
+        #: average of deepnet.training.ema, held-out figures): each is called with the new h5py file.
         self.extra_writers: list = [] if self.branch is None else [self.branch.write_new]
         store = InMemoryStore(model_file.read_core()) if in_memory else file_store(model_file)
         self.engine = CoreEngine(store, self.kernels, model_file.width, model_file.alpha, chunk_layers)

@@ -21,9 +21,9 @@ from typing import Callable
 import numpy as np
 
 from deepnet.flags import int_at_least, positive
-from deepnet.kernels import build_label
-from deepnet.model import DEFAULT_CHUNK_LAYERS, DeepNet
-from deepnet.recipe import init
+from deepnet.kernels.loader import build_label
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
+from deepnet.training.recipe import init
 
 #: Warm-up steps at most (the first step and the thread choices' trials take 5 on two cores).
 MAX_WARMUP_STEPS = 12

@@ -19,17 +19,17 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet import branch as _branch
-from deepnet import ema as _ema
-from deepnet.data import ensure_mnist
-from deepnet.core import NonFiniteError
+from deepnet.nn import branch as _branch
+from deepnet.training import ema as _ema
+from deepnet.data.mnist import ensure_mnist
+from deepnet.nn.engine import NonFiniteError
 from deepnet.errors import ConfigError, DeepnetError, ModelFileError
 from deepnet.flags import int_at_least, non_negative_number, positive
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
 from deepnet.formats.idx import load_mnist
-from deepnet.model import DEFAULT_CHUNK_LAYERS, DEFAULT_EVAL_BATCH, DeepNet, EvalResult
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DEFAULT_EVAL_BATCH, DeepNet, EvalResult
 from deepnet.report import Table, format_rate, format_seconds, print_fields, print_json
-from deepnet.run_options import RunOptions, final_fields
+from deepnet.training.options import RunOptions, final_fields
 
 
 @dataclass(frozen=True)
@@ -254,12 +254,12 @@ def train(
     ``checkpoint_every`` steps (default: every RECIPE.checkpoint_seconds), on Ctrl-C and at the end.
     A file holding a torn step is refused unless ``resume_torn``. Returns the final figures as a dict.
 
-    Options (deepnet.run_options): ``holdout``/``eval_every`` measure the accuracy on the last N training
+    Options (deepnet.training.options): ``holdout``/``eval_every`` measure the accuracy on the last N training
     images (kept out of the minibatches) every K steps; ``schedule`` (constant, cosine, linear),
-    ``warmup``, ``final_lr_ratio`` and ``decay_steps`` shape both learning rates (deepnet.schedule: stored
+    ``warmup``, ``final_lr_ratio`` and ``decay_steps`` shape both learning rates (deepnet.training.schedule: stored
     with the model, continued when resuming unless one of them is given); ``ema``/``ema_every`` keep an
-    average of the weights (deepnet.ema, in memory only); ``branch="mlp"``/``hidden`` give a new model
-    the MLP branch (deepnet.branch).
+    average of the weights (deepnet.training.ema, in memory only); ``branch="mlp"``/``hidden`` give a new model
+    the MLP branch (deepnet.nn.branch).
     """
     for name, value in (("steps", steps), ("chunk-layers", chunk_layers), ("report-every", report_every)):
         positive(name, value)
@@ -525,7 +525,7 @@ def init(
 ) -> ModelFile:
     """Create a new model file (core weights uniform in [-0.001, 0.001], Xavier heads); returns it closed.
 
-    ``branch="mlp", hidden=H`` adds the residual MLP branch (deepnet.branch), drawn from its own stream.
+    ``branch="mlp", hidden=H`` adds the residual MLP branch (deepnet.nn.branch), drawn from its own stream.
     """
     positive("layers", layers)
     positive("width", width)
@@ -557,7 +557,7 @@ def evaluate(
 ) -> dict:
     """Evaluate a model file on the first ``samples`` MNIST test images; returns loss, accuracy, time.
 
-    ``use_ema`` evaluates the weight average stored in the file (deepnet.ema) instead of the weights,
+    ``use_ema`` evaluates the weight average stored in the file (deepnet.training.ema) instead of the weights,
     reading the averaged core into RAM; it is an error if the file has none.
     """
     positive("samples", samples)

@@ -1,9 +1,9 @@
 """Compiles an activation that is not in the package's built kernels, on first use, into a disk cache.
 
 The kernels of a plugin's activation come from the very template the built-ins are compiled from:
-``deepnet.kernel_template.render_layer_loops([activation])`` is rendered next to a copy of
+``deepnet.kernels.template.render_layer_loops([activation])`` is rendered next to a copy of
 ``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
-the package's build in use here (``deepnet.builds``: ``-O3 -fno-math-errno -fno-trapping-math
+the package's build in use here (``deepnet.kernels.builds``: ``-O3 -fno-math-errno -fno-trapping-math
 -fopenmp-simd``, plus the AVX2 or AVX-512 flags when the package runs that build), and loaded. So a
 plugin's kernel is the same code as a built-in's.
 
@@ -48,7 +48,7 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-from deepnet import builds
+from deepnet.kernels import builds
 from deepnet.errors import ActivationError
 
 CACHE_ENV = "DEEPNET_CACHE"
@@ -105,7 +105,7 @@ def kernel_cache_dir() -> Path:
 
 def compile_flags() -> list[str]:
     """The flags of the package's own build of the kernels this process uses (see setup.py)."""
-    from deepnet.kernels import builtin_module
+    from deepnet.kernels.loader import builtin_module
 
     return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
 
@@ -116,7 +116,7 @@ def _package_file(name: str) -> Path:
 
 def render_source(activations: list) -> str:
     """The Cython source of the layer loops for ``activations`` (the template's, as for the built-ins)."""
-    from deepnet.kernel_template import render_layer_loops
+    from deepnet.kernels.template import render_layer_loops
 
     return render_layer_loops(activations)
 
@@ -186,7 +186,7 @@ def cached_path(activation) -> Path | None:
 def status(activation) -> str:
     """Where the activation's kernel is: "built in" (the package's module), "cached" (compiled on an
     earlier use), or "not yet" (compiled on first use)."""
-    from deepnet.kernels import in_builtin_module
+    from deepnet.kernels.loader import in_builtin_module
 
     if in_builtin_module(activation):
         return "built in"

@@ -28,7 +28,7 @@ def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]
     """The /train/log table of any deepnet model file, and a few attributes to title the plot with."""
     import h5py
 
-    from deepnet.mlp import _decode, _not_a_model, model_kind
+    from deepnet.nn.mlp import _decode, _not_a_model, model_kind
 
     path = os.fspath(path)
     kind = model_kind(path)
@@ -53,7 +53,7 @@ def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]
 
 
 def merge_heldout(rows: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """The log rows with the held-out columns of /train/heldout (deepnet.heldout) joined on the step:
+    """The log rows with the held-out columns of /train/heldout (deepnet.training.heldout) joined on the step:
     NaN on the steps without a measurement, so they are drawn as sparse series."""
     extra = [n for n in held.dtype.names if n != "step"]
     if not extra or not held.size:

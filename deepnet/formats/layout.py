@@ -1,0 +1,53 @@
+"""Every name inside a deepnet model file: attribute names, groups and datasets (docs/DESIGN.md, "Files").
+
+The one place an HDF5 path is spelled; every other module asks for it here, so the layout can be read
+(and changed) in one screen. No I/O: reading and writing live in the other modules of ``deepnet.formats``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT = "deepnet"
+FORMAT_VERSION = 1
+
+#: The ``kind`` attribute of the root: what the file holds.
+KIND_DENSE = "dense"
+KIND_MLP = "mlp"
+
+# -- the deep core --------------------------------------------------------------------------------
+CORE_WEIGHTS = "core/weights"        # float32 (L, w*w + w), row i = [W_i (in, out) row-major | b_i]
+CORE_CHUNK_STEP = "core/chunk_step"  # int64, per storage chunk: the step that last wrote it
+
+# -- the heads (dense model) ------------------------------------------------------------------------
+HEAD_KEYS = ("input_weight", "input_bias", "output_weight", "output_bias")
+HEAD_PATHS = {
+    "input_weight": "head/input/weight",
+    "input_bias": "head/input/bias",
+    "output_weight": "head/output/weight",
+    "output_bias": "head/output/bias",
+}
+
+# -- training state ---------------------------------------------------------------------------------
+TRAIN_LOG = "train/log"          # per step: step, loss, batch_acc, seconds
+TRAIN_COMMIT = "train/commit"    # two checksummed slots of the commit record
+TRAIN_HELDOUT = "train/heldout"  # per held-out measurement: step, heldout_loss, heldout_acc
+
+LOG_DTYPE = np.dtype([("step", "<i8"), ("loss", "<f8"), ("batch_acc", "<f8"), ("seconds", "<f8")])
+HELDOUT_DTYPE = np.dtype([("step", "<i8"), ("heldout_loss", "<f8"), ("heldout_acc", "<f8")])
+
+# -- the MLP: the parameters of an MLP model file, and of the residual MLP branch of a dense one -----
+MLP_KEYS = ("w1", "b1", "w2", "b2")
+MLP_GROUP = "mlp"                # an MLP model file's parameters: /mlp/w1 ...
+BRANCH_GROUP = "branch/mlp"      # a dense model's residual MLP branch: /branch/mlp/w1 ...
+
+# -- the exponential moving average of the weights (--ema) ---------------------------------------------
+EMA_GROUP = "ema"
+EMA_CORE = "ema/core/weights"
+EMA_HEAD_PATHS = {key: f"ema/{path}" for key, path in HEAD_PATHS.items()}
+EMA_BRANCH_GROUP = "ema/branch/mlp"
+
+
+def mlp_paths(group: str) -> dict[str, str]:
+    """The dataset path of each MLP parameter under ``group`` (MLP_GROUP, BRANCH_GROUP, EMA_BRANCH_GROUP)."""
+    return {key: f"{group}/{key}" for key in MLP_KEYS}
