@@ -29,6 +29,7 @@ import pytest
 
 from benchlib import _FIGURES, Workload, load_kernels, record, run_kernel
 from deepnet import activations
+from deepnet.activations import registry as activation_registry
 from deepnet.kernels import jit as compile_activation
 from deepnet.kernels.loader import kernels_for
 
@@ -49,16 +50,16 @@ _REGISTER = (
 @pytest.fixture(scope="module")
 def plugin():
     """softsign registered under another name: the registry treats it as any plugin's activation."""
-    if COPY not in activations._REGISTRY:
+    if activation_registry.lookup(COPY) is None:
         activations.register(dataclasses.replace(activations.get("softsign"), name=COPY, origin="bench"))
     before = len(compile_activation.history())
     kernels = kernels_for(COPY)  # compiled now, or loaded from the cache
-    assert kernels.module.__name__.startswith("deepnet_act_") and not activations.get(COPY).is_builtin
+    assert kernels.module.__name__.startswith("deepnet_act_") and not activations.is_builtin(activations.get(COPY))
     for event in compile_activation.history()[before:]:
         _FIGURES.append((f"{COPY} first use in this session", {
             "median_s": event["seconds"], "summary": f"{event['event']} ({event['path']})"}))
     yield kernels
-    activations._REGISTRY.pop(COPY, None)
+    activations.unregister(COPY)
 
 
 def _kernels(activation: str, plugin_kernels):

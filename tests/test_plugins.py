@@ -102,7 +102,7 @@ def compiled(example_site, kernel_cache):
     events = compile_activation.history()[before:]
     print(f"\ncompiled softsign_plugin and softsign_wrong in {time.perf_counter() - t0:.1f} s: {events}")
     yield events
-    activations._REGISTRY.pop("softsign_wrong", None)
+    activations.unregister("softsign_wrong")
     mp.undo()
     plugins.reload()
 
@@ -283,7 +283,7 @@ def test_an_expression_that_does_not_compile_names_itself_and_the_first_error(co
         with pytest.raises(ActivationError) as err:
             kernels_for("bad_deriv")
     finally:
-        activations._REGISTRY.pop("bad_deriv")
+        activations.unregister("bad_deriv")
     msg = str(err.value)
     assert msg.startswith("activation 'bad_deriv': C expression `1.0f + no_such_function(a)` (derivative) does not compile: ")
     assert "error" in msg and "no_such_function" in msg and "\n" not in msg
@@ -310,7 +310,7 @@ def test_a_missing_compiler_says_what_to_install(compiled, monkeypatch, tmp_path
                                                   r"install gcc \(e\.g\. apt-get install gcc\) or clang"):
             kernels_for("needs_cc")
     finally:
-        activations._REGISTRY.pop("needs_cc")
+        activations.unregister("needs_cc")
 
 
 def test_a_missing_cython_says_what_to_install(compiled, monkeypatch, tmp_path):
@@ -324,7 +324,7 @@ def test_a_missing_cython_says_what_to_install(compiled, monkeypatch, tmp_path):
         with pytest.raises(ActivationError, match=r"needs Cython to build plugin activation 'needs_cython': pip install cython"):
             kernels_for("needs_cython")
     finally:
-        activations._REGISTRY.pop("needs_cython")
+        activations.unregister("needs_cython")
 
 
 # -------------------------------------------------------------------------------------------------

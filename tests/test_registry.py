@@ -17,6 +17,7 @@ import pytest
 
 from deepnet import DeepNet, activations
 from deepnet.activations import BUILTINS, Activation, plugins
+from deepnet.activations import registry as activation_registry
 from deepnet.activations.check import check_kernels, kernel_act_and_grad
 from deepnet.errors import ActivationError, DeepnetError
 from deepnet.kernels.loader import LayerKernels, builtin_module, in_builtin_module, kernels_for
@@ -39,11 +40,10 @@ def make(name="thing", forward_c="z", derivative_c="1.0f", **kw) -> Activation:
 @pytest.fixture
 def registry():
     """The registry, restored (built-ins, plugins, errors, loaded flag) after the test."""
-    saved = dict(activations._REGISTRY)
+    saved = activation_registry.snapshot()
     saved_state = (plugins._loaded, list(plugins._errors), list(plugins._plugin_names), set(plugins._warned))
     yield activations
-    activations._REGISTRY.clear()
-    activations._REGISTRY.update(saved)
+    activation_registry.restore(saved)
     plugins._loaded, errors, names, warned = saved_state
     plugins._errors[:] = errors
     plugins._plugin_names[:] = names
@@ -90,7 +90,7 @@ def test_definition_equality_ignores_origin_and_numpy():
 def test_builtins():
     assert [a.name for a in BUILTINS] == BUILTIN_NAMES
     for act in BUILTINS:
-        assert act.origin == "built-in" and act.is_builtin and act.description
+        assert act.origin == "built-in" and activations.is_builtin(act) and act.description
         assert activations.get(act.name) is act
     assert set(BUILTIN_NAMES) <= set(activations.available())
     assert activations.available() == sorted(activations.available())
@@ -110,7 +110,7 @@ def test_register_get_and_replace(registry):
 
 def test_replacing_a_builtin_does_not_use_the_stale_compiled_kernel(registry):
     activations.register(make(name="relu", forward_c="z", description="not relu"), replace=True)
-    assert not activations.get("relu").is_builtin
+    assert not activations.is_builtin(activations.get("relu"))
     assert not in_builtin_module(activations.get("relu"))  # kernels_for would compile the new definition
 
 
@@ -125,7 +125,7 @@ def test_unknown_name_names_it_and_the_installed_ones():
 def test_opening_a_model_with_an_unregistered_activation_fails_clearly(tmp_path, registry, monkeypatch):
     activations.register(make(name="gone_soon"))
     path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="gone_soon", input_dim=4)
-    del activations._REGISTRY["gone_soon"]
+    activations.unregister("gone_soon")
     monkeypatch.setattr(plugins, "_loaded", True)
     with pytest.raises(ActivationError, match=r"'gone_soon' is not registered \(installed: .*softsign"):
         DeepNet.open(path)
@@ -182,7 +182,7 @@ def test_plugins_load_lazily_and_follow_the_contract(tmp_path, monkeypatch, regi
         "number": "fake_plugin_mod:NOT_AN_ACTIVATION",
         "missing": "no_such_module_xyz:THING",        # import fails: recorded
     })
-    assert activations.get("softsign").is_builtin  # a registered name never loads the plugins
+    assert activations.is_builtin(activations.get("softsign"))  # a registered name never loads the plugins
     assert not plugins._loaded
     with pytest.warns(RuntimeWarning, match="deepnet activation plugin"):
         act = activations.get("plug_many_b")  # an unknown name loads them
@@ -190,7 +190,7 @@ def test_plugins_load_lazily_and_follow_the_contract(tmp_path, monkeypatch, regi
     names = activations.available()
     assert {"plug_single", "plug_many_a", "plug_many_b", "plug_one"} <= set(names)
     assert "plug_other" not in names
-    assert activations.get("softsign").is_builtin  # not replaced by the clashing plugin
+    assert activations.is_builtin(activations.get("softsign"))  # not replaced by the clashing plugin
     errors = plugins.errors()
     assert len(errors) == 6, errors
     for fragment in ("must be named after it", "'softsign', which is already registered (from built-in)",
@@ -226,7 +226,7 @@ def test_plugin_discovery_through_installed_metadata(tmp_path, monkeypatch, regi
     act = activations.get("plug_single")
     assert act.origin == "fake-acts"  # the distribution's name, whatever the plugin claimed
     assert activations.get("plug_many_a").origin == "fake-acts"
-    assert not act.is_builtin and not in_builtin_module(act)
+    assert not activations.is_builtin(act) and not in_builtin_module(act)
     monkeypatch.undo()
     plugins.reload()  # gone from sys.path: its activations are gone too
     assert "plug_single" not in activations.available()
@@ -342,7 +342,7 @@ def test_kernels_for_builtin_uses_the_package_module():
 def test_replace_keeps_definition_fields():
     relu = activations.get("relu")
     copy = dataclasses.replace(relu, name="relu_copy", origin="x")
-    assert copy.forward_c == relu.forward_c and not copy.is_builtin
+    assert copy.forward_c == relu.forward_c and not activations.is_builtin(copy)
 
 
 def test_only_call_free_branch_free_activations_get_unrolled_loops():

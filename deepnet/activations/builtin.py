@@ -10,9 +10,11 @@ overflow to NaN nor lose the tails (sigmoids as 1 / (1 + exp(-x)), not via 1 + t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from deepnet.activations import Activation
+from deepnet.activations.definition import BUILTIN_ORIGIN, Activation
 
 
 def _softsign(z: np.ndarray) -> np.ndarray:
@@ -156,4 +158,6 @@ SIN = Activation(
     description="sin(z) (accurate for |z| < 1e4)",
 )
 
-BUILTINS: tuple[Activation, ...] = (TANH, SOFTSIGN, RELU, IDENTITY, LEAKY_RELU, HARDTANH, SILU, GELU, SIN)
+BUILTINS: tuple[Activation, ...] = tuple(
+    replace(a, origin=BUILTIN_ORIGIN) for a in (TANH, SOFTSIGN, RELU, IDENTITY, LEAKY_RELU, HARDTANH, SILU, GELU, SIN)
+)

@@ -18,12 +18,15 @@ runs its Python code but compiles nothing: its kernel is built the first time it
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import threading
 import warnings
 from importlib import metadata
 from typing import Iterable
 
+from deepnet.activations.registry import add_if_free, unregister
+from deepnet.activations.definition import Activation
 from deepnet.errors import ActivationError
 
 GROUP = "deepnet.activations"
@@ -61,8 +64,6 @@ def distribution_name(ep: metadata.EntryPoint) -> str:
 
 def activations_of(ep: metadata.EntryPoint) -> list:
     """The Activations an entry point provides, with their origin set (ActivationError if it is wrong)."""
-    from deepnet.activations import Activation
-
     where = f"entry point {ep.name!r} ({ep.value}) of {distribution_name(ep)}"
     try:
         obj = ep.load()
@@ -95,8 +96,6 @@ def activations_of(ep: metadata.EntryPoint) -> list:
 def load() -> None:
     """Register the activations of every entry point, once per process (``reload()`` does it again)."""
     global _loaded, _loading
-    from deepnet import activations
-
     with _lock:
         if _loaded or _loading:
             return
@@ -109,14 +108,12 @@ def load() -> None:
                     _errors.append(str(exc))
                     continue
                 for act in provided:
-                    with activations._LOCK:
-                        taken = activations._REGISTRY.get(act.name)
-                        if taken is not None:
-                            _errors.append(f"{act.origin} provides activation {act.name!r}, which is already "
-                                           f"registered (from {taken.origin}): ignored")
-                            continue
-                        activations._REGISTRY[act.name] = act
-                        _plugin_names.append(act.name)
+                    taken = add_if_free(act)
+                    if taken is not None:
+                        _errors.append(f"{act.origin} provides activation {act.name!r}, which is already "
+                                       f"registered (from {taken.origin}): ignored")
+                        continue
+                    _plugin_names.append(act.name)
         finally:
             _loading = False
             _loaded = True
@@ -134,14 +131,10 @@ def errors() -> list[str]:
 def reload() -> None:
     """Forget the plugins' activations and errors and load the entry points again (after installing one,
     or in tests that change ``sys.path``)."""
-    from deepnet import activations
-
-
+    global _loaded
     with _lock:
-        global _loaded
-        with activations._LOCK:
-            for name in _plugin_names:
-                activations._REGISTRY.pop(name, None)
+        for name in _plugin_names:
+            unregister(name)
         _plugin_names.clear()
         _errors.clear()
         _loaded = False
@@ -150,6 +143,4 @@ def reload() -> None:
 
 
 def metadata_cache_clear() -> None:
-    import importlib
-
     importlib.invalidate_caches()

@@ -119,7 +119,7 @@ def in_builtin_module(activation: activations.Activation, module: ModuleType | N
     if compiled is not None:
         return (activation.name, activation.forward_c, activation.derivative_c) in [tuple(d) for d in compiled]
     # A module built before definitions were recorded: it holds the built-in definitions it was built from.
-    return activation.is_builtin
+    return activations.is_builtin(activation)
 
 
 def kernels_for(name: str) -> LayerKernels:
