@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import deepnet.formats.hdf5 as hdf5
+from deepnet.formats import h5io
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import FORMAT, FORMAT_VERSION, ModelFile, default_alpha
 
@@ -156,10 +157,10 @@ def test_init_matches_reference_draws(tmp_path):
 def test_init_independent_of_block_and_chunk_size(tmp_path, monkeypatch):
     with make(tmp_path / "a.h5", storage_chunk_layers=37) as m:  # one chunk, one block
         core_a, heads_a = m.read_core(), m.read_heads()
-    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)  # one storage chunk per block
+    monkeypatch.setattr(h5io, "WRITE_BLOCK_BYTES", 1)  # one storage chunk per block
     writes = []
-    real = hdf5._write_block
-    monkeypatch.setattr(hdf5, "_write_block", lambda d, s, b: (writes.append((s, len(b))), real(d, s, b)))
+    real = h5io.write_block
+    monkeypatch.setattr(h5io, "write_block", lambda d, s, b: (writes.append((s, len(b))), real(d, s, b)))
     with make(tmp_path / "b.h5", storage_chunk_layers=5) as m:
         assert m.storage_chunk_layers == 5
         core_b, heads_b = m.read_core(), m.read_heads()
@@ -235,7 +236,7 @@ def test_create_refuses_unwritable_directory(tmp_path):
 
 def test_create_refuses_directory_without_write_permission(tmp_path, monkeypatch):
     # The same check as above, made testable as root (who passes any permission check).
-    monkeypatch.setattr(hdf5.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
     with pytest.raises(ModelFileError) as e:
         make(tmp_path / "m.h5")
     assert check_message(e) == f"cannot create {tmp_path / 'm.h5'}: directory {tmp_path} is not writable"
@@ -279,7 +280,7 @@ def test_create_accepts_numpy_integers(tmp_path):
 
 def _failing_write_block(monkeypatch, exc, after=1):
     """Make the init write loop raise `exc` after `after` successful block writes."""
-    real = hdf5._write_block
+    real = h5io.write_block
     calls = []
 
     def write_block(dset, start, block):
@@ -288,8 +289,8 @@ def _failing_write_block(monkeypatch, exc, after=1):
         calls.append(start)
         real(dset, start, block)
 
-    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)
-    monkeypatch.setattr(hdf5, "_write_block", write_block)
+    monkeypatch.setattr(h5io, "WRITE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(h5io, "write_block", write_block)
     return calls
 
 
@@ -402,16 +403,15 @@ def test_write_layers_and_chunk_step(tmp_path):
         np.testing.assert_array_equal(m.chunk_steps(), [3, 3, 4, 0, 5])
 
 
-def test_write_layers_marks_chunk_step_before_the_rows(tmp_path):
+def test_write_layers_marks_chunk_step_before_the_rows(tmp_path, monkeypatch):
     """An interrupted write shows up as a torn step, never as stale chunk_step on new data."""
 
-    class Failing:
-        def write_direct(self, *a, **k):
-            raise KeyboardInterrupt
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
 
     with make(tmp_path / "m.h5") as m:
         before = m.read_core()
-        m._weights = Failing()
+        monkeypatch.setattr(h5io, "write_block", interrupted)
         with pytest.raises(KeyboardInterrupt):
             m.write_layers(8, np.ones((8, 12), np.float32), step=2)
     with ModelFile.open(tmp_path / "m.h5") as m:
@@ -448,7 +448,7 @@ def test_read_core_write_core(tmp_path):
 
 
 def test_write_core_in_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(h5io, "WRITE_BLOCK_BYTES", 1)
     new = np.arange(37 * 12, dtype=np.float32).reshape(37, 12)
     with make(tmp_path / "m.h5") as m:
         m.write_core(new, step=1)
@@ -633,7 +633,7 @@ def test_open_directory(tmp_path):
 
 def test_open_without_permission(tmp_path, monkeypatch):
     make(tmp_path / "m.h5").close()
-    monkeypatch.setattr(hdf5.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
     with pytest.raises(ModelFileError) as e:
         ModelFile.open(tmp_path / "m.h5", "r+")
     assert check_message(e) == f"could not open {tmp_path / 'm.h5'} in mode 'r+': Permission denied"
