@@ -25,6 +25,7 @@ from deepnet import DeepNet, ModelFile
 from deepnet.nn.engine import NonFiniteError
 from deepnet.errors import ModelFileError
 from deepnet.formats import h5io, hdf5, layout, record
+from deepnet.formats.atomic import atomic_path
 from deepnet.formats.hdf5 import COMMIT_SLOT_BYTES, LOG_PENDING_MAX, HEAD_KEYS
 from deepnet.nn.network import TornStepError
 from helpers import MNIST_DIR, have_mnist
@@ -219,6 +220,37 @@ def test_stale_temporaries(tmp_path):
     assert hdf5.stale_temporaries(path) == [str(dead)]
     assert hdf5.remove_stale_temporaries(path) == [str(dead)]
     assert not dead.exists() and mine.exists() and other.exists()
+    # Today's naming adds a random part after the pid; both are found.
+    dead_new = tmp_path / ".m.h5.tmp-999999999-0a1b2c3d"
+    dead_new.write_bytes(b"x")
+    assert hdf5.stale_temporaries(path) == [str(dead_new)]
+
+
+def test_atomic_path_places_only_a_finished_file(tmp_path):
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not target.exists()
+        Path(tmp).write_bytes(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        Path(tmp).write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    with pytest.raises(ModelFileError, match="already exists"), atomic_path(target, overwrite=False) as tmp:
+        Path(tmp).write_bytes(b"other")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_atomic_path_replaces_a_symlinks_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "m.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with atomic_path(link) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path / "real")
+        Path(tmp).write_bytes(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
 
 
 def test_streamed_steps_change_no_hdf5_metadata(tmp_path):

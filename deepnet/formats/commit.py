@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from deepnet.formats.layout import CORE_CHUNK_STEP
+
 COMMIT_SLOTS = 2
 COMMIT_SLOT_BYTES = 32768
 _COMMIT_MAGIC = b"DNCOMMIT"
@@ -121,7 +123,7 @@ def torn_state(step: int, chunk_steps: np.ndarray, chunk_layers: int, layers: in
     wrong = np.flatnonzero((cs < 0) | (cs > step + 1))
     if wrong.size:
         c = int(wrong[0])
-        return FileState("damaged", step, f"storage chunk {c} of /core/chunk_step says step {int(cs[c])} "
+        return FileState("damaged", step, f"storage chunk {c} of /{CORE_CHUNK_STEP} says step {int(cs[c])} "
                          f"but the committed step is {step} ({wrong.size} such chunks)")
     ahead = np.flatnonzero(cs == step + 1)
     if not ahead.size:

@@ -18,8 +18,8 @@ from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import h5io, layout
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.commit import COMMIT_SLOTS, encode_record, heads_crc32, new_record
-from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, open_h5, set_fixed_ascii_attr
-from deepnet.formats.locking import refuse_if_in_use
+from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, open_h5, set_attrs, set_fixed_ascii_attr
+from deepnet.formats.locking import flock, refuse_if_in_use
 from deepnet.formats.record import empty_commit_slots
 from deepnet.formats.values import check_float, check_int, now, os_reason, rng_text
 
@@ -107,6 +107,40 @@ def write_copy(old: h5py.File, new: h5py.File, core: np.ndarray, record: Mapping
     if extra is not None:
         extra(new)
     old.visititems(copy_unknown)
+
+
+def write_checkpoint(path: str, old: h5py.File, core: np.ndarray, record: Mapping[str, Any],
+                     heads: Mapping[str, np.ndarray], rows: np.ndarray, chunk_layers: int,
+                     extra: Callable[[h5py.File], None] | None, *, lock: bool, inode: int | None,
+                     old_step: int) -> tuple[h5py.File, int | None]:
+    """Replace the file at `path` atomically with a copy of `old` in the given state (:func:`write_copy`);
+    return the new file, open, and with `lock` the descriptor of the flock taken on it. Refuses if
+    `path` is no longer the file `inode` names (another process replaced it)."""
+    new: h5py.File | None = None
+    lock_fd = None
+    try:
+        with atomic_path(path) as tmp:
+            new = open_h5(tmp, "w")
+            write_copy(old, new, core, record, heads, rows, chunk_layers, extra)
+            new.flush()
+            if lock:
+                lock_fd = flock(tmp, exclusive=True)
+            if inode is not None and os.stat(path).st_ino != inode:
+                raise ModelFileError(f"{path} was replaced by another process while this one was training it; "
+                                     f"not overwriting it (the checkpoint of step {record['step']} is lost)")
+    except BaseException as exc:
+        if new is not None:
+            try:
+                new.close()
+            except Exception:
+                pass
+        if lock_fd is not None:
+            os.close(lock_fd)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise ModelFileError(f"could not write a checkpoint of {path}: {os_reason(exc)} "
+                                 f"(the file still holds step {old_step})") from exc
+        raise
+    return new, lock_fd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,23 +232,15 @@ def _write_attributes(f: h5py.File, *, layers: int, width: int, activation: str,
                       n_classes: int, seed: int, init_scale: float) -> str:
     """The root attributes of a new file; returns its creation time."""
     stamp = now()
-    a = f.attrs
-    a["format"] = layout.FORMAT
-    a["format_version"] = np.int64(layout.FORMAT_VERSION)
-    a["kind"] = layout.KIND_DENSE
-    a["width"] = np.int64(width)
-    a["layers"] = np.int64(layers)
-    a["activation"] = activation
-    a["alpha"] = np.float64(alpha)
-    a["input_dim"] = np.int64(input_dim)
-    a["n_classes"] = np.int64(n_classes)
-    a["step"] = np.int64(0)
-    a["seed"] = np.int64(seed)
+    set_attrs(f, {"format": layout.FORMAT, "format_version": np.int64(layout.FORMAT_VERSION),
+                  "kind": layout.KIND_DENSE, "width": np.int64(width), "layers": np.int64(layers),
+                  "activation": activation, "alpha": np.float64(alpha), "input_dim": np.int64(input_dim),
+                  "n_classes": np.int64(n_classes), "step": np.int64(0), "seed": np.int64(seed)})
     # Rewritten during training: fixed-length, so a rewrite reuses the attribute's storage.
     set_fixed_ascii_attr(f, "rng_state", "", RNG_ATTR_QUANTUM)
     set_fixed_ascii_attr(f, "created", stamp, TIME_ATTR_LEN)
     set_fixed_ascii_attr(f, "updated", stamp, TIME_ATTR_LEN)
-    a["init_scale"] = np.float64(init_scale)
+    f.attrs["init_scale"] = np.float64(init_scale)
     return stamp
 
 

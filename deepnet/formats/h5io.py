@@ -11,6 +11,7 @@ The crash-safety argument depends on the latter, so a failure to set it is an er
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import h5py
@@ -49,6 +50,12 @@ def open_h5(path: str, mode: str) -> h5py.File:
     else:
         raise ValueError(f"mode {mode!r}")
     return h5py.File(fid)
+
+
+def set_attrs(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
+    """Set attributes of a new `obj` from `values`, in order (numpy scalars keep their type)."""
+    for name, value in values.items():
+        obj.attrs[name] = value
 
 
 def set_fixed_ascii_attr(obj: h5py.HLObject, name: str, text: str, quantum: int) -> None:

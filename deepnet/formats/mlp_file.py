@@ -28,6 +28,7 @@ import numpy as np
 from deepnet.errors import ModelFileError
 from deepnet.formats import layout
 from deepnet.formats.atomic import atomic_path
+from deepnet.formats.h5io import set_attrs
 from deepnet.formats.values import decode, now, rng_text
 
 #: The ``init`` attribute: how the parameters of a new MLP are drawn.
@@ -64,19 +65,11 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
     input_dim, hidden = params["w1"].shape
     try:
         with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
-            a = f.attrs
-            a["format"] = layout.FORMAT
-            a["format_version"] = np.int64(layout.FORMAT_VERSION)
-            a["kind"] = layout.KIND_MLP
-            a["hidden"] = np.int64(hidden)
-            a["input_dim"] = np.int64(input_dim)
-            a["n_classes"] = np.int64(params["w2"].shape[1])
-            a["step"] = np.int64(step)
-            a["seed"] = np.int64(seed)
-            a["rng_state"] = rng_text(rng_state)
-            a["init"] = INIT
-            a["created"] = created
-            a["updated"] = now()
+            set_attrs(f, {"format": layout.FORMAT, "format_version": np.int64(layout.FORMAT_VERSION),
+                          "kind": layout.KIND_MLP, "hidden": np.int64(hidden), "input_dim": np.int64(input_dim),
+                          "n_classes": np.int64(params["w2"].shape[1]), "step": np.int64(step),
+                          "seed": np.int64(seed), "rng_state": rng_text(rng_state), "init": INIT,
+                          "created": created, "updated": now()})
             for name, dset in layout.mlp_paths(layout.MLP_GROUP).items():
                 f.create_dataset(dset, data=params[name])
             f.create_dataset(layout.TRAIN_LOG, data=log, maxshape=(None,), chunks=(layout.LOG_CHUNK_ROWS,))

