@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import deepnet.formats.hdf5 as hdf5
+from deepnet.formats import h5io
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import FORMAT, FORMAT_VERSION, ModelFile, default_alpha
 
@@ -156,10 +157,10 @@ def test_init_matches_reference_draws(tmp_path):
 def test_init_independent_of_block_and_chunk_size(tmp_path, monkeypatch):
     with make(tmp_path / "a.h5", storage_chunk_layers=37) as m:  # one chunk, one block
         core_a, heads_a = m.read_core(), m.read_heads()
-    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)  # one storage chunk per block
+    monkeypatch.setattr(h5io, "WRITE_BLOCK_BYTES", 1)  # one storage chunk per block
     writes = []
-    real = hdf5._write_block
-    monkeypatch.setattr(hdf5, "_write_block", lambda d, s, b: (writes.append((s, len(b))), real(d, s, b)))
+    real = h5io.write_block
+    monkeypatch.setattr(h5io, "write_block", lambda d, s, b: (writes.append((s, len(b))), real(d, s, b)))
     with make(tmp_path / "b.h5", storage_chunk_layers=5) as m:
         assert m.storage_chunk_layers == 5
         core_b, heads_b = m.read_core(), m.read_heads()
@@ -235,7 +236,7 @@ def test_create_refuses_unwritable_directory(tmp_path):
 
 def test_create_refuses_directory_without_write_permission(tmp_path, monkeypatch):
     # The same check as above, made testable as root (who passes any permission check).
-    monkeypatch.setattr(hdf5.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
     with pytest.raises(ModelFileError) as e:
         make(tmp_path / "m.h5")
     assert check_message(e) == f"cannot create {tmp_path / 'm.h5'}: directory {tmp_path} is not writable"
@@ -279,7 +280,7 @@ def test_create_accepts_numpy_integers(tmp_path):
 
 def _failing_write_block(monkeypatch, exc, after=1):
     """Make the init write loop raise `exc` after `after` successful block writes."""
-    real = hdf5._write_block
+    real = h5io.write_block
     calls = []
 
     def write_block(dset, start, block):
@@ -288,8 +289,8 @@ def _failing_write_block(monkeypatch, exc, after=1):
         calls.append(start)
         real(dset, start, block)
 
-    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)
-    monkeypatch.setattr(hdf5, "_write_block", write_block)
+    monkeypatch.setattr(h5io, "WRITE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(h5io, "write_block", write_block)
     return calls
 
 
@@ -402,16 +403,15 @@ def test_write_layers_and_chunk_step(tmp_path):
         np.testing.assert_array_equal(m.chunk_steps(), [3, 3, 4, 0, 5])
 
 
-def test_write_layers_marks_chunk_step_before_the_rows(tmp_path):
+def test_write_layers_marks_chunk_step_before_the_rows(tmp_path, monkeypatch):
     """An interrupted write shows up as a torn step, never as stale chunk_step on new data."""
 
-    class Failing:
-        def write_direct(self, *a, **k):
-            raise KeyboardInterrupt
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
 
     with make(tmp_path / "m.h5") as m:
         before = m.read_core()
-        m._weights = Failing()
+        monkeypatch.setattr(h5io, "write_block", interrupted)
         with pytest.raises(KeyboardInterrupt):
             m.write_layers(8, np.ones((8, 12), np.float32), step=2)
     with ModelFile.open(tmp_path / "m.h5") as m:
@@ -448,7 +448,7 @@ def test_read_core_write_core(tmp_path):
 
 
 def test_write_core_in_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(h5io, "WRITE_BLOCK_BYTES", 1)
     new = np.arange(37 * 12, dtype=np.float32).reshape(37, 12)
     with make(tmp_path / "m.h5") as m:
         m.write_core(new, step=1)
@@ -633,7 +633,7 @@ def test_open_directory(tmp_path):
 
 def test_open_without_permission(tmp_path, monkeypatch):
     make(tmp_path / "m.h5").close()
-    monkeypatch.setattr(hdf5.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
     with pytest.raises(ModelFileError) as e:
         ModelFile.open(tmp_path / "m.h5", "r+")
     assert check_message(e) == f"could not open {tmp_path / 'm.h5'} in mode 'r+': Permission denied"
@@ -841,3 +841,101 @@ def test_create_returns_file_that_opens_cleanly(tmp_path):
         with ModelFile.open(tmp_path / f"{i}.h5") as m:
             assert m.layers == layers and m.width == width
             assert m.chunk_steps().shape == (math.ceil(layers / m.storage_chunk_layers),)
+
+
+# ----------------------------------------------------------------------------------------------
+# files written without this package's code open unchanged
+
+
+def _write_by_hand(path, *, with_commit: bool):
+    """A dense model written with h5py and the layout's literal names and values only (as the code before
+    the formats split wrote it, and as another tool would), never with deepnet.formats."""
+    layers, width, chunk = 10, 2, 4
+    rng = np.random.default_rng(5)
+    core = rng.uniform(-1, 1, (layers, width * width + width)).astype(np.float32)
+    heads = {"head/input/weight": rng.standard_normal((3, width)).astype(np.float32),
+             "head/input/bias": np.zeros(width, np.float32),
+             "head/output/weight": rng.standard_normal((width, 2)).astype(np.float32),
+             "head/output/bias": np.ones(2, np.float32)}
+    log = np.array([(1, 0.5, 0.25, 0.125), (2, 0.25, 0.5, 0.125)],
+                   dtype=[("step", "<i8"), ("loss", "<f8"), ("batch_acc", "<f8"), ("seconds", "<f8")])
+    with h5py.File(path, "w") as f:
+        for name, value in (("format", "deepnet"), ("format_version", np.int64(1)), ("kind", "dense"),
+                            ("width", np.int64(width)), ("layers", np.int64(layers)), ("activation", "tanh"),
+                            ("alpha", np.float64(0.5)), ("input_dim", np.int64(3)), ("n_classes", np.int64(2)),
+                            ("step", np.int64(2)), ("seed", np.int64(9)), ("rng_state", '{"n": 1}'),
+                            ("created", "2025-01-01T00:00:00+00:00"), ("updated", "2025-01-02T00:00:00+00:00"),
+                            ("init_scale", np.float64(0.001))):
+            f.attrs[name] = value
+        f.create_dataset("core/weights", data=core, chunks=(chunk, width * width + width))
+        f.create_dataset("core/chunk_step", data=np.array([2, 1, 0], "<i8"))
+        for name, value in heads.items():
+            f.create_dataset(name, data=value)
+        f.create_dataset("train/log", data=log, maxshape=(None,), chunks=(4096,))
+        if with_commit:
+            f.create_dataset("train/commit", data=np.zeros((2, 32768), np.uint8))
+    return core, heads, log
+
+
+@pytest.mark.parametrize("with_commit", [False, True])
+def test_a_file_written_with_the_literal_layout_opens_and_trains_on(tmp_path, with_commit):
+    path = tmp_path / "old.h5"
+    core, heads, log = _write_by_hand(path, with_commit=with_commit)
+    with ModelFile.open(path) as m:
+        assert (m.layers, m.width, m.activation, m.alpha, m.seed) == (10, 2, "tanh", 0.5, 9)
+        assert (m.step, m.rng_state, m.storage_chunk_layers) == (2, {"n": 1}, 4)
+        np.testing.assert_array_equal(m.read_core(), core)
+        got = m.read_heads()
+        for key, name in (("input_weight", "head/input/weight"), ("output_bias", "head/output/bias")):
+            np.testing.assert_array_equal(got[key], heads[name])
+        np.testing.assert_array_equal(m.read_log(), log)
+        assert m.state().status == "healthy" and m.updated == "2025-01-02T00:00:00+00:00"
+    with ModelFile.open(path, "r+") as m:
+        m.commit(3, m.read_heads(), log=[(3, 0.1, 0.75, 0.1)])
+    with ModelFile.open(path) as m:
+        assert m.step == 3 and m.has_commit_record and m.read_log()["step"].tolist() == [1, 2, 3]
+
+
+def test_the_layout_names_are_the_files_names():
+    """The names are the file format: changing one would orphan every file written before."""
+    from deepnet.formats import layout
+
+    assert (layout.CORE_WEIGHTS, layout.CORE_CHUNK_STEP) == ("core/weights", "core/chunk_step")
+    assert layout.HEAD_PATHS == {"input_weight": "head/input/weight", "input_bias": "head/input/bias",
+                                 "output_weight": "head/output/weight", "output_bias": "head/output/bias"}
+    assert (layout.TRAIN_LOG, layout.TRAIN_COMMIT, layout.TRAIN_HELDOUT) == ("train/log", "train/commit",
+                                                                            "train/heldout")
+    assert layout.mlp_paths(layout.MLP_GROUP)["w1"] == "mlp/w1"
+    assert layout.mlp_paths(layout.BRANCH_GROUP)["b2"] == "branch/mlp/b2"
+    assert (layout.EMA_CORE, layout.EMA_HEAD_PATHS["input_bias"]) == ("ema/core/weights", "ema/head/input/bias")
+    assert (layout.FORMAT, layout.FORMAT_VERSION, layout.KIND_DENSE, layout.KIND_MLP) == ("deepnet", 1, "dense", "mlp")
+
+
+def test_files_are_opened_without_chunk_cache_or_sieve_buffer(tmp_path):
+    """The crash-safety argument needs HDF5's sieve buffer off (formats/h5io.py)."""
+    with make(tmp_path / "m.h5") as m:
+        fapl = m.h5.id.get_access_plist()
+        assert fapl.get_sieve_buf_size() == 0 and fapl.get_cache()[2] == 0
+
+
+def test_an_mlp_file_written_with_the_literal_layout_opens(tmp_path):
+    from deepnet.formats.mlp_file import model_kind, read_mlp_file
+
+    path = tmp_path / "mlp.h5"
+    rng = np.random.default_rng(2)
+    params = {"w1": rng.standard_normal((5, 3)), "b1": np.zeros(3), "w2": rng.standard_normal((3, 2)), "b2": np.ones(2)}
+    with h5py.File(path, "w") as f:
+        for name, value in (("format", "deepnet"), ("format_version", np.int64(1)), ("kind", "mlp"),
+                            ("hidden", np.int64(3)), ("input_dim", np.int64(5)), ("n_classes", np.int64(2)),
+                            ("step", np.int64(4)), ("seed", np.int64(1)), ("rng_state", ""),
+                            ("init", "he-uniform/xavier-uniform"), ("created", "2025-01-01T00:00:00+00:00"),
+                            ("updated", "2025-01-01T00:00:00+00:00")):
+            f.attrs[name] = value
+        for name, value in params.items():
+            f.create_dataset(f"mlp/{name}", data=value.astype(np.float32))
+        f.create_dataset("train/log", data=np.zeros(1, hdf5.LOG_DTYPE), maxshape=(None,), chunks=(4096,))
+    assert model_kind(path) == "mlp"
+    contents = read_mlp_file(path)
+    assert (contents.step, contents.seed, contents.rng_state, contents.log.shape) == (4, 1, None, (1,))
+    for name, value in params.items():
+        np.testing.assert_array_equal(contents.params[name], value.astype(np.float32))

@@ -25,7 +25,7 @@ import pytest
 
 import deepnet
 from crash_harness import make_small_mnist
-from deepnet.formats import hdf5
+from deepnet.formats import h5io
 from deepnet.formats.idx import write_idx
 from helpers import MNIST_DIR, have_mnist, train_tiny
 
@@ -163,7 +163,7 @@ def disk_full(monkeypatch) -> None:
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(hdf5, "_write_block", full)
+    monkeypatch.setattr(h5io, "write_block", full)
 
 
 def no_data_env(monkeypatch) -> None:

@@ -24,7 +24,8 @@ from crash_harness import make_small_mnist
 from deepnet import DeepNet, ModelFile
 from deepnet.nn.engine import NonFiniteError
 from deepnet.errors import ModelFileError
-from deepnet.formats import hdf5
+from deepnet.formats import h5io, hdf5, layout, record
+from deepnet.formats.atomic import atomic_path
 from deepnet.formats.hdf5 import COMMIT_SLOT_BYTES, LOG_PENDING_MAX, HEAD_KEYS
 from deepnet.nn.network import TornStepError
 from helpers import MNIST_DIR, have_mnist
@@ -100,7 +101,8 @@ def one_line_error(proc, *fragments, status=2):
 def test_a_new_file_is_a_healthy_step_0(tmp_path):
     with ModelFile.open(new_model(tmp_path / "m.h5")) as f:
         assert f.state().status == "healthy" and f.step == 0 and f.rng_state is None
-        assert f._commit.shape == (2, COMMIT_SLOT_BYTES) and f._commit.chunks is None
+        commit = f.h5[layout.TRAIN_COMMIT]
+        assert commit.shape == (2, COMMIT_SLOT_BYTES) and commit.chunks is None
 
 
 def test_commit_alternates_slots_and_a_cut_write_falls_back_to_the_previous_commit(tmp_path):
@@ -110,8 +112,8 @@ def test_commit_alternates_slots_and_a_cut_write_falls_back_to_the_previous_comm
         for step in (1, 2, 3):
             heads["output_bias"] += 1
             f.commit(step, heads, rng_state={"n": step}, log=[(step, 1.0, 0.5, 0.1)])
-        seq = f._record["seq"]
-        offset = f._offset("train/commit")
+        seq = f.record["seq"]
+        offset = f.h5[layout.TRAIN_COMMIT].id.get_offset()
     with ModelFile.open(path) as f:
         assert (f.step, f.rng_state, f.log_rows) == (3, {"n": 3}, 3)
     # A kill part-way through writing the latest slot: its checksum fails, the other slot (step 2) wins.
@@ -139,13 +141,13 @@ def test_log_rows_ride_in_the_record_until_flushed(tmp_path):
         heads = f.read_heads()
         for step in range(1, n + 1):
             f.commit(step, heads, log=[(step, 1.0 / step, 0.25, 0.01)])
-        assert f._log.shape[0] == LOG_PENDING_MAX and len(f._record["pending_log"]) == 5
+        assert f.stored_log_rows == LOG_PENDING_MAX and len(f.record["pending_log"]) == 5
         assert f.read_log()["step"].tolist() == list(range(1, n + 1))
     with ModelFile.open(path) as f:  # the carried rows survive without a flush
         assert f.read_log()["loss"].tolist() == [1.0 / s for s in range(1, n + 1)]
     with ModelFile.open(path, "r+") as f:
         f.sync()
-        assert f._log.shape[0] == n and f._record["pending_log"] == []
+        assert f.stored_log_rows == n and f.record["pending_log"] == []
         assert f.read_log()["step"].tolist() == list(range(1, n + 1))
 
 
@@ -154,12 +156,12 @@ def test_uncommitted_log_rows_are_ignored_and_overwritten(tmp_path):
     with ModelFile.open(path, "r+") as f:
         f.append_log([1, 2], [0.5, 0.4], [0.1, 0.2], [0.0, 0.0])
         # An append a kill interrupted after the rows were written but before the record said so.
-        f._log.resize((5,))
-        f._log[2:5] = np.array([(99, 9, 9, 9)] * 3, dtype=hdf5.LOG_DTYPE)
+        f.h5[layout.TRAIN_LOG].resize((5,))
+        f.h5[layout.TRAIN_LOG][2:5] = np.array([(99, 9, 9, 9)] * 3, dtype=hdf5.LOG_DTYPE)
     with ModelFile.open(path, "r+") as f:
         assert f.read_log()["step"].tolist() == [1, 2]
         f.append_log(3, 0.3, 0.3, 0.0)
-        assert f._log.shape[0] == 3 and f.read_log()["step"].tolist() == [1, 2, 3]
+        assert f.stored_log_rows == 3 and f.read_log()["step"].tolist() == [1, 2, 3]
 
 
 def test_a_file_without_a_commit_record_gets_one_on_its_first_commit(tmp_path):
@@ -169,10 +171,10 @@ def test_a_file_without_a_commit_record_gets_one_on_its_first_commit(tmp_path):
         f.attrs["step"] = np.int64(4)
         f["core/chunk_step"][...] = 4
     with ModelFile.open(path, "r+") as f:
-        assert f.step == 4 and f._commit is None and f.state().status == "healthy"
+        assert f.step == 4 and not f.has_commit_record and f.state().status == "healthy"
         f.commit(5, f.read_heads())
     with ModelFile.open(path) as f:
-        assert f.step == 5 and f._commit is not None
+        assert f.step == 5 and f.has_commit_record
 
 
 def test_rewrite_is_atomic_and_the_object_follows_the_new_file(tmp_path):
@@ -199,7 +201,7 @@ def test_rewrite_disk_full_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with ModelFile.open(path, "r+") as f:
-        monkeypatch.setattr(hdf5, "_write_block", full)
+        monkeypatch.setattr(h5io, "write_block", full)
         with pytest.raises(ModelFileError) as e:
             f.rewrite(f.read_core(), step=3, heads=f.read_heads())
         assert str(e.value) == f"could not write a checkpoint of {path}: No space left on device (the file still holds step 0)"
@@ -218,6 +220,37 @@ def test_stale_temporaries(tmp_path):
     assert hdf5.stale_temporaries(path) == [str(dead)]
     assert hdf5.remove_stale_temporaries(path) == [str(dead)]
     assert not dead.exists() and mine.exists() and other.exists()
+    # Today's naming adds a random part after the pid; both are found.
+    dead_new = tmp_path / ".m.h5.tmp-999999999-0a1b2c3d"
+    dead_new.write_bytes(b"x")
+    assert hdf5.stale_temporaries(path) == [str(dead_new)]
+
+
+def test_atomic_path_places_only_a_finished_file(tmp_path):
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not target.exists()
+        Path(tmp).write_bytes(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        Path(tmp).write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+    with pytest.raises(ModelFileError, match="already exists"), atomic_path(target, overwrite=False) as tmp:
+        Path(tmp).write_bytes(b"other")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_atomic_path_replaces_a_symlinks_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "m.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with atomic_path(link) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path / "real")
+        Path(tmp).write_bytes(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
 
 
 def test_streamed_steps_change_no_hdf5_metadata(tmp_path):
@@ -227,8 +260,8 @@ def test_streamed_steps_change_no_hdf5_metadata(tmp_path):
     with ModelFile.open(path) as f:
         regions = [(int(o), f.storage_chunk_layers * f.row_size * 4) for o in f.core_chunk_offsets()]
         regions.append((f.chunk_step_offset(), 8 * f.n_storage_chunks))
-        for name in [*hdf5._HEAD_PATHS.values(), "train/commit"]:
-            ds = f._f[name]
+        for name in [*layout.HEAD_PATHS.values(), layout.TRAIN_COMMIT]:
+            ds = f.h5[name]
             regions.append((ds.id.get_offset(), ds.id.get_storage_size()))
     before = np.frombuffer(path.read_bytes(), np.uint8).copy()
     with DeepNet.open(path, writable=True, chunk_layers=70) as net:
@@ -603,7 +636,7 @@ def test_disk_full_at_a_log_append_keeps_a_healthy_file(tmp_path, mini_env, monk
     from deepnet.cli import main
 
     calls = [0]
-    real = hdf5._append_log_rows
+    real = record.append_log_rows
 
     def full_on_second(*args):
         calls[0] += 1
@@ -611,7 +644,7 @@ def test_disk_full_at_a_log_append_keeps_a_healthy_file(tmp_path, mini_env, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         real(*args)
 
-    monkeypatch.setattr(hdf5, "_append_log_rows", full_on_second)
+    monkeypatch.setattr(record, "append_log_rows", full_on_second)
     path = tmp_path / "m.h5"
     assert main(["train", str(path), "--layers", "200", "--steps", "20", "--report-every", "3", "--batch", "4",
                  "--train-limit", "1000", "--eval-samples", "0", "--json"]) == 2
@@ -634,7 +667,7 @@ def test_disk_full_at_an_in_memory_checkpoint_keeps_the_previous_one(tmp_path, m
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(hdf5, "_write_block", full)
+    monkeypatch.setattr(h5io, "write_block", full)
     capsys.readouterr()
     assert main(["train", str(path), "--steps", "6", "--in-memory", "--checkpoint-every", "3",
                  "--eval-samples", "0", "--json"]) == 2

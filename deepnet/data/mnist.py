@@ -22,7 +22,6 @@ import hashlib
 import io
 import os
 import pickle
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from deepnet.errors import DataError
+from deepnet.formats.atomic import atomic_path
 from deepnet.formats.idx import find_idx_file, write_idx
 
 # The four standard files and the sha256 of each *uncompressed* file (shared/data/mnist/SHA256SUMS.uncompressed).
@@ -191,15 +191,18 @@ def _is_valid(dest: Path, name: str) -> bool:
     return found is not None and _uncompressed_sha256(found) == MNIST_FILES[name]
 
 
-def _temp_path(dest: Path, name: str) -> Path:
-    # A hidden name in the same directory, so os.replace is an atomic rename and a crash leaves no file
-    # that the reader would mistake for data.
-    return dest / f".{name}.{secrets.token_hex(4)}.part"
+class _Refused(Exception):
+    """A fetched or converted file is not kept: ``reason`` says why, ``unreachable`` whether the source
+    could not be reached at all."""
+
+    def __init__(self, reason: str, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
 
 
-def _keep(tmp: Path, dest: Path, name: str) -> None:
-    """Rename a verified file into place as ``<name>.gz``; drop a raw sibling that failed its check."""
-    os.replace(tmp, dest / f"{name}.gz")
+def _drop_bad_raw(dest: Path, name: str) -> None:
+    """After ``<name>.gz`` was placed: drop a raw sibling that fails its check (the reader prefers it)."""
     raw = dest / name
     if raw.is_file() and _uncompressed_sha256(raw) != MNIST_FILES[name]:
         raw.unlink()
@@ -248,32 +251,34 @@ def _download(url: str, out: BinaryIO, progress: bool, desc: str) -> None:
 def _fetch_from_mirror(dest: Path, name: str, mirror: str, progress: bool) -> tuple[str | None, bool]:
     """Download ``<mirror><name>.gz``, verify it, keep it. Return (error or None, mirror unreachable)."""
     url = mirror.rstrip("/") + f"/{name}.gz"
-    tmp = _temp_path(dest, name)
     try:
-        try:
-            out = open(tmp, "xb")
-        except OSError as exc:
-            raise DataError(f"{dest}: cannot write into the data directory: {_one_line(exc)}") from None
-        with out:
+        # Verified before it is renamed into place: an unverified download is never kept.
+        with atomic_path(dest / f"{name}.gz") as tmp:
             try:
-                _download(url, out, progress, f"{name}.gz")
-            except urllib.error.HTTPError as exc:  # the server answered: it may still have other files
-                return f"{name}.gz: HTTP {exc.code}", False
-            except _DownloadRefused as exc:
-                return f"{name}.gz: {exc}", False
-            except (OSError, HTTPException, ValueError) as exc:
-                return f"{name}.gz: {_one_line(getattr(exc, 'reason', None) or exc)}", True
-        try:
-            data = _read_uncompressed(tmp)
-        except Exception as exc:  # a corrupt or oversized download: refuse it, try the next mirror
-            return f"{name}.gz: not a valid gzip file ({_one_line(exc)})", False
-        digest = _sha256_hex(data)
-        if digest != MNIST_FILES[name]:
-            return f"{name}.gz: sha256 mismatch (got {digest[:12]}..., expected {MNIST_FILES[name][:12]}...)", False
-        _keep(tmp, dest, name)
-        return None, False
-    finally:
-        tmp.unlink(missing_ok=True)  # never keep an unverified download
+                out = open(tmp, "xb")
+            except OSError as exc:
+                raise DataError(f"{dest}: cannot write into the data directory: {_one_line(exc)}") from None
+            with out:
+                try:
+                    _download(url, out, progress, f"{name}.gz")
+                except urllib.error.HTTPError as exc:  # the server answered: it may still have other files
+                    raise _Refused(f"{name}.gz: HTTP {exc.code}") from None
+                except _DownloadRefused as exc:
+                    raise _Refused(f"{name}.gz: {exc}") from None
+                except (OSError, HTTPException, ValueError) as exc:
+                    raise _Refused(f"{name}.gz: {_one_line(getattr(exc, 'reason', None) or exc)}", True) from None
+            try:
+                data = _read_uncompressed(tmp)
+            except Exception as exc:  # a corrupt or oversized download: refuse it, try the next mirror
+                raise _Refused(f"{name}.gz: not a valid gzip file ({_one_line(exc)})") from None
+            digest = _sha256_hex(data)
+            if digest != MNIST_FILES[name]:
+                raise _Refused(f"{name}.gz: sha256 mismatch (got {digest[:12]}..., expected "
+                               f"{MNIST_FILES[name][:12]}...)")
+    except _Refused as exc:
+        return exc.reason, exc.unreachable
+    _drop_bad_raw(dest, name)
+    return None, False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,19 +399,19 @@ def _fetch_offline(dest: Path, names: list[str], progress: bool) -> None:
     bad = []
     with _progress_bar(len(names), "converting MNIST", progress, unit="file") as bar:
         for name in names:
-            tmp = _temp_path(dest, name)
             try:
-                write_idx(tmp, arrays[name], gzip=True)
                 # Check what is on disk, not what we meant to write: a wrong conversion is never kept.
-                digest = _uncompressed_sha256(tmp) or "unreadable"
-                if digest == MNIST_FILES[name]:
-                    _keep(tmp, dest, name)
-                else:
-                    bad.append(f"{name} sha256 mismatch after conversion (got {digest[:12]}...)")
+                with atomic_path(dest / f"{name}.gz") as tmp:
+                    write_idx(tmp, arrays[name], gzip=True)
+                    digest = _uncompressed_sha256(Path(tmp)) or "unreadable"
+                    if digest != MNIST_FILES[name]:
+                        raise _Refused(f"{name} sha256 mismatch after conversion (got {digest[:12]}...)")
+            except _Refused as exc:
+                bad.append(exc.reason)
             except OSError as exc:
                 raise DataError(f"{dest}: cannot write {name}: {_one_line(exc)}") from None
-            finally:
-                tmp.unlink(missing_ok=True)
+            else:
+                _drop_bad_raw(dest, name)
             bar.update(1)
     if bad:
         raise DataError("; ".join(bad))

@@ -4,8 +4,8 @@ Two fixed-size slots, written alternately as raw bytes (never HDF5 metadata); ea
 number, the payload's length and CRC-32, then the record as JSON: the committed step, a sequence
 number, the minibatch generator's state, the training settings, a CRC-32 of the heads, how many rows of
 /train/log belong to the committed history and the log rows not yet appended there. A slot cut short
-by a kill fails its checksum and the other slot, the previous commit, is read instead. How a file
-uses it: :mod:`deepnet.formats.hdf5`.
+by a kill fails its checksum and the other slot, the previous commit, is read instead. How an open
+file keeps it: :mod:`deepnet.formats.record`; the file's states it defines: :func:`torn_state`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from deepnet.formats.layout import CORE_CHUNK_STEP
 
 COMMIT_SLOTS = 2
 COMMIT_SLOT_BYTES = 32768
@@ -105,8 +107,36 @@ def new_record(*, step: int, heads_crc: int, updated: str) -> dict:
 
 
 def json_default(obj: Any) -> Any:
+    """JSON for the numpy values a generator state or a setting may hold."""
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def torn_state(step: int, chunk_steps: np.ndarray, chunk_layers: int, layers: int, heads_changed: bool) -> FileState:
+    """Healthy, torn or damaged, from each storage chunk's last step and whether the heads differ from
+    the checksum committed with `step` (docs/DESIGN.md, "Files": chunks are marked before they change)."""
+    cs = chunk_steps
+    n = cs.shape[0]
+    wrong = np.flatnonzero((cs < 0) | (cs > step + 1))
+    if wrong.size:
+        c = int(wrong[0])
+        return FileState("damaged", step, f"storage chunk {c} of /{CORE_CHUNK_STEP} says step {int(cs[c])} "
+                         f"but the committed step is {step} ({wrong.size} such chunks)")
+    ahead = np.flatnonzero(cs == step + 1)
+    if not ahead.size:
+        if heads_changed:
+            return FileState("damaged", step, f"the heads differ from the checksum committed with step {step}",
+                             heads_changed=True)
+        return FileState("healthy", step, f"healthy: step {step}")
+    sizes = np.minimum(chunk_layers, layers - ahead * chunk_layers)
+    updated = int(sizes.sum())
+    first, last = int(ahead[0]), int(ahead[-1])
+    where = f"storage chunk {first}" if first == last else f"storage chunks {first}..{last}"
+    message = (f"torn step {step + 1}: {updated} of {layers} layers updated ({where} of {n})"
+               + ("; heads updated" if heads_changed else "")
+               + f"; the rest is step {step}")
+    return FileState("torn", step, message, torn_step=step + 1, layers_updated=updated,
+                     chunks_updated=(first, last), heads_changed=heads_changed)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip as _gzip
 import os
-import secrets
 import struct
 import zlib
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from deepnet.errors import DataError
+from deepnet.formats.atomic import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -205,23 +205,17 @@ def encode_idx(array: np.ndarray) -> bytes:
 def write_idx(path: PathLike, array: np.ndarray, gzip: bool = False) -> None:
     """Write a uint8 array of 1 to 3 dimensions as an IDX file, gzip-compressed if ``gzip``.
 
-    The file is written under a temporary name and renamed into place, so a reader never sees a half
-    written file. The gzip header carries no name or time, so the same array always gives the same bytes.
+    The file is written under a temporary name and renamed into place (:func:`atomic_path`), so a reader
+    never sees a half written file. The gzip header carries no name or time, so the same array always gives the same bytes.
     Raises ValueError for an array IDX cannot hold (a programming error, not a data error).
     """
     data = encode_idx(array)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            if gzip:
-                with _gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:
-                    gz.write(data)
-            else:
-                f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        if gzip:
+            with _gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:
+                gz.write(data)
+        else:
+            f.write(data)
 
 
 def find_idx_file(data_dir: PathLike, name: str) -> Path | None:

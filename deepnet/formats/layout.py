@@ -15,6 +15,15 @@ FORMAT_VERSION = 1
 KIND_DENSE = "dense"
 KIND_MLP = "mlp"
 
+# -- root attributes of a dense model file, by type ----------------------------------------------------
+DENSE_INT_ATTRS = ("format_version", "width", "layers", "input_dim", "n_classes", "step", "seed")
+DENSE_FLOAT_ATTRS = ("alpha", "init_scale")
+DENSE_STR_ATTRS = ("format", "kind", "activation", "rng_state", "created", "updated")
+
+# -- root attributes of an MLP model file (besides format, format_version, kind, init, updated) ---------
+MLP_INT_ATTRS = ("hidden", "input_dim", "n_classes", "step", "seed")
+MLP_REQUIRED_ATTRS = (*MLP_INT_ATTRS, "rng_state", "created")
+
 # -- the deep core --------------------------------------------------------------------------------
 CORE_WEIGHTS = "core/weights"        # float32 (L, w*w + w), row i = [W_i (in, out) row-major | b_i]
 CORE_CHUNK_STEP = "core/chunk_step"  # int64, per storage chunk: the step that last wrote it
@@ -34,6 +43,7 @@ TRAIN_COMMIT = "train/commit"    # two checksummed slots of the commit record
 TRAIN_HELDOUT = "train/heldout"  # per held-out measurement: step, heldout_loss, heldout_acc
 
 LOG_DTYPE = np.dtype([("step", "<i8"), ("loss", "<f8"), ("batch_acc", "<f8"), ("seconds", "<f8")])
+LOG_CHUNK_ROWS = 4096            # rows per HDF5 storage chunk of /train/log
 HELDOUT_DTYPE = np.dtype([("step", "<i8"), ("heldout_loss", "<f8"), ("heldout_acc", "<f8")])
 
 # -- the MLP: the parameters of an MLP model file, and of the residual MLP branch of a dense one -----

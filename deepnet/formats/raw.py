@@ -27,8 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
+from deepnet.formats import layout
+from deepnet.formats.atomic import atomic_path
+from deepnet.formats.mlp_file import mlp_shapes, model_kind, read_mlp_file, write_mlp_file
+from deepnet.formats.model_file import ModelFile
+from deepnet.formats.values import now
 
 RAW_DTYPE = np.dtype("<f4")
 #: Bytes per streamed block (rounded to whole HDF5 storage chunks of the model).
@@ -117,34 +123,6 @@ def _distinct(**paths: str | None) -> None:
         seen[real] = name
 
 
-def _tmp_beside(path: str, tag: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{tag}-{os.getpid()}")
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _place(tmp: str, path: str, overwrite: bool) -> None:
-    if not overwrite and os.path.lexists(path):
-        raise ModelFileError(f"{path} appeared while it was being written (pass --overwrite to replace it)")
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(os.path.abspath(path)))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _os_error(action: str, path: str, exc: OSError) -> ModelFileError:
     reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
     return ModelFileError(f"could not {action} {path}: {reason}")
@@ -182,8 +160,11 @@ def _dense_head_shapes(width: int, input_dim: int, n_classes: int) -> list[tuple
             ("output_weight", (width, n_classes)), ("output_bias", (n_classes,))]
 
 
-def _mlp_shapes(hidden: int, input_dim: int, n_classes: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [("w1", (input_dim, hidden)), ("b1", (hidden,)), ("w2", (hidden, n_classes)), ("b2", (n_classes,))]
+def _write_floats(path: str, arrays: list[np.ndarray]) -> None:
+    """Write the arrays one after another as raw little-endian float32."""
+    with open(path, "wb") as fh:
+        for a in arrays:
+            fh.write(memoryview(np.ascontiguousarray(a, dtype=RAW_DTYPE)).cast("B"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +223,6 @@ def import_raw(
     width = _int_flag("width", width)
     if activation is None:
         raise ConfigError("--activation is required (the raw files do not record it; see `deepnet activations`)")
-    from deepnet import activations
-
     activations.get(activation)
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not math.isfinite(alpha) or alpha <= 0):
@@ -265,15 +244,11 @@ def import_raw(
 
 def _import_mlp(model: str, head: str, hidden: int, seed: int, input_dim: int, n_classes: int,
                 overwrite: bool) -> dict:
-    from deepnet.nn.mlp import MLP
-
     started = time.perf_counter()
     flat = _read_floats(head, mlp_head_bytes(hidden, input_dim, n_classes) // 4, "the mlp parameters")
-    p = _split(flat, _mlp_shapes(hidden, input_dim, n_classes))
-    net = MLP(p["w1"], p["b1"], p["w2"], p["b2"], seed=seed)
-    if not overwrite and os.path.lexists(model):
-        raise ModelFileError(f"--model {model} already exists (pass --overwrite to replace it)")
-    net.save(model)
+    params = _split(flat, list(mlp_shapes(hidden, input_dim, n_classes).items()))
+    write_mlp_file(model, params, step=0, seed=seed, rng_state=None, log=np.empty(0, layout.LOG_DTYPE),
+                   created=now(), overwrite=overwrite)
     return {"event": "import", "model": model, "kind": "mlp", "hidden": hidden,
             "bytes": os.path.getsize(head), "seconds": time.perf_counter() - started}
 
@@ -281,53 +256,44 @@ def _import_mlp(model: str, head: str, hidden: int, seed: int, input_dim: int, n
 def _import_dense(model: str, weights: str, head: str, layers: int, width: int, activation: str,
                   alpha: float | None, seed: int, input_dim: int, n_classes: int, overwrite: bool,
                   progress: bool, storage_chunk_layers: int | None = None) -> dict:
+    # tqdm.auto is slow to import (bench/README.md, "deepnet.formats"); only a streamed copy needs it.
     from tqdm.auto import tqdm
-
-    from deepnet.formats.hdf5 import ModelFile
 
     started = time.perf_counter()
     heads = _split(_read_floats(head, dense_head_bytes(width, input_dim, n_classes) // 4, "the heads"),
                    _dense_head_shapes(width, input_dim, n_classes))
-    tmp = _tmp_beside(model, "import")
-    mf = None
     try:
-        # The normal initialisation (a fresh, fully allocated file whose every chunk exists), then the
-        # raw rows over it block by block: ModelFile.create only takes whole in-RAM arrays.
-        mf = ModelFile.create(tmp, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
-                              input_dim=input_dim, n_classes=n_classes, overwrite=True, progress=progress,
-                              storage_chunk_layers=storage_chunk_layers)
-        row = mf.row_size
-        chunk = mf.storage_chunk_layers
-        block = chunk * max(1, BLOCK_BYTES // (chunk * row * RAW_DTYPE.itemsize))
-        buf = np.empty((min(block, layers), row), dtype=RAW_DTYPE)
-        with open(weights, "rb") as fh, tqdm(total=layers, desc=f"import {os.path.basename(weights)}",
-                                             unit="layer", unit_scale=True, disable=not progress,
-                                             leave=False) as bar:
-            for start in range(0, layers, block):
-                n = min(block, layers - start)
-                view = buf[:n]
-                got = fh.readinto(memoryview(view).cast("B"))
-                if got != view.nbytes:
-                    raise ModelFileError(f"{weights} ended early, at layer {start + got // (row * 4)} of {layers}")
-                if not np.isfinite(view).all():
-                    bad = int(np.flatnonzero(~np.isfinite(view))[0])
-                    raise ModelFileError(f"{weights} holds a non-finite value ({view.flat[bad]}) in layer "
-                                         f"{start + bad // row}")
-                mf.write_layers(start, view, 0)
-                bar.update(n)
-        mf.write_heads(heads)
-        mf.flush(sync=True)
-        summary_alpha = mf.alpha
-        mf.close()
-        mf = None
-        _place(tmp, model, overwrite)
-    except BaseException as exc:
-        if mf is not None:
-            mf.close()
-        _unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _os_error("import into", model, exc) from exc
-        raise
+        with atomic_path(model, overwrite=overwrite) as tmp:
+            # The normal initialisation (a fresh, fully allocated file whose every chunk exists), then the
+            # raw rows over it block by block: ModelFile.create only takes whole in-RAM arrays.
+            with ModelFile.create(tmp, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
+                                  input_dim=input_dim, n_classes=n_classes, overwrite=True, progress=progress,
+                                  storage_chunk_layers=storage_chunk_layers) as mf:
+                row = mf.row_size
+                chunk = mf.storage_chunk_layers
+                block = chunk * max(1, BLOCK_BYTES // (chunk * row * RAW_DTYPE.itemsize))
+                buf = np.empty((min(block, layers), row), dtype=RAW_DTYPE)
+                with open(weights, "rb") as fh, tqdm(total=layers, desc=f"import {os.path.basename(weights)}",
+                                                     unit="layer", unit_scale=True, disable=not progress,
+                                                     leave=False) as bar:
+                    for start in range(0, layers, block):
+                        n = min(block, layers - start)
+                        view = buf[:n]
+                        got = fh.readinto(memoryview(view).cast("B"))
+                        if got != view.nbytes:
+                            raise ModelFileError(f"{weights} ended early, at layer {start + got // (row * 4)} "
+                                                 f"of {layers}")
+                        if not np.isfinite(view).all():
+                            bad = int(np.flatnonzero(~np.isfinite(view))[0])
+                            raise ModelFileError(f"{weights} holds a non-finite value ({view.flat[bad]}) in layer "
+                                                 f"{start + bad // row}")
+                        mf.write_layers(start, view, 0)
+                        bar.update(n)
+                mf.write_heads(heads)
+                mf.flush()
+                summary_alpha = mf.alpha
+    except OSError as exc:
+        raise _os_error("import into", model, exc) from exc
     return {"event": "import", "model": model, "kind": "dense", "layers": layers, "width": width,
             "activation": activation, "alpha": summary_alpha,
             "bytes": os.path.getsize(weights) + os.path.getsize(head), "seconds": time.perf_counter() - started}
@@ -349,8 +315,6 @@ def export_raw(
 
     A dense model needs ``weights`` (the core, streamed) and ``head``; an mlp model only ``head``.
     """
-    from deepnet.nn.mlp import model_kind
-
     model = _path_flag("model", model)
     head = _path_flag("head", head)
     kind = model_kind(model)
@@ -364,8 +328,6 @@ def export_raw(
         if kind == "dense":
             raise ConfigError(f"--weights is required to export the dense model {model}")
         weights = ""  # let the model's own open say what is wrong with it first
-    from deepnet.formats.hdf5 import ModelFile
-
     with ModelFile.open(model) as mf:
         weights = _path_flag("weights", weights)
         _distinct(model=model, weights=weights, head=head)
@@ -374,68 +336,41 @@ def export_raw(
         return _export_dense(mf, weights, head, overwrite, progress)
 
 
-def _write_tmp(path: str, arrays: list[np.ndarray]) -> str:
-    """Write the arrays as raw float32 to a temporary file beside ``path`` (fsynced); returns its name."""
-    tmp = _tmp_beside(path, "tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            for a in arrays:
-                fh.write(memoryview(np.ascontiguousarray(a, dtype=RAW_DTYPE)).cast("B"))
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException as exc:
-        _unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _os_error("write", path, exc) from exc
-        raise
-    return tmp
-
-
 def _export_mlp(model: str, head: str, overwrite: bool) -> dict:
-    from deepnet.nn.mlp import MLP
-
     started = time.perf_counter()
-    net = MLP.load(model)
-    tmp = _write_tmp(head, [net.w1, net.b1, net.w2, net.b2])
+    contents = read_mlp_file(model)
     try:
-        _place(tmp, head, overwrite)
-    finally:
-        _unlink(tmp)
-    return {"event": "export", "model": model, "kind": "mlp", "hidden": net.hidden, "head": head,
-            "bytes": os.path.getsize(head), "seconds": time.perf_counter() - started}
+        with atomic_path(head, overwrite=overwrite) as tmp:
+            _write_floats(tmp, [contents.params[key] for key in layout.MLP_KEYS])
+    except OSError as exc:
+        raise _os_error("write", head, exc) from exc
+    return {"event": "export", "model": model, "kind": "mlp", "hidden": contents.params["w1"].shape[1],
+            "head": head, "bytes": os.path.getsize(head), "seconds": time.perf_counter() - started}
 
 
-def _export_dense(mf, weights: str, head: str, overwrite: bool, progress: bool) -> dict:
+def _export_dense(mf: ModelFile, weights: str, head: str, overwrite: bool, progress: bool) -> dict:
+    # tqdm.auto is slow to import (bench/README.md, "deepnet.formats"); only a streamed copy needs it.
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     layers, row, chunk = mf.layers, mf.row_size, mf.storage_chunk_layers
     block = chunk * max(1, BLOCK_BYTES // (chunk * row * RAW_DTYPE.itemsize))
     buf = np.empty((min(block, layers), row), dtype=np.float32)
-    tmp = _tmp_beside(weights, "tmp")
-    head_tmp = None
     try:
-        with open(tmp, "wb") as fh, tqdm(total=layers, desc=f"export {os.path.basename(weights)}", unit="layer",
-                                         unit_scale=True, disable=not progress, leave=False) as bar:
-            for start in range(0, layers, block):
-                stop = min(layers, start + block)
-                rows = mf.read_layers(start, stop, out=buf)
-                fh.write(memoryview(rows.astype(RAW_DTYPE, copy=False)).cast("B"))
-                bar.update(stop - start)
-            fh.flush()
-            os.fsync(fh.fileno())
-        heads = mf.read_heads()
-        head_tmp = _write_tmp(head, [heads[k] for k, _ in _dense_head_shapes(mf.width, mf.input_dim, mf.n_classes)])
-        # Both complete on disk before either is renamed into place.
-        _place(tmp, weights, overwrite)
-        _place(head_tmp, head, overwrite)
-    except BaseException as exc:
-        _unlink(tmp)
-        if head_tmp is not None:
-            _unlink(head_tmp)
-        if isinstance(exc, OSError):
-            raise _os_error("write", weights, exc) from exc
-        raise
+        # Both files are complete on disk before either is renamed into place.
+        with atomic_path(weights, overwrite=overwrite) as tmp, atomic_path(head, overwrite=overwrite) as head_tmp:
+            with open(tmp, "wb") as fh, tqdm(total=layers, desc=f"export {os.path.basename(weights)}",
+                                             unit="layer", unit_scale=True, disable=not progress,
+                                             leave=False) as bar:
+                for start in range(0, layers, block):
+                    stop = min(layers, start + block)
+                    rows = mf.read_layers(start, stop, out=buf)
+                    fh.write(memoryview(rows.astype(RAW_DTYPE, copy=False)).cast("B"))
+                    bar.update(stop - start)
+            heads = mf.read_heads()
+            _write_floats(head_tmp, [heads[k] for k, _ in _dense_head_shapes(mf.width, mf.input_dim, mf.n_classes)])
+    except OSError as exc:
+        raise _os_error("write", weights, exc) from exc
     return {"event": "export", "model": mf.path, "kind": "dense", "layers": layers, "width": mf.width,
             "weights": weights, "head": head, "bytes": os.path.getsize(weights) + os.path.getsize(head),
             "seconds": time.perf_counter() - started}

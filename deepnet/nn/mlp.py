@@ -1,17 +1,6 @@
 """A 784-hidden-10 ReLU MLP classifier in NumPy: parameters, forward/backward, SGD step, its HDF5 file.
 
-Model file (HDF5, written whole and atomically: a temporary file beside the target, fsync, rename)::
-
-    /               attrs: format="deepnet", format_version=1, kind="mlp", hidden, input_dim, n_classes,
-                           step, seed, rng_state (JSON of the minibatch generator's state, "" if none),
-                           init ("he-uniform/xavier-uniform"), created, updated
-    /mlp/w1         float32 (input_dim, hidden)      /mlp/b1   float32 (hidden,)
-    /mlp/w2         float32 (hidden, n_classes)      /mlp/b2   float32 (n_classes,)
-    /train/log      compound (step i8, loss f8, batch_acc f8, seconds f8), as in the dense model
-
-The whole model is small (1.6 MB at hidden 512), so it is rewritten whole at every report point and at
-the end, rather than updated in place; a run killed between two saves loses only the steps since the
-last one, and never leaves a torn file.
+Model file: :mod:`deepnet.formats.mlp_file` (kind "mlp", written whole and atomically).
 
 Initialisation: ``w1`` He-uniform (limit sqrt(6 / input_dim): a ReLU follows), ``w2`` Xavier-uniform
 (limit sqrt(6 / (hidden + n_classes)): a linear softmax layer follows), biases zero; drawn from
@@ -23,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
-import json as _json
 import math
 import os
 import re
@@ -33,18 +21,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import h5py
 import numpy as np
 
-from deepnet.errors import ConfigError, ModelFileError
+from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least, positive
-from deepnet.formats.commit import json_default
-from deepnet.formats.hdf5 import fsync_dir
+from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE
+from deepnet.formats.layout import KIND_MLP as KIND
+from deepnet.formats.mlp_file import INIT, read_mlp_file, write_mlp_file
 
-KIND = "mlp"
-FORMAT = "deepnet"
-FORMAT_VERSION = 1
-INIT = "he-uniform/xavier-uniform"
+# Re-exported for cli.py, training/mlp.py and tools/plot.py until they import them from deepnet.formats
+# (mlp_file.model_kind / require_kind / not_a_model, values.decode).
+from deepnet.formats.mlp_file import model_kind, not_a_model, require_kind  # noqa: F401
+from deepnet.formats.values import decode as _decode  # noqa: F401
+
+_not_a_model = not_a_model
 _PARAMS = ("w1", "b1", "w2", "b2")
 
 
@@ -56,17 +46,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _decode(value: Any) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, np.ndarray) and value.shape == ():
-        return _decode(value[()])
-    return str(value)
-
-
 def _log_dtype() -> np.dtype:
-    from deepnet.formats.hdf5 import LOG_DTYPE
-
     return LOG_DTYPE
 
 
@@ -227,106 +207,19 @@ class MLP:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model to ``path`` atomically (temporary file beside it, fsync, rename)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
-            raise ModelFileError(f"cannot write {path}: it is a directory")
-        if not os.path.isdir(directory):
-            raise ModelFileError(f"cannot write {path}: directory {directory} does not exist")
         log = self.read_log()
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as f:
-                a = f.attrs
-                a["format"] = FORMAT
-                a["format_version"] = np.int64(FORMAT_VERSION)
-                a["kind"] = KIND
-                a["hidden"] = np.int64(self.hidden)
-                a["input_dim"] = np.int64(self.input_dim)
-                a["n_classes"] = np.int64(self.n_classes)
-                a["step"] = np.int64(self.step)
-                a["seed"] = np.int64(self.seed)
-                a["rng_state"] = "" if self.rng_state is None else _json.dumps(self.rng_state, default=json_default)
-                a["init"] = INIT
-                a["created"] = self.created
-                a["updated"] = _now()
-                for name, value in self.params().items():
-                    f.create_dataset(f"mlp/{name}", data=value)
-                f.create_dataset("train/log", data=log, maxshape=(None,), chunks=(4096,))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            if isinstance(exc, OSError):
-                raise ModelFileError(f"could not write {path}: {exc.strerror or exc}") from exc
-            raise
+        write_mlp_file(path, self.params(), step=self.step, seed=self.seed, rng_state=self.rng_state, log=log,
+                       created=self.created)
         self._log = [log] if len(log) else []
         self._pending = []
-        fsync_dir(directory)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MLP":
         """Read and validate an MLP model file; any problem is a one-line ModelFileError."""
-        path = os.fspath(path)
-        kind = model_kind(path)
-        if kind is None:
-            _not_a_model(path)
-        if kind != KIND:
-            hint = " (use `deepnet eval` / `deepnet train` for it)" if kind == "dense" else ""
-            raise ModelFileError(f"{path} holds a model of kind {kind!r}, not {KIND!r}{hint}")
-        try:
-            with h5py.File(path, "r") as f:
-                a = f.attrs
-                version = a.get("format_version")
-                if not isinstance(version, (int, np.integer)) or int(version) != FORMAT_VERSION:
-                    raise ModelFileError(f"{path} has format_version {_decode(version)!r} but this deepnet reads "
-                                         f"format_version {FORMAT_VERSION}")
-                missing = [n for n in ("hidden", "input_dim", "n_classes", "step", "seed", "rng_state", "created")
-                           if n not in a]
-                if missing:
-                    raise ModelFileError(f"{path} is missing the attribute(s) {', '.join(missing)}")
-                meta = {}
-                for name, minimum in (("hidden", 1), ("input_dim", 1), ("n_classes", 2), ("step", 0), ("seed", 0)):
-                    value = a[name]
-                    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
-                        raise ModelFileError(f"{path}: attribute {name} is {_decode(value)!r}, not an integer")
-                    if value < minimum:
-                        raise ModelFileError(f"{path}: attribute {name} is {int(value)}, must be >= {minimum}")
-                    meta[name] = int(value)
-                hidden, input_dim, n_classes = meta["hidden"], meta["input_dim"], meta["n_classes"]
-                shapes = {"w1": (input_dim, hidden), "b1": (hidden,), "w2": (hidden, n_classes), "b2": (n_classes,)}
-                arrays = {}
-                for name, shape in shapes.items():
-                    ds = f.get(f"mlp/{name}")
-                    if not isinstance(ds, h5py.Dataset):
-                        raise ModelFileError(f"{path} is missing the dataset /mlp/{name}")
-                    if ds.dtype != np.float32 or ds.shape != shape:
-                        raise ModelFileError(f"{path}: dataset /mlp/{name} is {ds.dtype} {ds.shape} but "
-                                             f"hidden={hidden} needs float32 {shape}")
-                    arrays[name] = ds[()]
-                log_ds = f.get("train/log")
-                if not isinstance(log_ds, h5py.Dataset) or log_ds.dtype != _log_dtype() or log_ds.ndim != 1:
-                    raise ModelFileError(f"{path}: /train/log is missing or is not the training-log table")
-                log = log_ds[()]
-                text = _decode(a["rng_state"])
-                try:
-                    rng_state = _json.loads(text) if text else None
-                except ValueError:
-                    raise ModelFileError(f"{path}: attribute rng_state is not valid JSON") from None
-                if rng_state is not None and not isinstance(rng_state, dict):
-                    raise ModelFileError(f"{path}: attribute rng_state is not a JSON object")
-                created = _decode(a["created"])
-        except OSError as exc:
-            raise ModelFileError(f"could not read {path}: {' '.join(str(exc).split())}") from exc
-        return cls(arrays["w1"], arrays["b1"], arrays["w2"], arrays["b2"], step=meta["step"], seed=meta["seed"],
-                   rng_state=rng_state, log=log, created=created)
+        c = read_mlp_file(path)
+        p = c.params
+        return cls(p["w1"], p["b1"], p["w2"], p["b2"], step=c.step, seed=c.seed, rng_state=c.rng_state, log=c.log,
+                   created=c.created)
 
     def summary(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """What `deepnet info` shows for an MLP file."""
@@ -347,38 +240,3 @@ class MLP:
             out["file_size_bytes"] = os.path.getsize(path)
         out.update({"created": self.created, "log_rows": int(len(log)), "last_log": last})
         return out
-
-
-def _not_a_model(path: str):
-    if not os.path.exists(path):
-        raise ModelFileError(f"no model file at {path}")
-    if os.path.isdir(path):
-        raise ModelFileError(f"{path} is a directory, not a model file")
-    raise ModelFileError(f"{path} is not a deepnet model file")
-
-
-def model_kind(path: str | os.PathLike) -> str | None:
-    """The ``kind`` attribute of a deepnet model file ("dense", "mlp", ...), or None if ``path`` is not
-    a readable deepnet HDF5 file (the caller's own open then says why)."""
-    path = os.fspath(path)
-    try:
-        if not os.path.isfile(path) or not h5py.is_hdf5(path):
-            return None
-        with h5py.File(path, "r") as f:
-            if _decode(f.attrs.get("format", "")) != FORMAT:
-                return None
-            kind = f.attrs.get("kind")
-            return None if kind is None else _decode(kind)
-    except OSError:
-        return None
-
-
-def require_kind(path: str | os.PathLike, kind: str, command: str) -> None:
-    """Refuse (one line) a deepnet file of another kind before ``deepnet command`` opens it as ``kind``."""
-    have = model_kind(path)
-    if have is not None and have != kind:
-        base = command.removesuffix("-mlp")
-        other = {"dense": base, "mlp": f"{base}-mlp"}.get(have)
-        hint = f" (use `deepnet {other}`)" if other else ""
-        raise ModelFileError(f"{os.fspath(path)} holds a model of kind {have!r}; `deepnet {command}` reads kind "
-                             f"{kind!r}{hint}")

@@ -2,9 +2,9 @@
 neither (damaged)?
 
 Opening the file already verifies the format, version, attributes, and every dataset's shape and
-dtype (formats/hdf5.py: a file failing that cannot be read at all, and the error says why). This adds
+dtype (formats/validate.py: a file failing that cannot be read at all, and the error says why). This adds
 what only reading everything can tell: the commit record against /core/chunk_step and the heads'
-checksum (see formats/hdf5.py), every weight finite, the stored generator state usable, the training
+checksum (see formats/commit.py), every weight finite, the stored generator state usable, the training
 log consistent, and leftovers of interrupted writers beside the file.
 """
 
@@ -16,8 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from deepnet import activations
 from deepnet.errors import DeepnetError
-from deepnet.formats.hdf5 import HEAD_KEYS, ModelFile, stale_temporaries
+from deepnet.formats.atomic import stale_temporaries
+from deepnet.formats.layout import HEAD_KEYS, KIND_MLP, TRAIN_LOG
+from deepnet.formats.mlp_file import model_kind, read_mlp_file
+from deepnet.formats.model_file import ModelFile
 
 # Layers read at a time while checking that the core is finite.
 _SCAN_BLOCK_BYTES = 16 << 20
@@ -48,18 +52,14 @@ class CheckReport:
 
 def check_model(path: str | os.PathLike) -> CheckReport:
     """Check the model file at `path` (dense or mlp). Raises a DeepnetError if it cannot be read at all."""
-    from deepnet.nn.mlp import model_kind
-
     path = os.fspath(path)
-    if model_kind(path) == "mlp":
+    if model_kind(path) == KIND_MLP:
         return _check_mlp(path)
     with ModelFile.open(path) as f:
         return _check_dense(f)
 
 
 def _check_dense(f: ModelFile) -> CheckReport:
-    from deepnet import activations
-
     findings: list[str] = []
     problems: list[str] = []
     details: dict[str, Any] = {}
@@ -71,8 +71,7 @@ def _check_dense(f: ModelFile) -> CheckReport:
         findings.append(f"note: activation {f.activation!r} is not registered here (see `deepnet activations`); "
                         f"this deepnet cannot train or evaluate it")
 
-    record = f._record
-    if f._commit is None or record.get("heads_crc32") is None:
+    if not f.has_commit_record:
         findings.append("commit record: none (written before deepnet kept one); step and generator state "
                         "come from the attributes")
     else:
@@ -118,7 +117,7 @@ def _check_dense(f: ModelFile) -> CheckReport:
             problems.append(f"the stored minibatch generator state is unusable ({exc})")
 
     log = f.read_log()
-    stored_rows = int(f._log.shape[0])
+    stored_rows = f.stored_log_rows
     details["log_rows"] = int(log.shape[0])
     if log.shape[0]:
         steps = log["step"]
@@ -129,9 +128,9 @@ def _check_dense(f: ModelFile) -> CheckReport:
             findings.append("note: the training log's steps do not always increase")
     else:
         findings.append("training log: empty")
-    committed_rows = int(record["log_rows"])
+    committed_rows = int(f.record["log_rows"])
     if stored_rows > committed_rows:
-        findings.append(f"note: /train/log has {stored_rows - committed_rows} rows past the committed ones "
+        findings.append(f"note: /{TRAIN_LOG} has {stored_rows - committed_rows} rows past the committed ones "
                         f"(an append that was interrupted; they are ignored and overwritten)")
 
     for tmp in stale_temporaries(f.path):
@@ -166,14 +165,12 @@ def _non_finite_layers(f: ModelFile) -> np.ndarray:
 
 
 def _check_mlp(path: str) -> CheckReport:
-    from deepnet.nn.mlp import MLP
-
-    net = MLP.load(path)  # validates format, attributes, shapes and dtypes
-    findings = [f"model: mlp, hidden {net.hidden}; format deepnet v1 (written whole and renamed into place, "
-                f"so it is never torn)"]
-    bad = [name for name, value in net.params().items() if not np.isfinite(value).all()]
+    contents = read_mlp_file(path)  # validates format, attributes, shapes and dtypes
+    findings = [f"model: mlp, hidden {contents.params['w1'].shape[1]}; format deepnet v1 (written whole and "
+                f"renamed into place, so it is never torn)"]
+    bad = [name for name, value in contents.params.items() if not np.isfinite(value).all()]
     if bad:
         summary = f"damaged: non-finite values in {', '.join(bad)}"
-        return CheckReport(path, "damaged", net.step, summary, findings)
+        return CheckReport(path, "damaged", contents.step, summary, findings)
     findings.append("weights: all finite")
-    return CheckReport(path, "healthy", net.step, f"healthy: step {net.step}", findings)
+    return CheckReport(path, "healthy", contents.step, f"healthy: step {contents.step}", findings)

@@ -1,0 +1,149 @@
+"""Atomic file replacement: write a temporary beside the target, fsync it, rename it into place.
+
+Every file deepnet writes whole (a new model, a checkpoint, an MLP file, raw exports, IDX files,
+fetched MNIST files, plots) goes through :func:`atomic_path`, so a reader never sees a half-written
+file and a killed writer leaves only a hidden temporary that :func:`stale_temporaries` recognises.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from deepnet.errors import ModelFileError
+
+# ".<name>.tmp-<pid>" (older writers) or ".<name>.tmp-<pid>-<hex>": the pid tells a dead writer's
+# leftover from a live one's work in progress.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+
+
+def temporary_name(path: str | os.PathLike) -> str:
+    """A fresh hidden name in `path`'s directory for a new version of `path` (same file system, so the
+    rename is atomic; the random part keeps two writers of one process apart)."""
+    path = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(path)
+    return os.path.join(directory, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """fsync the file at `path` (errors propagate: data that did not reach the disk is a failed write)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory, so a rename inside it survives power loss (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exists_error(path: str) -> ModelFileError:
+    return ModelFileError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+def place(tmp: str, target: str, *, overwrite: bool, shown: str | None = None) -> None:
+    """Rename the finished `tmp` onto `target`; without `overwrite`, refuse if `target` exists.
+
+    The refusal is atomic where the file system allows hard links (a link fails if the name appeared
+    meanwhile); elsewhere it is a check just before the rename. `shown` is the path named in errors.
+    """
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise _exists_error(shown or target) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(target):
+            raise _exists_error(shown or target) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on normal exit fsync it, rename it onto `path`, fsync the
+    directory. On any exception (or a refused rename) the temporary is removed and nothing is placed.
+
+    A symlink at `path` stays: its target is replaced. Without `overwrite`, an existing `path` is
+    refused with :class:`ModelFileError`.
+    """
+    shown = os.fspath(path)
+    target = os.path.realpath(shown)
+    tmp = temporary_name(target)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        place(tmp, target, overwrite=overwrite, shown=shown)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(target))
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Temporary files beside `path` (or beside its symlink's target) left by a process that no longer
+    runs (a killed init or checkpoint): safe to remove, never mistaken for the model."""
+    shown = os.path.abspath(os.fspath(path))
+    places = {os.path.split(shown), os.path.split(os.path.realpath(shown))}
+    found = []
+    for directory, base in places:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            m = _TEMPORARY.match(name)
+            if m and m.group("name") == base and not _writer_alive(int(m.group("pid"))):
+                found.append(os.path.join(directory, name))
+    return sorted(found)
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process: perhaps writing it right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove :func:`stale_temporaries` of `path`; returns what was removed."""
+    removed = []
+    for tmp in stale_temporaries(path):
+        try:
+            os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
