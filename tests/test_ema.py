@@ -14,16 +14,17 @@ import reference_branch as rb
 from deepnet import DeepNet, ModelFile
 from deepnet.training import ema
 from deepnet.errors import ConfigError
+from deepnet.formats.layout import CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE
 from deepnet.training.recipe import load_test_set
 from helpers import MNIST_DIR, have_mnist, make_model
 from reference import Model64, assert_close, softmax_xent
 
 
 def live_weights(net) -> dict:
-    out = {"core": net.engine.store.weights.astype(np.float64)}
+    out = {"core": net.core_weights.astype(np.float64)}
     out.update({k: v.astype(np.float64) for k, v in net.heads.items()})
     if net.branch is not None:
-        out.update({f"branch_{k}": v.astype(np.float64) for k, v in net.branch.params.items()})
+        out.update({f"branch_{k}": v.astype(np.float64) for k, v in net.branch.params().items()})
     return out
 
 
@@ -48,7 +49,7 @@ def test_average_matches_numpy_reference(tmp_path, with_branch, monkeypatch):
     with DeepNet.open(path, writable=True, in_memory=True) as net:
         avg = ema.WeightAverage.start(net, decay)
         avg.threads = 2  # exercise the threaded blend (the core has > BLOCK_FLOATS floats)
-        assert net.engine.store.weights.size > ema.BLOCK_FLOATS
+        assert net.core_weights.size > ema.BLOCK_FLOATS
         ref = live_weights(net)
         for _ in range(4):
             x = rng.uniform(0, 1, size=(5, 20)).astype(np.float32)
@@ -102,11 +103,11 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert final["ema_test_loss"] != final["test_loss"]
     with ModelFile.open(path) as f:
         h5 = f.h5
-        assert h5["ema/core/weights"].shape == h5["core/weights"].shape
-        assert h5["ema/core/weights"].chunks == h5["core/weights"].chunks
+        assert h5[EMA_CORE].shape == h5[CORE_WEIGHTS].shape
+        assert h5[EMA_CORE].chunks == h5[CORE_WEIGHTS].chunks
         assert int(h5.attrs["ema_step"]) == 30 and float(h5.attrs["ema_decay"]) == 0.9
         assert int(h5.attrs["ema_every"]) == 0
-        assert set(h5["ema/branch/mlp"]) == {"w1", "b1", "w2", "b2"}
+        assert set(h5[EMA_BRANCH_GROUP]) == {"w1", "b1", "w2", "b2"}
         core, heads, branch = ema.read_arrays(f, branch=True)
         live_core, alpha = f.read_core(), f.alpha
     assert not np.array_equal(core, live_core)
