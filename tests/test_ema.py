@@ -13,7 +13,7 @@ import deepnet
 import reference_branch as rb
 from deepnet import DeepNet, ModelFile
 from deepnet.training import ema
-from deepnet.errors import ConfigError
+from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.layout import CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE
 from deepnet.training.recipe import load_test_set
 from helpers import MNIST_DIR, have_mnist, make_model
@@ -34,6 +34,50 @@ def average_weights(avg) -> dict:
     if avg.branch is not None:
         out.update({f"branch_{k}": v for k, v in avg.branch.items()})
     return out
+
+
+def weights_of(path) -> tuple:
+    with DeepNet.open(path) as net:
+        return net.file.read_core(), net.heads, {k: v.copy() for k, v in net.branch.params().items()}
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
+def test_using_weights_computes_with_them_and_puts_the_own_back(tmp_path, in_memory):
+    for seed, name in ((0, "a.h5"), (1, "b.h5")):
+        deepnet.init(tmp_path / name, layers=40, width=4, activation="tanh", input_dim=12, seed=seed,
+                     branch="mlp", hidden=6, progress=False)
+    x = np.random.default_rng(0).uniform(0, 1, (24, 12)).astype(np.float32)
+    y = np.arange(24) % 10
+    core, heads, branch = weights_of(tmp_path / "b.h5")
+    with DeepNet.open(tmp_path / "b.h5") as other:
+        theirs = other.logits(x)
+    with DeepNet.open(tmp_path / "a.h5", writable=True, in_memory=in_memory, chunk_layers=16) as net:
+        own = net.logits(x)
+        with net.using_weights(core=core, heads=heads, branch=branch) as inside:
+            assert np.array_equal(inside.logits(x), theirs)
+            assert net.unusable
+            with pytest.raises(ModelFileError, match="other weights"):
+                net.train_step(x, y, layer_lr=0.1, head_lr=0.1)
+        assert net.unusable is None and np.array_equal(net.logits(x), own)
+        net.train_step(x, y, layer_lr=0.1, head_lr=0.1)   # its own weights again: it trains
+        assert net.engine.work_batch == 24
+
+
+def test_replace_weights_is_for_good_and_refuses_training(tmp_path):
+    for seed, name in ((0, "a.h5"), (1, "b.h5")):
+        deepnet.init(tmp_path / name, layers=40, width=4, activation="tanh", input_dim=12, seed=seed,
+                     branch="mlp", hidden=6, progress=False)
+    x = np.random.default_rng(1).uniform(0, 1, (8, 12)).astype(np.float32)
+    core, heads, branch = weights_of(tmp_path / "b.h5")
+    with DeepNet.open(tmp_path / "b.h5") as other:
+        theirs = other.logits(x)
+    with DeepNet.open(tmp_path / "a.h5", writable=True) as net:
+        net.replace_weights(core=core, heads=heads, branch=branch)
+        assert net.core_weights is core and np.array_equal(net.logits(x), theirs)
+        with pytest.raises(ModelFileError, match="other weights"):
+            net.train_step(x, np.zeros(8, np.intp), layer_lr=0.1, head_lr=0.1)
+        with pytest.raises(ConfigError):
+            net.replace_weights(core=core[:-1])
 
 
 @pytest.mark.parametrize("with_branch", [False, True], ids=["plain", "branch"])
