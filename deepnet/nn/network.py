@@ -1,10 +1,12 @@
 """A deep residual classifier: input head (NumPy) -> core (compiled kernels) -> output head (NumPy).
 
-``DeepNet`` holds an open model file, the heads in RAM and a ``CoreEngine`` over the core weights
-(streamed from the file, or in RAM with ``in_memory``). ``train_step`` is one exact SGD step on given
-arrays; ``evaluate`` runs the forward pass only. Nothing here knows about MNIST. A model may also have
-a residual MLP branch on the input (deepnet.nn.branch) whose logits are added to the output head's; it is
-stepped in the same exact step from the same dlogits, at head_lr.
+``DeepNet`` holds an open model file, the heads in RAM (their arithmetic: deepnet.nn.heads) and a
+``CoreEngine`` over the core weights (deepnet.nn.engine; streamed from the file, or in RAM with
+``in_memory``). ``train_step`` is one exact SGD step on given arrays; ``evaluate`` runs the forward
+pass only; ``using_weights`` evaluates other weights (deepnet.training.ema's average) with the model.
+Nothing here knows about MNIST. A model may also have a residual MLP branch on the input
+(deepnet.nn.branch) whose logits are added to the output head's; it is stepped in the same exact step
+from the same dlogits, at head_lr.
 
 How a step reaches the file (see formats/hdf5.py for the commit record):
 
@@ -36,6 +38,7 @@ from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import branch as _branch
+from deepnet.nn import heads as _heads
 from deepnet.nn.engine import CoreEngine, NonFiniteError
 from deepnet.nn.losses import softmax_cross_entropy
 from deepnet.nn.mlp import all_finite
@@ -179,12 +182,6 @@ class DeepNet:
             engine.interrupt_check = like.interrupt_check
         return engine
 
-    def _input_head(self, x: np.ndarray) -> np.ndarray:
-        return np.tanh(x @ self.heads["input_weight"] + self.heads["input_bias"])
-
-    def _output_head(self, h_last: np.ndarray) -> np.ndarray:
-        return h_last @ self.heads["output_weight"] + self.heads["output_bias"]
-
     # -- training and evaluation --------------------------------------------------------------------
 
     def train_step(self, x: np.ndarray, y: np.ndarray, *, layer_lr: float, head_lr: float,
@@ -200,23 +197,20 @@ class DeepNet:
         x, y = self._check_inputs(x, y)
         started = time.perf_counter()
         step = self.step + 1
-        h0 = self._input_head(x)                                   # (batch, w)
+        h0 = _heads.input_head(self.heads, x)                      # (batch, w)
         state = np.ascontiguousarray(h0.T)                         # (w, batch): batch innermost
         self.engine.forward(state)
         h_last = state.T
-        logits = self._output_head(h_last)
+        logits = _heads.output_head(self.heads, h_last)
         branch_pass = None if self.branch is None else self.branch.forward(x)
         if branch_pass is not None:
             logits = logits + branch_pass.logits                   # the branch's logits join the core's
         loss, accuracy, dlogits = softmax_cross_entropy(logits, y)
 
-        heads = self.heads
-        grad_out_w = h_last.T @ dlogits
-        grad_out_b = dlogits.sum(axis=0)
-        g = np.ascontiguousarray((dlogits @ heads["output_weight"].T).T)   # old output weights
+        out = _heads.output_gradients(self.heads, h_last, dlogits)
         if not math.isfinite(loss):
             raise self._refused(step, f"the loss is {loss}")
-        if not (np.isfinite(g).all() and np.isfinite(grad_out_w).all() and np.isfinite(grad_out_b).all()):
+        if not out.finite():
             raise self._refused(step, "the gradient reaching the core is not finite")
         branch_grads = None if branch_pass is None else self.branch.gradients(branch_pass, dlogits)
         if branch_grads is not None and not all_finite(branch_grads):
@@ -225,15 +219,11 @@ class DeepNet:
         self.writing = not self.in_memory
         try:
             try:
-                self.engine.backward(g, layer_lr, step)
+                g0 = self.engine.backward(out.core, layer_lr, step)
             except NonFiniteError as exc:
                 raise NonFiniteError(self._broken(step, exc), start=exc.start, stop=exc.stop) from None
             # The heads change only now, so a refused step leaves them as they were.
-            heads["output_weight"] -= head_lr * grad_out_w
-            heads["output_bias"] -= head_lr * grad_out_b
-            grad_pre = g.T * (1.0 - h0 * h0)                           # through tanh of the input head
-            heads["input_weight"] -= head_lr * (x.T @ grad_pre)
-            heads["input_bias"] -= head_lr * grad_pre.sum(axis=0)
+            _heads.update(self.heads, out, x, h0, g0, head_lr)
             if branch_grads is not None:
                 self.branch.apply(branch_grads, head_lr)               # the branch learns at the heads' rate
             if rng_state is not None:
@@ -244,7 +234,7 @@ class DeepNet:
                 seconds = time.perf_counter() - started
                 if self.branch is not None:
                     self.branch.write_in_place(self.file)              # raw writes, before the record
-                self.file.commit(step, heads, rng_state=self.rng_state, train=self.train_settings,
+                self.file.commit(step, self.heads, rng_state=self.rng_state, train=self.train_settings,
                                  log=[(step, loss, accuracy, seconds)])
                 self._saved_step = step
             self.step = step
@@ -284,9 +274,9 @@ class DeepNet:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: logits (batch, n_classes) of x."""
         x, _ = self._check_inputs(x, None)
-        state = np.ascontiguousarray(self._input_head(x).T)
+        state = np.ascontiguousarray(_heads.input_head(self.heads, x).T)
         self.engine.forward(state, for_backward=False)
-        logits = self._output_head(state.T)
+        logits = _heads.output_head(self.heads, state.T)
         return logits if self.branch is None else logits + self.branch.logits(x)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = DEFAULT_EVAL_BATCH,
