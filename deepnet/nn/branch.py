@@ -71,10 +71,12 @@ class MLPBranch(MLPParams):
     # -- arithmetic --------------------------------------------------------------------------------
 
     def forward(self, x: np.ndarray) -> MLPPass:
+        """As MLPParams.forward, on one BLAS thread."""
         with one_blas_thread():
             return super().forward(x)
 
     def gradients(self, fwd: MLPPass, dlogits: np.ndarray) -> dict[str, np.ndarray]:
+        """As MLPParams.gradients, on one BLAS thread."""
         with one_blas_thread():
             return super().gradients(fwd, dlogits)
 

@@ -103,6 +103,7 @@ class CoreEngine:
 
     @property
     def layers(self) -> int:
+        """Core layers L."""
         return self.store.layers
 
     @property
@@ -268,6 +269,7 @@ class CoreEngine:
         return h
 
     def close(self) -> None:
+        """Stop the threads and close the weight store."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.store.close()

@@ -25,6 +25,7 @@ class OutputGradients:
     core: np.ndarray       # dLoss/dh_L as the core takes it: (w, batch), C-contiguous
 
     def finite(self) -> bool:
+        """Whether all three are finite."""
         return bool(np.isfinite(self.core).all() and np.isfinite(self.weight).all() and np.isfinite(self.bias).all())
 
 

@@ -118,14 +118,17 @@ class MLPParams:
 
     @property
     def hidden(self) -> int:
+        """Hidden units H."""
         return self.w1.shape[1]
 
     @property
     def input_dim(self) -> int:
+        """Inputs per sample."""
         return self.w1.shape[0]
 
     @property
     def n_classes(self) -> int:
+        """Classes (logits per sample)."""
         return self.w2.shape[1]
 
     def params(self) -> dict[str, np.ndarray]:
@@ -149,6 +152,7 @@ class MLPParams:
         return MLPPass(x, h, logits)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward only: the logits (batch, n_classes) of x."""
         return self.forward(x).logits
 
     def gradients(self, fwd: MLPPass, dlogits: np.ndarray) -> dict[str, np.ndarray]:
@@ -229,6 +233,7 @@ class MLP(MLPParams):
         return loss, acc, seconds
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward only: the logits (batch, n_classes) of x, checked first."""
         x, _ = self._check(x, None)
         return self.forward(x).logits
 

@@ -142,14 +142,17 @@ class DeepNet:
 
     @property
     def width(self) -> int:
+        """The core's width w."""
         return self.file.width
 
     @property
     def layers(self) -> int:
+        """Core layers L."""
         return self.file.layers
 
     @property
     def input_dim(self) -> int:
+        """Inputs per sample."""
         return self.file.input_dim
 
     def _check_inputs(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -415,6 +418,7 @@ class DeepNet:
         borrowed.close()
 
     def close(self) -> None:
+        """Close the engine and the model file (nothing is saved: see ``save``)."""
         self.engine.close()
         self.file.close()
 

@@ -33,6 +33,7 @@ class WeightStore:
         return chunk_bounds(self.layers, chunk_layers)
 
     def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        """The chunks of ``bounds``, first to last, for reading."""
         raise NotImplementedError
 
     def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -40,7 +41,7 @@ class WeightStore:
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        """Release what the store holds (files, threads); nothing by default."""
 
 
 def chunk_bounds(layers: int, chunk_layers: int) -> list[tuple[int, int]]:

@@ -102,7 +102,8 @@ class FixedThreads:
         self.threads = threads
 
     def pick(self) -> int:
+        """Always ``threads``."""
         return self.threads
 
     def record(self, threads: int, seconds: float) -> None:
-        pass
+        """Nothing to learn from a pass."""

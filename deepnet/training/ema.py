@@ -202,6 +202,7 @@ class WeightAverage:
         return net.using_weights(core=self.core, heads=self.heads, branch=self.branch)
 
     def close(self) -> None:
+        """Stop the blend's threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

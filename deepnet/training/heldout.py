@@ -68,6 +68,7 @@ class HeldOut:
 
     @property
     def size(self) -> int:
+        """Held-out images."""
         return int(self.x.shape[0])
 
     def due(self, step: int) -> bool:
@@ -76,6 +77,7 @@ class HeldOut:
 
     @property
     def last(self) -> tuple[int, float, float] | None:
+        """The latest measurement (step, loss, accuracy), if any."""
         return self.rows[-1] if self.rows else None
 
     def measure(self, net: DeepNet) -> float:
