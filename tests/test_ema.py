@@ -80,6 +80,24 @@ def test_replace_weights_is_for_good_and_refuses_training(tmp_path):
             net.replace_weights(core=core[:-1])
 
 
+def test_weights_that_do_not_fit_replace_nothing(tmp_path):
+    deepnet.init(tmp_path / "a.h5", layers=20, width=4, activation="tanh", input_dim=12, seed=0,
+                 branch="mlp", hidden=6, progress=False)
+    core, heads, branch = weights_of(tmp_path / "a.h5")
+    x = np.random.default_rng(2).uniform(0, 1, (8, 12)).astype(np.float32)
+    with DeepNet.open(tmp_path / "a.h5") as net:
+        own = net.logits(x)
+        live_heads, live_engine = net.heads, net.engine
+        bad_branch = dict(branch, w2=branch["w2"][:-1])
+        for kwargs in ({"core": np.zeros_like(core), "heads": heads, "branch": bad_branch},
+                       {"core": np.zeros_like(core)[:, :-1], "heads": {k: v * 0 for k, v in heads.items()}}):
+            with pytest.raises(ConfigError):
+                with net.using_weights(**kwargs):
+                    pass
+            assert net.heads is live_heads and net.engine is live_engine and net.unusable is None
+            assert np.array_equal(net.logits(x), own)
+
+
 @pytest.mark.parametrize("with_branch", [False, True], ids=["plain", "branch"])
 def test_average_matches_numpy_reference(tmp_path, with_branch, monkeypatch):
     monkeypatch.setattr(ema, "BLOCK_FLOATS", 512)  # several blocks per thread, and a partial last one

@@ -365,12 +365,13 @@ class DeepNet:
                         branch: dict[str, np.ndarray] | None = None) -> None:
         """Compute with these weights from now on (as ``using_weights``, for good): for evaluating other
         weights with this model, which then refuses to train or save."""
-        if core is not None and not isinstance(self.engine.store, InMemoryStore):
+        core = None if core is None else self._checked_core(core)
+        new_engine = core is not None and not isinstance(self.engine.store, InMemoryStore)
+        self._install(None if new_engine else core, heads, branch)
+        if new_engine:
             old = self.engine
-            self.engine = self._engine_over(InMemoryStore(self._checked_core(core)), old.chunk_layers, old)
+            self.engine = self._engine_over(InMemoryStore(core), old.chunk_layers, old)
             old.close()
-            core = None
-        self._install(core, heads, branch)
         self._unusable = self._unusable or "it computes with other weights than its own (replace_weights)"
 
     def _checked_core(self, core: np.ndarray) -> np.ndarray:
@@ -382,35 +383,41 @@ class DeepNet:
 
     def _install(self, core: np.ndarray | None, heads: dict[str, np.ndarray] | None,
                  branch: dict[str, np.ndarray] | None) -> Callable[[], None]:
-        """Put the given weights in place; returns the function that puts the replaced ones back."""
+        """Put the given weights in place; returns the function that puts the replaced ones back (on an
+        error, e.g. a shape that does not fit, nothing is replaced)."""
         if branch is not None and self.branch is None:
             raise ConfigError(f"{self.file.path} has no MLP branch to replace")
         if heads is not None and set(heads) != set(self.heads):
             raise ConfigError(f"heads must be {sorted(self.heads)}, got {sorted(heads)}")
         undo: list[Callable[[], None]] = []
-        if core is not None:
-            core = self._checked_core(core)
-            store = self.engine.store
-            if isinstance(store, InMemoryStore):
-                live = store.weights
-                store.weights = core
-                undo.append(lambda: setattr(store, "weights", live))
-            else:
-                engine = self.engine
-                self.engine = self._engine_over(InMemoryStore(core), engine.chunk_layers, engine)
-                undo.append(lambda: self._restore_engine(engine))
-        if heads is not None:
-            live_heads = self.heads
-            self.heads = heads
-            undo.append(lambda: setattr(self, "heads", live_heads))
-        if branch is not None:
-            live_branch = self.branch.params()
-            self.branch.set_params(branch)
-            undo.append(lambda: self.branch.set_params(live_branch))
 
         def restore() -> None:
             for step in reversed(undo):
                 step()
+
+        try:
+            if branch is not None:
+                live_branch = self.branch.params()
+                self.branch.set_params(branch)
+                undo.append(lambda: self.branch.set_params(live_branch))
+            if heads is not None:
+                live_heads = self.heads
+                self.heads = heads
+                undo.append(lambda: setattr(self, "heads", live_heads))
+            if core is not None:
+                core = self._checked_core(core)
+                store = self.engine.store
+                if isinstance(store, InMemoryStore):
+                    live = store.weights
+                    store.weights = core
+                    undo.append(lambda: setattr(store, "weights", live))
+                else:
+                    engine = self.engine
+                    self.engine = self._engine_over(InMemoryStore(core), engine.chunk_layers, engine)
+                    undo.append(lambda: self._restore_engine(engine))
+        except BaseException:
+            restore()
+            raise
         return restore
 
     def _restore_engine(self, engine: CoreEngine) -> None:
