@@ -15,6 +15,7 @@ import reference_branch as rb
 from deepnet import DeepNet, ModelFile
 from deepnet.nn.branch import MLPBranch
 from deepnet.errors import ConfigError
+from deepnet.formats.layout import BRANCH_GROUP, mlp_paths
 from helpers import MNIST_DIR, have_mnist, read_weights
 from reference import Model64, assert_close, assert_update_close, softmax_xent
 
@@ -33,20 +34,20 @@ def branch_model(path, *, layers=30, width=4, activation="softsign", input_dim=2
         heads["output_bias"] = rng.uniform(-0.1, 0.1, 10).astype(np.float32)
         f.write_heads(heads)
         for key in ("b1", "b2"):
-            ds = f.h5[f"branch/mlp/{key}"]
+            ds = f.h5[mlp_paths(BRANCH_GROUP)[key]]
             ds[...] = rng.uniform(-0.3, 0.3, ds.shape).astype(np.float32)
     return path
 
 
 def read_branch(path) -> dict:
     with ModelFile.open(path) as f:
-        return MLPBranch.read(f.h5, str(path), input_dim=f.input_dim, n_classes=f.n_classes).params
+        return MLPBranch.read(f.h5, str(path), input_dim=f.input_dim, n_classes=f.n_classes).params()
 
 
 def snapshot(net: DeepNet):
     net.save()
     heads, core = net.file.read_heads(), net.file.read_core()
-    branch = MLPBranch.read(net.file.h5, net.file.path, input_dim=net.input_dim, n_classes=10).params
+    branch = MLPBranch.read(net.file.h5, net.file.path, input_dim=net.input_dim, n_classes=10).params()
     return heads, core, branch
 
 
@@ -129,9 +130,10 @@ def test_branch_is_stored_and_leaves_core_and_heads_alone(tmp_path):
     assert np.array_equal(c0, c1) and all(np.array_equal(h0[k], h1[k]) for k in h0)
     with ModelFile.open(tmp_path / "br.h5") as f:
         assert f.h5.attrs["branch"] == "mlp" and int(f.h5.attrs["branch_hidden"]) == 32
-        shapes = {k: f.h5[f"branch/mlp/{k}"].shape for k in rb.BRANCH_KEYS}
+        shapes = {k: f.h5[mlp_paths(BRANCH_GROUP)[k]].shape for k in rb.BRANCH_KEYS}
         assert shapes == {"w1": (784, 32), "b1": (32,), "w2": (32, 10), "b2": (10,)}
-        assert np.abs(f.h5["branch/mlp/w1"][()]).max() > 0 and not f.h5["branch/mlp/b1"][()].any()
+        paths = mlp_paths(BRANCH_GROUP)
+        assert np.abs(f.h5[paths["w1"]][()]).max() > 0 and not f.h5[paths["b1"]][()].any()
     with ModelFile.open(tmp_path / "plain.h5") as f:
         assert "branch" not in f.h5.attrs and "branch" not in f.h5
 

@@ -13,17 +13,18 @@ import deepnet
 import reference_branch as rb
 from deepnet import DeepNet, ModelFile
 from deepnet.training import ema
-from deepnet.errors import ConfigError
+from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats.layout import CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE
 from deepnet.training.recipe import load_test_set
 from helpers import MNIST_DIR, have_mnist, make_model
 from reference import Model64, assert_close, softmax_xent
 
 
 def live_weights(net) -> dict:
-    out = {"core": net.engine.store.weights.astype(np.float64)}
+    out = {"core": net.core_weights.astype(np.float64)}
     out.update({k: v.astype(np.float64) for k, v in net.heads.items()})
     if net.branch is not None:
-        out.update({f"branch_{k}": v.astype(np.float64) for k, v in net.branch.params.items()})
+        out.update({f"branch_{k}": v.astype(np.float64) for k, v in net.branch.params().items()})
     return out
 
 
@@ -33,6 +34,68 @@ def average_weights(avg) -> dict:
     if avg.branch is not None:
         out.update({f"branch_{k}": v for k, v in avg.branch.items()})
     return out
+
+
+def weights_of(path) -> tuple:
+    with DeepNet.open(path) as net:
+        return net.file.read_core(), net.heads, {k: v.copy() for k, v in net.branch.params().items()}
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
+def test_using_weights_computes_with_them_and_puts_the_own_back(tmp_path, in_memory):
+    for seed, name in ((0, "a.h5"), (1, "b.h5")):
+        deepnet.init(tmp_path / name, layers=40, width=4, activation="tanh", input_dim=12, seed=seed,
+                     branch="mlp", hidden=6, progress=False)
+    x = np.random.default_rng(0).uniform(0, 1, (24, 12)).astype(np.float32)
+    y = np.arange(24) % 10
+    core, heads, branch = weights_of(tmp_path / "b.h5")
+    with DeepNet.open(tmp_path / "b.h5") as other:
+        theirs = other.logits(x)
+    with DeepNet.open(tmp_path / "a.h5", writable=True, in_memory=in_memory, chunk_layers=16) as net:
+        own = net.logits(x)
+        with net.using_weights(core=core, heads=heads, branch=branch) as inside:
+            assert np.array_equal(inside.logits(x), theirs)
+            assert net.unusable
+            with pytest.raises(ModelFileError, match="other weights"):
+                net.train_step(x, y, layer_lr=0.1, head_lr=0.1)
+        assert net.unusable is None and np.array_equal(net.logits(x), own)
+        net.train_step(x, y, layer_lr=0.1, head_lr=0.1)   # its own weights again: it trains
+        assert net.engine.work_batch == 24
+
+
+def test_replace_weights_is_for_good_and_refuses_training(tmp_path):
+    for seed, name in ((0, "a.h5"), (1, "b.h5")):
+        deepnet.init(tmp_path / name, layers=40, width=4, activation="tanh", input_dim=12, seed=seed,
+                     branch="mlp", hidden=6, progress=False)
+    x = np.random.default_rng(1).uniform(0, 1, (8, 12)).astype(np.float32)
+    core, heads, branch = weights_of(tmp_path / "b.h5")
+    with DeepNet.open(tmp_path / "b.h5") as other:
+        theirs = other.logits(x)
+    with DeepNet.open(tmp_path / "a.h5", writable=True) as net:
+        net.replace_weights(core=core, heads=heads, branch=branch)
+        assert net.core_weights is core and np.array_equal(net.logits(x), theirs)
+        with pytest.raises(ModelFileError, match="other weights"):
+            net.train_step(x, np.zeros(8, np.intp), layer_lr=0.1, head_lr=0.1)
+        with pytest.raises(ConfigError):
+            net.replace_weights(core=core[:-1])
+
+
+def test_weights_that_do_not_fit_replace_nothing(tmp_path):
+    deepnet.init(tmp_path / "a.h5", layers=20, width=4, activation="tanh", input_dim=12, seed=0,
+                 branch="mlp", hidden=6, progress=False)
+    core, heads, branch = weights_of(tmp_path / "a.h5")
+    x = np.random.default_rng(2).uniform(0, 1, (8, 12)).astype(np.float32)
+    with DeepNet.open(tmp_path / "a.h5") as net:
+        own = net.logits(x)
+        live_heads, live_engine = net.heads, net.engine
+        bad_branch = dict(branch, w2=branch["w2"][:-1])
+        for kwargs in ({"core": np.zeros_like(core), "heads": heads, "branch": bad_branch},
+                       {"core": np.zeros_like(core)[:, :-1], "heads": {k: v * 0 for k, v in heads.items()}}):
+            with pytest.raises(ConfigError):
+                with net.using_weights(**kwargs):
+                    pass
+            assert net.heads is live_heads and net.engine is live_engine and net.unusable is None
+            assert np.array_equal(net.logits(x), own)
 
 
 @pytest.mark.parametrize("with_branch", [False, True], ids=["plain", "branch"])
@@ -48,7 +111,7 @@ def test_average_matches_numpy_reference(tmp_path, with_branch, monkeypatch):
     with DeepNet.open(path, writable=True, in_memory=True) as net:
         avg = ema.WeightAverage.start(net, decay)
         avg.threads = 2  # exercise the threaded blend (the core has > BLOCK_FLOATS floats)
-        assert net.engine.store.weights.size > ema.BLOCK_FLOATS
+        assert net.core_weights.size > ema.BLOCK_FLOATS
         ref = live_weights(net)
         for _ in range(4):
             x = rng.uniform(0, 1, size=(5, 20)).astype(np.float32)
@@ -102,11 +165,11 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert final["ema_test_loss"] != final["test_loss"]
     with ModelFile.open(path) as f:
         h5 = f.h5
-        assert h5["ema/core/weights"].shape == h5["core/weights"].shape
-        assert h5["ema/core/weights"].chunks == h5["core/weights"].chunks
+        assert h5[EMA_CORE].shape == h5[CORE_WEIGHTS].shape
+        assert h5[EMA_CORE].chunks == h5[CORE_WEIGHTS].chunks
         assert int(h5.attrs["ema_step"]) == 30 and float(h5.attrs["ema_decay"]) == 0.9
         assert int(h5.attrs["ema_every"]) == 0
-        assert set(h5["ema/branch/mlp"]) == {"w1", "b1", "w2", "b2"}
+        assert set(h5[EMA_BRANCH_GROUP]) == {"w1", "b1", "w2", "b2"}
         core, heads, branch = ema.read_arrays(f, branch=True)
         live_core, alpha = f.read_core(), f.alpha
     assert not np.array_equal(core, live_core)

@@ -11,7 +11,8 @@ import pytest
 import deepnet
 from deepnet import ModelFile
 from deepnet.errors import ConfigError
-from deepnet.training.heldout import DTYPE, read_rows, train_limit
+from deepnet.formats.layout import HELDOUT_DTYPE as DTYPE
+from deepnet.training.heldout import read_rows, train_limit
 from deepnet.tools.plot import merge_heldout, read_train_log
 
 

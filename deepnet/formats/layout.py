@@ -50,12 +50,17 @@ HELDOUT_DTYPE = np.dtype([("step", "<i8"), ("heldout_loss", "<f8"), ("heldout_ac
 MLP_KEYS = ("w1", "b1", "w2", "b2")
 MLP_GROUP = "mlp"                # an MLP model file's parameters: /mlp/w1 ...
 BRANCH_GROUP = "branch/mlp"      # a dense model's residual MLP branch: /branch/mlp/w1 ...
+BRANCH_KIND_ATTR = "branch"      # root attributes naming the branch: its kind and hidden width
+BRANCH_HIDDEN_ATTR = "branch_hidden"
 
 # -- the exponential moving average of the weights (--ema) ---------------------------------------------
 EMA_GROUP = "ema"
 EMA_CORE = "ema/core/weights"
 EMA_HEAD_PATHS = {key: f"ema/{path}" for key, path in HEAD_PATHS.items()}
 EMA_BRANCH_GROUP = "ema/branch/mlp"
+EMA_DECAY_ATTR = "ema_decay"   # root attributes of the stored average
+EMA_EVERY_ATTR = "ema_every"
+EMA_STEP_ATTR = "ema_step"
 
 
 def mlp_paths(group: str) -> dict[str, str]:

@@ -299,8 +299,6 @@ class ModelFile:
         self._writable()
         self._raw.write(name, array)
 
-    # Kept for deepnet.nn.branch until it calls write_raw.
-    _raw_write = write_raw
 
     # ------------------------------------------------------------------ heads
 

@@ -1,33 +1,36 @@
-"""A 784-hidden-10 ReLU MLP classifier in NumPy: parameters, forward/backward, SGD step, its HDF5 file.
+"""The MLP: a 784-hidden-10 ReLU classifier in NumPy, ``relu(x W1 + b1) W2 + b2``, and its SGD step.
 
-Model file: :mod:`deepnet.formats.mlp_file` (kind "mlp", written whole and atomically).
+One implementation of its arithmetic, ``MLPParams``, serves both uses of the network: ``MLP`` (the
+baseline model, trained by deepnet.training.mlp, with its own model file) and ``MLPBranch`` (the
+residual branch of a dense model, deepnet.nn.branch, fed the dense model's ``dlogits``). A step is four
+float32 matrix products (BLAS), the softmax cross-entropy (deepnet.nn.losses) and a plain SGD update
+whose gradients are all taken at the pre-step weights (``dh`` through the old ``w2``).
 
 Initialisation: ``w1`` He-uniform (limit sqrt(6 / input_dim): a ReLU follows), ``w2`` Xavier-uniform
-(limit sqrt(6 / (hidden + n_classes)): a linear softmax layer follows), biases zero; drawn from
-``np.random.default_rng([seed, 0])``. Minibatches are drawn uniformly with replacement from the first
+(limit sqrt(6 / (hidden + n_classes)): a linear softmax layer follows), biases zero; the baseline draws
+from ``np.random.default_rng([seed, 0])``, the branch from a stream of its own.
+
+Model file: :mod:`deepnet.formats.mlp_file` (kind "mlp", written whole and atomically).
 """
 
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import math
 import os
-import re
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from deepnet.errors import ConfigError
-from deepnet.flags import int_at_least, positive
-from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE
+from deepnet.flags import int_at_least
+from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE, MLP_KEYS
 from deepnet.formats.layout import KIND_MLP as KIND
 from deepnet.formats.mlp_file import INIT, read_mlp_file, write_mlp_file
+from deepnet.nn.losses import softmax_cross_entropy
 
 # Re-exported for cli.py, training/mlp.py and tools/plot.py until they import them from deepnet.formats
 # (mlp_file.model_kind / require_kind / not_a_model, values.decode).
@@ -35,7 +38,6 @@ from deepnet.formats.mlp_file import model_kind, not_a_model, require_kind  # no
 from deepnet.formats.values import decode as _decode  # noqa: F401
 
 _not_a_model = not_a_model
-_PARAMS = ("w1", "b1", "w2", "b2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,22 +52,111 @@ def _log_dtype() -> np.dtype:
     return LOG_DTYPE
 
 
-def _softmax_xent(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and dLoss/dlogits (float32) of the batch-mean softmax cross-entropy."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    sum_exp = exp.sum(axis=1, keepdims=True)
-    rows = np.arange(logits.shape[0])
-    loss = float(np.mean(np.log(sum_exp[:, 0]) - shifted[rows, labels], dtype=np.float64))
-    accuracy = float(np.mean(np.argmax(logits, axis=1) == labels))
-    exp /= sum_exp
-    exp[rows, labels] -= 1.0
-    exp /= np.float32(logits.shape[0])
-    return loss, accuracy, exp
+def init_arrays(hidden: int, input_dim: int, n_classes: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(w1, b1, w2, b2) drawn from ``rng``: w1 He-uniform, w2 Xavier-uniform, zero biases."""
+    lim1 = math.sqrt(6.0 / input_dim)
+    lim2 = math.sqrt(6.0 / (hidden + n_classes))
+    w1 = rng.uniform(-lim1, lim1, size=(input_dim, hidden)).astype(np.float32)
+    w2 = rng.uniform(-lim2, lim2, size=(hidden, n_classes)).astype(np.float32)
+    return w1, np.zeros(hidden, np.float32), w2, np.zeros(n_classes, np.float32)
 
 
-class MLP:
-    """A 784-hidden-10 ReLU classifier: parameters in RAM, training state, and its log.
+@dataclass
+class MLPPass:
+    """One forward pass, keeping what the gradients need."""
+
+    x: np.ndarray          # (batch, input_dim) float32
+    hidden: np.ndarray     # relu(x W1 + b1), (batch, H); hidden > 0 is the ReLU's derivative mask
+    logits: np.ndarray     # (batch, n_classes)
+
+
+class MLPParams:
+    """The four float32 parameters of the MLP and its arithmetic: forward, gradients, SGD update.
+
+    The parameters are the attributes ``w1, b1, w2, b2``; ``params()`` names them. Updates are in
+    place, so views handed out earlier (``params()``) see them.
+    """
+
+    #: How error messages name the network.
+    WHAT = "MLP"
+
+    def __init__(self, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> None:
+        self.w1, self.b1, self.w2, self.b2 = self._checked(w1, b1, w2, b2)
+
+    def _checked(self, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
+                 b2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        arrays = tuple(np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
+        w1, b1, w2, b2 = arrays
+        hidden = w1.shape[1] if w1.ndim == 2 else -1
+        if hidden < 0 or b1.shape != (hidden,) or w2.ndim != 2 or w2.shape[0] != hidden \
+                or b2.shape != (w2.shape[1],):
+            raise ConfigError(f"{self.WHAT} parameter shapes do not fit: " +
+                              ", ".join(f"{k} {a.shape}" for k, a in zip(MLP_KEYS, arrays)))
+        return w1, b1, w2, b2
+
+    # -- shape ----------------------------------------------------------------------------------
+
+    @property
+    def hidden(self) -> int:
+        """Hidden units H."""
+        return self.w1.shape[1]
+
+    @property
+    def input_dim(self) -> int:
+        """Inputs per sample."""
+        return self.w1.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        """Classes (logits per sample)."""
+        return self.w2.shape[1]
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The parameters by name (the arrays themselves, not copies)."""
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        """Compute with these arrays from now on (shapes checked; float32 C-contiguous arrays are used as
+        they are, not copied)."""
+        self.w1, self.b1, self.w2, self.b2 = self._checked(*(params[k] for k in MLP_KEYS))
+
+    # -- arithmetic -----------------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> MLPPass:
+        """x (batch, input_dim) float32 -> the logits, keeping what the gradients need."""
+        h = x @ self.w1
+        h += self.b1
+        np.maximum(h, 0.0, out=h)                       # ReLU in place
+        logits = h @ self.w2
+        logits += self.b2
+        return MLPPass(x, h, logits)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward only: the logits (batch, n_classes) of x."""
+        return self.forward(x).logits
+
+    def gradients(self, fwd: MLPPass, dlogits: np.ndarray) -> dict[str, np.ndarray]:
+        """dLoss/d(each parameter) at the current weights, from dLoss/dlogits of the pass ``fwd``."""
+        dh = dlogits @ self.w2.T                         # the old w2: taken before any update
+        dh *= fwd.hidden > 0
+        return {"w1": fwd.x.T @ dh, "b1": dh.sum(axis=0),
+                "w2": fwd.hidden.T @ dlogits, "b2": dlogits.sum(axis=0)}
+
+    def apply(self, grads: dict[str, np.ndarray], lr: float) -> None:
+        """SGD: each parameter -= lr * its gradient, in place, in float32."""
+        lr32 = np.float32(lr)
+        for key, param in self.params().items():
+            param -= lr32 * grads[key]
+
+
+def all_finite(grads: dict[str, np.ndarray]) -> bool:
+    """Whether every gradient is finite."""
+    return all(np.isfinite(g).all() for g in grads.values())
+
+
+class MLP(MLPParams):
+    """The MLP baseline model: parameters in RAM, training state, and its log.
 
     ``MLP.new(hidden, seed)`` initialises one; ``MLP.load(path)`` reads and validates a file;
     ``save(path)`` writes it atomically. ``train_step`` is one SGD step, ``evaluate`` the forward pass.
@@ -74,15 +165,7 @@ class MLP:
     def __init__(self, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, *, step: int = 0,
                  seed: int = 0, rng_state: dict | None = None, log: np.ndarray | None = None,
                  created: str | None = None) -> None:
-        self.w1 = np.ascontiguousarray(w1, dtype=np.float32)
-        self.b1 = np.ascontiguousarray(b1, dtype=np.float32)
-        self.w2 = np.ascontiguousarray(w2, dtype=np.float32)
-        self.b2 = np.ascontiguousarray(b2, dtype=np.float32)
-        input_dim, hidden = self.w1.shape
-        if self.b1.shape != (hidden,) or self.w2.ndim != 2 or self.w2.shape[0] != hidden \
-                or self.b2.shape != (self.w2.shape[1],):
-            raise ConfigError(f"MLP parameter shapes do not fit: w1 {self.w1.shape}, b1 {self.b1.shape}, "
-                              f"w2 {self.w2.shape}, b2 {self.b2.shape}")
+        super().__init__(w1, b1, w2, b2)
         self.step = int(step)
         self.seed = int(seed)
         self.rng_state = rng_state
@@ -92,33 +175,11 @@ class MLP:
 
     @classmethod
     def new(cls, hidden: int, *, seed: int = 0, input_dim: int = 784, n_classes: int = 10) -> "MLP":
-        """Freshly initialised: w1 He-uniform, w2 Xavier-uniform, zero biases (module docstring)."""
+        """Freshly initialised (module docstring) from ``np.random.default_rng([seed, 0])``."""
         for name, value, minimum in (("hidden", hidden, 1), ("input-dim", input_dim, 1),
                                      ("n-classes", n_classes, 2), ("seed", seed, 0)):
             int_at_least(name, value, minimum)
-        rng = np.random.default_rng([seed, 0])
-        lim1 = math.sqrt(6.0 / input_dim)
-        lim2 = math.sqrt(6.0 / (hidden + n_classes))
-        w1 = rng.uniform(-lim1, lim1, size=(input_dim, hidden)).astype(np.float32)
-        w2 = rng.uniform(-lim2, lim2, size=(hidden, n_classes)).astype(np.float32)
-        return cls(w1, np.zeros(hidden, np.float32), w2, np.zeros(n_classes, np.float32), seed=seed)
-
-    # -- shape ----------------------------------------------------------------------------------
-
-    @property
-    def hidden(self) -> int:
-        return self.w1.shape[1]
-
-    @property
-    def input_dim(self) -> int:
-        return self.w1.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return self.w2.shape[1]
-
-    def params(self) -> dict[str, np.ndarray]:
-        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+        return cls(*init_arrays(hidden, input_dim, n_classes, np.random.default_rng([seed, 0])), seed=seed)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -143,38 +204,19 @@ class MLP:
         """
         x, y = self._check(x, y)
         started = time.perf_counter()
-        lr32 = np.float32(lr)
-        h = x @ self.w1
-        h += self.b1
-        np.maximum(h, 0.0, out=h)                       # ReLU in place; h > 0 is its derivative mask
-        logits = h @ self.w2
-        logits += self.b2
-        loss, acc, dlogits = _softmax_xent(logits, y)
-
-        dh = dlogits @ self.w2.T                         # uses w2 before its update
-        dh *= h > 0
-        grad_w2 = h.T @ dlogits
-        grad_w2 *= lr32
-        self.w2 -= grad_w2
-        self.b2 -= lr32 * dlogits.sum(axis=0)
-        grad_w1 = x.T @ dh
-        grad_w1 *= lr32
-        self.w1 -= grad_w1
-        self.b1 -= lr32 * dh.sum(axis=0)
-
+        fwd = self.forward(x)
+        # The baseline has always averaged its loss in float64 (the dense model in float32).
+        loss, acc, dlogits = softmax_cross_entropy(fwd.logits, y, loss_dtype=np.float64)
+        self.apply(self.gradients(fwd, dlogits), lr)
         self.step += 1
         seconds = time.perf_counter() - started
         self._pending.append((self.step, loss, acc, seconds))
         return loss, acc, seconds
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """Forward only: the logits (batch, n_classes) of x, checked first."""
         x, _ = self._check(x, None)
-        h = x @ self.w1
-        h += self.b1
-        np.maximum(h, 0.0, out=h)
-        out = h @ self.w2
-        out += self.b2
-        return out
+        return self.forward(x).logits
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = 1000) -> dict:
         """Mean loss and accuracy over (x, y): {"loss", "accuracy", "samples", "seconds"}."""
@@ -184,7 +226,7 @@ class MLP:
         for lo in range(0, x.shape[0], batch):
             logits = self.logits(x[lo:lo + batch])
             yy = y[lo:lo + batch]
-            loss, _, _ = _softmax_xent(logits, yy)
+            loss, _, _ = softmax_cross_entropy(logits, yy, loss_dtype=np.float64)
             total_loss += loss * logits.shape[0]
             correct += int(np.sum(np.argmax(logits, axis=1) == yy))
         n = x.shape[0]

@@ -1,10 +1,12 @@
 """A deep residual classifier: input head (NumPy) -> core (compiled kernels) -> output head (NumPy).
 
-``DeepNet`` holds an open model file, the heads in RAM and a ``CoreEngine`` over the core weights
-(streamed from the file, or in RAM with ``in_memory``). ``train_step`` is one exact SGD step on given
-arrays; ``evaluate`` runs the forward pass only. Nothing here knows about MNIST. A model may also have
-a residual MLP branch on the input (deepnet.nn.branch) whose logits are added to the output head's; it is
-stepped in the same exact step from the same dlogits, at head_lr.
+``DeepNet`` holds an open model file, the heads in RAM (their arithmetic: deepnet.nn.heads) and a
+``CoreEngine`` over the core weights (deepnet.nn.engine; streamed from the file, or in RAM with
+``in_memory``). ``train_step`` is one exact SGD step on given arrays; ``evaluate`` runs the forward
+pass only; ``using_weights`` evaluates other weights (deepnet.training.ema's average) with the model.
+Nothing here knows about MNIST. A model may also have a residual MLP branch on the input
+(deepnet.nn.branch) whose logits are added to the output head's; it is stepped in the same exact step
+from the same dlogits, at head_lr.
 
 How a step reaches the file (see formats/hdf5.py for the commit record):
 
@@ -24,16 +26,23 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
+import h5py
 import numpy as np
 
-from deepnet.nn import branch as _branch
-from deepnet.nn.engine import CoreEngine, InMemoryStore, NonFiniteError, file_store
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
+from deepnet.nn import branch as _branch
+from deepnet.nn import heads as _heads
+from deepnet.nn.engine import CoreEngine, NonFiniteError
+from deepnet.nn.losses import softmax_cross_entropy
+from deepnet.nn.mlp import all_finite
+from deepnet.nn.stores import InMemoryStore, WeightStore, file_store
 
 
 class TornStepError(ModelFileError):
@@ -63,21 +72,6 @@ class EvalResult:
     accuracy: float
     samples: int
     seconds: float
-
-
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy, and dLoss/dlogits of the batch-mean softmax cross-entropy."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    sum_exp = exp.sum(axis=1, keepdims=True)
-    n = logits.shape[0]
-    rows = np.arange(n)
-    loss = float(np.mean(np.log(sum_exp[:, 0]) - shifted[rows, labels]))
-    accuracy = float(np.mean(np.argmax(logits, axis=1) == labels))
-    dlogits = exp / sum_exp
-    dlogits[rows, labels] -= 1.0
-    dlogits /= n
-    return loss, accuracy, dlogits.astype(np.float32, copy=False)
 
 
 class DeepNet:
@@ -113,9 +107,9 @@ class DeepNet:
         self.branch = _branch.load(model_file)
         #: Writers of the optional parts an in-memory save() puts in the new file (the branch, the weight
         #: average of deepnet.training.ema, held-out figures): each is called with the new h5py file.
-        self.extra_writers: list = [] if self.branch is None else [self.branch.write_new]
+        self.extra_writers: list[Callable[[h5py.File], None]] = [] if self.branch is None else [self.branch.write_new]
         store = InMemoryStore(model_file.read_core()) if in_memory else file_store(model_file)
-        self.engine = CoreEngine(store, self.kernels, model_file.width, model_file.alpha, chunk_layers)
+        self.engine = self._engine_over(store, chunk_layers)
         self.step = model_file.step
         #: The minibatch generator state to store with the next commit (set by train_step's caller).
         self.rng_state: dict | None = model_file.rng_state
@@ -126,6 +120,7 @@ class DeepNet:
         self._log_rows: list = []          # in memory: rows of the steps since the last save
         self._saved_step = self.step       # the step the file on disk holds
         self._unusable: str | None = None  # why the weights in RAM must not be saved
+        self._borrowed: str | None = None  # set while computing with other weights (using_weights)
 
     @classmethod
     def open(cls, path: str | Path, *, writable: bool = False, in_memory: bool = False,
@@ -147,14 +142,17 @@ class DeepNet:
 
     @property
     def width(self) -> int:
+        """The core's width w."""
         return self.file.width
 
     @property
     def layers(self) -> int:
+        """Core layers L."""
         return self.file.layers
 
     @property
     def input_dim(self) -> int:
+        """Inputs per sample."""
         return self.file.input_dim
 
     def _check_inputs(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -171,11 +169,21 @@ class DeepNet:
             y = y.astype(np.intp)
         return x, y
 
-    def _input_head(self, x: np.ndarray) -> np.ndarray:
-        return np.tanh(x @ self.heads["input_weight"] + self.heads["input_bias"])
+    @property
+    def core_weights(self) -> np.ndarray | None:
+        """The core's weights when they are in RAM, (layers, w*w + w) float32, updated in place by
+        training; None when they are streamed from the file."""
+        store = self.engine.store
+        return store.weights if isinstance(store, InMemoryStore) else None
 
-    def _output_head(self, h_last: np.ndarray) -> np.ndarray:
-        return h_last @ self.heads["output_weight"] + self.heads["output_bias"]
+    def _engine_over(self, store: WeightStore, chunk_layers: int, like: CoreEngine | None = None) -> CoreEngine:
+        """A core engine over ``store``; ``like``: an engine whose thread settings it takes over."""
+        engine = CoreEngine(store, self.kernels, self.file.width, self.file.alpha, chunk_layers,
+                            None if like is None else like.threads)
+        if like is not None:
+            engine.fixed_threads = like.fixed_threads
+            engine.interrupt_check = like.interrupt_check
+        return engine
 
     # -- training and evaluation --------------------------------------------------------------------
 
@@ -187,46 +195,40 @@ class DeepNet:
         the step, so training resumes with the next batch. Raises :class:`NonFiniteError` (and changes
         nothing) if the loss or the gradient reaching the core is not finite.
         """
-        if self._unusable:
-            raise ModelFileError(f"cannot train {self.file.path} further: {self._unusable}")
+        if self.unusable:
+            raise ModelFileError(f"cannot train {self.file.path} further: {self.unusable}")
         x, y = self._check_inputs(x, y)
         started = time.perf_counter()
         step = self.step + 1
-        h0 = self._input_head(x)                                   # (batch, w)
+        h0 = _heads.input_head(self.heads, x)                      # (batch, w)
         state = np.ascontiguousarray(h0.T)                         # (w, batch): batch innermost
         self.engine.forward(state)
         h_last = state.T
-        logits = self._output_head(h_last)
-        branch_step = None if self.branch is None else self.branch.forward(x)
-        if branch_step is not None:
-            logits = logits + branch_step.logits                   # the branch's logits join the core's
+        logits = _heads.output_head(self.heads, h_last)
+        branch_pass = None if self.branch is None else self.branch.forward(x)
+        if branch_pass is not None:
+            logits = logits + branch_pass.logits                   # the branch's logits join the core's
         loss, accuracy, dlogits = softmax_cross_entropy(logits, y)
 
-        heads = self.heads
-        grad_out_w = h_last.T @ dlogits
-        grad_out_b = dlogits.sum(axis=0)
-        g = np.ascontiguousarray((dlogits @ heads["output_weight"].T).T)   # old output weights
+        out = _heads.output_gradients(self.heads, h_last, dlogits)
         if not math.isfinite(loss):
             raise self._refused(step, f"the loss is {loss}")
-        if not (np.isfinite(g).all() and np.isfinite(grad_out_w).all() and np.isfinite(grad_out_b).all()):
+        if not out.finite():
             raise self._refused(step, "the gradient reaching the core is not finite")
-        if branch_step is not None and not self.branch.gradients(branch_step, dlogits).finite():
+        branch_grads = None if branch_pass is None else self.branch.gradients(branch_pass, dlogits)
+        if branch_grads is not None and not all_finite(branch_grads):
             raise self._refused(step, "the gradient of the MLP branch is not finite")
 
         self.writing = not self.in_memory
         try:
             try:
-                self.engine.backward(g, layer_lr, step)
+                g0 = self.engine.backward(out.core, layer_lr, step)
             except NonFiniteError as exc:
                 raise NonFiniteError(self._broken(step, exc), start=exc.start, stop=exc.stop) from None
             # The heads change only now, so a refused step leaves them as they were.
-            heads["output_weight"] -= head_lr * grad_out_w
-            heads["output_bias"] -= head_lr * grad_out_b
-            grad_pre = g.T * (1.0 - h0 * h0)                           # through tanh of the input head
-            heads["input_weight"] -= head_lr * (x.T @ grad_pre)
-            heads["input_bias"] -= head_lr * grad_pre.sum(axis=0)
-            if branch_step is not None:
-                self.branch.apply(branch_step, head_lr)                # the branch learns at the heads' rate
+            _heads.update(self.heads, out, x, h0, g0, head_lr)
+            if branch_grads is not None:
+                self.branch.apply(branch_grads, head_lr)               # the branch learns at the heads' rate
             if rng_state is not None:
                 self.rng_state = rng_state
             if self.in_memory:
@@ -235,31 +237,34 @@ class DeepNet:
                 seconds = time.perf_counter() - started
                 if self.branch is not None:
                     self.branch.write_in_place(self.file)              # raw writes, before the record
-                self.file.commit(step, heads, rng_state=self.rng_state, train=self.train_settings,
+                self.file.commit(step, self.heads, rng_state=self.rng_state, train=self.train_settings,
                                  log=[(step, loss, accuracy, seconds)])
                 self._saved_step = step
             self.step = step
         except BaseException as exc:
             if self.step != step and not isinstance(exc, NonFiniteError):
                 # Interrupted part-way (Ctrl-C twice, a write error): what is in RAM is not a step.
-                self._unusable = (f"step {step} was interrupted part-way; "
-                                  f"{self._file_holds()}")
+                self._unusable = f"step {step} was interrupted part-way; {self.file_holds()}"
             raise
         finally:
             self.writing = False
         return StepResult(step, loss, accuracy, time.perf_counter() - started)
 
     def _refused(self, step: int, why: str) -> NonFiniteError:
-        error = NonFiniteError(f"step {step} refused: {why}; nothing was written ({self._file_holds()})")
+        error = NonFiniteError(f"step {step} refused: {why}; nothing was written ({self.file_holds()})")
         error.why = why
         return error
 
-    def _file_holds(self) -> str:
+    def file_holds(self) -> str:
+        """What the model file holds now, for a message: "<path> holds step N", or the state it is in."""
         if self.in_memory:
             return f"{self.file.path} holds step {self._saved_step}"
         state = self.file.state()
         return f"{self.file.path} holds step {state.step}" if state.healthy else \
             f"{self.file.path} now holds a {state.message}"
+
+    # TODO(merge): training/recipe.py calls net._file_holds() until it uses file_holds(); drop this then.
+    _file_holds = file_holds
 
     def _broken(self, step: int, exc: NonFiniteError) -> str:
         if self.in_memory:
@@ -267,18 +272,18 @@ class DeepNet:
             return (f"step {step} failed: {exc}; the weights in RAM are unusable and will not be saved "
                     f"({self.file.path} holds step {self._saved_step})")
         self._unusable = f"a non-finite gradient stopped step {step} part-way"
-        return f"step {step} failed: {exc}; {self._file_holds()}"
+        return f"step {step} failed: {exc}; {self.file_holds()}"
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: logits (batch, n_classes) of x."""
         x, _ = self._check_inputs(x, None)
-        state = np.ascontiguousarray(self._input_head(x).T)
+        state = np.ascontiguousarray(_heads.input_head(self.heads, x).T)
         self.engine.forward(state, for_backward=False)
-        logits = self._output_head(state.T)
+        logits = _heads.output_head(self.heads, state.T)
         return logits if self.branch is None else logits + self.branch.logits(x)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = DEFAULT_EVAL_BATCH,
-                 progress=None) -> EvalResult:
+                 progress: Callable[[int], None] | None = None) -> EvalResult:
         """Mean loss and accuracy over (x, y), in batches of ``batch``; ``progress`` is called with each batch size."""
         x, y = self._check_inputs(x, y)
         if batch < 1:
@@ -305,8 +310,8 @@ class DeepNet:
         Streamed: the step is already committed; this appends the carried log rows and mirrors the step
         into the root attributes. With ``durable`` the file is also fsync'd (streamed mode's checkpoint).
         """
-        if self._unusable:
-            raise ModelFileError(f"not saving {self.file.path}: {self._unusable}")
+        if self.unusable:
+            raise ModelFileError(f"not saving {self.file.path}: {self.unusable}")
         if self.in_memory:
             if self.step == self._saved_step and not self._log_rows and self.rng_state == self.file.rng_state \
                     and self.train_settings == self.file.train_settings:
@@ -321,7 +326,7 @@ class DeepNet:
             self.file.commit(self.step, self.heads, rng_state=self.rng_state, train=self.train_settings)
         self.file.sync(durable=durable)
 
-    def _write_extras(self, h5) -> None:
+    def _write_extras(self, h5: h5py.File) -> None:
         for write in self.extra_writers:
             write(h5)
 
@@ -330,7 +335,97 @@ class DeepNet:
         """The step the model file on disk holds."""
         return self._saved_step
 
+    @property
+    def unusable(self) -> str | None:
+        """Why the weights in RAM must not be trained further or saved (None: they may)."""
+        return self._unusable or self._borrowed
+
+    # -- computing with other weights (deepnet.training.ema's average) ----------------------------------
+
+    @contextmanager
+    def using_weights(self, *, core: np.ndarray | None = None, heads: dict[str, np.ndarray] | None = None,
+                      branch: dict[str, np.ndarray] | None = None) -> Iterator["DeepNet"]:
+        """Inside the block, compute with these weights instead of the model's (each None: the model's):
+        ``core`` as ``core_weights``, ``heads`` as ``heads``, ``branch`` as ``branch.params()``.
+
+        The arrays are used as they are, not copied. For evaluation: inside, the net refuses to train
+        or save. A streamed net holds the given core in RAM while inside.
+        """
+        if self._borrowed:
+            raise ModelFileError(f"{self.file.path} is already computing with other weights")
+        restore = self._install(core, heads, branch)
+        self._borrowed = "it is computing with other weights than its own (using_weights)"
+        try:
+            yield self
+        finally:
+            self._borrowed = None
+            restore()
+
+    def replace_weights(self, *, core: np.ndarray | None = None, heads: dict[str, np.ndarray] | None = None,
+                        branch: dict[str, np.ndarray] | None = None) -> None:
+        """Compute with these weights from now on (as ``using_weights``, for good): for evaluating other
+        weights with this model, which then refuses to train or save."""
+        core = None if core is None else self._checked_core(core)
+        new_engine = core is not None and not isinstance(self.engine.store, InMemoryStore)
+        self._install(None if new_engine else core, heads, branch)
+        if new_engine:
+            old = self.engine
+            self.engine = self._engine_over(InMemoryStore(core), old.chunk_layers, old)
+            old.close()
+        self._unusable = self._unusable or "it computes with other weights than its own (replace_weights)"
+
+    def _checked_core(self, core: np.ndarray) -> np.ndarray:
+        shape = (self.layers, self.file.row_size)
+        if core.shape != shape or core.dtype != np.float32 or not core.flags.c_contiguous:
+            raise ConfigError(f"core weights must be a C-contiguous float32 array of shape {shape}, "
+                              f"got {core.dtype} {core.shape}")
+        return core
+
+    def _install(self, core: np.ndarray | None, heads: dict[str, np.ndarray] | None,
+                 branch: dict[str, np.ndarray] | None) -> Callable[[], None]:
+        """Put the given weights in place; returns the function that puts the replaced ones back (on an
+        error, e.g. a shape that does not fit, nothing is replaced)."""
+        if branch is not None and self.branch is None:
+            raise ConfigError(f"{self.file.path} has no MLP branch to replace")
+        if heads is not None and set(heads) != set(self.heads):
+            raise ConfigError(f"heads must be {sorted(self.heads)}, got {sorted(heads)}")
+        undo: list[Callable[[], None]] = []
+
+        def restore() -> None:
+            for step in reversed(undo):
+                step()
+
+        try:
+            if branch is not None:
+                live_branch = self.branch.params()
+                self.branch.set_params(branch)
+                undo.append(lambda: self.branch.set_params(live_branch))
+            if heads is not None:
+                live_heads = self.heads
+                self.heads = heads
+                undo.append(lambda: setattr(self, "heads", live_heads))
+            if core is not None:
+                core = self._checked_core(core)
+                store = self.engine.store
+                if isinstance(store, InMemoryStore):
+                    live = store.weights
+                    store.weights = core
+                    undo.append(lambda: setattr(store, "weights", live))
+                else:
+                    engine = self.engine
+                    self.engine = self._engine_over(InMemoryStore(core), engine.chunk_layers, engine)
+                    undo.append(lambda: self._restore_engine(engine))
+        except BaseException:
+            restore()
+            raise
+        return restore
+
+    def _restore_engine(self, engine: CoreEngine) -> None:
+        borrowed, self.engine = self.engine, engine
+        borrowed.close()
+
     def close(self) -> None:
+        """Close the engine and the model file (nothing is saved: see ``save``)."""
         self.engine.close()
         self.file.close()
 

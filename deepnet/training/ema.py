@@ -19,12 +19,10 @@ in streamed mode and when that second copy would not fit in the memory available
 (``MemAvailable`` of /proc/meminfo). Time: one pass over both copies per step, in cache-sized blocks
 (``BLOCK_FLOATS``), on the same threads as the kernels; measured in the README.
 
-In the model file (written with the in-memory checkpoints, i.e. atomically with the step it belongs to)::
-
-    /                    attrs: ema_decay, ema_every (0: every step), ema_step (the step it was taken at)
-    /ema/core/weights    float32, same shape and chunking as /core/weights
-    /ema/head/input/weight, /ema/head/input/bias, /ema/head/output/weight, /ema/head/output/bias
-    /ema/branch/mlp/w1, b1, w2, b2      (models with a branch)
+In the model file (written with the in-memory checkpoints, i.e. atomically with the step it belongs
+to): root attributes ema_decay, ema_every (0: every step) and ema_step (the step it was taken at), and
+the averaged weights at the paths deepnet.formats.layout names ``EMA_*``: the core (same shape and
+chunking as the live core), the four heads, and the branch's parameters (models with a branch).
 
 ``deepnet eval --use-ema`` evaluates those weights (holding the averaged core in RAM).
 """
@@ -32,25 +30,23 @@ In the model file (written with the in-memory checkpoints, i.e. atomically with 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager
+from typing import Iterator
 
+import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
+from deepnet.formats.hdf5 import ModelFile
+from deepnet.formats.layout import (CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE, EMA_DECAY_ATTR, EMA_EVERY_ATTR, EMA_HEAD_PATHS,
+                                    EMA_STEP_ATTR)
+from deepnet.nn.branch import MLPBranch, write_datasets
+from deepnet.nn.network import DeepNet
+from deepnet.nn.threads import default_threads
 
 #: Floats per block of the blend: 256 KiB, so ``live - avg`` stays in L2 for the two operations after it.
 BLOCK_FLOATS = 1 << 16
-GROUP = "ema"
-HEAD_PATHS = {
-    "input_weight": "ema/head/input/weight",
-    "input_bias": "ema/head/input/bias",
-    "output_weight": "ema/head/output/weight",
-    "output_bias": "ema/head/output/bias",
-}
-CORE_PATH = "ema/core/weights"
-BRANCH_GROUP = "ema/branch/mlp"
 
 
 def mem_available() -> int | None:
@@ -102,8 +98,8 @@ def check_fits(core_bytes: int, *, resident: bool, available: int | None = None)
 class WeightAverage:
     """The average of a DeepNet's weights (in-memory nets only), updated by ``after_step``."""
 
-    def __init__(self, decay: float, every: int | None, core: np.ndarray, heads: dict, branch: dict | None,
-                 step: int, *, threads: int = 1) -> None:
+    def __init__(self, decay: float, every: int | None, core: np.ndarray, heads: dict[str, np.ndarray],
+                 branch: dict[str, np.ndarray] | None, step: int, *, threads: int = 1) -> None:
         self.decay = float(decay)
         self.every = every
         self.core = core
@@ -117,12 +113,11 @@ class WeightAverage:
     # -- starting ----------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, net: Any, decay: float, every: int | None = None) -> "WeightAverage":
+    def start(cls, net: DeepNet, decay: float, every: int | None = None) -> "WeightAverage":
         """The average for ``net`` (open in memory): the stored one if it was taken at net's step, else a
         copy of the live weights. Registers itself to be saved with the net's checkpoints."""
         check_options(decay, every, net.in_memory)
-        store = net.engine.store
-        live = getattr(store, "weights", None)
+        live = net.core_weights
         if live is None:
             raise ConfigError("--ema needs --in-memory")
         check_fits(live.nbytes, resident=True)
@@ -133,24 +128,24 @@ class WeightAverage:
             core = np.empty_like(live)
             _copy_blocks(core, live)
             heads = {k: v.copy() for k, v in net.heads.items()}
-            branch = None if net.branch is None else {k: v.copy() for k, v in net.branch.params.items()}
-        from deepnet.nn.engine import default_threads
-
+            branch = None if net.branch is None else {k: v.copy() for k, v in net.branch.params().items()}
         average = cls(decay, every, core, heads, branch, net.step, threads=min(2, default_threads()))
         net.extra_writers.append(average.write_copy)
         return average
 
     # -- updating ----------------------------------------------------------------------------------
 
-    def _pairs(self, net: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        yield self.core, net.engine.store.weights
+    def _pairs(self, net: DeepNet) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(average, live) of every weight."""
+        yield self.core, net.core_weights
         for key, value in self.heads.items():
             yield value, net.heads[key]
         if self.branch is not None:
+            live = net.branch.params()
             for key, value in self.branch.items():
-                yield value, net.branch.params[key]
+                yield value, live[key]
 
-    def after_step(self, net: Any) -> None:
+    def after_step(self, net: DeepNet) -> None:
         """Call after each training step of ``net``."""
         if self.every is None:
             self.blend(net)
@@ -159,7 +154,7 @@ class WeightAverage:
             self.write_back(net)
         self.step = net.step
 
-    def blend(self, net: Any) -> None:
+    def blend(self, net: DeepNet) -> None:
         """avg += (1 - decay) * (live - avg), for every weight."""
         rate = np.float32(1.0 - self.decay)
         for avg, live in self._pairs(net):
@@ -194,80 +189,66 @@ class WeightAverage:
             np.multiply(d, rate, out=d)
             np.add(avg[a:b], d, out=avg[a:b])
 
-    def write_back(self, net: Any) -> None:
+    def write_back(self, net: DeepNet) -> None:
         """live <- avg (the Lookahead variant's reset)."""
         for avg, live in self._pairs(net):
             _copy_blocks(live, avg)
 
-    @contextmanager
-    def swapped_in(self, net: Any):
+    def swapped_in(self, net: DeepNet) -> AbstractContextManager[DeepNet]:
         """Inside the block, ``net`` computes with the averaged weights (for evaluation only)."""
-        store = net.engine.store
-        live_core, live_heads = store.weights, net.heads
-        live_branch = None if net.branch is None else net.branch.params
-        store.weights, net.heads = self.core, self.heads
-        if live_branch is not None:
-            net.branch.params = self.branch
-        try:
-            yield net
-        finally:
-            store.weights, net.heads = live_core, live_heads
-            if live_branch is not None:
-                net.branch.params = live_branch
+        return net.using_weights(core=self.core, heads=self.heads, branch=self.branch)
 
     def close(self) -> None:
+        """Stop the blend's threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
 
     # -- the model file ----------------------------------------------------------------------------
 
-    def write_copy(self, h5: Any, *, chunks: tuple[int, int] | None = None) -> None:
+    def write_copy(self, h5: h5py.File, *, chunks: tuple[int, int] | None = None) -> None:
         """Write the average into an HDF5 file being written whole (the in-memory checkpoint)."""
         if chunks is None:
-            src = h5.get("core/weights")
+            src = h5.get(CORE_WEIGHTS)
             chunks = src.chunks if src is not None else None
-        for name in (CORE_PATH, *HEAD_PATHS.values()):
+        for name in (EMA_CORE, *EMA_HEAD_PATHS.values()):
             if name in h5:
                 del h5[name]
-        ds = h5.create_dataset(CORE_PATH, shape=self.core.shape, dtype="<f4", chunks=chunks, fillvalue=0.0)
+        ds = h5.create_dataset(EMA_CORE, shape=self.core.shape, dtype="<f4", chunks=chunks, fillvalue=0.0)
         rows = max(1, (4 << 20) // (4 * self.core.shape[1]))
         if chunks:
             rows = max(chunks[0], rows // chunks[0] * chunks[0])
         for start in range(0, self.core.shape[0], rows):
             stop = min(self.core.shape[0], start + rows)
             ds.write_direct(self.core, source_sel=np.s_[start:stop], dest_sel=np.s_[start:stop])
-        for key, name in HEAD_PATHS.items():
+        for key, name in EMA_HEAD_PATHS.items():
             h5.create_dataset(name, data=self.heads[key])
         if self.branch is not None:
-            for key, value in self.branch.items():
-                name = f"{BRANCH_GROUP}/{key}"
-                if name in h5:
-                    del h5[name]
-                h5.create_dataset(name, data=value)
-        h5.attrs["ema_decay"] = np.float64(self.decay)
-        h5.attrs["ema_every"] = np.int64(self.every or 0)
-        h5.attrs["ema_step"] = np.int64(self.step)
+            write_datasets(h5, EMA_BRANCH_GROUP, self.branch)
+        h5.attrs[EMA_DECAY_ATTR] = np.float64(self.decay)
+        h5.attrs[EMA_EVERY_ATTR] = np.int64(self.every or 0)
+        h5.attrs[EMA_STEP_ATTR] = np.int64(self.step)
 
 
-def stored_info(model_file: Any) -> dict | None:
+def stored_info(model_file: ModelFile) -> dict | None:
     """decay, every, step of the average stored in a model file (None if it has none)."""
     h5 = model_file.h5
-    if CORE_PATH not in h5 or "ema_step" not in h5.attrs:
+    if EMA_CORE not in h5 or EMA_STEP_ATTR not in h5.attrs:
         return None
-    every = int(h5.attrs.get("ema_every", 0))
-    return {"decay": float(h5.attrs.get("ema_decay", float("nan"))), "every": every or None,
-            "step": int(h5.attrs["ema_step"])}
+    every = int(h5.attrs.get(EMA_EVERY_ATTR, 0))
+    return {"decay": float(h5.attrs.get(EMA_DECAY_ATTR, float("nan"))), "every": every or None,
+            "step": int(h5.attrs[EMA_STEP_ATTR])}
 
 
-def read_arrays(model_file: Any, *, branch: bool) -> tuple[np.ndarray, dict, dict | None]:
+def read_arrays(model_file: ModelFile, *, branch: bool
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The stored average: (core, heads, branch params or None), shapes checked against the model."""
     h5 = model_file.h5
     path = model_file.path
-    ds = h5.get(CORE_PATH)
+    ds = h5.get(EMA_CORE)
     shape = (model_file.layers, model_file.row_size)
     if ds is None or ds.shape != shape or ds.dtype != np.float32:
-        raise ModelFileError(f"{path}: /{CORE_PATH} should be float32 {shape}"
+        raise ModelFileError(f"{path}: /{EMA_CORE} should be float32 {shape}"
                              + ("" if ds is None else f", is {ds.dtype} {ds.shape}"))
     core = np.empty(shape, np.float32)
     rows = max(1, (4 << 20) // (4 * shape[1]))
@@ -276,26 +257,22 @@ def read_arrays(model_file: Any, *, branch: bool) -> tuple[np.ndarray, dict, dic
         ds.read_direct(core, source_sel=np.s_[start:stop], dest_sel=np.s_[start:stop])
     live_heads = model_file.read_heads()
     heads = {}
-    for key, name in HEAD_PATHS.items():
+    for key, name in EMA_HEAD_PATHS.items():
         hd = h5.get(name)
         if hd is None or hd.shape != live_heads[key].shape:
             raise ModelFileError(f"{path}: /{name} is missing or has the wrong shape")
         heads[key] = np.ascontiguousarray(hd[()], dtype=np.float32)
     params = None
     if branch:
-        from deepnet.nn.branch import MLPBranch
-
         stored = MLPBranch.read(h5, path, input_dim=model_file.input_dim, n_classes=model_file.n_classes,
-                                group=BRANCH_GROUP)
-        params = stored.params
+                                group=EMA_BRANCH_GROUP)
+        params = stored.params()
     return core, heads, params
 
 
-def use_average(net: Any) -> dict:
-    """Make an open DeepNet (opened for evaluation) compute with the average stored in its file: the
-    averaged core is read into RAM. Returns the stored decay/every/step."""
-    from deepnet.nn.engine import CoreEngine, InMemoryStore
-
+def use_average(net: DeepNet) -> dict:
+    """Make an open DeepNet (opened for evaluation) compute with the average stored in its file from now
+    on: the averaged core is read into RAM. Returns the stored decay/every/step."""
     info = stored_info(net.file)
     if info is None:
         raise ConfigError(f"{net.file.path} holds no weight average (train it with --ema DECAY --in-memory)")
@@ -305,17 +282,11 @@ def use_average(net: Any) -> dict:
         raise ConfigError(f"--use-ema reads the averaged core into RAM ({_gb(core_bytes)}) but only "
                           f"{_gb(available)} is available now (MemAvailable)")
     core, heads, branch = read_arrays(net.file, branch=net.branch is not None)
-    chunk_layers = net.engine.chunk_layers
-    threads = net.engine.threads
-    net.engine.close()
-    net.engine = CoreEngine(InMemoryStore(core), net.kernels, net.width, net.file.alpha, chunk_layers, threads)
-    net.heads = heads
-    if branch is not None:
-        net.branch.params = branch
+    net.replace_weights(core=core, heads=heads, branch=branch)
     return info
 
 
-def summary(model_file: Any) -> dict:
+def summary(model_file: ModelFile) -> dict:
     """What `deepnet info` shows about the stored average."""
     info = stored_info(model_file)
     if info is None:

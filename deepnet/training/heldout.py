@@ -3,11 +3,9 @@
 ``--holdout N --eval-every K`` sets the last N of MNIST's 60,000 training images aside (the minibatches
 are then drawn from the first ``min(train_limit, 60000 - N)``) and evaluates the model on them after
 every K-th step (by global step number, so a resumed run measures at the same steps). Each measurement
-is shown in the training table and appended to the model file::
-
-    /train/heldout     compound (step i8, heldout_loss f8, heldout_acc f8), resizable
-
-a dataset of its own rather than a column of /train/log (whose row type is the file format). Streamed,
+is shown in the training table and appended to the model file, in the resizable dataset
+``formats.layout.TRAIN_HELDOUT`` of rows ``HELDOUT_DTYPE`` (step, heldout_loss, heldout_acc): a dataset
+of its own rather than a column of the training log (whose row type is the file format). Streamed,
 a row is appended right after its (already committed) step; in memory, the rows travel with the atomic
 checkpoint, so the file never holds a figure of a step it does not hold.
 """
@@ -15,15 +13,18 @@ checkpoint, so the file never holds a figure of a step it does not hold.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Iterable
 
+import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least
+from deepnet.formats.hdf5 import ModelFile
+from deepnet.formats.layout import HELDOUT_DTYPE, TRAIN_HELDOUT
+from deepnet.nn.network import DeepNet
 
-DATASET = "train/heldout"
-DTYPE = np.dtype([("step", "<i8"), ("heldout_loss", "<f8"), ("heldout_acc", "<f8")])
+#: Rows per HDF5 chunk of the dataset.
 CHUNK_ROWS = 1024
 
 
@@ -67,16 +68,19 @@ class HeldOut:
 
     @property
     def size(self) -> int:
+        """Held-out images."""
         return int(self.x.shape[0])
 
     def due(self, step: int) -> bool:
+        """Whether to measure after ``step``."""
         return step % self.every == 0
 
     @property
     def last(self) -> tuple[int, float, float] | None:
+        """The latest measurement (step, loss, accuracy), if any."""
         return self.rows[-1] if self.rows else None
 
-    def measure(self, net: Any) -> float:
+    def measure(self, net: DeepNet) -> float:
         """Evaluate ``net`` now; record (step, loss, accuracy); streamed nets get the row appended to the
         file at once. Returns the accuracy."""
         started = time.perf_counter()
@@ -88,53 +92,54 @@ class HeldOut:
             append_rows(net.file.h5, [row])
         return row[2]
 
-    def attach(self, net: Any) -> None:
+    def attach(self, net: DeepNet) -> None:
         """Have the in-memory net's checkpoints carry the measurements."""
         if net.in_memory:
             net.extra_writers.append(lambda h5: self.write_copy(h5, net))
 
-    def write_copy(self, h5: Any, net: Any) -> None:
+    def write_copy(self, h5: h5py.File, net: DeepNet) -> None:
         """Into the file an in-memory checkpoint writes: the stored rows up to the step being saved,
         then this run's."""
         old = read_rows(net.file.h5)
         first = self.rows[0][0] if self.rows else net.step + 1
         keep = old[old["step"] < first]
         new = np.concatenate([keep, _rows(r for r in self.rows if r[0] <= net.step)])
-        if DATASET in h5:
-            del h5[DATASET]
-        h5.create_dataset(DATASET, data=new, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        if TRAIN_HELDOUT in h5:
+            del h5[TRAIN_HELDOUT]
+        h5.create_dataset(TRAIN_HELDOUT, data=new, maxshape=(None,), chunks=(CHUNK_ROWS,))
 
 
-def _rows(rows) -> np.ndarray:
+def _rows(rows: Iterable[tuple[int, float, float]]) -> np.ndarray:
     rows = list(rows)
-    out = np.empty(len(rows), DTYPE)
+    out = np.empty(len(rows), HELDOUT_DTYPE)
     for i, row in enumerate(rows):
         out[i] = row
     return out
 
 
-def read_rows(h5: Any) -> np.ndarray:
-    """The /train/heldout rows of an open h5py file (empty if there are none)."""
-    ds = h5.get(DATASET)
-    if ds is None or getattr(ds, "dtype", None) != DTYPE:
-        return np.empty(0, DTYPE)
+def read_rows(h5: h5py.Group) -> np.ndarray:
+    """The held-out rows of an open h5py file (empty if there are none)."""
+    ds = h5.get(TRAIN_HELDOUT)
+    if ds is None or getattr(ds, "dtype", None) != HELDOUT_DTYPE:
+        return np.empty(0, HELDOUT_DTYPE)
     return ds[()]
 
 
-def append_rows(h5: Any, rows) -> None:
-    """Append rows to /train/heldout of a writable file, creating it if needed (an HDF5 metadata change:
-    done between steps only)."""
+def append_rows(h5: h5py.Group, rows: Iterable[tuple[int, float, float]]) -> None:
+    """Append rows to the held-out dataset of a writable file, creating it if needed (an HDF5 metadata
+    change: done between steps only)."""
     rows = _rows(rows)
-    ds = h5.get(DATASET)
+    ds = h5.get(TRAIN_HELDOUT)
     if ds is None:
-        ds = h5.create_dataset(DATASET, shape=(0,), maxshape=(None,), dtype=DTYPE, chunks=(CHUNK_ROWS,))
+        ds = h5.create_dataset(TRAIN_HELDOUT, shape=(0,), maxshape=(None,), dtype=HELDOUT_DTYPE,
+                               chunks=(CHUNK_ROWS,))
     n = ds.shape[0]
     ds.resize((n + rows.shape[0],))
     ds[n:] = rows
     h5.flush()
 
 
-def summary(model_file: Any) -> dict:
+def summary(model_file: ModelFile) -> dict:
     """What `deepnet info` shows: the last held-out figure."""
     rows = read_rows(model_file.h5)
     if not rows.size:

@@ -1,0 +1,229 @@
+"""Where the core weights live, and how the engine gets them chunk by chunk: the weight stores.
+
+``InMemoryStore`` holds them in one array in RAM; the streamed stores read them from the model file
+chunk by chunk and write each updated chunk back: ``MappedStore`` through a memory map of the file's
+storage chunks (every file deepnet writes), ``StreamedStore`` through h5py on an I/O thread (the
+fallback). All hand the engine the same rows, so every mode gives bit-identical results.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+
+from deepnet.errors import ConfigError
+from deepnet.formats.hdf5 import ModelFile
+
+
+class WeightStore:
+    """Where the core weights live. Hands out chunks (first_layer, rows); rows are (n, w*w+w) float32."""
+
+    layers: int
+    row_size: int
+    #: Whether the chunks a pass yields stay valid together (views of the weights), so threads may each
+    #: run their share of the batch through all of them; a store that reuses buffers is False.
+    random_access = False
+
+    def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
+        """(start, stop) of the chunks, first to last: one kernel call each."""
+        return chunk_bounds(self.layers, chunk_layers)
+
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        """The chunks of ``bounds``, first to last, for reading."""
+        raise NotImplementedError
+
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The chunks last first; rows may be modified in place and are kept once the next is asked for."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the store holds (files, threads); nothing by default."""
+
+
+def chunk_bounds(layers: int, chunk_layers: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk, first to last."""
+    return [(s, min(s + chunk_layers, layers)) for s in range(0, layers, chunk_layers)]
+
+
+class InMemoryStore(WeightStore):
+    """All core weights in one array in RAM; chunks are views, updated in place."""
+
+    random_access = True
+
+    def __init__(self, weights: np.ndarray) -> None:
+        if weights.dtype != np.float32 or weights.ndim != 2 or not weights.flags.c_contiguous:
+            raise ConfigError("in-memory core weights must be a C-contiguous 2-D float32 array")
+        self.weights = weights
+        self.layers, self.row_size = weights.shape
+
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        for start, stop in bounds:
+            yield start, self.weights[start:stop]
+
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start, stop in reversed(bounds):
+            yield start, self.weights[start:stop]
+
+
+def contiguous_runs(offsets: np.ndarray, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Runs [first, stop) of storage chunks that lie back to back in the file, in layer order."""
+    runs, first = [], 0
+    for c in range(1, len(offsets) + 1):
+        if c == len(offsets) or int(offsets[c]) != int(offsets[c - 1]) + chunk_bytes:
+            runs.append((first, c))
+            first = c
+    return runs
+
+
+class MappedStore(WeightStore):
+    """Core weights streamed from the model file through a memory map of its storage chunks.
+
+    The kernels read the file's pages where they lie (no copy into a buffer) and the backward pass
+    updates them in place; the operating system reads ahead (asked explicitly for the next chunk with
+    madvise) and writes dirty pages back in the background. Each storage chunk's ``chunk_step`` is
+    marked before the chunk is modified, so an interrupted step is detectable as a torn step. Used for
+    every file whose core chunks are plain float32 on disk (all files deepnet writes).
+
+    Storage chunks (~1 MiB) that lie back to back in the file (most of them) form one view, so a kernel
+    call covers ``chunk_layers`` as in RAM: far fewer calls than one per storage chunk, and each call pays
+    for starting the backward's second thread (bench/README.md, "nn/stores.py").
+    """
+
+    random_access = True
+
+    def __init__(self, model_file: ModelFile, offsets: np.ndarray, chunk_step_offset: int) -> None:
+        self.file = model_file
+        self.layers = model_file.layers
+        self.row_size = model_file.row_size
+        self.chunk = model_file.storage_chunk_layers
+        self.offsets = offsets
+        self.writable = model_file.mode != "r"
+        with open(model_file.path, "r+b" if self.writable else "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
+        self._runs = contiguous_runs(offsets, self.chunk * self.row_size * 4)
+        self._views = [self._run_view(first, stop) for first, stop in self._runs]
+        self._run_of_chunk = np.repeat(np.arange(len(self._runs)), [stop - first for first, stop in self._runs])
+        # chunk_step is marked through the map too: a mark through h5py costs much more (bench/README.md).
+        self._chunk_step = np.frombuffer(self._map, dtype="<i8", count=len(offsets), offset=chunk_step_offset)
+
+    def _run_view(self, first: int, stop: int) -> np.ndarray:
+        n = min(stop * self.chunk, self.layers) - first * self.chunk
+        return np.frombuffer(self._map, dtype=np.float32, count=n * self.row_size,
+                             offset=int(self.offsets[first])).reshape(n, self.row_size)
+
+    def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
+        # Pieces never cross a run of back-to-back storage chunks (each is contiguous in the file) nor
+        # a chunk_layers boundary.
+        cuts = sorted(set(range(0, self.layers, chunk_layers)) | {first * self.chunk for first, _ in self._runs})
+        return list(zip(cuts, cuts[1:] + [self.layers]))
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        run = int(self._run_of_chunk[start // self.chunk])
+        first = self._runs[run][0] * self.chunk
+        return self._views[run][start - first: stop - first]
+
+    def _prefetch(self, start: int, stop: int) -> None:
+        if not hasattr(self._map, "madvise"):
+            return
+        c = start // self.chunk
+        first = int(self.offsets[c]) + (start - c * self.chunk) * self.row_size * 4
+        length = (stop - start) * self.row_size * 4
+        aligned = first - first % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_WILLNEED, aligned, length + first - aligned)
+
+    def _chunks(self, bounds: list[tuple[int, int]], step: int | None) -> Iterator[tuple[int, np.ndarray]]:
+        for k, (start, stop) in enumerate(bounds):
+            if k + 1 < len(bounds):
+                self._prefetch(*bounds[k + 1])
+            if step is not None:
+                self._chunk_step[start // self.chunk: (stop - 1) // self.chunk + 1] = step
+            yield start, self._rows(start, stop)
+
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        yield from self._chunks(bounds, None)
+
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        if not self.writable:
+            raise ConfigError(f"{self.file.path} is open read-only: it cannot be trained")
+        yield from self._chunks(list(reversed(bounds)), step)
+
+    def close(self) -> None:
+        self._views = []
+        self._chunk_step = None
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view of the weights: the map closes with it
+            pass
+
+
+class StreamedStore(WeightStore):
+    """Core weights streamed from the model file through h5py: read ahead on one I/O thread, written
+    back after update. The fallback for files whose core cannot be memory-mapped.
+
+    One I/O thread runs reads and writes in submission order; the kernels release the GIL, so the thread
+    reads the next chunk while the current one computes. Three rotating buffers: the one computing, the
+    one being read into, and the one being written back.
+    """
+
+    def __init__(self, model_file: ModelFile) -> None:
+        self.file = model_file
+        self.layers = model_file.layers
+        self.row_size = model_file.row_size
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepnet-io")
+        self._buffers: list[np.ndarray] = []
+
+    def _buffer(self, k: int, rows: int) -> np.ndarray:
+        if len(self._buffers) != 3 or self._buffers[0].shape[0] < rows:
+            self._buffers = [np.empty((rows, self.row_size), np.float32) for _ in range(3)]
+        return self._buffers[k % 3]
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        view = out[: stop - start]
+        self.file.read_layers(start, stop, out=view)
+        return view
+
+    def _chunks(self, bounds: list[tuple[int, int]], write_step: int | None) -> Iterator[tuple[int, np.ndarray]]:
+        if not bounds:
+            return
+        rows = max(stop - start for start, stop in bounds)
+        pending: Future = self._io.submit(self._read, *bounds[0], self._buffer(0, rows))
+        writes: list[Future] = []
+        try:
+            for k, (start, stop) in enumerate(bounds):
+                chunk = pending.result()
+                if k + 1 < len(bounds):
+                    # FIFO on one thread: this read starts only after the write that last used the buffer.
+                    pending = self._io.submit(self._read, *bounds[k + 1], self._buffer(k + 1, rows))
+                yield start, chunk
+                if write_step is not None:
+                    writes.append(self._io.submit(self.file.write_layers, start, chunk, write_step))
+                    for w in [w for w in writes if w.done()]:
+                        w.result()  # a failed write surfaces here, before more chunks are updated
+                    writes = [w for w in writes if not w.done()]
+        finally:
+            # Never leave I/O running behind the caller's back (also on an exception in the kernel).
+            pending.exception()
+            for w in writes:
+                w.result()
+
+    def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        yield from self._chunks(bounds, None)
+
+    def backward_chunks(self, bounds: list[tuple[int, int]], step: int) -> Iterator[tuple[int, np.ndarray]]:
+        yield from self._chunks(list(reversed(bounds)), step)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+
+
+def file_store(model_file: ModelFile) -> WeightStore:
+    """The streamed store for a model file: memory-mapped when its layout allows, else through h5py."""
+    offsets = model_file.core_chunk_offsets()
+    step_offset = model_file.chunk_step_offset()
+    if offsets is not None and step_offset is not None and os.environ.get("DEEPNET_NO_MMAP", "") == "":
+        return MappedStore(model_file, offsets, step_offset)
+    return StreamedStore(model_file)
