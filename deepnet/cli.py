@@ -13,6 +13,7 @@ import functools
 import inspect
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import fire
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from deepnet import api
 from deepnet.activations.check import ActivationCheckError, failure_message, format_report
 from deepnet.errors import ConfigError, DeepnetError
+from deepnet.formats.hdf5 import ModelFile
 from deepnet.report import ReportTable, format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
 from deepnet.tools.check import CheckReport
 from deepnet.training.speedrun import TargetNotReached
@@ -80,26 +82,36 @@ def command(fn: Callable[..., Any], show: Printer) -> Callable[..., None]:
 # printers
 
 
-def show_init(result: Any, args: dict) -> None:
+def show_init(result: ModelFile, args: dict) -> None:
     extra = f", with an MLP branch of {args['hidden']} hidden units" if args["branch"] else ""
     print(f"created {args['model']}: {args['layers']} layers x width {args['width']}, {args['activation']}{extra}")
+
+
+def _final_fields(final: dict, model: str) -> dict:
+    """The lines a training run's text summary starts with."""
+    return {
+        "model": model,
+        "steps": f"{final['steps']} (now at step {final['step']})",
+        "loss": f"{final['loss']:.4f} (mean of the last report window)",
+        "batch_acc": f"{final['batch_acc']:.3f}",
+        "time": f"{format_seconds(final['seconds'])} ({final['seconds_per_step']:.4f} s/step)",
+    }
+
+
+def _test_field(final: dict) -> dict:
+    """The test evaluation's line, if the run made one."""
+    if "test_acc" not in final:
+        return {}
+    return {"test": f"loss {final['test_loss']:.4f}, accuracy {final['test_acc']:.4f} on {final['test_samples']} images"}
 
 
 def show_train(final: dict, args: dict) -> None:
     if args["json"]:
         print_json(final)
         return
-    fields = {
-        "model": final["model"],
-        "steps": f"{final['steps']} (now at step {final['step']})",
-        "loss": f"{final['loss']:.4f} (mean of the last report window)",
-        "batch_acc": f"{final['batch_acc']:.3f}",
-        "time": f"{format_seconds(final['seconds'])} ({final['seconds_per_step']:.4f} s/step)",
-        "layer-samples/s": format_rate(final["layer_samples_per_s"]),
-    }
-    if "test_acc" in final:
-        fields["test"] = (f"loss {final['test_loss']:.4f}, accuracy {final['test_acc']:.4f} on "
-                          f"{final['test_samples']} images")
+    fields = _final_fields(final, final["model"])
+    fields["layer-samples/s"] = format_rate(final["layer_samples_per_s"])
+    fields.update(_test_field(final))
     fields.update(run_fields(final))
     print_fields(fields)
 
@@ -203,17 +215,7 @@ def show_train_mlp(final: dict, args: dict) -> None:
     if args["json"]:
         print_json(final)
         return
-    fields = {
-        "model": f"{final['model']} (mlp, hidden {final['hidden']})",
-        "steps": f"{final['steps']} (now at step {final['step']})",
-        "loss": f"{final['loss']:.4f} (mean of the last report window)",
-        "batch_acc": f"{final['batch_acc']:.3f}",
-        "time": f"{format_seconds(final['seconds'])} ({final['seconds_per_step']:.4f} s/step)",
-    }
-    if "test_acc" in final:
-        fields["test"] = (f"loss {final['test_loss']:.4f}, accuracy {final['test_acc']:.4f} "
-                          f"on {final['test_samples']} images")
-    print_fields(fields)
+    print_fields({**_final_fields(final, f"{final['model']} (mlp, hidden {final['hidden']})"), **_test_field(final)})
 
 
 def show_eval_mlp(figures: dict, args: dict) -> None:
@@ -255,7 +257,7 @@ def show_plot(result: dict, args: dict) -> None:
         print(f"wrote {result['out']}: {result['rows']:,} log rows, moving average of {result['smooth']}")
 
 
-def show_data(path: Any, args: dict) -> None:
+def show_data(path: Path, args: dict) -> None:
     print(f"MNIST is in {path}")
 
 
@@ -288,6 +290,10 @@ def show_compiled(rows: list[dict], args: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # the commands
+
+
+#: The subcommands of `deepnet activations` (without one, it lists).
+GROUP_COMMANDS = ("list", "check", "compile")
 
 
 class Activations:
@@ -368,10 +374,12 @@ def _check_flags(args: list[str]) -> None:
     rest = args[1:]
     if isinstance(target, Activations):  # a command group: its subcommand, else the group's default
         sub = rest[0].replace("-", "_") if rest and not rest[0].startswith("-") else None
-        if sub in ("list", "check", "compile"):
+        if sub is None:
+            target = target.__call__
+        elif sub in GROUP_COMMANDS:
             target, name, rest = getattr(target, sub), f"{name} {rest[0]}", rest[1:]
         else:
-            target = target.__call__
+            raise ConfigError(f"deepnet {name}: unknown action {rest[0]!r} (use {', '.join(GROUP_COMMANDS)})")
     if not callable(target):
         return
     params = set(inspect.signature(target).parameters)

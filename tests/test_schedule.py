@@ -107,3 +107,20 @@ def test_resume_continues_the_schedule_bit_exactly(tmp_path, mnist_dir, capsys, 
     deepnet.train(const, steps=20, layer_lr=0.3, head_lr=0.3, **kw)
     capsys.readouterr()
     assert not np.array_equal(read_weights(const)[1], c1)
+
+
+def test_the_mlp_schedules_are_schedules_and_store_nothing_new():
+    """The MLP baseline's --schedule values are Schedule values; a dense schedule's stored form is unchanged."""
+    from deepnet.training.schedule import parse_run_schedule
+
+    cosine = parse_run_schedule("cosine", 5000)
+    assert isinstance(cosine, Schedule) and cosine.lr(0.2, 0) == 0.2
+    # the MLP's rounding of the cosine angle, pi * t / steps, bit for bit
+    assert all(cosine.lr(0.2, t) == 0.2 * 0.5 * (1.0 + math.cos(math.pi * t / 5000)) for t in range(0, 5000, 7))
+    stepped = parse_run_schedule("step:2500=0.03", 5000)
+    assert (stepped.lr(0.05, 2499), stepped.lr(0.05, 2500)) == (0.05, 0.03)
+    assert Schedule.from_dict(stepped.to_dict()) == stepped
+    assert set(Schedule("cosine", decay_steps=10).to_dict()) == {"kind", "warmup_steps", "decay_steps",
+                                                                 "final_ratio", "start_step"}
+    with pytest.raises(ConfigError, match="--schedule"):
+        Schedule("step")  # a step schedule needs its points

@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
+from deepnet.formats.layout import TRAIN_HELDOUT, TRAIN_LOG
+from deepnet.nn.mlp import _decode, _not_a_model, model_kind  # TODO(merge): public names from deepnet.nn.mlp
 
 #: Smallest and largest automatic moving-average window (steps); automatic = about 1/50 of the log.
 AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX = 1, 1000
@@ -26,22 +29,18 @@ AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX = 1, 1000
 
 def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """The /train/log table of any deepnet model file, and a few attributes to title the plot with."""
-    import h5py
-
-    from deepnet.nn.mlp import _decode, _not_a_model, model_kind
-
     path = os.fspath(path)
     kind = model_kind(path)
     if kind is None:
         _not_a_model(path)
     try:
         with h5py.File(path, "r") as f:
-            log = f.get("train/log")
+            log = f.get(TRAIN_LOG)
             if not isinstance(log, h5py.Dataset) or log.ndim != 1 or log.dtype.names is None \
                     or "step" not in log.dtype.names:
                 raise ModelFileError(f"{path} has no training log table (/train/log with a step column)")
             rows = log[()]
-            held = f.get("train/heldout")
+            held = f.get(TRAIN_HELDOUT)
             if isinstance(held, h5py.Dataset) and held.dtype.names and "step" in held.dtype.names:
                 rows = merge_heldout(rows, held[()])
             attrs = {k: (_decode(v) if isinstance(v, (bytes, str, np.bytes_)) else v) for k, v in f.attrs.items()

@@ -28,7 +28,11 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
-def ignoring_for(seconds: float, handler: Any) -> Callable[[int, FrameType | None], None]:
+#: What signal.signal() returns: the previous handler (a function, SIG_DFL, SIG_IGN, or None if not Python's).
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def ignoring_for(seconds: float, handler: Handler) -> Callable[[int, FrameType | None], None]:
     """A signal handler that ignores signals for `seconds`, then passes them on to `handler`."""
     until = time.monotonic() + seconds
 
@@ -55,7 +59,7 @@ class StopSignal:
         #: Set once the run is abandoned: closing the file must not be interrupted.
         self.done = False
         self._after: str | None = None
-        self._previous: dict = {}
+        self._previous: dict[int, Handler] = {}
         #: A KeyboardInterrupt the handler raised that landed where Python cannot raise it (a __del__ or
         #: weakref callback, which only print "Exception ignored"): re-raised at the next check().
         self.pending = False
@@ -97,7 +101,7 @@ class StopSignal:
             self.net.engine.interrupt_check = None
             self.net = None
 
-    def _swallowed(self, unraisable: Any) -> None:
+    def _swallowed(self, unraisable: sys.UnraisableHookArgs) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             self.pending = True  # ours, raised inside a finaliser: raise it again where it can land
         else:
