@@ -15,6 +15,8 @@ and prints nothing; ``progress=True`` shows progress bars, ``on_report=`` receiv
 - ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _API = {
@@ -38,8 +40,6 @@ __all__ = sorted(_API) + ["__version__"]
 def __getattr__(name: str) -> object:
     # Imported on first use so `import deepnet` stays cheap (the CLI's --help, the build's setup.py).
     if name in _API:
-        import importlib
-
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value

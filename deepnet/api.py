@@ -26,6 +26,7 @@ from deepnet.nn.network import DEFAULT_EVAL_BATCH
 from deepnet.tools import bench as _bench
 from deepnet.tools import info as _info
 from deepnet.tools.check import CheckReport, check_model
+from deepnet.tools.plot import plot_training
 from deepnet.training import mlp as _mlp_training
 from deepnet.training import recipe as _recipe
 from deepnet.training import speedrun as _speedrun
@@ -379,9 +380,6 @@ def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, width
         height: image height in pixels.
         json: print one JSON object.
     """
-    # Imported here: it pulls in matplotlib, an optional dependency.
-    from deepnet.tools.plot import plot_training
-
     return plot_training(model, out, smooth=smooth, width=width, height=height)
 
 

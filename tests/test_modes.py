@@ -7,7 +7,6 @@ checkpointed segment with the same arithmetic as the forward pass, so every mode
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -100,7 +99,7 @@ def test_streamed_step_marks_every_storage_chunk(tmp_path):
 
 
 RUN = dict(layers=30, width=4, activation="softsign", seed=5, batch=8, train_limit=2000, report_every=5,
-           eval_samples=200, json=True, progress=False)
+           eval_samples=200, progress=False)
 
 
 def file_state(path):
