@@ -137,7 +137,6 @@ class RunOptions(Hook):
 
     def __init__(self, options: TrainOptions) -> None:
         # Cheap checks first: a bad flag is refused before any data is read or file created.
-        options.check()
         _ema.check_options(options.ema, options.ema_every, options.in_memory)
         self.branch, self.hidden = _branch.check_options(options.branch, options.hidden)
         if options.holdout is not None:

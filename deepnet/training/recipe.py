@@ -74,6 +74,7 @@ class Saves(Hook):
 def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport = ignore_report) -> dict:
     """Train ``options.model`` on MNIST for ``options.steps`` steps, creating it first if it does not
     exist; returns the final figures (see deepnet.api.train). ``progress`` shows tqdm bars on stderr."""
+    options.check()
     run = RunOptions(options)
     images, labels = load_split(options.data_dir, "train")
     if options.train_limit is not None:
