@@ -53,11 +53,13 @@ class Saves(Hook):
         self.saving = False
 
     def due(self, steps_done: int) -> bool:
+        """Whether a checkpoint is due after ``steps_done`` steps of this run."""
         if self.every is not None:
             return steps_done % self.every == 0
         return time.monotonic() - self.last >= RECIPE.checkpoint_seconds
 
     def save(self) -> None:
+        """Make the model file durable (the step in RAM, in memory; an fsync, streamed)."""
         self.saving = True
         self.net.save(durable=True)
         self.saving = False
