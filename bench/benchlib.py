@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from deepnet.nn.engine import CoreEngine, InMemoryStore, choose_save_every
+from deepnet.nn.engine import CoreEngine, choose_save_every
+from deepnet.nn.stores import InMemoryStore
 from deepnet.errors import ActivationError
 from deepnet.kernels.loader import LayerKernels, build_label, builtin_module
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS
@@ -30,7 +31,7 @@ BUDGET_S = float(os.environ.get("DEEPNET_BENCH_BUDGET", "0.3"))
 INIT_SCALE = 1e-3  # core weights are uniform in [-0.001, 0.001], as `deepnet init` makes them
 
 # (test name, figures) of every benchmark that ran timed in this session, for the terminal summary.
-_FIGURES: list[tuple[str, dict]] = []
+FIGURES: list[tuple[str, dict]] = []
 
 
 # -- kernels and workloads --------------------------------------------------------------------------
@@ -103,19 +104,19 @@ class Workload:
         return CoreEngine(InMemoryStore(self.params), self.kernels, self.width, self.alpha, chunk_layers)
 
 
-_PARAMS: dict[tuple[int, int, int], np.ndarray] = {}
+PARAMS: dict[tuple[int, int, int], np.ndarray] = {}
 
 
 def params_for(layers: int, width: int, seed: int = 0) -> np.ndarray:
     """Random core weights (layers, width*width + width), cached: only ever used with lr = 0."""
     key = (layers, width, seed)
-    if key not in _PARAMS:
+    if key not in PARAMS:
         rng = np.random.default_rng(seed)
         params = rng.random((layers, width * width + width), dtype=np.float32)  # float32 all the way: fast
         params *= 2 * INIT_SCALE
         params -= INIT_SCALE
-        _PARAMS[key] = params
-    return _PARAMS[key]
+        PARAMS[key] = params
+    return PARAMS[key]
 
 
 # -- recording ------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def record(benchmark, *, layer_samples: int | None = None, **info) -> float | No
     if layer_samples is not None:
         benchmark.extra_info["layer_samples_per_s"] = layer_samples / median
         benchmark.extra_info["ns_per_layer_sample"] = 1e9 * median / layer_samples
-    _FIGURES.append((benchmark.name, benchmark.extra_info))  # the live dict: later updates show too
+    FIGURES.append((benchmark.name, benchmark.extra_info))  # the live dict: later updates show too
     return median
 
 

@@ -26,14 +26,14 @@ import pytest
 # The benchmark modules import their helpers by name (``from benchlib import ...``), in any import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import _FIGURES, _PARAMS  # noqa: E402
+from benchlib import FIGURES, PARAMS  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_params():
     """Drop the cached weights after each module (the step depth sweep holds ~100 MB)."""
     yield
-    _PARAMS.clear()
+    PARAMS.clear()
 
 
 # -- a summary of the derived figures at the end of a timed run ---------------------------------------
@@ -46,11 +46,11 @@ def _fmt_rate(x: float) -> str:
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _FIGURES:
+    if not FIGURES:
         return
     tr = terminalreporter
     tr.section("deepnet benchmark figures (median of each benchmark's rounds)")
-    for name, info in _FIGURES:
+    for name, info in FIGURES:
         parts = []
         if "layer_samples_per_s" in info:
             parts.append(f"{_fmt_rate(info['layer_samples_per_s'])} layer-samples/s")

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from benchlib import _FIGURES, Workload, load_kernels, record, run_kernel
+from benchlib import FIGURES, Workload, load_kernels, record, run_kernel
 from deepnet import activations
 from deepnet.activations import registry as activation_registry
 from deepnet.kernels import jit as compile_activation
@@ -56,7 +56,7 @@ def plugin():
     kernels = kernels_for(COPY)  # compiled now, or loaded from the cache
     assert kernels.module.__name__.startswith("deepnet_act_") and not activations.is_builtin(activations.get(COPY))
     for event in compile_activation.history()[before:]:
-        _FIGURES.append((f"{COPY} first use in this session", {
+        FIGURES.append((f"{COPY} first use in this session", {
             "median_s": event["seconds"], "summary": f"{event['event']} ({event['path']})"}))
     yield kernels
     activations.unregister(COPY)
@@ -119,7 +119,7 @@ def test_plugin_vs_builtin(benchmark, plugin, width, batch, layers):
                                 builtin_build=workloads["softsign"].describe()["build"],
                                 plugin_module=plugin.module.__name__)
     if not benchmark.disabled:
-        _FIGURES.append((f"plugin/built-in step w{width} B{batch} L{layers // 1000}k", {
+        FIGURES.append((f"plugin/built-in step w{width} B{batch} L{layers // 1000}k", {
             "median_s": copy, "layer_samples_per_s": layers * batch / copy,
             "summary": f"plugin {copy * 1e3:.1f} ms vs built-in {builtin * 1e3:.1f} ms: "
                        f"ratio {ratio:.3f} (bar <= 1.10) over {pairs} interleaved pairs"}))
@@ -147,6 +147,6 @@ def test_first_use_and_cached_load(benchmark, tmp_path):
     assert all(r["events"] == ["loaded"] for r in loads)
     cached = statistics.median(r["seconds"] for r in loads)
     benchmark.extra_info.update(first_use_compile_s=first["seconds"], cached_load_s=cached)
-    _FIGURES.append(("plugin first use (compile) / cached load", {
+    FIGURES.append(("plugin first use (compile) / cached load", {
         "median_s": first["seconds"],
         "summary": f"first use {first['seconds']:.1f} s (compile), cached {cached * 1e3:.0f} ms (median of 5 processes)"}))

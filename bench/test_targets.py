@@ -34,7 +34,7 @@ import pytest
 from benchlib import ROUNDS, median_seconds, record, run_pedantic
 from deepnet.tools.bench import warm_up
 from deepnet.nn.network import DeepNet
-from deepnet.training.recipe import init
+from deepnet.api import init
 
 FULL_LAYERS = 10_000_000
 STEP_LAYERS = 1_000_000     # timed depth of the step targets (1/10 of the full size)

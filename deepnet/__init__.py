@@ -1,16 +1,21 @@
 """deepnet: exact SGD through absurdly deep, narrow residual networks on a CPU.
 
-The Python API (the `deepnet` command is a thin layer over it):
+The Python API (deepnet.api; the `deepnet` command is built from it). Each function returns its result
+and prints nothing; ``progress=True`` shows progress bars, ``on_report=`` receives training report rows:
 
 - ``deepnet.init(path, layers=..., width=..., activation=..., input_dim=784, seed=...)`` creates a model file;
 - ``deepnet.DeepNet.open(path, writable=True, in_memory=False)`` opens one, with
   ``net.train_step(x, y, layer_lr=..., head_lr=...)``, ``net.evaluate(x, y)``, ``net.logits(x)``, ``net.save()``;
 - ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, samples=...)`` run the MNIST recipe
   (options: schedules, held-out evaluation, weight average, MLP branch: see deepnet.training.options);
-- ``deepnet.training.speedrun.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its
-  recipe: ``deepnet.SPEEDRUN``);
+- ``deepnet.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its recipe:
+  ``deepnet.SPEEDRUN``); ``deepnet.train_mlp``/``evaluate_mlp`` the MLP baseline;
+- ``deepnet.info``, ``check``, ``bench``, ``plot``, ``import_raw``, ``export_raw``, ``fetch_data``,
+  ``list_activations``, ``check_activation``, ``compile_activations``: the other commands;
 - ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -19,22 +24,22 @@ _API = {
     "StepResult": "deepnet.nn.network",
     "EvalResult": "deepnet.nn.network",
     "ModelFile": "deepnet.formats.hdf5",
-    "init": "deepnet.training.recipe",
-    "train": "deepnet.training.recipe",
-    "evaluate": "deepnet.training.recipe",
-    "RECIPE": "deepnet.training.recipe",
+    "RECIPE": "deepnet.training.options",
+    "TrainOptions": "deepnet.training.options",
     "SPEEDRUN": "deepnet.training.speedrun",
     "Schedule": "deepnet.training.schedule",
+    **{name: "deepnet.api" for name in (
+        "init", "train", "evaluate", "speedrun", "info", "check", "bench", "train_mlp", "evaluate_mlp",
+        "import_raw", "export_raw", "plot", "fetch_data", "list_activations", "check_activation",
+        "compile_activations")},
 }
 
 __all__ = sorted(_API) + ["__version__"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # Imported on first use so `import deepnet` stays cheap (the CLI's --help, the build's setup.py).
     if name in _API:
-        import importlib
-
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value

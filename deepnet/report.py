@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 
 def format_seconds(seconds: float) -> str:
@@ -56,3 +56,58 @@ def print_fields(fields: dict, out: TextIO | None = None) -> None:
     width = max((len(k) for k in fields), default=0)
     for key, value in fields.items():
         print(f"{key:<{width}}  {value}", file=out or sys.stdout)
+
+
+def jsonable(fields: dict) -> dict:
+    """``fields`` with numpy values made plain Python (lists, ints, floats) for JSON."""
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in fields.items()}
+
+
+def _eta(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 10 else format_seconds(seconds)
+
+
+def _optional(text: str) -> Callable[[Any], str]:
+    return lambda value: "" if value is None else text.format(value)
+
+
+#: The columns of a training report table, in order: row key, header, width, cell format.
+REPORT_COLUMNS: list[tuple[str, str, int, Callable[[Any], str]]] = [
+    ("step", "step", 9, str),
+    ("loss", "loss", 8, "{:.4f}".format),
+    ("batch_acc", "batch_acc", 9, "{:.3f}".format),
+    ("heldout_acc", "heldout_acc", 11, _optional("{:.4f}")),
+    ("lr", "lr", 9, "{:.4g}".format),
+    ("seconds_per_step", "s/step", 8, "{:.4f}".format),
+    ("layer_samples_per_s", "layer-samples/s", 15, format_rate),
+    ("eta_seconds", "ETA", 8, _eta),
+]
+
+
+class ReportTable:
+    """Training report rows (dicts) as a Table with the columns of the first row's keys."""
+
+    def __init__(self, first: dict, write: Callable[[str], None]) -> None:
+        self.columns = [(key, fmt) for key, _, _, fmt in REPORT_COLUMNS if key in first]
+        self.table = Table([(header, width) for key, header, width, _ in REPORT_COLUMNS if key in first],
+                           write=write)
+
+    def row(self, row: dict) -> None:
+        self.table.row(*(fmt(row[key]) for key, fmt in self.columns))
+
+
+def run_fields(final: dict) -> dict:
+    """The extra lines of the text summary of a dense run: held-out figure, weight average."""
+    fields = {}
+    if "heldout_acc" in final:
+        fields["held-out"] = (f"accuracy {final['heldout_acc']:.4f} at step {final['heldout_step']} on the last "
+                              f"{final['heldout_samples']} training images")
+    if "ema_test_acc" in final or "ema_heldout_acc" in final:
+        parts = []
+        if "ema_test_acc" in final:
+            parts.append(f"test loss {final['ema_test_loss']:.4f}, accuracy {final['ema_test_acc']:.4f}")
+        if "ema_heldout_acc" in final:
+            parts.append(f"held-out accuracy {final['ema_heldout_acc']:.4f}")
+        every = f", every {final['ema_every']} steps" if final.get("ema_every") else ""
+        fields[f"EMA ({final['ema_decay']:g}{every})"] = "; ".join(parts)
+    return fields

@@ -143,7 +143,7 @@ def test_files_without_a_branch_stay_branchless(tmp_path, mnist_dir, capsys):
     branch="" opens branch-less."""
     for in_memory in (True, False):
         path = tmp_path / f"plain-{in_memory}.h5"
-        deepnet.train(path, steps=3, layers=10, width=4, eval_samples=0, in_memory=in_memory, json=True, progress=False)
+        deepnet.train(path, steps=3, layers=10, width=4, eval_samples=0, in_memory=in_memory, progress=False)
         with DeepNet.open(path) as net:
             assert net.branch is None and net.extra_writers == []
             assert "branch" not in net.file.h5 and "branch" not in net.file.h5.attrs

@@ -320,3 +320,74 @@ def test_debug_shows_the_traceback(workdir):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "ConfigError" in proc.stderr and "--layers must be > 0" in proc.stderr
     assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line is derived from the API
+
+
+def test_every_command_takes_its_api_functions_flags():
+    """A command's flags are its API function's parameters (bar progress/on_report, which it sets), plus
+    --json, the command line's own."""
+    import inspect
+
+    from deepnet import api
+    from deepnet.cli import NOT_FLAGS, DeepnetCLI
+
+    pairs = {"init": api.init, "train": api.train, "train_dense": api.train, "eval": api.evaluate,
+             "eval_dense": api.evaluate, "speedrun": api.speedrun, "info": api.info, "check": api.check,
+             "bench": api.bench, "train_mlp": api.train_mlp, "eval_mlp": api.evaluate_mlp,
+             "import_raw": api.import_raw, "export_raw": api.export_raw, "plot": api.plot, "data": api.fetch_data}
+    for name, fn in pairs.items():
+        command = getattr(DeepnetCLI, name)
+        want = [p for p in inspect.signature(fn).parameters if p not in NOT_FLAGS] + ["json"]
+        assert list(inspect.signature(command).parameters) == want, name
+        assert command.__doc__.startswith(fn.__doc__.rstrip()) and "json:" in command.__doc__, name
+        assert "json" not in inspect.signature(fn).parameters, name
+    assert list(inspect.signature(DeepnetCLI.activations.check).parameters) == ["name", "json"]
+
+
+def test_a_training_flag_lives_in_the_api_function_and_the_option_object_only():
+    import dataclasses
+    import inspect
+
+    from deepnet import api
+    from deepnet.training.options import TrainOptions
+
+    params = set(inspect.signature(api.train).parameters) - {"json", "progress", "on_report"}
+    assert params == {f.name for f in dataclasses.fields(TrainOptions)}
+
+
+def test_api_returns_results_and_prints_nothing(tmp_path, mnist_dir, capsys):
+    rows = []
+    final = deepnet.train(tmp_path / "m.h5", steps=4, layers=20, width=4, report_every=2, eval_samples=50,
+                          on_report=rows.append)
+    figures = deepnet.evaluate(tmp_path / "m.h5", samples=50)
+    info = deepnet.info(tmp_path / "m.h5")
+    report = deepnet.check(tmp_path / "m.h5")
+    acts = deepnet.list_activations()
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert [r["step"] for r in rows] == [2, 4] and set(rows[0]) == REPORT_FIELDS
+    assert final["event"] == "final" and final["step"] == 4 and figures["step"] == 4 and info["step"] == 4
+    assert report.healthy and "softsign" in [a["name"] for a in acts["activations"]]
+
+
+def test_activations_is_a_command_group(tmp_path, capsys):
+    from deepnet.cli import main
+
+    assert main(["activations", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["activations"]) == 0
+    assert capsys.readouterr().out == listed and "softsign" in listed
+    assert main(["activations", "compile", "tanh", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["name"] == "tanh"
+    assert main(["activations", "check", "softsign", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    for args, message in ((["activations", "frob"], "unknown action 'frob'"),
+                          (["activations", "check"], "needs the activation's name"),
+                          (["activations", "check", "tanh", "--bogus"], "has no flag --bogus")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("deepnet: error:") and message in err[0], err

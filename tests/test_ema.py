@@ -15,7 +15,7 @@ from deepnet import DeepNet, ModelFile
 from deepnet.training import ema
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.layout import CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE
-from deepnet.training.recipe import load_test_set
+from deepnet.data.loaders import load_test_set
 from helpers import MNIST_DIR, have_mnist, make_model
 from reference import Model64, assert_close, softmax_xent
 
@@ -159,7 +159,7 @@ def test_every_k_writes_the_average_back(tmp_path):
 def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir, capsys):
     path = tmp_path / "m.h5"
     final = deepnet.train(path, steps=30, layers=40, width=4, branch="mlp", hidden=16, ema=0.9, in_memory=True,
-                          eval_samples=300, json=True, progress=False)
+                          eval_samples=300, progress=False)
     capsys.readouterr()
     assert {"test_acc", "ema_test_acc", "ema_test_loss"} <= set(final) and final["ema_decay"] == 0.9
     assert final["ema_test_loss"] != final["test_loss"]
@@ -175,8 +175,8 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert not np.array_equal(core, live_core)
 
     # eval --use-ema: differs from plain eval and matches a manual float64 computation on the average
-    plain = deepnet.evaluate(path, samples=500, json=True, progress=False)
-    averaged = deepnet.evaluate(path, samples=500, json=True, progress=False, use_ema=True)
+    plain = deepnet.evaluate(path, samples=500, progress=False)
+    averaged = deepnet.evaluate(path, samples=500, progress=False, use_ema=True)
     capsys.readouterr()
     assert averaged["ema"] is True and averaged["ema_step"] == 30
     assert averaged["loss"] != plain["loss"]
@@ -186,13 +186,13 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert averaged["loss"] == pytest.approx(loss, rel=1e-5)
     assert averaged["accuracy"] == pytest.approx(np.mean(np.argmax(ref, axis=1) == y), abs=2 / 500)
     # ... and the final report's EMA figure is that same evaluation
-    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, samples=300, json=True, progress=False,
+    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, samples=300, progress=False,
                                                                     use_ema=True)["loss"], rel=1e-6)
     capsys.readouterr()
 
 
 def test_resumed_average_continues_exactly(tmp_path, mnist_dir, capsys):
-    kw = dict(layers=12, width=4, eval_samples=0, json=True, progress=False, in_memory=True, ema=0.7)
+    kw = dict(layers=12, width=4, eval_samples=0, progress=False, in_memory=True, ema=0.7)
     deepnet.train(tmp_path / "one.h5", steps=10, **kw)
     deepnet.train(tmp_path / "two.h5", steps=5, **kw)
     deepnet.train(tmp_path / "two.h5", steps=5, **kw)

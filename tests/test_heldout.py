@@ -10,6 +10,7 @@ import pytest
 
 import deepnet
 from deepnet import ModelFile
+from deepnet.cli import main
 from deepnet.errors import ConfigError
 from deepnet.formats.layout import HELDOUT_DTYPE as DTYPE
 from deepnet.training.heldout import read_rows, train_limit
@@ -19,10 +20,12 @@ from deepnet.tools.plot import merge_heldout, read_train_log
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
 def test_heldout_rows_and_split(tmp_path, mnist_dir, capsys, in_memory):
     path = tmp_path / "m.h5"
-    final = deepnet.train(path, steps=12, layers=10, width=4, holdout=500, eval_every=5, report_every=4,
-                          eval_samples=0, in_memory=in_memory, json=True, progress=False)
+    mode = "--in-memory" if in_memory else "--noin-memory"
+    assert main(["train", "--model", str(path), "--steps", "12", "--layers", "10", "--width", "4", "--holdout", "500",
+                 "--eval-every", "5", "--report-every", "4", "--eval-samples", "0", mode, "--json"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     reports = [e for e in events if e["event"] == "report"]
+    final = events[-1]
     # rows every 4 steps and after each held-out evaluation (steps 5 and 10)
     assert [e["step"] for e in reports] == [4, 5, 8, 10, 12]
     assert [e.get("heldout_acc") is not None for e in reports] == [False, True, False, True, False]
@@ -39,16 +42,15 @@ def test_heldout_rows_and_split(tmp_path, mnist_dir, capsys, in_memory):
     assert settings["holdout"] == 500 and settings["eval_every"] == 5 and settings["train_limit"] == 59_500
 
     # a resumed run keeps the split and the cadence (stored), and appends to the same dataset
-    deepnet.train(path, steps=6, eval_samples=0, in_memory=in_memory, json=True, progress=False)
-    capsys.readouterr()
+    deepnet.train(path, steps=6, eval_samples=0, in_memory=in_memory)
     with ModelFile.open(path) as f:
         assert list(read_rows(f.h5)["step"]) == [5, 10, 15]
         assert f.train_settings["train_limit"] == 59_500
 
 
 def test_table_shows_heldout_and_eta(tmp_path, mnist_dir, capsys):
-    deepnet.train(tmp_path / "m.h5", steps=6, layers=5, holdout=100, eval_every=3, report_every=2,
-                  eval_samples=0, progress=False)
+    assert main(["train", "--model", str(tmp_path / "m.h5"), "--steps", "6", "--layers", "5", "--holdout", "100",
+                 "--eval-every", "3", "--report-every", "2", "--eval-samples", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     header = out[0].split()
     assert header == ["step", "loss", "batch_acc", "heldout_acc", "s/step", "layer-samples/s", "ETA"]
@@ -56,7 +58,8 @@ def test_table_shows_heldout_and_eta(tmp_path, mnist_dir, capsys):
     assert len(widths) == 1, out[:5]  # aligned
     assert "held-out" in "\n".join(out)
     # without held-out evaluation, no empty column
-    deepnet.train(tmp_path / "n.h5", steps=2, layers=5, report_every=1, eval_samples=0, progress=False)
+    assert main(["train", "--model", str(tmp_path / "n.h5"), "--steps", "2", "--layers", "5", "--report-every", "1",
+                 "--eval-samples", "0"]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["step", "loss", "batch_acc", "s/step",
                                                                "layer-samples/s", "ETA"]
 
@@ -78,7 +81,7 @@ def test_plot_and_info_use_heldout(tmp_path, mnist_dir, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "m.h5"
     deepnet.train(path, steps=6, layers=5, holdout=100, eval_every=2, eval_samples=0, in_memory=True,
-                  schedule="cosine", json=True, progress=False)
+                  schedule="cosine", progress=False)
     capsys.readouterr()
     rows, _ = read_train_log(path)
     assert {"heldout_acc", "heldout_loss"} <= set(rows.dtype.names)

@@ -16,7 +16,9 @@ from deepnet.cli import main
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import LOG_DTYPE
 from deepnet.nn.mlp import MLP, model_kind
-from deepnet.training.mlp import MLP_RECIPE, ORIGINAL_MLP_RECIPE, evaluate_mlp, parse_schedule, train_mlp
+from deepnet.api import evaluate_mlp, train_mlp
+from deepnet.training.mlp import MLP_RECIPE, ORIGINAL_MLP_RECIPE
+from deepnet.training.schedule import parse_run_schedule
 
 
 def _files(directory: Path) -> list[str]:
@@ -90,21 +92,21 @@ def test_init_is_he_and_xavier_uniform_and_seeded():
     ("step:1=0.05,3=0.01", [0.1, 0.05, 0.05, 0.01]),
 ])
 def test_schedules(spec, expect):
-    lr_at = parse_schedule(spec, 0.1)
-    assert [lr_at(t, 4) for t in range(4)] == pytest.approx(expect)
+    schedule = parse_run_schedule(spec, 4)
+    assert [schedule.lr(0.1, t) for t in range(4)] == pytest.approx(expect)
 
 
 @pytest.mark.parametrize("spec", ["cosin", "step:", "step:10", "step:a=0.1", "step:5=0.1,3=0.2", "step:0=0.1",
                                   "step:5=-1", 3])
 def test_bad_schedules(spec):
     with pytest.raises(ConfigError, match="--schedule"):
-        parse_schedule(spec, 0.1)
+        parse_run_schedule(spec, 4)
 
 
 def test_recipes_are_documented_values():
     assert (MLP_RECIPE.hidden, MLP_RECIPE.batch, MLP_RECIPE.lr, MLP_RECIPE.schedule) == (512, 128, 0.2, "cosine")
     assert (ORIGINAL_MLP_RECIPE.hidden, ORIGINAL_MLP_RECIPE.batch, ORIGINAL_MLP_RECIPE.steps) == (128, 128, 5000)
-    assert parse_schedule(ORIGINAL_MLP_RECIPE.schedule, ORIGINAL_MLP_RECIPE.lr)(4999, 5000) == 0.03
+    assert parse_run_schedule(ORIGINAL_MLP_RECIPE.schedule, 5000).lr(ORIGINAL_MLP_RECIPE.lr, 4999) == 0.03
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,20 +174,22 @@ def test_kinds_are_told_apart(tmp_path, capsys):
 
 def test_learns_on_a_small_budget_and_resumes_exactly(tmp_path, mnist_dir, capsys):
     common = dict(batch=64, lr=0.1, schedule="constant", train_limit=5000, report_every=50, progress=False)
-    final = train_mlp(tmp_path / "a.h5", hidden=32, steps=200, samples=2000, json=True, **common)
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["event"] for r in lines] == ["report"] * 4 + ["final"]
+    rows = []
+    final = train_mlp(tmp_path / "a.h5", hidden=32, steps=200, samples=2000, on_report=rows.append, **common)
+    assert capsys.readouterr().out == ""  # the API prints nothing
+    assert [r["event"] for r in rows] == ["report"] * 4 and final["event"] == "final"
+    assert [r["step"] for r in rows] == [50, 100, 150, 200] and all(r["lr"] == 0.1 for r in rows)
     assert final["test_acc"] > 0.8, final
-    assert lines[-1]["test_acc"] == final["test_acc"]
+    assert rows[-1]["loss"] == final["loss"]
     # 120 + 80 steps in two runs draw the same minibatches as 200 in one.
-    train_mlp(tmp_path / "b.h5", hidden=32, steps=120, samples=0, json=True, **common)
-    train_mlp(tmp_path / "b.h5", steps=80, samples=0, json=True, **common)
+    train_mlp(tmp_path / "b.h5", hidden=32, steps=120, samples=0, **common)
+    train_mlp(tmp_path / "b.h5", steps=80, samples=0, **common)
     a, b = MLP.load(tmp_path / "a.h5"), MLP.load(tmp_path / "b.h5")
     for k in ("w1", "b1", "w2", "b2"):
         assert np.array_equal(a.params()[k], b.params()[k]), k
     assert b.step == 200 and np.array_equal(a.read_log()["loss"], b.read_log()["loss"])
     assert _files(tmp_path) == ["a.h5", "b.h5"]
-    figures = evaluate_mlp(tmp_path / "a.h5", samples=2000, json=True)
+    figures = evaluate_mlp(tmp_path / "a.h5", samples=2000)
     assert figures["accuracy"] == pytest.approx(final["test_acc"])
 
 
@@ -232,7 +236,7 @@ def test_hidden_must_agree_with_an_existing_file(tmp_path, mnist_dir):
 
 @pytest.mark.slow
 def test_default_recipe_reaches_0975_on_the_full_test_set(tmp_path, mnist_dir):
-    final = train_mlp(tmp_path / "mlp.h5", samples=10_000, json=True, progress=False)
+    final = train_mlp(tmp_path / "mlp.h5", samples=10_000)
     assert final["test_samples"] == 10_000
     assert final["test_acc"] >= 0.975, final
 

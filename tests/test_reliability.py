@@ -340,8 +340,7 @@ def test_check_command(tmp_path, mini):
 # resume: bit for bit
 
 
-RUN = dict(layers=200, width=4, activation="softsign", seed=4, batch=5, train_limit=600, eval_samples=0,
-           json=True, progress=False)
+RUN = dict(layers=200, width=4, activation="softsign", seed=4, batch=5, train_limit=600, eval_samples=0, progress=False)
 
 
 @needs_mnist
@@ -727,9 +726,9 @@ def test_an_interrupt_swallowed_by_a_finaliser_is_raised_at_the_next_chunk():
     the core raises it between chunks, so no Ctrl-C is lost and no 'Exception ignored' is printed."""
     from types import SimpleNamespace
 
-    from deepnet.training.recipe import _StopSignal
+    from deepnet.training.signals import StopSignal
 
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         stop.check()  # nothing pending: returns
         sys.unraisablehook(SimpleNamespace(exc_value=KeyboardInterrupt(), exc_type=KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
@@ -738,10 +737,10 @@ def test_an_interrupt_swallowed_by_a_finaliser_is_raised_at_the_next_chunk():
 
 
 def test_signals_right_after_a_stop_are_ignored_then_passed_on():
-    from deepnet.training.recipe import _ignoring_for
+    from deepnet.training.signals import ignoring_for
 
     seen = []
-    _ignoring_for(60.0, lambda signum, frame: seen.append(signum))(signal.SIGINT, None)
+    ignoring_for(60.0, lambda signum, frame: seen.append(signum))(signal.SIGINT, None)
     assert seen == []
-    _ignoring_for(0.0, lambda signum, frame: seen.append(signum))(signal.SIGINT, None)
+    ignoring_for(0.0, lambda signum, frame: seen.append(signum))(signal.SIGINT, None)
     assert seen == [signal.SIGINT]

@@ -77,7 +77,7 @@ def test_resolve_rule():
 def test_train_uses_and_stores_the_schedule(tmp_path, mnist_dir, capsys):
     path = tmp_path / "m.h5"
     deepnet.train(path, steps=8, layers=10, width=4, layer_lr=0.1, head_lr=0.2, schedule="linear", warmup=2,
-                  final_lr_ratio=0.5, eval_samples=0, json=True, progress=False)
+                  final_lr_ratio=0.5, eval_samples=0, progress=False)
     capsys.readouterr()
     with ModelFile.open(path) as f:
         settings = f.train_settings
@@ -89,7 +89,7 @@ def test_train_uses_and_stores_the_schedule(tmp_path, mnist_dir, capsys):
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
 def test_resume_continues_the_schedule_bit_exactly(tmp_path, mnist_dir, capsys, in_memory):
     """N steps in one run == N/2 + N/2 (the second run given no schedule flags), with a cosine schedule."""
-    kw = dict(layers=16, width=4, eval_samples=0, json=True, progress=False, in_memory=in_memory)
+    kw = dict(layers=16, width=4, eval_samples=0, progress=False, in_memory=in_memory)
     one = tmp_path / "one.h5"
     deepnet.train(one, steps=20, schedule="cosine", warmup=3, final_lr_ratio=0.1, decay_steps=20,
                   layer_lr=0.3, head_lr=0.3, **kw)
@@ -107,3 +107,20 @@ def test_resume_continues_the_schedule_bit_exactly(tmp_path, mnist_dir, capsys, 
     deepnet.train(const, steps=20, layer_lr=0.3, head_lr=0.3, **kw)
     capsys.readouterr()
     assert not np.array_equal(read_weights(const)[1], c1)
+
+
+def test_the_mlp_schedules_are_schedules_and_store_nothing_new():
+    """The MLP baseline's --schedule values are Schedule values; a dense schedule's stored form is unchanged."""
+    from deepnet.training.schedule import parse_run_schedule
+
+    cosine = parse_run_schedule("cosine", 5000)
+    assert isinstance(cosine, Schedule) and cosine.lr(0.2, 0) == 0.2
+    # the MLP's rounding of the cosine angle, pi * t / steps, bit for bit
+    assert all(cosine.lr(0.2, t) == 0.2 * 0.5 * (1.0 + math.cos(math.pi * t / 5000)) for t in range(0, 5000, 7))
+    stepped = parse_run_schedule("step:2500=0.03", 5000)
+    assert (stepped.lr(0.05, 2499), stepped.lr(0.05, 2500)) == (0.05, 0.03)
+    assert Schedule.from_dict(stepped.to_dict()) == stepped
+    assert set(Schedule("cosine", decay_steps=10).to_dict()) == {"kind", "warmup_steps", "decay_steps",
+                                                                 "final_ratio", "start_step"}
+    with pytest.raises(ConfigError, match="--schedule"):
+        Schedule("step")  # a step schedule needs its points

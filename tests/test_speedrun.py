@@ -12,6 +12,7 @@ import pytest
 from deepnet import ModelFile
 from deepnet.errors import ConfigError
 from deepnet.training.heldout import read_rows
+from deepnet.cli import show_speedrun
 from deepnet.training.speedrun import SPEEDRUN, SpeedrunRecipe, speedrun
 from helpers import MNIST_DIR, have_mnist
 
@@ -48,6 +49,8 @@ def test_small_speedrun_reaches_its_target(tmp_path):
 def test_speedrun_text_and_kept_model(tmp_path, mnist_dir, capsys):
     report = speedrun(model=tmp_path / "kept.h5", layers=50, target_acc=0.4, holdout=1000, eval_every=20,
                       test_samples=500, progress=False)
+    assert capsys.readouterr().out == ""  # the API returns the report; the CLI prints it
+    show_speedrun(report, {"json": False})
     out = capsys.readouterr().out
     assert report["reached"] and "time to target" in out and "to held-out accuracy" in out and "machine" in out
     with ModelFile.open(tmp_path / "kept.h5") as f:

@@ -11,7 +11,8 @@ import statistics
 import numpy as np
 import pytest
 
-from deepnet.nn.engine import CoreEngine, InMemoryStore
+from deepnet.nn.engine import CoreEngine
+from deepnet.nn.stores import InMemoryStore
 from helpers import kernel_builds
 from deepnet.kernels.loader import LayerKernels, builtin_module
 
@@ -158,7 +159,7 @@ def test_forward_split_in_parts_matches_one_call(module, width, batch):
 
 
 def test_thread_choice_tries_both_then_keeps_the_faster():
-    from deepnet.nn.engine import ThreadChoice
+    from deepnet.nn.threads import ThreadChoice
 
     choice = ThreadChoice(2)
     seconds = {1: 0.5, 2: 0.3}
@@ -180,7 +181,7 @@ def test_thread_choice_tries_both_then_keeps_the_faster():
 
 
 def test_thread_choice_waits_are_capped():
-    from deepnet.nn.engine import ThreadChoice
+    from deepnet.nn.threads import ThreadChoice
 
     choice = ThreadChoice(2)
     picks = []
@@ -195,7 +196,7 @@ def test_thread_choice_waits_are_capped():
 
 def test_thread_choice_is_not_decided_by_one_slow_pass():
     """A pass slowed by another job (a spike) does not hand the choice to the slower option."""
-    from deepnet.nn.engine import ThreadChoice
+    from deepnet.nn.threads import ThreadChoice
 
     choice = ThreadChoice(2)
     times = iter([9.0, 5.0] + [0.3] * 100)   # warm-up, then two threads hit by a spike once
@@ -209,7 +210,7 @@ def test_thread_choice_is_not_decided_by_one_slow_pass():
 
 
 def test_thread_choice_is_settled_after_its_trials():
-    from deepnet.nn.engine import ThreadChoice
+    from deepnet.nn.threads import ThreadChoice
 
     choice = ThreadChoice(2)
     settled = []

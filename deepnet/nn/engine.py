@@ -28,11 +28,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.kernels.loader import LayerKernels
-# TODO(merge): InMemoryStore, MappedStore, contiguous_runs, file_store (now nn/stores.py) and ThreadChoice
-# (nn/threads.py) are imported from this module by tests/test_modes.py, tests/test_threads.py and
-# bench/benchlib.py, which are not this branch's files: drop them from this import once those import
-# from the new modules.
-from deepnet.nn.stores import InMemoryStore, MappedStore, WeightStore, contiguous_runs, file_store  # noqa: F401
+from deepnet.nn.stores import WeightStore
 from deepnet.nn.threads import FixedThreads, ThreadChoice, default_threads
 
 # Bytes of recomputed activations (inputs and derivatives of one segment) that should stay in L2.

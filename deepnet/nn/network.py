@@ -263,9 +263,6 @@ class DeepNet:
         return f"{self.file.path} holds step {state.step}" if state.healthy else \
             f"{self.file.path} now holds a {state.message}"
 
-    # TODO(merge): training/recipe.py calls net._file_holds() until it uses file_holds(); drop this then.
-    _file_holds = file_holds
-
     def _broken(self, step: int, exc: NonFiniteError) -> str:
         if self.in_memory:
             self._unusable = f"the weights in RAM were damaged by a non-finite gradient in step {step}"

@@ -43,8 +43,7 @@ def cpu_ticks(stat_path: str = "/proc/stat") -> tuple[int, int] | None:
 
     "Stolen" is the time a hypervisor ran something else while this machine's vCPUs wanted to run
     (Linux's steal column). On a shared virtual machine it is the part of the noise in a benchmark
-    that the machine itself can see (it misses shorter pauses: on the project's machine a clock-reading
-    loop lost ~5% of its time while steal counted ~2%).
+    that the machine itself can see; it misses shorter pauses (by how much: bench/README.md).
     """
     try:
         with open(stat_path) as stat:

@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
+from deepnet.formats.layout import TRAIN_HELDOUT, TRAIN_LOG
+from deepnet.formats.mlp_file import model_kind, not_a_model
+from deepnet.formats.values import decode
 
 #: Smallest and largest automatic moving-average window (steps); automatic = about 1/50 of the log.
 AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX = 1, 1000
@@ -26,25 +30,21 @@ AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX = 1, 1000
 
 def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """The /train/log table of any deepnet model file, and a few attributes to title the plot with."""
-    import h5py
-
-    from deepnet.nn.mlp import _decode, _not_a_model, model_kind
-
     path = os.fspath(path)
     kind = model_kind(path)
     if kind is None:
-        _not_a_model(path)
+        not_a_model(path)
     try:
         with h5py.File(path, "r") as f:
-            log = f.get("train/log")
+            log = f.get(TRAIN_LOG)
             if not isinstance(log, h5py.Dataset) or log.ndim != 1 or log.dtype.names is None \
                     or "step" not in log.dtype.names:
                 raise ModelFileError(f"{path} has no training log table (/train/log with a step column)")
             rows = log[()]
-            held = f.get("train/heldout")
+            held = f.get(TRAIN_HELDOUT)
             if isinstance(held, h5py.Dataset) and held.dtype.names and "step" in held.dtype.names:
                 rows = merge_heldout(rows, held[()])
-            attrs = {k: (_decode(v) if isinstance(v, (bytes, str, np.bytes_)) else v) for k, v in f.attrs.items()
+            attrs = {k: (decode(v) if isinstance(v, (bytes, str, np.bytes_)) else v) for k, v in f.attrs.items()
                      if k in ("kind", "layers", "width", "activation", "hidden", "step")}
     except OSError as exc:
         raise ModelFileError(f"could not read {path}: {' '.join(str(exc).split())}") from exc

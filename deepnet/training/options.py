@@ -1,4 +1,8 @@
-"""The optional parts of a dense training run, set up from ``deepnet.train``'s flags and called from its loop.
+"""The options of a dense training run: the recipe's defaults, the flags as one value, and the optional
+parts of the run set up from them and called from the training loop.
+
+``TrainOptions`` holds every flag of ``deepnet.train`` (the API function builds it; adding a training flag
+touches that function and this class). ``RunOptions`` sets up and runs the optional parts:
 
 - learning-rate schedules (deepnet.training.schedule): the layer and head rates of each step;
 - held-out evaluation (deepnet.training.heldout): ``--holdout N --eval-every K``;
@@ -12,44 +16,147 @@ exactly as an uninterrupted one; each flag given explicitly replaces its stored 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from deepnet import activations
+from deepnet.data.loaders import mnist_inputs
+from deepnet.errors import ConfigError
+from deepnet.flags import int_at_least, non_negative_number, positive
 from deepnet.nn import branch as _branch
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet, EvalResult
 from deepnet.training import ema as _ema
 from deepnet.training import heldout as _heldout
 from deepnet.training import schedule as _schedule
-from deepnet.errors import ConfigError
-from deepnet.flags import int_at_least
+from deepnet.training.loop import Hook, StepEvent
 
 
-class RunOptions:
+@dataclass(frozen=True)
+class Recipe:
+    """The defaults of a training run (the original experiment's, tuned where noted in the README)."""
+
+    layers: int = 1_000_000
+    width: int = 4
+    activation: str = "softsign"
+    batch: int = 16
+    steps: int = 1000
+    layer_lr: float = 0.05
+    head_lr: float = 0.05
+    chunk_layers: int = DEFAULT_CHUNK_LAYERS
+    seed: int = 0
+    train_limit: int = 60_000
+    report_every: int = 100
+    eval_samples: int = 1000
+    #: In memory, the model file is replaced (atomically) this often unless --checkpoint-every is given.
+    checkpoint_seconds: float = 600.0
+
+
+RECIPE = Recipe()
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every flag of a dense training run (see ``deepnet.api.train`` for what each means).
+
+    None means "not given": the model's stored value when it has one, else the RECIPE's.
+    """
+
+    model: str | Path = "model.h5"
+    steps: int = RECIPE.steps
+    layers: int | None = None
+    width: int | None = None
+    activation: str | None = None
+    alpha: float | None = None
+    seed: int = RECIPE.seed
+    batch: int | None = None
+    layer_lr: float | None = None
+    head_lr: float | None = None
+    chunk_layers: int = RECIPE.chunk_layers
+    train_limit: int | None = None
+    report_every: int = RECIPE.report_every
+    eval_samples: int = RECIPE.eval_samples
+    in_memory: bool = False
+    checkpoint_every: int | None = None
+    resume_torn: bool = False
+    holdout: int | None = None
+    eval_every: int | None = None
+    schedule: str | None = None
+    warmup: int | None = None
+    final_lr_ratio: float | None = None
+    decay_steps: int | None = None
+    ema: float | None = None
+    ema_every: int | None = None
+    branch: str | None = None
+    hidden: int | None = None
+    data_dir: str | Path | None = None
+
+    def check(self) -> None:
+        """Refuse a bad value with one line naming its flag, before any data is read or file created."""
+        for name, value in (("steps", self.steps), ("chunk-layers", self.chunk_layers),
+                            ("report-every", self.report_every)):
+            positive(name, value)
+        for name, value in (("batch", self.batch), ("train-limit", self.train_limit),
+                            ("checkpoint-every", self.checkpoint_every), ("layers", self.layers),
+                            ("width", self.width)):
+            if value is not None:
+                positive(name, value)
+        for name, value in (("layer-lr", self.layer_lr), ("head-lr", self.head_lr)):
+            if value is not None:
+                non_negative_number(name, value)
+        int_at_least("eval-samples", self.eval_samples, 0)
+        if self.alpha is not None:
+            positive("alpha", self.alpha, float)
+        if self.activation is not None:
+            activations.get(self.activation)
+
+    @property
+    def new_layers(self) -> int:
+        """The layers of a model created by this run."""
+        return RECIPE.layers if self.layers is None else self.layers
+
+    @property
+    def new_width(self) -> int:
+        """The width of a model created by this run."""
+        return RECIPE.width if self.width is None else self.width
+
+    @property
+    def new_activation(self) -> str:
+        """The activation of a model created by this run."""
+        return RECIPE.activation if self.activation is None else self.activation
+
+    def expect(self) -> dict:
+        """The shape given, which an existing model must agree with."""
+        return {k: v for k, v in (("layers", self.layers), ("width", self.width), ("activation", self.activation))
+                if v is not None}
+
+
+class RunOptions(Hook):
     """What a training run does besides plain SGD steps (all of it optional)."""
 
-    def __init__(self, *, holdout: int | None = None, eval_every: int | None = None, schedule: str | None = None,
-                 warmup: int | None = None, final_lr_ratio: float | None = None, decay_steps: int | None = None,
-                 ema: float | None = None, ema_every: int | None = None, branch: str | None = None,
-                 hidden: int | None = None, in_memory: bool = False) -> None:
+    def __init__(self, options: TrainOptions) -> None:
         # Cheap checks first: a bad flag is refused before any data is read or file created.
-        _ema.check_options(ema, ema_every, in_memory)
-        self.branch, self.hidden = _branch.check_options(branch, hidden)
-        if holdout is not None:
-            int_at_least("holdout", holdout, 0)
-        if eval_every is not None:
-            int_at_least("eval-every", eval_every, 1)
-        self.flags = {"kind": schedule, "warmup": warmup, "final_ratio": final_lr_ratio, "decay_steps": decay_steps}
-        if schedule is not None or warmup is not None or final_lr_ratio is not None:
-            _schedule.Schedule(kind=schedule or "constant", warmup_steps=warmup or 0,
-                               final_ratio=0.0 if final_lr_ratio is None else final_lr_ratio)
-        self.holdout_flag = holdout
-        self.eval_every_flag = eval_every
-        self.ema_decay = ema
-        self.ema_every = ema_every
+        _ema.check_options(options.ema, options.ema_every, options.in_memory)
+        self.branch, self.hidden = _branch.check_options(options.branch, options.hidden)
+        if options.holdout is not None:
+            int_at_least("holdout", options.holdout, 0)
+        if options.eval_every is not None:
+            int_at_least("eval-every", options.eval_every, 1)
+        self.flags = {"kind": options.schedule, "warmup": options.warmup, "final_ratio": options.final_lr_ratio,
+                      "decay_steps": options.decay_steps}
+        if options.schedule is not None or options.warmup is not None or options.final_lr_ratio is not None:
+            _schedule.Schedule(kind=options.schedule or "constant", warmup_steps=options.warmup or 0,
+                               final_ratio=0.0 if options.final_lr_ratio is None else options.final_lr_ratio)
+        self.holdout_flag = options.holdout
+        self.eval_every_flag = options.eval_every
+        self.ema_decay = options.ema
+        self.ema_every = options.ema_every
         self.schedules: dict[str, _schedule.Schedule] = {}
         self.base = {"layer_lr": 0.0, "head_lr": 0.0}
         self.heldout: _heldout.HeldOut | None = None
         self.average: _ema.WeightAverage | None = None
+        self.net: DeepNet | None = None
 
     def check_new_model(self, layers: int, width: int) -> None:
         """Before a new model is created: refuse EMA if the core and its copy would not fit."""
@@ -60,10 +167,11 @@ class RunOptions:
         """init()'s branch arguments for a new model."""
         return {"branch": self.branch, "hidden": self.hidden}
 
-    def prepare(self, net: Any, settings: dict, *, train_limit: int | None, default_train_limit: int,
+    def prepare(self, net: DeepNet, settings: dict, *, train_limit: int | None, default_train_limit: int,
                 images: np.ndarray, labels: np.ndarray, first_step: int, steps: int) -> None:
         """Set the run up on the open ``net``: completes ``settings`` (train_limit with the held-out images
         set aside, the schedules, the held-out split) in place."""
+        self.net = net
         stored = net.train_settings or {}
         n_train = int(images.shape[0])
         if self.branch is not None:
@@ -84,8 +192,6 @@ class RunOptions:
                                                        default_train_limit, n_train, holdout)
         if holdout:  # stored only when in use: a plain run's settings are what they always were
             settings["holdout"], settings["eval_every"] = holdout, eval_every
-            from deepnet.training.recipe import mnist_inputs
-
             self.heldout = _heldout.HeldOut(mnist_inputs(images[n_train - holdout:]), labels[n_train - holdout:],
                                             eval_every)
             self.heldout.attach(net)
@@ -103,18 +209,17 @@ class RunOptions:
 
     def lrs(self, step: int) -> dict:
         """The learning rates of the step taken from committed ``step``."""
-        return {"layer_lr": self.base["layer_lr"] * self.schedules["layer_schedule"].factor(step),
-                "head_lr": self.base["head_lr"] * self.schedules["head_schedule"].factor(step)}
+        return {"layer_lr": self.schedules["layer_schedule"].lr(self.base["layer_lr"], step),
+                "head_lr": self.schedules["head_schedule"].lr(self.base["head_lr"], step)}
 
-    def after_step(self, net: Any) -> float | None:
-        """After each step: update the average; measure the held-out accuracy when due (returned, else None)."""
+    def after_step(self, event: StepEvent) -> None:
+        """After each step: update the average; measure the held-out accuracy when due."""
         if self.average is not None:
-            self.average.after_step(net)
-        if self.heldout is not None and self.heldout.due(net.step):
-            return self.heldout.measure(net)
-        return None
+            self.average.after_step(self.net)
+        if self.heldout is not None and self.heldout.due(self.net.step):
+            event.heldout = self.heldout.measure(self.net)
 
-    def finish(self, net: Any, test: tuple | None, final: dict) -> None:
+    def finish(self, net: DeepNet, test: tuple[np.ndarray, np.ndarray] | None, final: dict) -> None:
         """Add the run's extra figures to ``final`` (after its test evaluation of the live weights)."""
         if self.heldout is not None and self.heldout.last is not None:
             step, _, acc = self.heldout.last
@@ -123,49 +228,13 @@ class RunOptions:
             final.update(ema_decay=self.average.decay, ema_every=self.average.every)
             with self.average.swapped_in(net):
                 if test is not None:
-                    result = net.evaluate(*test)
+                    result: EvalResult = net.evaluate(*test)
                     final.update(ema_test_loss=result.loss, ema_test_acc=result.accuracy)
                 if self.heldout is not None:
                     result = net.evaluate(self.heldout.x, self.heldout.y)
                     final.update(ema_heldout_acc=result.accuracy)
 
     def close(self) -> None:
+        """Release what the run holds (the weight average's copy of the core)."""
         if self.average is not None:
             self.average.close()
-
-
-def final_fields(final: dict) -> dict:
-    """The extra lines of the text summary of a run."""
-    fields = {}
-    if "heldout_acc" in final:
-        fields["held-out"] = (f"accuracy {final['heldout_acc']:.4f} at step {final['heldout_step']} on the last "
-                              f"{final['heldout_samples']} training images")
-    if "ema_test_acc" in final or "ema_heldout_acc" in final:
-        parts = []
-        if "ema_test_acc" in final:
-            parts.append(f"test loss {final['ema_test_loss']:.4f}, accuracy {final['ema_test_acc']:.4f}")
-        if "ema_heldout_acc" in final:
-            parts.append(f"held-out accuracy {final['ema_heldout_acc']:.4f}")
-        every = f", every {final['ema_every']} steps" if final.get("ema_every") else ""
-        fields[f"EMA ({final['ema_decay']:g}{every})"] = "; ".join(parts)
-    return fields
-
-
-def summary(model_file: Any) -> dict:
-    """What `deepnet info` adds for a dense model: training settings with the schedules, branch, average,
-    last held-out figure."""
-    out: dict = {}
-    settings = model_file.train_settings
-    if settings:
-        plain = {k: v for k, v in settings.items() if k not in _schedule.SETTINGS_KEYS}
-        out["train_settings"] = plain
-        for key in _schedule.SETTINGS_KEYS:
-            if settings.get(key):
-                try:
-                    out[key] = _schedule.Schedule.from_dict(settings[key]).describe()
-                except ConfigError as exc:
-                    out[key] = f"unusable ({exc})"
-    out.update(_branch.summary(model_file))
-    out.update(_ema.summary(model_file))
-    out.update(_heldout.summary(model_file))
-    return out

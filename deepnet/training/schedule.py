@@ -1,5 +1,8 @@
-"""Learning-rate schedules of the dense model: a factor by which the core's and the heads' base learning
-rates are multiplied at each global step.
+"""Learning-rate schedules: the learning rate of each step, for the dense model and the MLP baseline.
+
+Dense training multiplies the core's and the heads' base learning rates by a schedule's factor at each
+global step; the MLP baseline's ``--schedule`` (:func:`parse_run_schedule`) is a Schedule over the steps
+of one run, with a ``step`` kind that sets learning rates outright.
 
 A ``Schedule`` is a small frozen value: ``kind`` (constant, cosine or linear), ``warmup_steps``,
 ``decay_steps``, ``final_ratio`` and ``start_step``. Steps are *global*: the step numbers of the model
@@ -13,7 +16,8 @@ the first step of a new model has t = 0)::
     cosine (after warmup):  r + (1 - r) * (1 + cos(pi * p)) / 2      p = clip((t - s - w) / (e - s - w), 0, 1)
     linear (after warmup):  1 - (1 - r) * p                          r = final_ratio
 
-so a decay reaches ``final_ratio`` at step ``e`` and stays there. ``decay_steps`` None means "the end of
+so a decay reaches ``final_ratio`` at step ``e`` and stays there. ``step``: the base rate until
+``start_step + T1``, then LR1 until ``start_step + T2``, and so on (``points``, learning rates not factors). ``decay_steps`` None means "the end of
 the run that sets the schedule": :func:`resolve` fills it in when training starts, and the resolved value
 is what the model file stores.
 
@@ -38,6 +42,8 @@ from typing import Any, Mapping
 from deepnet.errors import ConfigError
 
 KINDS = ("constant", "cosine", "linear")
+#: The MLP baseline's --schedule values (each a Schedule over the run; see parse_run_schedule).
+RUN_SCHEDULES = "cosine, linear, constant or step:T=LR[,T=LR...]"
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
@@ -60,11 +66,19 @@ class Schedule:
     final_ratio: float = 0.0
     #: The global step where the schedule (its warmup) begins.
     start_step: int = 0
+    #: kind "step": (steps after start_step, learning rate) pairs, the steps increasing.
+    points: tuple[tuple[int, float], ...] = ()
+    #: cosine: the angle as pi * t / span rather than pi * (t / span). The two roundings differ in the
+    #: last bit; the MLP baseline has always used this one, dense training the other.
+    angle_first: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kind, str) or self.kind.strip().lower() not in KINDS:
+        kind = self.kind.strip().lower() if isinstance(self.kind, str) else None
+        if kind not in KINDS and not (kind == "step" and self.points):
             raise ConfigError(f"--schedule must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        object.__setattr__(self, "kind", self.kind.strip().lower())
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "points", tuple((int(at), float(lr)) for at, lr in self.points))
+        object.__setattr__(self, "angle_first", bool(self.angle_first))
         object.__setattr__(self, "warmup_steps", _int("warmup", self.warmup_steps, 0))
         object.__setattr__(self, "start_step", _int("start-step", self.start_step, 0))
         if self.decay_steps is not None:
@@ -79,9 +93,21 @@ class Schedule:
     def decays(self) -> bool:
         return self.kind != "constant"
 
+    def lr(self, base: float, step: int, end: int | None = None) -> float:
+        """The learning rate of the step taken from committed ``step``, for base rate ``base``."""
+        if self.kind == "step":
+            current = base
+            for at, value in self.points:
+                if step - self.start_step >= at:
+                    current = value
+            return current
+        return base * self.factor(step, end)
+
     def factor(self, step: int, end: int | None = None) -> float:
         """The factor for the step taken from committed step ``step``; ``end`` stands in for an unresolved
         ``decay_steps``."""
+        if self.kind == "step":
+            raise ConfigError("a step schedule sets learning rates, not factors: use Schedule.lr")
         t = int(step) - self.start_step
         if t < 0:
             t = 0
@@ -97,7 +123,8 @@ class Schedule:
         p = 1.0 if span <= 0 else min(1.0, max(0.0, (t - w) / span))
         r = self.final_ratio
         if self.kind == "cosine":
-            return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+            angle = math.pi * (t - w) / span if self.angle_first and 0 < p < 1 else math.pi * p
+            return r + (1.0 - r) * 0.5 * (1.0 + math.cos(angle))
         return 1.0 - (1.0 - r) * p
 
     def resolved(self, end: int) -> "Schedule":
@@ -109,7 +136,9 @@ class Schedule:
     def describe(self) -> str:
         """One line for people: 'cosine from step 0 to 0.1x at step 2000, warmup 100'."""
         parts = [self.kind]
-        if self.decays:
+        if self.kind == "step":
+            parts.append(", ".join(f"{lr:g} from step {self.start_step + at}" for at, lr in self.points))
+        elif self.decays:
             end = "the end of the run" if self.decay_steps is None else f"step {self.decay_steps}"
             parts.append(f"from step {self.start_step} to {self.final_ratio:g}x at {end}")
         elif self.start_step:
@@ -121,13 +150,20 @@ class Schedule:
     # -- storage -----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a JSON-ready dict; the MLP-only fields only when set, so a dense model's stored
+        schedules read as they always have."""
+        out = asdict(self)
+        if not self.points:
+            del out["points"]
+        if not self.angle_first:
+            del out["angle_first"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Schedule":
         if not isinstance(data, Mapping):
             raise ConfigError(f"a stored schedule must be a JSON object, got {type(data).__name__}")
-        known = {"kind", "warmup_steps", "decay_steps", "final_ratio", "start_step"}
+        known = {"kind", "warmup_steps", "decay_steps", "final_ratio", "start_step", "points", "angle_first"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"a stored schedule has unknown fields {', '.join(unknown)}")
@@ -189,3 +225,33 @@ def resolve(stored: Mapping[str, Any] | None, *, step: int, run_end: int, defaul
 def settings(schedules: Mapping[str, Schedule]) -> dict:
     """The schedules as training-settings entries (plain dicts, JSON-ready)."""
     return {key: schedules[key].to_dict() for key in SETTINGS_KEYS}
+
+
+def parse_run_schedule(spec: str, steps: int) -> Schedule:
+    """The MLP baseline's ``--schedule`` over a run of ``steps`` steps (t = 0 .. steps-1 from its start):
+
+    - ``cosine``: lr * (1 + cos(pi * t / steps)) / 2, from lr down towards 0;
+    - ``linear``: lr * (1 - t / steps);
+    - ``constant``: lr throughout;
+    - ``step:T1=LR1[,T2=LR2...]``: lr until run step T1, then LR1 until T2, and so on.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"--schedule must be {RUN_SCHEDULES}, got {spec!r}")
+    name = spec.strip().lower()
+    if name in KINDS:
+        return Schedule(name, decay_steps=steps, angle_first=True)
+    if not name.startswith("step:"):
+        raise ConfigError(f"--schedule must be {RUN_SCHEDULES}, got {spec!r}")
+    points: list[tuple[int, float]] = []
+    for part in name[5:].split(","):
+        try:
+            at, value = part.split("=")
+            at_i, value_f = int(at), float(value)
+        except ValueError:
+            raise ConfigError(f"--schedule {spec!r}: {part!r} is not T=LR (e.g. step:2500=0.03)") from None
+        if at_i < 1 or not math.isfinite(value_f) or value_f < 0:
+            raise ConfigError(f"--schedule {spec!r}: {part!r} needs a step >= 1 and a finite lr >= 0")
+        if points and at_i <= points[-1][0]:
+            raise ConfigError(f"--schedule {spec!r}: the steps must increase")
+        points.append((at_i, value_f))
+    return Schedule("step", points=tuple(points))

@@ -31,11 +31,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from deepnet.data.loaders import load_split, load_test_set, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import int_at_least, non_negative_number
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet, StepResult
+from deepnet.training import loop
 from deepnet.training.heldout import HeldOut
-from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
-from deepnet.report import format_seconds, print_fields, print_json
+from deepnet.training.loop import Hook, ProgressBar, StepEvent
+from deepnet.training.recipe import init, training_rng
+from deepnet.training.reporting import OnReport, StepLog, ignore_report
 from deepnet.training.schedule import Schedule
 
 
@@ -111,13 +115,14 @@ def _check(recipe: SpeedrunRecipe) -> None:
 
 
 def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = None,
-             data_dir: str | Path | None = None, json: bool = False, progress: bool = True,
-             **overrides) -> dict:
+             data_dir: str | Path | None = None, progress: bool = False, on_report: OnReport = ignore_report,
+             **overrides: object) -> dict:
     """Run the speedrun (``SPEEDRUN`` with ``overrides``, e.g. ``layers=100, target_acc=0.5``); returns
     the report as a dict (``reached`` False if ``max_steps`` ran out first).
 
     ``model``: keep the trained model at this path (it must not exist); default a temporary file in
-    ``workdir`` (default the system's temporary directory), removed at the end.
+    ``workdir`` (default the system's temporary directory), removed at the end. ``progress`` shows the
+    workload line and tqdm bars on stderr; report rows go to ``on_report``.
     """
     unknown = sorted(set(overrides) - {f.name for f in fields(SpeedrunRecipe)})
     if unknown:
@@ -129,12 +134,8 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     if model is not None and Path(model).exists():
         raise ConfigError(f"{model} already exists: a speedrun starts from a fresh model (choose another --model)")
 
-    from deepnet.formats.idx import load_mnist
-    from deepnet.data.mnist import ensure_mnist
-    from deepnet.training.recipe import init, load_test_set, mnist_inputs
-
     # 1. data (not timed)
-    images, labels = load_mnist(ensure_mnist(data_dir), "train")
+    images, labels = load_split(data_dir, "train")
     n = images.shape[0]
     if recipe.holdout >= n:
         raise ConfigError(f"--holdout must be < {n}, got {recipe.holdout}")
@@ -150,15 +151,16 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
         path = Path(tmpdir.name) / "speedrun.h5"
     else:
         path = Path(model)
-    say = (lambda line: None) if json else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        say(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch {recipe.batch}, "
-            f"target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}")
+        if progress:
+            print(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch "
+                  f"{recipe.batch}, target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}",
+                  file=sys.stderr, flush=True)
         init(path, layers=recipe.layers, width=recipe.width, activation=recipe.activation, seed=recipe.seed,
-             progress=progress and not json)
+             progress=progress)
         with DeepNet.open(path, writable=True, in_memory=recipe.in_memory, chunk_layers=recipe.chunk_layers) as net:
-            report = _run(net, recipe, schedule, x_train, y_train, heldout, json=json, progress=progress)
-            with tqdm(total=len(y_test), desc="test", unit="img", disable=json or not progress, leave=False,
+            report = _run(net, recipe, schedule, x_train, y_train, heldout, progress=progress, on_report=on_report)
+            with tqdm(total=len(y_test), desc="test", unit="img", disable=not progress, leave=False,
                       dynamic_ncols=True) as bar:
                 result = net.evaluate(x_test, y_test, progress=bar.update)
             report.update(test_acc=result.accuracy, test_loss=result.loss, test_samples=result.samples,
@@ -170,55 +172,63 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
         if tmpdir is not None:
             tmpdir.cleanup()
     report.update(model=None if model is None else str(model), machine=machine(), recipe=asdict(recipe))
-    if json:
-        print_json(report)
-    else:
-        _print(report)
     return report
 
 
-def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray, y: np.ndarray,
-         heldout: HeldOut, *, json: bool, progress: bool) -> dict:
-    """3. the timed part: steps and held-out evaluations until the target (or max_steps)."""
-    from deepnet.training.recipe import _StepLog, _training_rng
+class _GatedHeldOut(Hook):
+    """Evaluates the held-out slice when due, unless the mean batch accuracy since the last evaluation
+    is more than ``eval_gate`` below the target; keeps the best measurement."""
 
+    def __init__(self, net: DeepNet, heldout: HeldOut, recipe: SpeedrunRecipe) -> None:
+        self.net, self.heldout, self.recipe = net, heldout, recipe
+        self.since_eval: list[float] = []
+        self.best = (0, -1.0)
+
+    def after_step(self, event: StepEvent) -> None:
+        self.since_eval.append(event.result.batch_acc)
+        if not self.heldout.due(self.net.step):
+            return
+        if np.mean(self.since_eval) >= self.recipe.target_acc - self.recipe.eval_gate:
+            event.heldout = self.heldout.measure(self.net)
+            if event.heldout > self.best[1]:
+                self.best = (self.net.step, event.heldout)
+        self.since_eval = []
+
+
+class _Target(Hook):
+    """Stops the run at the first held-out measurement that reaches the target, noting the time."""
+
+    def __init__(self, target: float, started: float) -> None:
+        self.target, self.started = target, started
+        self.reached_at: float | None = None
+
+    def after_step(self, event: StepEvent) -> None:
+        if event.heldout is not None and event.heldout >= self.target:
+            self.reached_at = time.perf_counter() - self.started
+            event.stop = True
+
+
+def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray, y: np.ndarray,
+         heldout: HeldOut, *, progress: bool, on_report: OnReport) -> dict:
+    """3. the timed part: steps and held-out evaluations until the target (or max_steps)."""
     net.train_settings = {"batch": recipe.batch, "layer_lr": recipe.layer_lr, "head_lr": recipe.head_lr,
                           "train_limit": int(x.shape[0]), "holdout": heldout.size, "eval_every": recipe.eval_every,
                           "layer_schedule": schedule.to_dict(), "head_schedule": schedule.to_dict()}
-    rng = _training_rng(net)
-    log = _StepLog(net, recipe.report_every, json, total=recipe.max_steps, heldout=True, batch=recipe.batch)
-    bar = tqdm(total=recipe.max_steps, desc="speedrun", unit="step", disable=json or not progress, leave=False,
-               dynamic_ncols=True)
-    if not bar.disable:
-        log.write = bar.write
-    best = (0, -1.0)
-    reached_at = None
-    since_eval: list[float] = []
-    started = time.perf_counter()
-    try:
-        for _ in range(recipe.max_steps):
-            idx = rng.integers(0, x.shape[0], size=recipe.batch)
-            factor = schedule.factor(net.step)
-            result = net.train_step(x[idx], y[idx], layer_lr=recipe.layer_lr * factor,
-                                    head_lr=recipe.head_lr * factor, rng_state=rng.bit_generator.state)
-            since_eval.append(result.batch_acc)
-            acc = None
-            if heldout.due(net.step) and np.mean(since_eval) >= recipe.target_acc - recipe.eval_gate:
-                acc = heldout.measure(net)
-                since_eval = []
-                if acc > best[1]:
-                    best = (net.step, acc)
-            elif heldout.due(net.step):
-                since_eval = []
-            bar.update(1)
-            log.add(result, acc)
-            if acc is not None and acc >= recipe.target_acc:
-                reached_at = time.perf_counter() - started
-                break
-        log.flush()
-    finally:
-        bar.close()
-    elapsed = reached_at if reached_at is not None else time.perf_counter() - started
+    rng = training_rng(net)
+    log = StepLog(net, recipe.report_every, on_report, total=recipe.max_steps, batch=recipe.batch, heldout=True)
+    gate = _GatedHeldOut(net, heldout, recipe)
+
+    def step(xb: np.ndarray, yb: np.ndarray, t: int) -> StepResult:
+        factor = schedule.factor(net.step)
+        return net.train_step(xb, yb, layer_lr=recipe.layer_lr * factor, head_lr=recipe.head_lr * factor,
+                              rng_state=rng.bit_generator.state)
+
+    with ProgressBar(recipe.max_steps, "speedrun", progress) as bar:
+        target = _Target(recipe.target_acc, time.perf_counter())
+        loop.run(step, x, y, rng=rng, batch=recipe.batch, steps=recipe.max_steps, hooks=[gate, bar, log, target])
+    reached_at = target.reached_at
+    best = gate.best
+    elapsed = reached_at if reached_at is not None else time.perf_counter() - target.started
     return {
         "event": "speedrun",
         "reached": reached_at is not None,
@@ -236,27 +246,3 @@ def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray
         "seconds_per_step": (elapsed - heldout.seconds) / max(1, net.step),
         "mode": "in memory" if net.in_memory else "streamed",
     }
-
-
-def _print(report: dict) -> None:
-    r = report["recipe"]
-    if report["reached"]:
-        headline = (f"{format_seconds(report['time_to_target'])} ({report['time_to_target']:.1f} s) to held-out "
-                    f"accuracy {report['heldout_acc']:.4f} >= {report['target_acc']:g}, at step {report['steps']}")
-    else:
-        best = "no held-out evaluation passed the gate" if report["best_heldout_acc"] is None else \
-            f"best held-out accuracy {report['best_heldout_acc']:.4f} at step {report['best_heldout_step']}"
-        headline = (f"target {report['target_acc']:g} NOT reached in {report['steps']} steps "
-                    f"({format_seconds(report['seconds'])}; {best})")
-    print_fields({
-        "time to target": headline,
-        "test": f"accuracy {report['test_acc']:.4f}, loss {report['test_loss']:.4f} on {report['test_samples']} images",
-        "time": (f"{format_seconds(report['seconds'])}: steps {format_seconds(report['train_seconds'])} "
-                 f"({report['seconds_per_step']:.4f} s/step), {report['evaluations']} held-out evaluations "
-                 f"{format_seconds(report['eval_seconds'])}"),
-        "workload": (f"{r['layers']:,} layers x width {r['width']}, {r['activation']}, batch {r['batch']}, "
-                     f"lr {r['layer_lr']:g}/{r['head_lr']:g} {r['schedule']}, {report['mode']}, "
-                     f"held-out {r['holdout']} images every {r['eval_every']} steps"),
-        "machine": report["machine"],
-        **({"model": report["model"]} if report["model"] else {}),
-    })

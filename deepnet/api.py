@@ -1,0 +1,420 @@
+"""The public functions of deepnet: each does one command's work and returns its result, printing nothing.
+
+The ``deepnet`` command (deepnet.cli) is built from these functions: their signatures are its flags
+and their docstrings its ``--help``. ``progress=True`` shows tqdm bars and notices on stderr;
+``on_report`` receives the report rows of a training run as dicts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+from deepnet import activations as _activations
+from deepnet.activations import check as _activation_check
+from deepnet.activations import plugins as _plugins
+from deepnet.data.mnist import default_data_dir, fetch_mnist
+from deepnet.errors import ConfigError
+from deepnet.formats import raw as _raw
+from deepnet.formats.hdf5 import ModelFile
+from deepnet.kernels import jit as _jit
+from deepnet.kernels.loader import kernels_for
+from deepnet.nn.mlp import require_kind
+from deepnet.nn.network import DEFAULT_EVAL_BATCH
+from deepnet.tools import bench as _bench
+from deepnet.tools import info as _info
+from deepnet.tools.check import CheckReport, check_model
+from deepnet.tools.plot import plot_training
+from deepnet.training import mlp as _mlp_training
+from deepnet.training import recipe as _recipe
+from deepnet.training import speedrun as _speedrun
+from deepnet.training.mlp import MLP_RECIPE as _MLP
+from deepnet.training.options import RECIPE as R
+from deepnet.training.options import TrainOptions
+from deepnet.training.reporting import OnReport, ignore_report
+from deepnet.training.speedrun import SPEEDRUN as _SR
+
+PathLike = str | os.PathLike
+
+
+def init(model: PathLike, *, layers: int = R.layers, width: int = R.width, activation: str = R.activation,
+         alpha: float | None = None, seed: int = R.seed, input_dim: int = 784, n_classes: int = 10,
+         branch: str | None = None, hidden: int | None = None, overwrite: bool = False,
+         progress: bool = False) -> ModelFile:
+    """Create a model file with freshly initialised weights; returns the ModelFile, closed.
+
+    Core weights are uniform in [-0.001, 0.001], the heads Xavier-uniform.
+
+    Args:
+        model: path of the HDF5 model file to create.
+        layers: number of residual core layers L.
+        width: units per core layer w.
+        activation: core activation (see `deepnet activations`).
+        alpha: residual scale; default 1/sqrt(layers).
+        seed: seed of the weight initialisation and of the minibatch generator.
+        input_dim: input features (784 for MNIST).
+        n_classes: output classes (10 for MNIST).
+        branch: "mlp" adds a residual MLP branch (input -> hidden ReLU -> logits added to the core's).
+        hidden: the branch's hidden units (with --branch mlp).
+        overwrite: replace an existing file.
+        progress: show a progress bar while the weights are written.
+    """
+    return _recipe.init(model, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
+                        input_dim=input_dim, n_classes=n_classes, overwrite=overwrite, progress=progress,
+                        branch=branch, hidden=hidden)
+
+
+def train(model: PathLike = "model.h5", *, steps: int = R.steps, layers: int | None = None,
+          width: int | None = None, activation: str | None = None, alpha: float | None = None, seed: int = R.seed,
+          batch: int | None = None, layer_lr: float | None = None, head_lr: float | None = None,
+          chunk_layers: int = R.chunk_layers, train_limit: int | None = None, report_every: int = R.report_every,
+          eval_samples: int = R.eval_samples, in_memory: bool = False, checkpoint_every: int | None = None,
+          resume_torn: bool = False, holdout: int | None = None, eval_every: int | None = None,
+          schedule: str | None = None, warmup: int | None = None, final_lr_ratio: float | None = None,
+          decay_steps: int | None = None, ema: float | None = None, ema_every: int | None = None,
+          branch: str | None = None, hidden: int | None = None, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+    """Train a model on MNIST with exact SGD, creating the model file if it does not exist.
+
+    An existing model continues from its committed step, exactly as if never interrupted; --layers,
+    --width and --activation must then agree with the file, and --batch, --layer-lr, --head-lr and
+    --train-limit default to the values it was trained with. Streamed, every step is committed to
+    the file; in memory, the file is replaced atomically at checkpoints and at the end. Ctrl-C
+    finishes the current step, saves and stops (exit status 130); pressed again, it abandons the step.
+    The table shows step, loss, batch accuracy, held-out accuracy (when measured), s/step,
+    layer-samples/s and the ETA; every step's figures go to /train/log (`deepnet plot` draws them).
+    Returns the final figures as a dict.
+
+    Learning-rate schedules (--schedule --warmup --final-lr-ratio --decay-steps) apply to both rates and
+    are stored with the model: a run given none of these flags continues the stored schedule exactly; a
+    run given any of them starts a new schedule at the model's current step.
+
+    Args:
+        model: HDF5 model file (created if missing).
+        steps: SGD steps to run now.
+        layers: core layers L for a new model (default 1000000).
+        width: core width w for a new model (default 4).
+        activation: core activation for a new model (default softsign).
+        alpha: residual scale for a new model; default 1/sqrt(layers).
+        seed: seed of a new model's weights and minibatches.
+        batch: minibatch size (default 16, or the model's last).
+        layer_lr: SGD learning rate of the core layers (default 0.05, or the model's last).
+        head_lr: SGD learning rate of the input and output heads (default 0.05, or the model's last).
+        chunk_layers: layers per kernel call and per read from the file (does not change results).
+        train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
+        report_every: print a report every N steps (figures are means over those steps).
+        eval_samples: test images evaluated at the end (0 to skip).
+        in_memory: hold the core weights in RAM instead of streaming them from the file.
+        checkpoint_every: write the model file every N steps (in memory: an atomic replacement; streamed:
+            an fsync); default every 10 minutes of training, and always at the end and on Ctrl-C.
+        resume_torn: train on from a file holding a torn step (a writer killed mid-step), accepting its
+            mixed state as the last committed step; without it such a file is refused.
+        holdout: set the last N training images aside (never trained on) and measure the accuracy on
+            them every --eval-every steps (default: the model's last, else none; 0: none).
+        eval_every: steps between held-out evaluations (with --holdout).
+        schedule: learning-rate schedule: constant, cosine or linear (decay after the warmup).
+        warmup: steps of linear warmup at the start of the schedule.
+        final_lr_ratio: the fraction of the base rates a cosine/linear decay ends at (default 0).
+        decay_steps: the global step where the decay ends (default: the end of this run).
+        ema: keep an exponential moving average of the weights with this decay, e.g. 0.999 (needs
+            --in-memory: a second copy of the core in RAM); the end reports both test accuracies.
+        ema_every: Lookahead-style: every K steps move the average towards the weights (by 1 - ema) and
+            write it back into them, instead of averaging after every step.
+        branch: "mlp" gives a NEW model a residual MLP branch whose logits are added to the core's.
+        hidden: the branch's hidden units (with --branch mlp).
+        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+        progress: show progress bars and notices on stderr.
+        on_report: called with each report row (a dict).
+    """
+    require_kind(model, "dense", "train")
+    given = locals()
+    options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
+    return _recipe.train(options, progress=progress, on_report=on_report or ignore_report)
+
+
+def evaluate(model: PathLike = "model.h5", *, samples: int = 10_000, batch: int = DEFAULT_EVAL_BATCH,
+             chunk_layers: int = R.chunk_layers, in_memory: bool = False, use_ema: bool = False,
+             data_dir: PathLike | None = None, progress: bool = False) -> dict:
+    """Evaluate a model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
+
+    Args:
+        model: HDF5 model file.
+        samples: evaluate the first N test images.
+        batch: images per forward pass.
+        chunk_layers: layers per kernel call and per read from the file.
+        in_memory: load the core weights into RAM first.
+        use_ema: evaluate the weight average stored by training with --ema (read into RAM).
+        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+        progress: show a progress bar on stderr.
+    """
+    require_kind(model, "dense", "eval")
+    return _recipe.evaluate(model, samples=samples, batch=batch, chunk_layers=chunk_layers, in_memory=in_memory,
+                            use_ema=use_ema, data_dir=data_dir, progress=progress)
+
+
+def speedrun(*, target_acc: float = _SR.target_acc, layers: int = _SR.layers, width: int = _SR.width,
+             activation: str = _SR.activation, batch: int = _SR.batch, layer_lr: float = _SR.layer_lr,
+             head_lr: float = _SR.head_lr, schedule: str = _SR.schedule, warmup: int = _SR.warmup,
+             final_lr_ratio: float = _SR.final_lr_ratio, eval_every: int = _SR.eval_every,
+             eval_gate: float = _SR.eval_gate, holdout: int = _SR.holdout, max_steps: int = _SR.max_steps,
+             seed: int = _SR.seed, in_memory: bool = _SR.in_memory, chunk_layers: int = _SR.chunk_layers,
+             test_samples: int = _SR.test_samples, report_every: int = _SR.report_every,
+             model: PathLike | None = None, workdir: PathLike | None = None, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+    """Time to a target accuracy: train a fresh model until its held-out accuracy reaches --target-acc.
+
+    Trains on the first 60000 - --holdout training images, evaluates the last --holdout every
+    --eval-every steps (skipped while the mean batch accuracy since the last evaluation is more than
+    --eval-gate below the target), stops at the target, then evaluates the full test set. The headline,
+    time to target, is wall clock from the first step to the end of the evaluation that reached it:
+    held-out evaluations included; data loading, model creation and the test evaluation excluded.
+    Every default is deepnet.training.speedrun.SPEEDRUN. Exit status 1 if --max-steps ran out first.
+    Returns the report as a dict (``reached`` False if --max-steps ran out first).
+
+    Args:
+        target_acc: held-out accuracy to reach.
+        layers: core layers L.
+        width: core width w.
+        activation: core activation.
+        batch: minibatch size.
+        layer_lr: SGD learning rate of the core.
+        head_lr: SGD learning rate of the heads.
+        schedule: constant, cosine or linear (decaying over --max-steps).
+        warmup: warmup steps.
+        final_lr_ratio: the fraction of the rates a decay ends at.
+        eval_every: steps between held-out evaluations.
+        eval_gate: skip an evaluation while the mean batch accuracy since the last one is more than this
+            below the target (1 never skips).
+        holdout: held-out images (the last N training images).
+        max_steps: give up after this many steps.
+        seed: seed of the weights and minibatches.
+        in_memory: hold the core in RAM (default; --noin-memory streams it from the file).
+        chunk_layers: layers per kernel call.
+        test_samples: test images of the final evaluation.
+        report_every: a table row every N steps.
+        model: keep the trained model here (must not exist); default a temporary file, removed.
+        workdir: directory of the temporary model (default the system's temporary directory).
+        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+        progress: show the workload line and progress bars on stderr.
+        on_report: called with each report row (a dict).
+    """
+    given = locals()
+    overrides = {f.name: given[f.name] for f in fields(_speedrun.SpeedrunRecipe)}
+    return _speedrun.speedrun(model=model, workdir=workdir, data_dir=data_dir, progress=progress,
+                              on_report=on_report or ignore_report, **overrides)
+
+
+def info(model: PathLike) -> dict:
+    """Show what is in a model file: shape, activation, step, size, last logged figures.
+
+    Args:
+        model: HDF5 model file.
+    """
+    return _info.model_info(model)
+
+
+def check(model: PathLike) -> CheckReport:
+    """Check a model file: format, shapes, dtypes, attributes, every weight finite, and whether it holds
+    a committed step (healthy) or a step its writer was killed in the middle of (torn).
+
+    Exit status 0 only for a healthy file; 1 for a torn or damaged one (the report says what is wrong);
+    2 if it cannot be read as a deepnet model at all.
+
+    Args:
+        model: HDF5 model file.
+    """
+    return check_model(model)
+
+
+def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsign", batch: int = 16,
+          steps: int = 3, streamed: bool = False, chunk_layers: int = R.chunk_layers, eval_images: int = 0,
+          eval_batch: int = 1024, workdir: PathLike | None = None, threads: int = 0) -> dict:
+    """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
+
+    Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), runs warm-up steps
+    (the first, then until the choice of one thread or two is made: 5 on two cores; 1 with
+    --threads), times --steps steps, and reports the median seconds per step, layer-samples per
+    second, the threads each timed step's forward and backward passes ran on, and (on Linux) how much
+    of the machine's CPU time a hypervisor took for others meanwhile: on a shared virtual machine,
+    how disturbed the figures are. The kernels are the fastest build this CPU runs (AVX-512, AVX2 or
+    portable), reported as "kernels"; $DEEPNET_KERNELS=portable|avx2|avx512 picks one.
+
+    Args:
+        layers: core layers.
+        width: core width.
+        activation: core activation.
+        batch: minibatch size.
+        steps: timed steps (after the warm-up steps, reported apart); the median is reported.
+        streamed: stream the weights from the file instead of holding them in RAM.
+        chunk_layers: layers per kernel call and per read.
+        eval_images: also time forward-only evaluation of this many images (0: skip).
+        eval_batch: images per evaluation forward pass.
+        workdir: directory for the temporary model (default: the system temp dir).
+        threads: run every pass on this many threads (at most the CPUs, or $DEEPNET_THREADS) instead of
+            letting the thread choice measure one against two, as training does (0).
+    """
+    return _bench.run_bench(layers=layers, width=width, activation=activation, batch=batch, steps=steps,
+                            in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_images,
+                            eval_batch=eval_batch, workdir=workdir, threads=threads)
+
+
+def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: int = _MLP.steps,
+              batch: int = _MLP.batch, lr: float = _MLP.lr, schedule: str = _MLP.schedule, seed: int = _MLP.seed,
+              train_limit: int = _MLP.train_limit, report_every: int = _MLP.report_every,
+              samples: int = _MLP.samples, threads: int = _MLP.threads, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+    """Train the baseline 784-hidden-10 ReLU MLP (NumPy, minibatch SGD), creating the file if missing.
+
+    The defaults are deepnet.training.mlp.MLP_RECIPE (hidden 512, batch 128, lr 0.2 cosine, 15000 steps).
+    The original experiment's run: --hidden 128 --batch 128 --steps 5000 --lr 0.05 --schedule step:2500=0.03.
+    An existing model continues from its saved step; --hidden must then agree with the file.
+    Returns the final figures as a dict.
+
+    Args:
+        model: HDF5 model file of kind mlp (created if missing).
+        hidden: hidden units of a new model (default 512).
+        steps: SGD steps to run now.
+        batch: minibatch size.
+        lr: learning rate at the start of the schedule.
+        schedule: cosine (lr -> 0 over this run), linear, constant, or step:T1=LR1[,T2=LR2...] (lr until
+            step T1 of this run, then LR1, ...).
+        seed: seed of a new model's weights (He/Xavier-uniform) and minibatches.
+        train_limit: draw minibatches from the first N training images.
+        report_every: print a report and save the file every N steps.
+        samples: test images evaluated at the end (0 to skip).
+        threads: BLAS threads while training (0: BLAS's default; 1 is robust on a shared machine).
+        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+        progress: show a progress bar on stderr.
+        on_report: called with each report row (a dict).
+    """
+    return _mlp_training.train_mlp(model, hidden=hidden, steps=steps, batch=batch, lr=lr, schedule=schedule,
+                                   seed=seed, train_limit=train_limit, report_every=report_every,
+                                   samples=samples, threads=threads, data_dir=data_dir, progress=progress,
+                                   on_report=on_report or ignore_report)
+
+
+def evaluate_mlp(model: PathLike = "mlp.h5", *, samples: int = 10_000, batch: int = 1000,
+                 data_dir: PathLike | None = None) -> dict:
+    """Evaluate an MLP model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
+
+    Args:
+        model: HDF5 model file of kind mlp.
+        samples: evaluate the first N test images.
+        batch: images per forward pass.
+        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+    """
+    return _mlp_training.evaluate_mlp(model, samples=samples, batch=batch, data_dir=data_dir)
+
+
+def import_raw(model: PathLike | None = None, *, head: PathLike | None = None, weights: PathLike | None = None,
+               kind: str = "dense", layers: int | None = None, width: int | None = None,
+               activation: str | None = None, alpha: float | None = None, hidden: int | None = None,
+               seed: int = 0, overwrite: bool = False, progress: bool = False) -> dict:
+    """Make a model file from the original experiment's raw little-endian float32 files.
+
+    Dense: --weights holds L rows of [W (w x w, input-major) | b (w)]; --head holds input_w (784 x w) |
+    input_b (w) | output_w (w x 10) | output_b (10). MLP (--kind mlp --hidden H): --head holds
+    w1 (784 x H) | b1 | w2 (H x 10) | b2. File sizes are checked before anything is written; the model
+    is built under a temporary name and renamed into place when complete. Returns what was imported.
+
+    Args:
+        model: HDF5 model file to create.
+        head: raw head file (dense) or the whole raw MLP (mlp).
+        weights: raw core weights file (dense only).
+        kind: dense or mlp.
+        layers: core layers L (dense).
+        width: core width w (dense).
+        activation: core activation (dense; the raw files do not record it).
+        alpha: residual scale (dense); default 1/sqrt(layers).
+        hidden: hidden units (mlp).
+        seed: seed stored in the model (it seeds the minibatches of later training).
+        overwrite: replace an existing model file.
+        progress: show a progress bar on stderr.
+    """
+    return _raw.import_raw(model, head=head, weights=weights, kind=kind, layers=layers, width=width,
+                           activation=activation, alpha=alpha, hidden=hidden, seed=seed, overwrite=overwrite,
+                           progress=progress)
+
+
+def export_raw(model: PathLike | None = None, *, head: PathLike | None = None, weights: PathLike | None = None,
+               overwrite: bool = False, progress: bool = False) -> dict:
+    """Write a model's parameters as the original experiment's raw float32 files (see import-raw).
+
+    A dense model writes --weights (streamed) and --head; an mlp model writes --head only. Each file is
+    written under a temporary name and renamed into place when complete. Returns what was written.
+
+    Args:
+        model: HDF5 model file (dense or mlp).
+        head: raw head file to write (the whole MLP for an mlp model).
+        weights: raw core weights file to write (dense only).
+        overwrite: replace existing output files.
+        progress: show a progress bar on stderr.
+    """
+    return _raw.export_raw(model, head=head, weights=weights, overwrite=overwrite, progress=progress)
+
+
+def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, width: int = 1200, height: int = 800) -> dict:
+    """Draw a model's training curves (loss and accuracy vs step, raw and moving average) into an image.
+
+    Needs matplotlib (pip install 'deepnet[plot]'). Works for dense and mlp model files. Returns the
+    image's path, the log rows drawn and the moving-average window.
+
+    Args:
+        model: HDF5 model file with a training log.
+        out: image to write (.png; .svg and .pdf work too); default the model's path with .png.
+        smooth: moving-average window in steps (0: about 1/50 of the log).
+        width: image width in pixels.
+        height: image height in pixels.
+    """
+    return plot_training(model, out, smooth=smooth, width=width, height=height)
+
+
+def fetch_data(dest: PathLike | None = None, *, progress: bool = False) -> Path:
+    """Fetch MNIST (checked against its sha256) into a directory; returns the directory.
+
+    Args:
+        dest: target directory; default $DEEPNET_DATA, else a per-user cache directory.
+        progress: show download progress on stderr.
+    """
+    return fetch_mnist(dest if dest is not None else default_data_dir(), progress=progress)
+
+
+def list_activations() -> dict:
+    """List the activations (built-in and plugins): name, origin (built-in or the plugin's package),
+    whether its kernel is compiled (built in, cached, or not yet: plugins compile on first use) and
+    description; ``problems`` are the plugins that failed to load, one line each.
+
+    Args:
+    """
+    rows = []
+    for name in _activations.available():
+        act = _activations.get(name)
+        rows.append({"name": name, "origin": act.origin, "compiled": _jit.status(act), "description": act.description})
+    return {"activations": rows, "problems": _plugins.errors()}
+
+
+def check_activation(name: str | None = None) -> dict:
+    """Check an activation: run NAME's compiled kernel (compiling it if needed) over a grid of z, compare
+    the C derivative with central finite differences of the C forward and both with the NumPy
+    versions; the result says the worst errors and whether all are within their tolerances (``ok``).
+
+    Args:
+        name: the activation to check.
+    """
+    if not name:
+        raise ConfigError("deepnet activations check needs the activation's name")
+    return _activation_check.check_activation(name)
+
+
+def compile_activations(name: str | None = None) -> list[dict]:
+    """Compile NAME's kernel ahead of its first use (default: every activation not compiled yet); returns
+    each one's name, module and path.
+
+    Args:
+        name: the activation to compile (default: every one not compiled yet).
+    """
+    names = [name] if name else [n for n in _activations.available()
+                                 if _jit.status(_activations.get(n)) == "not yet"]
+    out = []
+    for act_name in names:
+        module = kernels_for(act_name).module
+        out.append({"name": act_name, "module": module.__name__, "path": getattr(module, "__file__", None)})
+    return out
