@@ -18,9 +18,9 @@ from deepnet.data.mnist import default_data_dir, fetch_mnist
 from deepnet.errors import ConfigError
 from deepnet.formats import raw as _raw
 from deepnet.formats.hdf5 import ModelFile
+from deepnet.formats.mlp_file import require_kind
 from deepnet.kernels import jit as _jit
 from deepnet.kernels.loader import kernels_for
-from deepnet.nn.mlp import require_kind
 from deepnet.nn.network import DEFAULT_EVAL_BATCH
 from deepnet.tools import bench as _bench
 from deepnet.tools import info as _info

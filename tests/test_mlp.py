@@ -15,7 +15,8 @@ import deepnet
 from deepnet.cli import main
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import LOG_DTYPE
-from deepnet.nn.mlp import MLP, model_kind
+from deepnet.formats.mlp_file import model_kind
+from deepnet.nn.mlp import MLP
 from deepnet.api import evaluate_mlp, train_mlp
 from deepnet.training.mlp import MLP_RECIPE, ORIGINAL_MLP_RECIPE
 from deepnet.training.schedule import parse_run_schedule

@@ -21,7 +21,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import create as _create
-from deepnet.formats import h5io, layout
+from deepnet.formats import layout
 from deepnet.formats.core_rows import CoreRows
 from deepnet.formats.commit import FileState, heads_crc32, torn_state
 from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, RawWriter, rewrite_attr, set_fixed_ascii_attr

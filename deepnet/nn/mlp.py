@@ -30,14 +30,8 @@ from deepnet.flags import int_at_least
 from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE, MLP_KEYS
 from deepnet.formats.layout import KIND_MLP as KIND
 from deepnet.formats.mlp_file import INIT, read_mlp_file, write_mlp_file
+from deepnet.nn.batches import check_batch
 from deepnet.nn.losses import softmax_cross_entropy
-
-# Re-exported for cli.py, training/mlp.py and tools/plot.py until they import them from deepnet.formats
-# (mlp_file.model_kind / require_kind / not_a_model, values.decode).
-from deepnet.formats.mlp_file import model_kind, not_a_model, require_kind  # noqa: F401
-from deepnet.formats.values import decode as _decode  # noqa: F401
-
-_not_a_model = not_a_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,26 +177,12 @@ class MLP(MLPParams):
 
     # -- training -------------------------------------------------------------------------------
 
-    def _check(self, x: np.ndarray, y: np.ndarray | None):
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.input_dim or x.shape[0] < 1:
-            raise ConfigError(f"x must have shape (batch >= 1, {self.input_dim}), got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if y is not None:
-            y = np.asarray(y)
-            if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-                raise ConfigError(f"y must be {x.shape[0]} integer labels, got shape {y.shape} dtype {y.dtype}")
-            if y.min() < 0 or y.max() >= self.n_classes:
-                raise ConfigError(f"labels must be in 0..{self.n_classes - 1}")
-            y = y.astype(np.intp, copy=False)
-        return x, y
-
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, float, float]:
         """One SGD step on the batch; returns (loss, batch accuracy, seconds), measured before the update.
 
         The step is appended to the in-RAM log (written by ``save``).
         """
-        x, y = self._check(x, y)
+        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.n_classes)
         started = time.perf_counter()
         fwd = self.forward(x)
         # The baseline has always averaged its loss in float64 (the dense model in float32).
@@ -215,12 +195,12 @@ class MLP(MLPParams):
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: the logits (batch, n_classes) of x, checked first."""
-        x, _ = self._check(x, None)
+        x, _ = check_batch(x, None, input_dim=self.input_dim, n_classes=self.n_classes)
         return self.forward(x).logits
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = 1000) -> dict:
         """Mean loss and accuracy over (x, y): {"loss", "accuracy", "samples", "seconds"}."""
-        x, y = self._check(x, y)
+        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.n_classes)
         started = time.perf_counter()
         total_loss, correct = 0.0, 0
         for lo in range(0, x.shape[0], batch):

@@ -39,6 +39,7 @@ from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import branch as _branch
 from deepnet.nn import heads as _heads
+from deepnet.nn.batches import check_batch
 from deepnet.nn.engine import CoreEngine, NonFiniteError
 from deepnet.nn.losses import softmax_cross_entropy
 from deepnet.nn.mlp import all_finite
@@ -155,20 +156,6 @@ class DeepNet:
         """Inputs per sample."""
         return self.file.input_dim
 
-    def _check_inputs(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.input_dim or x.shape[0] < 1:
-            raise ConfigError(f"x must have shape (batch >= 1, {self.input_dim}), got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if y is not None:
-            y = np.asarray(y)
-            if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-                raise ConfigError(f"y must be {x.shape[0]} integer labels, got shape {y.shape} dtype {y.dtype}")
-            if y.min() < 0 or y.max() >= self.file.n_classes:
-                raise ConfigError(f"labels must be in 0..{self.file.n_classes - 1}")
-            y = y.astype(np.intp)
-        return x, y
-
     @property
     def core_weights(self) -> np.ndarray | None:
         """The core's weights when they are in RAM, (layers, w*w + w) float32, updated in place by
@@ -197,7 +184,7 @@ class DeepNet:
         """
         if self.unusable:
             raise ModelFileError(f"cannot train {self.file.path} further: {self.unusable}")
-        x, y = self._check_inputs(x, y)
+        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes)
         started = time.perf_counter()
         step = self.step + 1
         h0 = _heads.input_head(self.heads, x)                      # (batch, w)
@@ -273,7 +260,7 @@ class DeepNet:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: logits (batch, n_classes) of x."""
-        x, _ = self._check_inputs(x, None)
+        x, _ = check_batch(x, None, input_dim=self.input_dim, n_classes=self.file.n_classes)
         state = np.ascontiguousarray(_heads.input_head(self.heads, x).T)
         self.engine.forward(state, for_backward=False)
         logits = _heads.output_head(self.heads, state.T)
@@ -282,7 +269,7 @@ class DeepNet:
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = DEFAULT_EVAL_BATCH,
                  progress: Callable[[int], None] | None = None) -> EvalResult:
         """Mean loss and accuracy over (x, y), in batches of ``batch``; ``progress`` is called with each batch size."""
-        x, y = self._check_inputs(x, y)
+        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes)
         if batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {batch}")
         started = time.perf_counter()

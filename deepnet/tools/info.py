@@ -8,7 +8,8 @@ import os
 from deepnet.errors import ConfigError
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.nn import branch as _branch
-from deepnet.nn.mlp import MLP, model_kind
+from deepnet.formats.mlp_file import model_kind
+from deepnet.nn.mlp import MLP
 from deepnet.training import ema as _ema
 from deepnet.training import heldout as _heldout
 from deepnet.training import schedule as _schedule

@@ -28,7 +28,7 @@ from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepEvent
 from deepnet.training.options import RECIPE, RunOptions, TrainOptions
 from deepnet.training.reporting import OnReport, StepLog, ignore_report
-from deepnet.training.signals import Interrupted, StopSignal, ignoring_for
+from deepnet.training.signals import Interrupted, StopSignal
 
 
 def training_rng(net: DeepNet) -> np.random.Generator:
