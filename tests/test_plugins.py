@@ -181,6 +181,12 @@ def test_cache_key_covers_the_definition_and_the_build():
     assert key != compile_activation.cache_key(Activation("softsign_other", act.forward_c, act.derivative_c,
                                                           np.abs, np.abs), flags)
     assert compile_activation.module_name(copy, key) == f"deepnet_act_softsign_plugin_{key[:16]}"
+    pxi, pyx, runtime = compile_activation.sources(copy)
+    assert set(runtime) == {"dn_runtime.h", "deepnet/kernels/dn_runtime.pxd"}
+    for path in runtime:  # the shared runtime is compiled into the module: a change to it is a new module
+        changed = dict(runtime, **{path: runtime[path] + "\n"})
+        assert key != compile_activation.cache_key(copy, flags, (pxi, pyx, changed))
+    assert key != compile_activation.cache_key(copy, flags, (pxi, pyx + "\n", runtime))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -192,6 +198,8 @@ def test_plugin_kernel_computes_what_the_builtin_does(compiled, width, batch):
     plugin, builtin = kernels_for("softsign_plugin"), kernels_for("softsign")
     assert plugin.module is not builtin_module() and builtin.module is builtin_module()
     assert plugin.module.BUILT_FOR == builtin.module.BUILT_FOR  # compiled with the same flags
+    # the plugin's module holds its loops only; the build module's checked calls run them
+    assert plugin.calls is builtin_module() and not hasattr(plugin.module, "forward")
     rng = np.random.default_rng(width * 100 + batch)
     layers, save_every = 60, 7
     params = rng.uniform(-0.5, 0.5, (layers, width * width + width)).astype(np.float32)

@@ -2,10 +2,13 @@
 
 The kernels of a plugin's activation come from the very template the built-ins are compiled from:
 ``deepnet.kernels.template.render_layer_loops([activation])`` is rendered next to a copy of
-``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
-the package's build in use here (``deepnet.kernels.builds``: ``-O3 -fno-math-errno -fno-trapping-math
--fopenmp-simd``, plus the AVX2 or AVX-512 flags when the package runs that build), and loaded. So a
-plugin's kernel is the same code as a built-in's.
+``deepnet/kernels/plugin_module.pyx`` named ``deepnet_act_<name>_<hash>`` and the runtime header
+(``dn_runtime.h`` and its ``.pxd``), cythonized and compiled with the flags of the package's build in use
+here (``deepnet.kernels.builds``: ``-O3 -fno-math-errno -fno-trapping-math -fopenmp-simd``, plus the AVX2
+or AVX-512 flags when the package runs that build), and loaded. So a plugin's loops are the same code as a
+built-in's, for every width the built-ins specialise. The module holds those loops and nothing else (its
+KERNEL_TABLE): the checked calls that run them, and the backward pass's thread driver, are the build
+module's, compiled once with the package; that keeps a first use's compile short.
 
 Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
 
@@ -18,15 +21,14 @@ Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.c
       .build-.../                                 a build in progress (removed when done)
 
 The hash covers the activation's name and C expressions, the deepnet version, the compile flags, the
-compiler, the Python ABI, the Cython version, and the very text compiled (the rendered template and
-``_kernels.pyx``), so a changed definition, template or upgrade compiles afresh and never loads a stale
-module. The module has every width variant the built-in module has (compiling fewer saved little: the
-shared code dominates), so a plugin runs the same code as a built-in. A build happens in a temporary
-directory beside the cache entry and is renamed into place when complete: a reader sees a finished
-module or none. Two processes compiling the same activation at once serialise on the lock file (the
-second then loads the first's module); without locks (a filesystem without ``flock``) both compile and
-the rename lets one win, the other discarding its copy. Nothing read from a model file is compiled: only
-definitions in the registry, which come from installed code.
+compiler, the Python ABI, the Cython version, and the very text compiled (the rendered template, the
+module's .pyx, the runtime header and its .pxd), so a changed definition, template, header or upgrade
+compiles afresh and never loads a stale module. A build happens in a temporary directory beside the cache
+entry and is renamed into place when complete: a reader sees a finished module or none. Two processes
+compiling the same activation at once serialise on the lock file (the second then loads the first's
+module); without locks (a filesystem without ``flock``) both compile and the rename lets one win, the
+other discarding its copy. Nothing read from a model file is compiled: only definitions in the registry,
+which come from installed code.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-from deepnet.kernels import builds
+import deepnet
 from deepnet.errors import ActivationError
+from deepnet.kernels import builds, builtin, template
 
 CACHE_ENV = "DEEPNET_CACHE"
 # An unknown function in an expression is an error here, not a warning and a failed import later.
@@ -63,12 +66,11 @@ _BUILD_SCRIPT = r"""
 import json, os, sys
 cfg = json.loads(sys.argv[1])
 os.chdir(cfg["dir"])
-import numpy
 from Cython.Build import cythonize
 from setuptools import Distribution, Extension
-ext = Extension(cfg["module"], [cfg["module"] + ".pyx"], include_dirs=[numpy.get_include()],
-                extra_compile_args=cfg["flags"], define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
-exts = cythonize([ext], language_level=3, compiler_directives=cfg["directives"], quiet=True, force=True)
+ext = Extension(cfg["module"], [cfg["module"] + ".pyx"], include_dirs=["."], extra_compile_args=cfg["flags"])
+exts = cythonize([ext], language_level=3, compiler_directives=cfg["directives"], quiet=True, force=True,
+                 include_path=["."])
 dist = Distribution({"name": cfg["module"], "ext_modules": exts, "script_name": "deepnet-build"})
 cmd = dist.get_command_obj("build_ext")
 cmd.inplace = True
@@ -105,20 +107,12 @@ def kernel_cache_dir() -> Path:
 
 def compile_flags() -> list[str]:
     """The flags of the package's own build of the kernels this process uses (see setup.py)."""
-    from deepnet.kernels.loader import builtin_module
-
-    return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
-
-
-def _package_file(name: str) -> Path:
-    return Path(__file__).resolve().parent.parent / name
+    return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin.builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
 
 
 def render_source(activations: list) -> str:
     """The Cython source of the layer loops for ``activations`` (the template's, as for the built-ins)."""
-    from deepnet.kernels.template import render_layer_loops
-
-    return render_layer_loops(activations)
+    return template.render_layer_loops(activations)
 
 
 def _compiler() -> list[str]:
@@ -126,32 +120,35 @@ def _compiler() -> list[str]:
     return shlex.split(cc)
 
 
-def _extra_includes(pyx: str) -> dict[str, str]:
-    """Files _kernels.pyx includes besides the rendered layer loops (name -> text), copied into a build."""
-    names = re.findall(r'^\s*include\s+"([^"]+)"', pyx, flags=re.MULTILINE)
-    return {n: _package_file(n).read_text() for n in names if n != "_layer_loops.pxi" and _package_file(n).exists()}
+# The files of a build directory besides the module's .pyx (which is named after the module).
+LOOPS_FILE = "_layer_loops.pxi"
+_RUNTIME_FILES = {"dn_runtime.h": template.RUNTIME_HEADER,
+                  # where `cimport deepnet.kernels.dn_runtime` finds it; the empty __init__.pxd mark packages
+                  "deepnet/kernels/dn_runtime.pxd": template.RUNTIME_PXD}
+_PACKAGE_MARKERS = ("deepnet/__init__.pxd", "deepnet/kernels/__init__.pxd")
 
 
-def sources(activation) -> tuple[str, str]:
-    """(the rendered layer loops, _kernels.pyx): the exact text a module of ``activation`` is compiled from."""
-    return render_source([activation]), _package_file("_kernels.pyx").read_text()
+def sources(activation) -> tuple[str, str, dict[str, str]]:
+    """(the rendered layer loops, the module's .pyx, the runtime files by path): the exact text a module of
+    ``activation`` is compiled from."""
+    runtime = {path: source.read_text() for path, source in _RUNTIME_FILES.items()}
+    return render_source([activation]), template.PLUGIN_PYX.read_text(), runtime
 
 
-def cache_key(activation, flags: list[str] | None = None, source: tuple[str, str] | None = None) -> str:
+def cache_key(activation, flags: list[str] | None = None, source: tuple | None = None) -> str:
     """sha256 of everything the compiled module depends on (``cache_key_parts``)."""
     parts = cache_key_parts(activation, flags, source)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key_parts(activation, flags: list[str] | None = None, source: tuple[str, str] | None = None) -> dict:
+def cache_key_parts(activation, flags: list[str] | None = None, source: tuple | None = None) -> dict:
     """What the cache key hashes: the definition, the deepnet version, the flags, compiler, Python ABI,
-    Cython version, and the very source text compiled (the rendered template with the expressions)."""
-    import Cython
-
-    import deepnet
+    Cython version, and the very source text compiled (the rendered template with the expressions, the
+    module's .pyx, the runtime header and its .pxd)."""
+    import Cython  # optional: only a plugin's compile needs it, and its absence is reported there
 
     flags = compile_flags() if flags is None else flags
-    pxi, pyx = sources(activation) if source is None else source
+    pxi, pyx, runtime = sources(activation) if source is None else source
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
     return {
         "name": activation.name,
@@ -163,8 +160,8 @@ def cache_key_parts(activation, flags: list[str] | None = None, source: tuple[st
         "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
         "cython": Cython.__version__,
         "layer_loops": digest(pxi),
-        "kernels_pyx": digest(pyx),
-        "includes": {n: digest(text) for n, text in sorted(_extra_includes(pyx).items())},
+        "module_pyx": digest(pyx),
+        "runtime": {path: digest(text) for path, text in sorted(runtime.items())},
     }
 
 
@@ -186,9 +183,7 @@ def cached_path(activation) -> Path | None:
 def status(activation) -> str:
     """Where the activation's kernel is: "built in" (the package's module), "cached" (compiled on an
     earlier use), or "not yet" (compiled on first use)."""
-    from deepnet.kernels.loader import in_builtin_module
-
-    if in_builtin_module(activation):
+    if builtin.in_builtin_module(activation):
         return "built in"
     return "cached" if cached_path(activation) is not None else "not yet"
 
@@ -220,7 +215,7 @@ def load(activation) -> ModuleType:
         return module
 
 
-def _load_or_build(activation, key: str, source: tuple[str, str]) -> ModuleType:
+def _load_or_build(activation, key: str, source: tuple) -> ModuleType:
     name = module_name(activation, key)
     root = kernel_cache_dir()
     final = root / name
@@ -292,10 +287,11 @@ def _file_lock(path: Path):
 
 
 def build_module(activations: list, name: str, directory: Path, flags: list[str],
-                 source: tuple[str, str] | None = None) -> tuple[Path, float, str]:
+                 source: tuple | None = None) -> tuple[Path, float, str]:
     """Compile the layer loops of ``activations`` into extension module ``name`` inside ``directory``.
 
-    ``source`` is (layer loops, _kernels.pyx) as ``sources()`` gives them; rendered here if not given.
+    ``source`` is (layer loops, module .pyx, runtime files) as ``sources()`` gives them; rendered here if
+    not given.
     Returns (the module file, seconds, compiler output); ActivationError on a missing compiler or an
     expression that does not compile. The cache's builds go through here; so can a throwaway build.
     """
@@ -314,12 +310,15 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
             f"pip install {' '.join(m.lower() for m in missing)}"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    pxi, pyx = source if source is not None else (render_source(list(activations)), _package_file("_kernels.pyx").read_text())
+    if source is None:
+        source = (render_source(list(activations)),) + sources(activations[0])[1:]
+    pxi, pyx, runtime = source
+    for path, text in [*runtime.items(), *((marker, "") for marker in _PACKAGE_MARKERS)]:
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_text(text)
     _preflight(list(activations), pxi, directory, flags, compiler)
-    (directory / "_layer_loops.pxi").write_text(pxi)
+    (directory / LOOPS_FILE).write_text(pxi)
     (directory / f"{name}.pyx").write_text(pyx)
-    for extra, text in _extra_includes(pyx).items():
-        (directory / extra).write_text(text)
     t0 = time.perf_counter()
     cfg = {"dir": str(directory), "module": name, "flags": list(flags), "directives": DIRECTIVES}
     try:
@@ -336,9 +335,9 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
 
 
 def _preflight(activations: list, pxi: str, directory: Path, flags: list[str], compiler: list[str]) -> None:
-    """Syntax-check the activations' C functions with the template's C prelude, in well under a second,
-    so a wrong expression fails at once rather than after the whole module's compile. Skipped if the
-    rendered source does not have the expected shape (the full build then reports any error)."""
+    """Syntax-check the activations' C functions with the runtime header, in well under a second, so a
+    wrong expression fails at once rather than after the whole module's compile. Skipped if the rendered
+    source does not have the expected shape (the full build then reports any error)."""
     start = pxi.find('cdef extern from *:\n    """')
     last = activations[-1].name
     end = pxi.find(f"static inline float dn_dact_{last}(", start)
@@ -358,7 +357,7 @@ def _preflight(activations: list, pxi: str, directory: Path, flags: list[str], c
         raise ActivationError(_compile_error(activations, proc.stdout, compiler[0]))
 
 
-def _build_into(activation, key: str, name: str, root: Path, final: Path, source: tuple[str, str]) -> None:
+def _build_into(activation, key: str, name: str, root: Path, final: Path, source: tuple) -> None:
     """Compile ``activation`` in a temporary directory under ``root`` and rename it to ``final``."""
     flags = compile_flags()
     build = root / f".build-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -375,7 +374,7 @@ def _build_into(activation, key: str, name: str, root: Path, final: Path, source
             "module": name, "key": key, "name": activation.name, "origin": activation.origin,
             "forward_c": activation.forward_c, "derivative_c": activation.derivative_c,
             "flags": flags, "python": sysconfig.get_config_var("EXT_SUFFIX"),
-            "deepnet": __import__("deepnet").__version__, "compile_seconds": round(seconds, 3),
+            "deepnet": deepnet.__version__, "compile_seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=1) + "\n")
         try:

@@ -1,8 +1,10 @@
-"""Renders the one kernel template (``layer_loops.pxi.tp``) for a list of activations.
+"""Renders the kernel template (``layer_loops.pxi.tp``) for a list of activations.
 
 Used by ``setup.py`` to build the built-in activations into ``deepnet._kernels`` and, later, to compile
 a plugin's activation from the very same loops. Pure Python with no import of the compiled package, so
-the build can run it before anything is compiled.
+the build can run it before anything is compiled. The C every module shares whatever its activation and
+width is not rendered: it is the header ``dn_runtime.h`` (``RUNTIME_HEADER``), which the rendered loops
+include.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-TEMPLATE_PATH = Path(__file__).with_name("layer_loops.pxi.tp")
+HERE = Path(__file__).resolve().parent
+TEMPLATE_PATH = HERE / "layer_loops.pxi.tp"
+# The C shared by every module with loops, and its Cython declarations.
+RUNTIME_HEADER = HERE / "dn_runtime.h"
+RUNTIME_PXD = HERE / "dn_runtime.pxd"
+# The build modules' own C (the backward driver, the CPU checks), compiled into deepnet._kernels* only.
+DRIVER_HEADER = HERE / "dn_driver.h"
+# The .pyx of a plugin module: the rendered loops and their kernel table, nothing else.
+PLUGIN_PYX = HERE / "plugin_module.pyx"
 
 # Widths that get a variant with the width as a compile-time constant; every other width runs the
 # generic variant.
@@ -19,10 +29,9 @@ SPECIALISED_WIDTHS: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
 
 
 # Whether a narrow kernel unrolls its loop over a block's vectors around the activation. Unrolled, the
-# block's state stays in registers, which made softsign's step ~8% faster; but GCC then vectorises each
-# copy on its own, and for anything with a call other than fabsf (dn_tanhf, sqrtf, ...) or a ternary
-# (relu's z > 0 ? z : 0) it stopped vectorising: tanh 3x and relu 1.6x slower. The arithmetic, and so
-# every result, is the same either way.
+# block's state stays in registers (faster for cheap expressions); but GCC then vectorises each copy on
+# its own and stops vectorising one that calls anything but fabsf or has a ?: (much slower). The
+# arithmetic, and so every result, is the same either way.
 _LIGHT_CALLS = {"fabsf"}
 
 

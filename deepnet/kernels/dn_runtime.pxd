@@ -1,0 +1,14 @@
+# Cython's view of dn_runtime.h, shared by every module with compiled loops (deepnet/_kernels.pyx and
+# deepnet/kernels/plugin_module.pyx): only the names Cython code uses; the C definitions are in the header.
+
+cdef extern from "dn_runtime.h" nogil:
+    ctypedef struct dn_kernel:
+        pass
+    ctypedef struct dn_kernel_table:
+        int n_activations
+        const char* built_for
+    const char* DN_TABLE_CAPSULE
+    const int DN_MAX_BLOCK
+    const int DN_BACKWARD_BLOCK
+    Py_ssize_t dn_grad_stride(Py_ssize_t w)
+    const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w)
