@@ -55,10 +55,13 @@ from deepnet.errors import ActivationError
 from deepnet.kernels import builds, builtin, template
 
 CACHE_ENV = "DEEPNET_CACHE"
-# An unknown function in an expression is an error here, not a warning and a failed import later.
-CHECK_FLAGS = ("-Werror=implicit-function-declaration",)
+# An unknown function in an expression is an error here, not a warning and a failed import later; and no
+# debug information, which changes no code but costs a first use's compile about a fifth of its time.
+CHECK_FLAGS = ("-Werror=implicit-function-declaration", "-g0")
 DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
 MODULE_PREFIX = "deepnet_act_"
+# The widths a plugin module specialises unless asked for fewer: those of the built-in modules.
+ALL_WIDTHS: tuple[int, ...] = template.SPECIALISED_WIDTHS
 
 # The compile runs in a fresh interpreter: isolated from this process (setuptools and Cython state, the
 # current directory, output) and killed with it. Arguments: one JSON object.
@@ -110,9 +113,14 @@ def compile_flags() -> list[str]:
     return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin.builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
 
 
-def render_source(activations: list) -> str:
+def widths_for(width: int) -> tuple[int, ...]:
+    """The specialised widths a module for running at ``width`` needs: that width, if it has a variant."""
+    return (width,) if width in ALL_WIDTHS else ()
+
+
+def render_source(activations: list, widths: tuple[int, ...] = ALL_WIDTHS) -> str:
     """The Cython source of the layer loops for ``activations`` (the template's, as for the built-ins)."""
-    return template.render_layer_loops(activations)
+    return template.render_layer_loops(activations, widths)
 
 
 def _compiler() -> list[str]:
@@ -128,27 +136,30 @@ _RUNTIME_FILES = {"dn_runtime.h": template.RUNTIME_HEADER,
 _PACKAGE_MARKERS = ("deepnet/__init__.pxd", "deepnet/kernels/__init__.pxd")
 
 
-def sources(activation) -> tuple[str, str, dict[str, str]]:
+def sources(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> tuple[str, str, dict[str, str]]:
     """(the rendered layer loops, the module's .pyx, the runtime files by path): the exact text a module of
-    ``activation`` is compiled from."""
+    ``activation`` specialising ``widths`` is compiled from."""
     runtime = {path: source.read_text() for path, source in _RUNTIME_FILES.items()}
-    return render_source([activation]), template.PLUGIN_PYX.read_text(), runtime
+    return render_source([activation], widths), template.PLUGIN_PYX.read_text(), runtime
 
 
-def cache_key(activation, flags: list[str] | None = None, source: tuple | None = None) -> str:
+def cache_key(activation, flags: list[str] | None = None, source: tuple | None = None,
+              widths: tuple[int, ...] = ALL_WIDTHS) -> str:
     """sha256 of everything the compiled module depends on (``cache_key_parts``)."""
-    parts = cache_key_parts(activation, flags, source)
+    parts = cache_key_parts(activation, flags, source, widths)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key_parts(activation, flags: list[str] | None = None, source: tuple | None = None) -> dict:
+def cache_key_parts(activation, flags: list[str] | None = None, source: tuple | None = None,
+                    widths: tuple[int, ...] = ALL_WIDTHS) -> dict:
     """What the cache key hashes: the definition, the deepnet version, the flags, compiler, Python ABI,
     Cython version, and the very source text compiled (the rendered template with the expressions, the
-    module's .pyx, the runtime header and its .pxd)."""
+    module's .pyx, the runtime header and its .pxd; ``widths`` only renders the source when it is not
+    given)."""
     import Cython  # optional: only a plugin's compile needs it, and its absence is reported there
 
     flags = compile_flags() if flags is None else flags
-    pxi, pyx, runtime = sources(activation) if source is None else source
+    pxi, pyx, runtime = sources(activation, widths) if source is None else source
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
     return {
         "name": activation.name,
@@ -173,9 +184,9 @@ def _module_file(directory: Path, name: str) -> Path:
     return directory / (name + sysconfig.get_config_var("EXT_SUFFIX"))
 
 
-def cached_path(activation) -> Path | None:
-    """The compiled module of ``activation`` in the cache, if it is there."""
-    name = module_name(activation, cache_key(activation))
+def cached_path(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> Path | None:
+    """The compiled module of ``activation`` specialising ``widths`` in the cache, if it is there."""
+    name = module_name(activation, cache_key(activation, widths=widths))
     path = _module_file(kernel_cache_dir() / name, name)
     return path if path.exists() else None
 
@@ -185,7 +196,8 @@ def status(activation) -> str:
     earlier use), or "not yet" (compiled on first use)."""
     if builtin.in_builtin_module(activation):
         return "built in"
-    return "cached" if cached_path(activation) is not None else "not yet"
+    every = [ALL_WIDTHS, ()] + [(w,) for w in ALL_WIDTHS]  # compiled for every width, or for one
+    return "cached" if any(cached_path(activation, widths) is not None for widths in every) else "not yet"
 
 
 def history() -> list[dict]:
@@ -197,9 +209,10 @@ def history() -> list[dict]:
 # compile and load
 
 
-def load(activation) -> ModuleType:
-    """The compiled kernel module of ``activation``: this process's, the cache's, or compiled now."""
-    source = sources(activation)  # read once: the key and a build see the same text
+def load(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> ModuleType:
+    """The compiled kernel module of ``activation`` with the loops of ``widths`` (and of any other width):
+    this process's, the cache's, or compiled now."""
+    source = sources(activation, widths)  # read once: the key and a build see the same text
     key = cache_key(activation, source=source)
     where = str(kernel_cache_dir() / module_name(activation, key))  # a process may switch caches
     with _lock:

@@ -8,7 +8,7 @@ kernels only through ``LayerKernels``, so where a kernel comes from is decided h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import numpy as np
@@ -29,51 +29,66 @@ class LayerKernels:
 
     ``module`` holds the activation's loops: a build of the built-in kernels, or a plugin's module.
     ``runner`` is the build module whose checked calls run them (``module`` itself when None); a plugin's
-    module has loops only and runs through the build it was compiled for.
+    module has loops only and runs through the build it was compiled for. ``plugin`` is the activation of
+    a plugin module that may specialise only some widths: another width's loops are compiled on first
+    use (``loops_for``), so every width runs the loops a built-in would.
     """
 
     name: str
     module: ModuleType
     index: int
     runner: ModuleType | None = None
+    plugin: activations.Activation | None = None
+    _more: dict[int, ModuleType] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def calls(self) -> ModuleType:
         """The build module whose forward/backward/workspace_size run this activation's loops."""
         return self.module if self.runner is None else self.runner
 
+    def loops_for(self, width: int) -> ModuleType:
+        """The module holding the loops this activation runs at ``width``."""
+        if self.plugin is None or width in self.module.WIDTH_VARIANTS or not jit.widths_for(width):
+            return self.module
+        found = self._more.get(width)
+        if found is None:  # jit.load serialises concurrent first uses; both then get its one module
+            found = self._more.setdefault(width, jit.load(self.plugin, jit.widths_for(width)))
+        return found
+
     def forward(self, params: np.ndarray, h: np.ndarray, alpha: float, saves: np.ndarray | None = None,
                 save_every: int = 0, work: np.ndarray | None = None, part: int = 0, n_parts: int = 1) -> None:
         """h (width, batch) through the rows of params in place; see ``deepnet._kernels.forward``."""
         self.calls.forward(self.index, params, h, alpha, saves, save_every, work, part, n_parts,
-                           self.module.KERNEL_TABLE)
+                           self.loops_for(h.shape[0]).KERNEL_TABLE)
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
                  alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1) -> None:
         """Back-propagate g through the chunk, updating params in place; see ``deepnet._kernels.backward``."""
         self.calls.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads,
-                            self.module.KERNEL_TABLE)
+                            self.loops_for(g.shape[0]).KERNEL_TABLE)
 
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
         """Floats of work buffer a backward call at this shape needs."""
         return self.calls.workspace_size(width, batch, save_every)
 
 
-def kernels_for(name: str) -> LayerKernels:
+def kernels_for(name: str, width: int | None = None) -> LayerKernels:
     """The compiled kernels of the registered activation ``name``.
 
     A built-in comes from the package's compiled module; any other activation is compiled the first
     time (seconds, needs a C compiler) and then loaded from the cache, and runs through the package's
-    build module. A name that is not
+    build module. Given the ``width`` it will run at, a plugin compiles that width's loops only (the
+    fastest first use); without, the loops of every width the built-ins specialise. A name that is not
     registered is an error naming it and the installed activations.
     """
     activation = activations.get(name)  # unknown names fail here, with the list of known ones
     build = builtin_module()
-    module, runner = build, None
+    module, runner, plugin = build, None, None
     if not in_builtin_module(activation, build):
-        module, runner = jit.load(activation), build
+        widths = jit.ALL_WIDTHS if width is None else jit.widths_for(width)
+        module, runner, plugin = jit.load(activation, widths), build, activation
     try:
         index = module.activation_index(name)
     except ValueError:
         raise ActivationError(f"activation {name!r} is registered but has no compiled kernel") from None
-    return LayerKernels(name=name, module=module, index=index, runner=runner)
+    return LayerKernels(name=name, module=module, index=index, runner=runner, plugin=plugin)
