@@ -1,6 +1,6 @@
 """Compiled residual-layer kernels: h <- h + alpha * act(h W + b), forward and exact backward.
 
-The loops themselves come from one template (``kernels/layer_loops.pxi.tp``) rendered for every
+The loops themselves come from one template (``kernels/layer_loops.h.tp``) rendered for every
 built-in activation and a set of widths, over the shared C of ``kernels/dn_runtime.h``; this module is
 the thin checked layer over them and over a plugin module's loops (``kernels=`` its KERNEL_TABLE), with
 the backward pass's thread driver (``kernels/dn_driver.h``) compiled here once. Each call runs a whole
@@ -10,11 +10,13 @@ Layouts (see DESIGN.md): activations are ``(width, batch)`` C-contiguous float32
 a chunk of parameters is ``(n_layers, width*width + width)`` float32, each row ``[W (in, out) | b]``.
 """
 
-from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
+import sys
+
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdlib cimport free, malloc
 
-from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_MAX_BLOCK, DN_TABLE_CAPSULE, dn_grad_stride,
-                                         dn_kernel, dn_kernel_for, dn_kernel_table)
+from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_MAX_BLOCK, DN_TABLE_CAPSULE, dn_add_table_attributes,
+                                         dn_grad_stride, dn_kernel, dn_kernel_for, dn_kernel_table)
 
 cdef extern from "dn_driver.h" nogil:
     const int DN_GRAD_BUFFERS
@@ -32,7 +34,13 @@ cdef extern from "dn_driver.h" nogil:
     int dn_cpu_has_avx2_fma()
     int dn_cpu_has_avx512()
 
-include "_layer_loops.pxi"
+# The built-in activations' loops, rendered from kernels/layer_loops.h.tp by setup.py.
+cdef extern from "_layer_loops.h":
+    const dn_kernel_table dn_table
+
+# ACTIVATION_NAMES, WIDTH_VARIANTS, ACTIVATION_DEFINITIONS, BUILT_FOR, KERNEL_TABLE, activation_index():
+# exported from the table, as a plugin's module exports its own.
+dn_add_table_attributes(sys.modules[__name__], &dn_table)
 
 # A backward call starts a second thread from this many multiply-adds (layers x (w*w + w) x batch).
 THREAD_MIN_WORK = int(DN_THREAD_MIN_WORK)

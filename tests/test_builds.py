@@ -136,6 +136,6 @@ def test_every_file_a_kernel_build_reads_is_package_data():
     root = Path(__file__).resolve().parent.parent
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     needed = [template.TEMPLATE_PATH, template.RUNTIME_HEADER, template.RUNTIME_PXD, template.DRIVER_HEADER,
-              template.PLUGIN_PYX]
+              template.PLUGIN_C]
     for path in needed:
         assert path.exists() and path.name in data["deepnet.kernels"], path.name

@@ -1,6 +1,6 @@
 /* deepnet's kernel runtime: the C every compiled kernel module shares, whatever its activation and width.
 
-   Included by the rendered layer loops (deepnet/kernels/layer_loops.pxi.tp) of the built-in modules
+   Included by the rendered layer loops (deepnet/kernels/layer_loops.h.tp) of the built-in modules
    (deepnet._kernels*) and of every plugin module, so it is written once and never re-rendered. It holds the
    vector types, the math helpers an activation's C expression may call, the block helpers and reductions
    the loops are built from, and the kernel table through which a module hands its loops to the checked
@@ -137,22 +137,20 @@ static inline dn_v8f dn_splat(float x) { dn_v8f v = {x, x, x, x, x, x, x, x}; re
    dn_unpacklo(h, h) * dn_unpacklo(x, y)), so a pair of weight gradients sharing an input comes out
    of two multiplies of pre-shuffled factors with no shuffle of its own (dn_backprop_step of even
    narrow widths). */
-static inline __attribute__((always_inline)) dn_v8f dn_unpacklo(dn_v8f a, dn_v8f b) {
 #if (defined(__clang__) || __GNUC__ >= 12)
-    return __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13);
+#define DN_UNPACK(name, l0, l1, l2, l3)                                                                    \
+    static inline __attribute__((always_inline)) dn_v8f name(dn_v8f a, dn_v8f b) {                         \
+        return __builtin_shufflevector(a, b, l0, l0 + 8, l1, l1 + 8, l2, l2 + 8, l3, l3 + 8);              \
+    }
 #else
-    dn_v8f r = {a[0], b[0], a[1], b[1], a[4], b[4], a[5], b[5]};
-    return r;
+#define DN_UNPACK(name, l0, l1, l2, l3)                                                                    \
+    static inline __attribute__((always_inline)) dn_v8f name(dn_v8f a, dn_v8f b) {                         \
+        dn_v8f r = {a[l0], b[l0], a[l1], b[l1], a[l2], b[l2], a[l3], b[l3]};                               \
+        return r;                                                                                          \
+    }
 #endif
-}
-static inline __attribute__((always_inline)) dn_v8f dn_unpackhi(dn_v8f a, dn_v8f b) {
-#if (defined(__clang__) || __GNUC__ >= 12)
-    return __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
-#else
-    dn_v8f r = {a[2], b[2], a[3], b[3], a[6], b[6], a[7], b[7]};
-    return r;
-#endif
-}
+DN_UNPACK(dn_unpacklo, 0, 1, 4, 5)
+DN_UNPACK(dn_unpackhi, 2, 3, 6, 7)
 /* The remaining two levels of the reduction on n <= 4 pair sums e (e[k] from the vectors 2k, 2k+1):
    r[m] = the sum over the 8 lanes of vector m, m < 2n; lanes from 2n on are 0 (n <= 2 skips the
    pairing of empty halves: a row's last few gradients). */
@@ -264,15 +262,19 @@ typedef struct {
 } dn_kernel;
 
 /* A module's loops: kernels[a * (n_widths + 1) + v] for activation a and variant v, where variant v <
-   n_widths has width widths[v] as a compile-time constant and variant n_widths runs any width. Handed
-   between modules in a capsule named DN_TABLE_CAPSULE; the name carries the layout's version, and a
-   plugin's cache key covers this header, so a module built against another layout is never used. */
+   n_widths has width widths[v] as a compile-time constant and variant n_widths runs any width; with what
+   they were compiled from. Handed between modules in a capsule named DN_TABLE_CAPSULE; the name carries
+   the layout's version, and a plugin's cache key covers this header, so a module built against another
+   layout is never used. */
 typedef struct {
     int n_activations;
     int n_widths;
     const int* widths;
     const dn_kernel* kernels;
-    const char* built_for;
+    const char* built_for;                 /* DN_BUILT_FOR of the loops' compile */
+    const char* const* names;              /* [activation] */
+    const char* const* forward_c;          /* [activation]: the C expressions compiled */
+    const char* const* derivative_c;
 } dn_kernel_table;
 
 #define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v1"
@@ -282,6 +284,67 @@ static inline const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, 
     int v = 0;
     while (v < t->n_widths && t->widths[v] != w) v++;
     return &t->kernels[act * (t->n_widths + 1) + v];
+}
+
+/* ---- what a module with loops exports: the same for a build module and a plugin's ---- */
+
+/* activation_index(name): the index of a compiled activation in the module's table (ValueError if the
+   module does not hold it). */
+static PyObject* dn_activation_index(PyObject* module, PyObject* name) {
+    PyObject* names = PyObject_GetAttrString(module, "ACTIVATION_NAMES");
+    if (names == NULL) return NULL;
+    PyObject* index = PyObject_CallMethod(names, "index", "O", name);
+    Py_DECREF(names);
+    return index;
+}
+
+static PyMethodDef dn_table_methods[] = {
+    {"activation_index", dn_activation_index, METH_O,
+     "Index of a compiled activation in this module's kernel table (ValueError if not compiled here)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int dn_add_object(PyObject* module, const char* name, PyObject* value) {
+    if (value == NULL) return -1;
+    int rc = PyModule_AddObject(module, name, value);
+    if (rc < 0) Py_DECREF(value);
+    return rc;
+}
+
+/* Adds to `module`: ACTIVATION_NAMES, WIDTH_VARIANTS, ACTIVATION_DEFINITIONS ((name, forward_c,
+   derivative_c) per activation: a cached plugin build is checked against its source), BUILT_FOR,
+   KERNEL_TABLE (the table, for the checked calls of a build module) and activation_index. */
+static int dn_add_table_attributes(PyObject* module, const dn_kernel_table* t) {
+    PyObject* names = PyList_New(t->n_activations);
+    PyObject* definitions = PyList_New(t->n_activations);
+    PyObject* widths = PyList_New(t->n_widths);
+    if (names == NULL || definitions == NULL || widths == NULL) goto fail;
+    for (int a = 0; a < t->n_activations; a++) {
+        PyObject* name = PyUnicode_FromString(t->names[a]);
+        PyObject* definition = Py_BuildValue("(sss)", t->names[a], t->forward_c[a], t->derivative_c[a]);
+        if (name == NULL || definition == NULL) { Py_XDECREF(name); Py_XDECREF(definition); goto fail; }
+        PyList_SET_ITEM(names, a, name);
+        PyList_SET_ITEM(definitions, a, definition);
+    }
+    for (int v = 0; v < t->n_widths; v++) {
+        PyObject* width = PyLong_FromLong(t->widths[v]);
+        if (width == NULL) goto fail;
+        PyList_SET_ITEM(widths, v, width);
+    }
+    if (dn_add_object(module, "ACTIVATION_NAMES", names) < 0) { names = NULL; goto fail; }
+    names = NULL;
+    if (dn_add_object(module, "ACTIVATION_DEFINITIONS", definitions) < 0) { definitions = NULL; goto fail; }
+    definitions = NULL;
+    if (dn_add_object(module, "WIDTH_VARIANTS", widths) < 0) { widths = NULL; goto fail; }
+    widths = NULL;
+    if (dn_add_object(module, "BUILT_FOR", PyUnicode_FromString(t->built_for)) < 0) goto fail;
+    if (dn_add_object(module, "KERNEL_TABLE", PyCapsule_New((void*)t, DN_TABLE_CAPSULE, NULL)) < 0) goto fail;
+    return PyModule_AddFunctions(module, dn_table_methods);
+fail:
+    Py_XDECREF(names);
+    Py_XDECREF(definitions);
+    Py_XDECREF(widths);
+    return -1;
 }
 
 #endif /* DN_RUNTIME_H */

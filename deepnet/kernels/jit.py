@@ -2,13 +2,15 @@
 
 The kernels of a plugin's activation come from the very template the built-ins are compiled from:
 ``deepnet.kernels.template.render_layer_loops([activation])`` is rendered next to a copy of
-``deepnet/kernels/plugin_module.pyx`` named ``deepnet_act_<name>_<hash>`` and the runtime header
-(``dn_runtime.h`` and its ``.pxd``), cythonized and compiled with the flags of the package's build in use
+``deepnet/kernels/plugin_module.c`` named ``deepnet_act_<name>_<hash>.c`` and the runtime header
+(``dn_runtime.h``), and compiled (C only: no Cython step) with the flags of the package's build in use
 here (``deepnet.kernels.builds``: ``-O3 -fno-math-errno -fno-trapping-math -fopenmp-simd``, plus the AVX2
 or AVX-512 flags when the package runs that build), and loaded. So a plugin's loops are the same code as a
-built-in's, for every width the built-ins specialise. The module holds those loops and nothing else (its
-KERNEL_TABLE): the checked calls that run them, and the backward pass's thread driver, are the build
-module's, compiled once with the package; that keeps a first use's compile short.
+built-in's, for every width the built-ins specialise, or for the one width it is first used at (the
+others then compile on their first use: ``deepnet.kernels.loader.LayerKernels``). The module holds those
+loops and nothing else (its KERNEL_TABLE): the checked calls that run them, and the backward pass's
+thread driver, are the build module's, compiled once with the package; that keeps a first use's compile
+short.
 
 Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
 
@@ -21,8 +23,8 @@ Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.c
       .build-.../                                 a build in progress (removed when done)
 
 The hash covers the activation's name and C expressions, the deepnet version, the compile flags, the
-compiler, the Python ABI, the Cython version, and the very text compiled (the rendered template, the
-module's .pyx, the runtime header and its .pxd), so a changed definition, template, header or upgrade
+compiler, the Python ABI, the Cython version (its Tempita renders the template), and the very text
+compiled (the rendered template, the module's C, the runtime header), so a changed definition, template, header or upgrade
 compiles afresh and never loads a stale module. A build happens in a temporary directory beside the cache
 entry and is renamed into place when complete: a reader sees a finished module or none. Two processes
 compiling the same activation at once serialise on the lock file (the second then loads the first's
@@ -58,23 +60,24 @@ CACHE_ENV = "DEEPNET_CACHE"
 # An unknown function in an expression is an error here, not a warning and a failed import later; and no
 # debug information, which changes no code but costs a first use's compile about a fifth of its time.
 CHECK_FLAGS = ("-Werror=implicit-function-declaration", "-g0")
-DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
 MODULE_PREFIX = "deepnet_act_"
+# Read once, at import: sysconfig fills its table on first use without a lock, so two threads' first
+# plugin loads could otherwise see it half filled (and hash a different cache key).
+EXT_SUFFIX: str = sysconfig.get_config_var("EXT_SUFFIX")
+CONFIG_CC: str | None = sysconfig.get_config_var("CC")
 # The widths a plugin module specialises unless asked for fewer: those of the built-in modules.
 ALL_WIDTHS: tuple[int, ...] = template.SPECIALISED_WIDTHS
 
-# The compile runs in a fresh interpreter: isolated from this process (setuptools and Cython state, the
+# The compile runs in a fresh interpreter: isolated from this process (setuptools state, the
 # current directory, output) and killed with it. Arguments: one JSON object.
 _BUILD_SCRIPT = r"""
 import json, os, sys
 cfg = json.loads(sys.argv[1])
 os.chdir(cfg["dir"])
-from Cython.Build import cythonize
 from setuptools import Distribution, Extension
-ext = Extension(cfg["module"], [cfg["module"] + ".pyx"], include_dirs=["."], extra_compile_args=cfg["flags"])
-exts = cythonize([ext], language_level=3, compiler_directives=cfg["directives"], quiet=True, force=True,
-                 include_path=["."])
-dist = Distribution({"name": cfg["module"], "ext_modules": exts, "script_name": "deepnet-build"})
+ext = Extension(cfg["module"], [cfg["module"] + ".c"], include_dirs=["."], extra_compile_args=cfg["flags"],
+                define_macros=[("DN_MODULE", cfg["module"])])
+dist = Distribution({"name": cfg["module"], "ext_modules": [ext], "script_name": "deepnet-build"})
 cmd = dist.get_command_obj("build_ext")
 cmd.inplace = True
 cmd.build_temp = "build-temp"
@@ -119,28 +122,24 @@ def widths_for(width: int) -> tuple[int, ...]:
 
 
 def render_source(activations: list, widths: tuple[int, ...] = ALL_WIDTHS) -> str:
-    """The Cython source of the layer loops for ``activations`` (the template's, as for the built-ins)."""
+    """The C of the layer loops for ``activations`` (the template's, as for the built-ins)."""
     return template.render_layer_loops(activations, widths)
 
 
 def _compiler() -> list[str]:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    cc = os.environ.get("CC") or CONFIG_CC or "cc"
     return shlex.split(cc)
 
 
-# The files of a build directory besides the module's .pyx (which is named after the module).
-LOOPS_FILE = "_layer_loops.pxi"
-_RUNTIME_FILES = {"dn_runtime.h": template.RUNTIME_HEADER,
-                  # where `cimport deepnet.kernels.dn_runtime` finds it; the empty __init__.pxd mark packages
-                  "deepnet/kernels/dn_runtime.pxd": template.RUNTIME_PXD}
-_PACKAGE_MARKERS = ("deepnet/__init__.pxd", "deepnet/kernels/__init__.pxd")
+# The files of a build directory besides the module's C (which is named after the module).
+_RUNTIME_FILES = {"dn_runtime.h": template.RUNTIME_HEADER}
 
 
 def sources(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> tuple[str, str, dict[str, str]]:
-    """(the rendered layer loops, the module's .pyx, the runtime files by path): the exact text a module of
+    """(the rendered layer loops, the module's C, the runtime files by name): the exact text a module of
     ``activation`` specialising ``widths`` is compiled from."""
     runtime = {path: source.read_text() for path, source in _RUNTIME_FILES.items()}
-    return render_source([activation], widths), template.PLUGIN_PYX.read_text(), runtime
+    return render_source([activation], widths), template.PLUGIN_C.read_text(), runtime
 
 
 def cache_key(activation, flags: list[str] | None = None, source: tuple | None = None,
@@ -154,12 +153,11 @@ def cache_key_parts(activation, flags: list[str] | None = None, source: tuple | 
                     widths: tuple[int, ...] = ALL_WIDTHS) -> dict:
     """What the cache key hashes: the definition, the deepnet version, the flags, compiler, Python ABI,
     Cython version, and the very source text compiled (the rendered template with the expressions, the
-    module's .pyx, the runtime header and its .pxd; ``widths`` only renders the source when it is not
-    given)."""
+    module's C, the runtime header; ``widths`` only renders the source when it is not given)."""
     import Cython  # optional: only a plugin's compile needs it, and its absence is reported there
 
     flags = compile_flags() if flags is None else flags
-    pxi, pyx, runtime = sources(activation, widths) if source is None else source
+    loops, module_c, runtime = sources(activation, widths) if source is None else source
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
     return {
         "name": activation.name,
@@ -168,10 +166,10 @@ def cache_key_parts(activation, flags: list[str] | None = None, source: tuple | 
         "deepnet": deepnet.__version__,
         "flags": list(flags),
         "compiler": _compiler()[:1],
-        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+        "ext_suffix": EXT_SUFFIX,
         "cython": Cython.__version__,
-        "layer_loops": digest(pxi),
-        "module_pyx": digest(pyx),
+        "layer_loops": digest(loops),
+        "module_c": digest(module_c),
         "runtime": {path: digest(text) for path, text in sorted(runtime.items())},
     }
 
@@ -181,7 +179,7 @@ def module_name(activation, key: str) -> str:
 
 
 def _module_file(directory: Path, name: str) -> Path:
-    return directory / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+    return directory / (name + EXT_SUFFIX)
 
 
 def cached_path(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> Path | None:
@@ -303,8 +301,8 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
                  source: tuple | None = None) -> tuple[Path, float, str]:
     """Compile the layer loops of ``activations`` into extension module ``name`` inside ``directory``.
 
-    ``source`` is (layer loops, module .pyx, runtime files) as ``sources()`` gives them; rendered here if
-    not given.
+    ``source`` is (layer loops, module C, runtime files) as ``sources()`` gives them; rendered here if not
+    given.
     Returns (the module file, seconds, compiler output); ActivationError on a missing compiler or an
     expression that does not compile. The cache's builds go through here; so can a throwaway build.
     """
@@ -325,15 +323,14 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
     directory.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = (render_source(list(activations)),) + sources(activations[0])[1:]
-    pxi, pyx, runtime = source
-    for path, text in [*runtime.items(), *((marker, "") for marker in _PACKAGE_MARKERS)]:
-        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+    loops, module_c, runtime = source
+    for path, text in runtime.items():
         (directory / path).write_text(text)
-    _preflight(list(activations), pxi, directory, flags, compiler)
-    (directory / LOOPS_FILE).write_text(pxi)
-    (directory / f"{name}.pyx").write_text(pyx)
+    _preflight(list(activations), loops, directory, flags, compiler)
+    (directory / template.RENDERED_NAME).write_text(loops)
+    (directory / f"{name}.c").write_text(module_c)
     t0 = time.perf_counter()
-    cfg = {"dir": str(directory), "module": name, "flags": list(flags), "directives": DIRECTIVES}
+    cfg = {"dir": str(directory), "module": name, "flags": list(flags)}
     try:
         proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(cfg)], cwd=directory,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -347,19 +344,15 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
     return built, seconds, log
 
 
-def _preflight(activations: list, pxi: str, directory: Path, flags: list[str], compiler: list[str]) -> None:
+def _preflight(activations: list, loops: str, directory: Path, flags: list[str], compiler: list[str]) -> None:
     """Syntax-check the activations' C functions with the runtime header, in well under a second, so a
     wrong expression fails at once rather than after the whole module's compile. Skipped if the rendered
     source does not have the expected shape (the full build then reports any error)."""
-    start = pxi.find('cdef extern from *:\n    """')
-    last = activations[-1].name
-    end = pxi.find(f"static inline float dn_dact_{last}(", start)
-    if start < 0 or end < 0:
+    end = loops.find(f"static inline float dn_dact_{activations[-1].name}(")
+    if end < 0:
         return
-    end = pxi.find("\n", end)
-    c_code = pxi[start + len('cdef extern from *:\n    """'): end] + "\n"
     test = directory / "preflight.c"
-    test.write_text("#include <Python.h>\n" + c_code)
+    test.write_text(loops[:loops.find("\n", end)] + "\n")
     include = sysconfig.get_paths()["include"]
     try:
         proc = subprocess.run([*compiler, "-fsyntax-only", *flags, f"-I{include}", str(test)], cwd=directory,
@@ -386,7 +379,7 @@ def _build_into(activation, key: str, name: str, root: Path, final: Path, source
         (stage / "definition.json").write_text(json.dumps({
             "module": name, "key": key, "name": activation.name, "origin": activation.origin,
             "forward_c": activation.forward_c, "derivative_c": activation.derivative_c,
-            "flags": flags, "python": sysconfig.get_config_var("EXT_SUFFIX"),
+            "flags": flags, "python": EXT_SUFFIX,
             "deepnet": deepnet.__version__, "compile_seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=1) + "\n")
@@ -418,7 +411,7 @@ def _compile_error(activations: list, log: str, compiler: str) -> str:
     if first is None:
         tail = lines[-1].strip() if lines else "no output"
         return f"activation {names}: compiling its kernel failed: {tail}"
-    error = re.sub(r"^.*?([^/\s]+\.(c|pyx|pxi):\d+)", r"\1", lines[first].strip())
+    error = re.sub(r"^.*?([^/\s]+\.(c|h|pyx|pxi):\d+)", r"\1", lines[first].strip())
     # gcc and clang say which function an error is in ("In function 'dn_dact_x':") and quote the line.
     context = "\n".join(lines[max(0, first - 6): first + 3])
     for act in activations:
