@@ -1,7 +1,9 @@
 """Build the Cython kernels.
 
-The layer loops are rendered from ``deepnet/kernels/layer_loops.pxi.tp`` for every built-in activation and
-included by ``deepnet/_kernels.pyx``. Compiler flags:
+The layer loops are rendered from ``deepnet/kernels/layer_loops.h.tp`` for every built-in activation into
+``build/generated/_layer_loops.h`` and included by ``deepnet/_kernels.pyx``, over the C every module shares
+(``deepnet/kernels/dn_runtime.h``) and the backward driver of the build modules
+(``deepnet/kernels/dn_driver.h``). Compiler flags:
 
 - always ``-O3`` (plus flags that let the compiler vectorise without changing any result:
   ``-fno-math-errno``, ``-fno-trapping-math``; never ``-ffast-math``, which would reassociate sums);
@@ -28,7 +30,7 @@ sys.path.insert(0, HERE)
 
 from deepnet.activations import BUILTINS  # noqa: E402
 from deepnet.kernels.builds import BASE_FLAGS, X86_BUILDS  # noqa: E402
-from deepnet.kernels.template import render_layer_loops  # noqa: E402
+from deepnet.kernels.template import RENDERED_NAME, render_layer_loops  # noqa: E402
 
 
 def write_if_changed(path: str, text: str) -> None:
@@ -39,9 +41,14 @@ def write_if_changed(path: str, text: str) -> None:
         f.write(text)
 
 
-write_if_changed(os.path.join(HERE, "deepnet", "_layer_loops.pxi"), render_layer_loops(BUILTINS))
+GENERATED_DIR = os.path.join("build", "generated")  # a build product, never committed
+os.makedirs(os.path.join(HERE, GENERATED_DIR), exist_ok=True)
+write_if_changed(os.path.join(HERE, GENERATED_DIR, RENDERED_NAME), render_layer_loops(BUILTINS))
 
 BASE_ARGS = list(BASE_FLAGS) + ["-pthread"]
+KERNELS_DIR = os.path.join("deepnet", "kernels")  # the headers, found by #include "dn_runtime.h"
+HEADERS = [os.path.join(KERNELS_DIR, name) for name in ("dn_runtime.h", "dn_driver.h")]
+HEADERS.append(os.path.join(GENERATED_DIR, RENDERED_NAME))
 
 
 def kernel_extension(module: str, extra_args: list[str]) -> Extension:
@@ -53,7 +60,8 @@ def kernel_extension(module: str, extra_args: list[str]) -> Extension:
     return Extension(
         f"deepnet.{module}",
         [source],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), KERNELS_DIR, GENERATED_DIR],
+        depends=HEADERS,
         extra_compile_args=BASE_ARGS + extra_args,
         extra_link_args=["-pthread"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -1,31 +1,49 @@
 """Compiled residual-layer kernels: h <- h + alpha * act(h W + b), forward and exact backward.
 
-The loops themselves come from one template (``kernels/layer_loops.pxi.tp``) rendered for every registered
-built-in activation and a set of widths; this module is the thin checked layer over them. Each call
-runs a whole chunk of layers without the GIL and without touching a Python object per layer.
+The loops themselves come from one template (``kernels/layer_loops.h.tp``) rendered for every
+built-in activation and a set of widths, over the shared C of ``kernels/dn_runtime.h``; this module is
+the thin checked layer over them and over a plugin module's loops (``kernels=`` its KERNEL_TABLE), with
+the backward pass's thread driver (``kernels/dn_driver.h``) compiled here once. Each call runs a whole
+chunk of layers without the GIL and without touching a Python object per layer.
 
 Layouts (see DESIGN.md): activations are ``(width, batch)`` C-contiguous float32 (batch innermost);
 a chunk of parameters is ``(n_layers, width*width + width)`` float32, each row ``[W (in, out) | b]``.
 """
 
-from libc.string cimport memcpy
-from libc.stdlib cimport malloc, free
+import sys
 
-ctypedef void (*forward_fn)(
-    const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w, Py_ssize_t B,
-    float alpha, float* saves, Py_ssize_t save_every, float* scratch, Py_ssize_t part, Py_ssize_t n_parts,
-) noexcept nogil
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.stdlib cimport free, malloc
 
-ctypedef void (*backward_fn)(
-    float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
-    float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
-    float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch, Py_ssize_t scratch_floats,
-    int threads,
-) noexcept nogil
+from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_MAX_BLOCK, DN_TABLE_CAPSULE, dn_add_table_attributes,
+                                         dn_grad_stride, dn_kernel, dn_kernel_for, dn_kernel_table)
 
-include "_layer_loops.pxi"
+cdef extern from "dn_driver.h" nogil:
+    const int DN_GRAD_BUFFERS
+    const double DN_THREAD_MIN_WORK
+    double dn_spin_seconds
+    long dn_sleeps
+    int dn_fuse
+    void dn_forward(const dn_kernel* k, const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w,
+                    Py_ssize_t B, float alpha, float* saves, Py_ssize_t save_every, float* scratch,
+                    Py_ssize_t part, Py_ssize_t n_parts)
+    void dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
+                     Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
+                     float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
+                     Py_ssize_t scratch_floats, int threads)
+    int dn_cpu_has_avx2_fma()
+    int dn_cpu_has_avx512()
 
-_fill_kernel_tables()
+# The built-in activations' loops, rendered from kernels/layer_loops.h.tp by setup.py.
+cdef extern from "_layer_loops.h":
+    const dn_kernel_table dn_table
+
+# ACTIVATION_NAMES, WIDTH_VARIANTS, ACTIVATION_DEFINITIONS, BUILT_FOR, KERNEL_TABLE, activation_index():
+# exported from the table, as a plugin's module exports its own.
+dn_add_table_attributes(sys.modules[__name__], &dn_table)
+
+# A backward call starts a second thread from this many multiply-adds (layers x (w*w + w) x batch).
+THREAD_MIN_WORK = int(DN_THREAD_MIN_WORK)
 
 
 def set_spin_seconds(double seconds) -> float:
@@ -56,45 +74,6 @@ def sleep_count() -> int:
     return dn_sleeps
 
 
-cdef extern from *:
-    """
-    static int dn_cpu_has_avx2_fma(void) {
-    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    #else
-        return 0;
-    #endif
-    }
-    /* libgcc's checks also ask the OS (XCR0) whether it saves the 512-bit register state. */
-    static int dn_cpu_has_avx512(void) {
-    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-        __builtin_cpu_init();
-        return dn_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-    #else
-        return 0;
-    #endif
-    }
-    #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__FMA__)
-    #define DN_BUILT_FOR "avx512"
-    #elif defined(__AVX2__) && defined(__FMA__)
-    #define DN_BUILT_FOR "avx2+fma"
-    #elif defined(__AVX__)
-    #define DN_BUILT_FOR "avx"
-    #elif defined(__SSE2__)
-    #define DN_BUILT_FOR "sse2"
-    #elif defined(__ARM_NEON)
-    #define DN_BUILT_FOR "neon"
-    #else
-    #define DN_BUILT_FOR "generic"
-    #endif
-    """
-    int dn_cpu_has_avx2_fma() noexcept nogil
-    int dn_cpu_has_avx512() noexcept nogil
-    const char* DN_BUILT_FOR
-
-
 def cpu_has_avx2_fma() -> bool:
     """Whether this CPU runs AVX2 and FMA instructions (False off x86)."""
     return bool(dn_cpu_has_avx2_fma())
@@ -105,26 +84,10 @@ def cpu_has_avx512() -> bool:
     return bool(dn_cpu_has_avx512())
 
 
-BUILT_FOR = DN_BUILT_FOR.decode()
-
-
-def activation_index(str name) -> int:
-    """Index of a compiled activation in this module's kernel table (ValueError if not compiled here)."""
-    return ACTIVATION_NAMES.index(name)
-
-
-cdef Py_ssize_t _variant(Py_ssize_t w) noexcept:
-    cdef Py_ssize_t k
-    for k in range(N_WIDTH_VARIANTS - 1):
-        if WIDTH_VARIANTS[k] == w:
-            return k
-    return N_WIDTH_VARIANTS - 1
-
-
 cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept nogil:
     # block state, z and g of the generic-width and per-sample paths, plus slack to align the vectors
     # of the any-width path to 32 bytes (dn_align32)
-    return 3 * w * MAX_BLOCK + 8
+    return 3 * w * DN_MAX_BLOCK + 8
 
 
 cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
@@ -137,27 +100,33 @@ def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) ->
     even narrow widths keep two vectors per unit) and of its derivatives (two per thread: one being
     back-propagated, one being recomputed), DN_GRAD_BUFFERS of a segment's weight gradients (segments
     in flight between the threads), and two threads' scratch."""
-    return (12 * _set_size(width, save_every) + DN_GRAD_BUFFERS * save_every * _grad_stride(width)
+    return (12 * _set_size(width, save_every) + DN_GRAD_BUFFERS * save_every * dn_grad_stride(width)
             + 2 * _scratch_size(width))
 
 
-cdef int _check_act(int act) except -1:
-    if act < 0 or act >= N_ACTIVATIONS:
-        raise ValueError(f"activation index {act} out of range (this module has {N_ACTIVATIONS})")
-    return 0
+cdef const dn_kernel_table* _table(object kernels, int act) except NULL:
+    """The kernel table of ``kernels`` (a module's KERNEL_TABLE; None: this module's own), checked to hold
+    activation ``act``."""
+    cdef const dn_kernel_table* table = &dn_table
+    if kernels is not None:
+        table = <const dn_kernel_table*> PyCapsule_GetPointer(kernels, DN_TABLE_CAPSULE)
+    if act < 0 or act >= table.n_activations:
+        raise ValueError(f"activation index {act} out of range (the kernel table has {table.n_activations})")
+    return table
 
 
 def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
             float[:, ::1] saves=None, Py_ssize_t save_every=0, float[::1] work=None,
-            Py_ssize_t part=0, Py_ssize_t n_parts=1) -> None:
+            Py_ssize_t part=0, Py_ssize_t n_parts=1, kernels=None) -> None:
     """Forward h (width, batch) through every layer of ``params`` in place.
 
     If ``saves`` is given, h is copied into ``saves[k]`` before layer ``k * save_every`` of the chunk
     (the checkpoints the backward pass recomputes from). With ``n_parts`` > 1 only the ``part``-th run
     of the batch's columns is computed: threads may run the parts of one call at the same time, each
-    with its own ``work``.
+    with its own ``work``. ``kernels`` is the KERNEL_TABLE of the module whose loops run (a plugin's);
+    None runs this module's own.
     """
-    _check_act(act)
+    cdef const dn_kernel_table* table = _table(kernels, act)
     if n_parts < 1 or not 0 <= part < n_parts:
         raise ValueError(f"part {part} of {n_parts} is not a valid split")
     cdef Py_ssize_t w = h.shape[0], B = h.shape[1], n = params.shape[0]
@@ -182,19 +151,19 @@ def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
         if work.shape[0] < _scratch_size(w):
             raise ValueError("work is too small")
         z = &work[0]
-    cdef forward_fn fn = _FORWARD[act][_variant(w)]
+    cdef const dn_kernel* k = dn_kernel_for(table, act, w)
     cdef const float* p = &params[0, 0] if n > 0 else NULL
     try:
         if n > 0:
             with nogil:
-                fn(p, n, &h[0, 0], w, B, alpha, saves_ptr, save_every, z, part, n_parts)
+                dn_forward(k, p, n, &h[0, 0], w, B, alpha, saves_ptr, save_every, z, part, n_parts)
     finally:
         if owned:
             free(z)
 
 
 def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_t save_every,
-             float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1) -> None:
+             float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1, kernels=None) -> None:
     """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place.
 
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
@@ -202,8 +171,9 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     the gradient flowing further down uses the layer's old weights. With ``threads`` > 1 a second
     thread takes half the batch's blocks, a segment behind the first (or, at a batch of one block,
     recomputes the next segment while the first back-propagates this one): the same result, bit for bit.
+    ``kernels`` is as for ``forward``.
     """
-    _check_act(act)
+    cdef const dn_kernel_table* table = _table(kernels, act)
     cdef Py_ssize_t w = g.shape[0], B = g.shape[1], n = params.shape[0]
     if w < 1 or B < 1:
         raise ValueError("g must be (width, batch) with width, batch >= 1")
@@ -230,12 +200,12 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     cdef float* hbuf = buf
     cdef float* dbuf = hbuf + 8 * set_floats   # hbuf's four sets are twice the size (dn_backward_run)
     cdef float* grad = dbuf + 4 * set_floats
-    cdef float* scratch = grad + DN_GRAD_BUFFERS * save_every * _grad_stride(w)
-    cdef backward_fn fn = _BACKWARD[act][_variant(w)]
+    cdef float* scratch = grad + DN_GRAD_BUFFERS * save_every * dn_grad_stride(w)
+    cdef const dn_kernel* k = dn_kernel_for(table, act, w)
     try:
         with nogil:
-            fn(&params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf, set_floats,
-               grad, scratch, _scratch_size(w), threads)
+            dn_backward(k, &params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf,
+                        set_floats, grad, scratch, _scratch_size(w), threads)
     finally:
         if owned:
             free(buf)

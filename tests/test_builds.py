@@ -123,3 +123,19 @@ def test_a_training_step_is_the_same_on_every_build(tmp_path, fresh_choice, acti
         assert_close(core - init_core, base_core - init_core, rtol=1e-3, what=f"{name} core update")
         for key in base_heads:
             assert_close(heads[key], base_heads[key], what=f"{name} {key}")
+
+
+def test_every_file_a_kernel_build_reads_is_package_data():
+    """setup.py and a plugin's compile read the template, the runtime headers and the plugin's .pyx from
+    the installed package: each must be listed as package data, or an installed deepnet cannot use it."""
+    from pathlib import Path
+
+    from deepnet.kernels import template
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    needed = [template.TEMPLATE_PATH, template.RUNTIME_HEADER, template.RUNTIME_PXD, template.DRIVER_HEADER,
+              template.PLUGIN_C]
+    for path in needed:
+        assert path.exists() and path.name in data["deepnet.kernels"], path.name

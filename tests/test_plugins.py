@@ -181,6 +181,12 @@ def test_cache_key_covers_the_definition_and_the_build():
     assert key != compile_activation.cache_key(Activation("softsign_other", act.forward_c, act.derivative_c,
                                                           np.abs, np.abs), flags)
     assert compile_activation.module_name(copy, key) == f"deepnet_act_softsign_plugin_{key[:16]}"
+    pxi, pyx, runtime = compile_activation.sources(copy)
+    assert set(runtime) == {"dn_runtime.h"}
+    for path in runtime:  # the shared runtime is compiled into the module: a change to it is a new module
+        changed = dict(runtime, **{path: runtime[path] + "\n"})
+        assert key != compile_activation.cache_key(copy, flags, (pxi, pyx, changed))
+    assert key != compile_activation.cache_key(copy, flags, (pxi, pyx + "\n", runtime))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -192,6 +198,8 @@ def test_plugin_kernel_computes_what_the_builtin_does(compiled, width, batch):
     plugin, builtin = kernels_for("softsign_plugin"), kernels_for("softsign")
     assert plugin.module is not builtin_module() and builtin.module is builtin_module()
     assert plugin.module.BUILT_FOR == builtin.module.BUILT_FOR  # compiled with the same flags
+    # the plugin's module holds its loops only; the build module's checked calls run them
+    assert plugin.calls is builtin_module() and not hasattr(plugin.module, "forward")
     rng = np.random.default_rng(width * 100 + batch)
     layers, save_every = 60, 7
     params = rng.uniform(-0.5, 0.5, (layers, width * width + width)).astype(np.float32)
@@ -206,6 +214,32 @@ def test_plugin_kernel_computes_what_the_builtin_does(compiled, width, batch):
         out[k.name] = (h, p, g)
     for a, b in zip(out["softsign_plugin"], out["softsign"]):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+def test_a_plugin_compiled_for_its_width_runs_any_width_as_the_builtin_does(compiled, monkeypatch, tmp_path):
+    """kernels_for(name, width) compiles that width's loops only; another width with loops of its own is
+    compiled on first use, one without runs the any-width loops: each the very loops of the built-in."""
+    monkeypatch.setenv("DEEPNET_CACHE", str(tmp_path))
+    act = activations.get("softsign_plugin")
+    plugin, builtin = kernels_for("softsign_plugin", width=4), kernels_for("softsign")
+    assert plugin.module.WIDTH_VARIANTS == [4] and compile_activation.status(act) == "cached"
+    assert compile_activation.cached_path(act) is None  # the module of every width was not compiled here
+    rng = np.random.default_rng(5)
+    for width, batch in [(4, 16), (2, 3), (5, 11), (4, 1)]:
+        layers, save_every = 50, 6
+        params = rng.uniform(-0.5, 0.5, (layers, width * width + width)).astype(np.float32)
+        h0, g0 = (rng.uniform(-1, 1, (width, batch)).astype(np.float32) for _ in range(2))
+        out = []
+        for k in (plugin, builtin):
+            h, p, g = h0.copy(), params.copy(), g0.copy()
+            saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
+            k.forward(p, h, 0.3, saves, save_every)
+            k.backward(p, saves, save_every, g, 0.3, 0.1)
+            out.append((h, p, g))
+        for a, b in zip(*out):
+            np.testing.assert_array_equal(a, b)
+    assert plugin.loops_for(2).WIDTH_VARIANTS == [2] and plugin.loops_for(5) is plugin.module
+    assert plugin.loops_for(2) is plugin.loops_for(2)  # compiled once
 
 
 def test_plugin_trains_end_to_end_and_matches_the_float64_reference(compiled, tmp_path):

@@ -2,7 +2,7 @@
 
 An ``Activation`` is a name, its forward as a C expression of ``z``, its derivative as a C expression of
 ``z`` and ``a = act(z)``, and NumPy versions of both (the reference the tests and ``deepnet activations
-check`` compare the kernels with). The kernel template (``deepnet/kernels/layer_loops.pxi.tp``) substitutes the
+check`` compare the kernels with). The kernel template (``deepnet/kernels/layer_loops.h.tp``) substitutes the
 C expressions into one loop per activation, so every registered activation runs as compiled code, never
 as a Python callback: the built-ins (``builtin.py``) are compiled when the package is built, any other
 activation the first time it is used (``deepnet.kernels.jit``, cached on disk).

@@ -30,10 +30,8 @@ class KernelBuild:
 PORTABLE = KernelBuild("portable", "_kernels", (), "", None)
 AVX2 = KernelBuild("avx2", "_kernels_avx2", ("-mavx2", "-mfma"), "avx2+fma", "cpu_has_avx2_fma")
 # x86-64-v4's vector extensions. The block kernels use 8-float vector types whatever the build, so they
-# gain from AVX-512's 32 registers and instructions, not its width. The loops GCC vectorises on its own
-# (one sample at a time, batch < 8, at widths without a variant of their own) do better with 256-bit
-# vectors: width 5, batch 4, backward on two threads 0.041-0.047 s with -mprefer-vector-width=256
-# against 0.067-0.071 s without (one 400k-layer chunk, Zen 5, two runs); other shapes alike.
+# gain from AVX-512's 32 registers and instructions, not its width; the loops GCC vectorises on its own
+# (one sample at a time, at widths without a variant of their own) run faster with 256-bit vectors.
 AVX512 = KernelBuild(
     "avx512", "_kernels_avx512",
     ("-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mprefer-vector-width=256"),
@@ -47,6 +45,7 @@ CHOICES: tuple[str, ...] = ("auto",) + tuple(b.name for b in ALL_BUILDS)
 
 
 def by_name(name: str) -> KernelBuild:
+    """The build $DEEPNET_KERNELS calls ``name`` (StopIteration if none)."""
     return next(b for b in ALL_BUILDS if b.name == name)
 
 

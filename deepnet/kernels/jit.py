@@ -2,10 +2,15 @@
 
 The kernels of a plugin's activation come from the very template the built-ins are compiled from:
 ``deepnet.kernels.template.render_layer_loops([activation])`` is rendered next to a copy of
-``deepnet/_kernels.pyx`` named ``deepnet_act_<name>_<hash>``, cythonized and compiled with the flags of
-the package's build in use here (``deepnet.kernels.builds``: ``-O3 -fno-math-errno -fno-trapping-math
--fopenmp-simd``, plus the AVX2 or AVX-512 flags when the package runs that build), and loaded. So a
-plugin's kernel is the same code as a built-in's.
+``deepnet/kernels/plugin_module.c`` named ``deepnet_act_<name>_<hash>.c`` and the runtime header
+(``dn_runtime.h``), and compiled (C only: no Cython step) with the flags of the package's build in use
+here (``deepnet.kernels.builds``: ``-O3 -fno-math-errno -fno-trapping-math -fopenmp-simd``, plus the AVX2
+or AVX-512 flags when the package runs that build), and loaded. So a plugin's loops are the same code as a
+built-in's, for every width the built-ins specialise, or for the one width it is first used at (the
+others then compile on their first use: ``deepnet.kernels.loader.LayerKernels``). The module holds those
+loops and nothing else (its KERNEL_TABLE): the checked calls that run them, and the backward pass's
+thread driver, are the build module's, compiled once with the package; that keeps a first use's compile
+short.
 
 Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.cache/deepnet``)::
 
@@ -18,15 +23,14 @@ Cache layout (``$DEEPNET_CACHE``, else the per-user cache directory, e.g. ``~/.c
       .build-.../                                 a build in progress (removed when done)
 
 The hash covers the activation's name and C expressions, the deepnet version, the compile flags, the
-compiler, the Python ABI, the Cython version, and the very text compiled (the rendered template and
-``_kernels.pyx``), so a changed definition, template or upgrade compiles afresh and never loads a stale
-module. The module has every width variant the built-in module has (compiling fewer saved little: the
-shared code dominates), so a plugin runs the same code as a built-in. A build happens in a temporary
-directory beside the cache entry and is renamed into place when complete: a reader sees a finished
-module or none. Two processes compiling the same activation at once serialise on the lock file (the
-second then loads the first's module); without locks (a filesystem without ``flock``) both compile and
-the rename lets one win, the other discarding its copy. Nothing read from a model file is compiled: only
-definitions in the registry, which come from installed code.
+compiler, the Python ABI, the Cython version (its Tempita renders the template), and the very text
+compiled (the rendered template, the module's C, the runtime header), so a changed definition, template, header or upgrade
+compiles afresh and never loads a stale module. A build happens in a temporary directory beside the cache
+entry and is renamed into place when complete: a reader sees a finished module or none. Two processes
+compiling the same activation at once serialise on the lock file (the second then loads the first's
+module); without locks (a filesystem without ``flock``) both compile and the rename lets one win, the
+other discarding its copy. Nothing read from a model file is compiled: only definitions in the registry,
+which come from installed code.
 """
 
 from __future__ import annotations
@@ -48,28 +52,32 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-from deepnet.kernels import builds
+import deepnet
 from deepnet.errors import ActivationError
+from deepnet.kernels import builds, builtin, template
 
 CACHE_ENV = "DEEPNET_CACHE"
-# An unknown function in an expression is an error here, not a warning and a failed import later.
-CHECK_FLAGS = ("-Werror=implicit-function-declaration",)
-DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
+# An unknown function in an expression is an error here, not a warning and a failed import later; and no
+# debug information, which changes no code but costs a first use's compile about a fifth of its time.
+CHECK_FLAGS = ("-Werror=implicit-function-declaration", "-g0")
 MODULE_PREFIX = "deepnet_act_"
+# Read once, at import: sysconfig fills its table on first use without a lock, so two threads' first
+# plugin loads could otherwise see it half filled (and hash a different cache key).
+EXT_SUFFIX: str = sysconfig.get_config_var("EXT_SUFFIX")
+CONFIG_CC: str | None = sysconfig.get_config_var("CC")
+# The widths a plugin module specialises unless asked for fewer: those of the built-in modules.
+ALL_WIDTHS: tuple[int, ...] = template.SPECIALISED_WIDTHS
 
-# The compile runs in a fresh interpreter: isolated from this process (setuptools and Cython state, the
+# The compile runs in a fresh interpreter: isolated from this process (setuptools state, the
 # current directory, output) and killed with it. Arguments: one JSON object.
 _BUILD_SCRIPT = r"""
 import json, os, sys
 cfg = json.loads(sys.argv[1])
 os.chdir(cfg["dir"])
-import numpy
-from Cython.Build import cythonize
 from setuptools import Distribution, Extension
-ext = Extension(cfg["module"], [cfg["module"] + ".pyx"], include_dirs=[numpy.get_include()],
-                extra_compile_args=cfg["flags"], define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
-exts = cythonize([ext], language_level=3, compiler_directives=cfg["directives"], quiet=True, force=True)
-dist = Distribution({"name": cfg["module"], "ext_modules": exts, "script_name": "deepnet-build"})
+ext = Extension(cfg["module"], [cfg["module"] + ".c"], include_dirs=["."], extra_compile_args=cfg["flags"],
+                define_macros=[("DN_MODULE", cfg["module"])])
+dist = Distribution({"name": cfg["module"], "ext_modules": [ext], "script_name": "deepnet-build"})
 cmd = dist.get_command_obj("build_ext")
 cmd.inplace = True
 cmd.build_temp = "build-temp"
@@ -105,53 +113,51 @@ def kernel_cache_dir() -> Path:
 
 def compile_flags() -> list[str]:
     """The flags of the package's own build of the kernels this process uses (see setup.py)."""
-    from deepnet.kernels.loader import builtin_module
-
-    return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
+    return list(builds.BASE_FLAGS) + list(builds.flags_for(builtin.builtin_module().BUILT_FOR)) + list(CHECK_FLAGS)
 
 
-def _package_file(name: str) -> Path:
-    return Path(__file__).resolve().parent.parent / name
+def widths_for(width: int) -> tuple[int, ...]:
+    """The specialised widths a module for running at ``width`` needs: that width, if it has a variant."""
+    return (width,) if width in ALL_WIDTHS else ()
 
 
-def render_source(activations: list) -> str:
-    """The Cython source of the layer loops for ``activations`` (the template's, as for the built-ins)."""
-    from deepnet.kernels.template import render_layer_loops
-
-    return render_layer_loops(activations)
+def render_source(activations: list, widths: tuple[int, ...] = ALL_WIDTHS) -> str:
+    """The C of the layer loops for ``activations`` (the template's, as for the built-ins)."""
+    return template.render_layer_loops(activations, widths)
 
 
 def _compiler() -> list[str]:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    cc = os.environ.get("CC") or CONFIG_CC or "cc"
     return shlex.split(cc)
 
 
-def _extra_includes(pyx: str) -> dict[str, str]:
-    """Files _kernels.pyx includes besides the rendered layer loops (name -> text), copied into a build."""
-    names = re.findall(r'^\s*include\s+"([^"]+)"', pyx, flags=re.MULTILINE)
-    return {n: _package_file(n).read_text() for n in names if n != "_layer_loops.pxi" and _package_file(n).exists()}
+# The files of a build directory besides the module's C (which is named after the module).
+_RUNTIME_FILES = {"dn_runtime.h": template.RUNTIME_HEADER}
 
 
-def sources(activation) -> tuple[str, str]:
-    """(the rendered layer loops, _kernels.pyx): the exact text a module of ``activation`` is compiled from."""
-    return render_source([activation]), _package_file("_kernels.pyx").read_text()
+def sources(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> tuple[str, str, dict[str, str]]:
+    """(the rendered layer loops, the module's C, the runtime files by name): the exact text a module of
+    ``activation`` specialising ``widths`` is compiled from."""
+    runtime = {path: source.read_text() for path, source in _RUNTIME_FILES.items()}
+    return render_source([activation], widths), template.PLUGIN_C.read_text(), runtime
 
 
-def cache_key(activation, flags: list[str] | None = None, source: tuple[str, str] | None = None) -> str:
+def cache_key(activation, flags: list[str] | None = None, source: tuple | None = None,
+              widths: tuple[int, ...] = ALL_WIDTHS) -> str:
     """sha256 of everything the compiled module depends on (``cache_key_parts``)."""
-    parts = cache_key_parts(activation, flags, source)
+    parts = cache_key_parts(activation, flags, source, widths)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key_parts(activation, flags: list[str] | None = None, source: tuple[str, str] | None = None) -> dict:
+def cache_key_parts(activation, flags: list[str] | None = None, source: tuple | None = None,
+                    widths: tuple[int, ...] = ALL_WIDTHS) -> dict:
     """What the cache key hashes: the definition, the deepnet version, the flags, compiler, Python ABI,
-    Cython version, and the very source text compiled (the rendered template with the expressions)."""
-    import Cython
-
-    import deepnet
+    Cython version, and the very source text compiled (the rendered template with the expressions, the
+    module's C, the runtime header; ``widths`` only renders the source when it is not given)."""
+    import Cython  # optional: only a plugin's compile needs it, and its absence is reported there
 
     flags = compile_flags() if flags is None else flags
-    pxi, pyx = sources(activation) if source is None else source
+    loops, module_c, runtime = sources(activation, widths) if source is None else source
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
     return {
         "name": activation.name,
@@ -160,11 +166,11 @@ def cache_key_parts(activation, flags: list[str] | None = None, source: tuple[st
         "deepnet": deepnet.__version__,
         "flags": list(flags),
         "compiler": _compiler()[:1],
-        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+        "ext_suffix": EXT_SUFFIX,
         "cython": Cython.__version__,
-        "layer_loops": digest(pxi),
-        "kernels_pyx": digest(pyx),
-        "includes": {n: digest(text) for n, text in sorted(_extra_includes(pyx).items())},
+        "layer_loops": digest(loops),
+        "module_c": digest(module_c),
+        "runtime": {path: digest(text) for path, text in sorted(runtime.items())},
     }
 
 
@@ -173,12 +179,12 @@ def module_name(activation, key: str) -> str:
 
 
 def _module_file(directory: Path, name: str) -> Path:
-    return directory / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+    return directory / (name + EXT_SUFFIX)
 
 
-def cached_path(activation) -> Path | None:
-    """The compiled module of ``activation`` in the cache, if it is there."""
-    name = module_name(activation, cache_key(activation))
+def cached_path(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> Path | None:
+    """The compiled module of ``activation`` specialising ``widths`` in the cache, if it is there."""
+    name = module_name(activation, cache_key(activation, widths=widths))
     path = _module_file(kernel_cache_dir() / name, name)
     return path if path.exists() else None
 
@@ -186,11 +192,10 @@ def cached_path(activation) -> Path | None:
 def status(activation) -> str:
     """Where the activation's kernel is: "built in" (the package's module), "cached" (compiled on an
     earlier use), or "not yet" (compiled on first use)."""
-    from deepnet.kernels.loader import in_builtin_module
-
-    if in_builtin_module(activation):
+    if builtin.in_builtin_module(activation):
         return "built in"
-    return "cached" if cached_path(activation) is not None else "not yet"
+    every = [ALL_WIDTHS, ()] + [(w,) for w in ALL_WIDTHS]  # compiled for every width, or for one
+    return "cached" if any(cached_path(activation, widths) is not None for widths in every) else "not yet"
 
 
 def history() -> list[dict]:
@@ -202,9 +207,10 @@ def history() -> list[dict]:
 # compile and load
 
 
-def load(activation) -> ModuleType:
-    """The compiled kernel module of ``activation``: this process's, the cache's, or compiled now."""
-    source = sources(activation)  # read once: the key and a build see the same text
+def load(activation, widths: tuple[int, ...] = ALL_WIDTHS) -> ModuleType:
+    """The compiled kernel module of ``activation`` with the loops of ``widths`` (and of any other width):
+    this process's, the cache's, or compiled now."""
+    source = sources(activation, widths)  # read once: the key and a build see the same text
     key = cache_key(activation, source=source)
     where = str(kernel_cache_dir() / module_name(activation, key))  # a process may switch caches
     with _lock:
@@ -220,7 +226,7 @@ def load(activation) -> ModuleType:
         return module
 
 
-def _load_or_build(activation, key: str, source: tuple[str, str]) -> ModuleType:
+def _load_or_build(activation, key: str, source: tuple) -> ModuleType:
     name = module_name(activation, key)
     root = kernel_cache_dir()
     final = root / name
@@ -292,10 +298,11 @@ def _file_lock(path: Path):
 
 
 def build_module(activations: list, name: str, directory: Path, flags: list[str],
-                 source: tuple[str, str] | None = None) -> tuple[Path, float, str]:
+                 source: tuple | None = None) -> tuple[Path, float, str]:
     """Compile the layer loops of ``activations`` into extension module ``name`` inside ``directory``.
 
-    ``source`` is (layer loops, _kernels.pyx) as ``sources()`` gives them; rendered here if not given.
+    ``source`` is (layer loops, module C, runtime files) as ``sources()`` gives them; rendered here if not
+    given.
     Returns (the module file, seconds, compiler output); ActivationError on a missing compiler or an
     expression that does not compile. The cache's builds go through here; so can a throwaway build.
     """
@@ -314,14 +321,16 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
             f"pip install {' '.join(m.lower() for m in missing)}"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    pxi, pyx = source if source is not None else (render_source(list(activations)), _package_file("_kernels.pyx").read_text())
-    _preflight(list(activations), pxi, directory, flags, compiler)
-    (directory / "_layer_loops.pxi").write_text(pxi)
-    (directory / f"{name}.pyx").write_text(pyx)
-    for extra, text in _extra_includes(pyx).items():
-        (directory / extra).write_text(text)
+    if source is None:
+        source = (render_source(list(activations)),) + sources(activations[0])[1:]
+    loops, module_c, runtime = source
+    for path, text in runtime.items():
+        (directory / path).write_text(text)
+    _preflight(list(activations), loops, directory, flags, compiler)
+    (directory / template.RENDERED_NAME).write_text(loops)
+    (directory / f"{name}.c").write_text(module_c)
     t0 = time.perf_counter()
-    cfg = {"dir": str(directory), "module": name, "flags": list(flags), "directives": DIRECTIVES}
+    cfg = {"dir": str(directory), "module": name, "flags": list(flags)}
     try:
         proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(cfg)], cwd=directory,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -335,19 +344,15 @@ def build_module(activations: list, name: str, directory: Path, flags: list[str]
     return built, seconds, log
 
 
-def _preflight(activations: list, pxi: str, directory: Path, flags: list[str], compiler: list[str]) -> None:
-    """Syntax-check the activations' C functions with the template's C prelude, in well under a second,
-    so a wrong expression fails at once rather than after the whole module's compile. Skipped if the
-    rendered source does not have the expected shape (the full build then reports any error)."""
-    start = pxi.find('cdef extern from *:\n    """')
-    last = activations[-1].name
-    end = pxi.find(f"static inline float dn_dact_{last}(", start)
-    if start < 0 or end < 0:
+def _preflight(activations: list, loops: str, directory: Path, flags: list[str], compiler: list[str]) -> None:
+    """Syntax-check the activations' C functions with the runtime header, in well under a second, so a
+    wrong expression fails at once rather than after the whole module's compile. Skipped if the rendered
+    source does not have the expected shape (the full build then reports any error)."""
+    end = loops.find(f"static inline float dn_dact_{activations[-1].name}(")
+    if end < 0:
         return
-    end = pxi.find("\n", end)
-    c_code = pxi[start + len('cdef extern from *:\n    """'): end] + "\n"
     test = directory / "preflight.c"
-    test.write_text("#include <Python.h>\n" + c_code)
+    test.write_text(loops[:loops.find("\n", end)] + "\n")
     include = sysconfig.get_paths()["include"]
     try:
         proc = subprocess.run([*compiler, "-fsyntax-only", *flags, f"-I{include}", str(test)], cwd=directory,
@@ -358,7 +363,7 @@ def _preflight(activations: list, pxi: str, directory: Path, flags: list[str], c
         raise ActivationError(_compile_error(activations, proc.stdout, compiler[0]))
 
 
-def _build_into(activation, key: str, name: str, root: Path, final: Path, source: tuple[str, str]) -> None:
+def _build_into(activation, key: str, name: str, root: Path, final: Path, source: tuple) -> None:
     """Compile ``activation`` in a temporary directory under ``root`` and rename it to ``final``."""
     flags = compile_flags()
     build = root / f".build-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -374,8 +379,8 @@ def _build_into(activation, key: str, name: str, root: Path, final: Path, source
         (stage / "definition.json").write_text(json.dumps({
             "module": name, "key": key, "name": activation.name, "origin": activation.origin,
             "forward_c": activation.forward_c, "derivative_c": activation.derivative_c,
-            "flags": flags, "python": sysconfig.get_config_var("EXT_SUFFIX"),
-            "deepnet": __import__("deepnet").__version__, "compile_seconds": round(seconds, 3),
+            "flags": flags, "python": EXT_SUFFIX,
+            "deepnet": deepnet.__version__, "compile_seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=1) + "\n")
         try:
@@ -406,7 +411,7 @@ def _compile_error(activations: list, log: str, compiler: str) -> str:
     if first is None:
         tail = lines[-1].strip() if lines else "no output"
         return f"activation {names}: compiling its kernel failed: {tail}"
-    error = re.sub(r"^.*?([^/\s]+\.(c|pyx|pxi):\d+)", r"\1", lines[first].strip())
+    error = re.sub(r"^.*?([^/\s]+\.(c|h|pyx|pxi):\d+)", r"\1", lines[first].strip())
     # gcc and clang say which function an error is in ("In function 'dn_dact_x':") and quote the line.
     context = "\n".join(lines[max(0, first - 6): first + 3])
     for act in activations:

@@ -1,142 +1,94 @@
 """Finds the compiled kernels of an activation and calls them.
 
-Built-in activations live in ``deepnet._kernels`` and its faster builds for x86-64 instruction sets
-(compiled when the package is built, picked here at run time; see ``deepnet.kernels.builds``); any other
-registered activation (a plugin's, or a built-in this build predates) is compiled from the same template
-on first use and cached on disk (``deepnet.kernels.jit``). The rest of the package talks to
+Built-in activations live in the package's build module for this CPU (``deepnet.kernels.builtin``); any
+other registered activation (a plugin's, or a built-in this build predates) is compiled from the same
+template on first use and cached on disk (``deepnet.kernels.jit``), and runs through that build module. The rest of the package talks to
 kernels only through ``LayerKernels``, so where a kernel comes from is decided here.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import numpy as np
 
 from deepnet import activations
-from deepnet.kernels import builds
 from deepnet.errors import ActivationError
+from deepnet.kernels import jit
+# Which build runs is decided in deepnet.kernels.builtin; these names are also imported from here.
+from deepnet.kernels.builtin import KERNELS_ENV, build_label, builtin_module, in_builtin_module, runnable_builds
 
-
-# Which build of the built-in kernels to use: "auto" (the fastest this CPU runs), or one of deepnet.kernels.builds.
-KERNELS_ENV = "DEEPNET_KERNELS"
-
-
-def _portable() -> ModuleType:
-    try:
-        from deepnet import _kernels
-    except ImportError as exc:  # a source checkout that was never built
-        raise ActivationError(
-            f"the compiled kernels are missing ({exc}); install the package with `pip install -e .`"
-        ) from None
-    return _kernels
-
-
-def _load(build: builds.KernelBuild) -> ModuleType | None:
-    """The module of ``build`` if this CPU runs it and this installation has it, else None."""
-    portable = _portable()
-    if build.cpu_check is not None and not getattr(portable, build.cpu_check, lambda: False)():
-        return None
-    try:
-        return importlib.import_module(f"deepnet.{build.module}")
-    except ImportError:  # built with DEEPNET_MARCH, or not on x86-64: no such module
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def builtin_module(choice: str | None = None) -> ModuleType:
-    """The compiled module holding the built-in activations' kernels, for this CPU.
-
-    "auto" (the default) takes the fastest build the CPU runs: AVX-512, then AVX2+FMA, then the portable
-    one, which always works. A build is loaded only after the CPU says it has its instructions, so a
-    wheel can never die with SIGILL. ``$DEEPNET_KERNELS`` (auto, portable, avx2, avx512) overrides.
-    """
-    choice = (choice or os.environ.get(KERNELS_ENV, "auto")).strip().lower()
-    if choice not in builds.CHOICES:
-        raise ActivationError(f"{KERNELS_ENV} must be one of {', '.join(builds.CHOICES)}, not {choice!r}")
-    portable = _portable()
-    if choice == "portable":
-        return portable
-    if choice != "auto":
-        module = _load(builds.by_name(choice))
-        if module is None:
-            raise ActivationError(f"{KERNELS_ENV}={choice} but this CPU or this build has no {choice} kernels")
-        return module
-    for build in builds.X86_BUILDS:
-        module = _load(build)
-        if module is not None:
-            return module
-    return portable  # not x86-64, or built with DEEPNET_MARCH: the one build is the right one
-
-
-def runnable_builds() -> list[ModuleType]:
-    """Every build of the built-in kernels this machine can run, the portable one first."""
-    found = [_portable()]
-    for build in reversed(builds.X86_BUILDS):
-        module = _load(build)
-        if module is not None:
-            found.append(module)
-    return found
-
-
-def build_label(module: ModuleType) -> str:
-    """Which compiled module a kernel comes from and what it was built for, e.g. "_kernels_avx2 (avx2+fma)"."""
-    return f"{module.__name__.rsplit('.', 1)[-1]} ({module.BUILT_FOR})"
+__all__ = ["KERNELS_ENV", "LayerKernels", "build_label", "builtin_module", "in_builtin_module", "kernels_for",
+           "runnable_builds"]
 
 
 @dataclass(frozen=True)
 class LayerKernels:
-    """The compiled forward/backward of one activation: one call runs a whole chunk of layers."""
+    """The compiled forward/backward of one activation: one call runs a whole chunk of layers.
+
+    ``module`` holds the activation's loops: a build of the built-in kernels, or a plugin's module.
+    ``runner`` is the build module whose checked calls run them (``module`` itself when None); a plugin's
+    module has loops only and runs through the build it was compiled for. ``plugin`` is the activation of
+    a plugin module that may specialise only some widths: another width's loops are compiled on first
+    use (``loops_for``), so every width runs the loops a built-in would.
+    """
 
     name: str
     module: ModuleType
     index: int
+    runner: ModuleType | None = None
+    plugin: activations.Activation | None = None
+    _more: dict[int, ModuleType] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def calls(self) -> ModuleType:
+        """The build module whose forward/backward/workspace_size run this activation's loops."""
+        return self.module if self.runner is None else self.runner
+
+    def loops_for(self, width: int) -> ModuleType:
+        """The module holding the loops this activation runs at ``width``."""
+        if self.plugin is None or width in self.module.WIDTH_VARIANTS or not jit.widths_for(width):
+            return self.module
+        found = self._more.get(width)
+        if found is None:  # jit.load serialises concurrent first uses; both then get its one module
+            found = self._more.setdefault(width, jit.load(self.plugin, jit.widths_for(width)))
+        return found
 
     def forward(self, params: np.ndarray, h: np.ndarray, alpha: float, saves: np.ndarray | None = None,
                 save_every: int = 0, work: np.ndarray | None = None, part: int = 0, n_parts: int = 1) -> None:
         """h (width, batch) through the rows of params in place; see ``deepnet._kernels.forward``."""
-        self.module.forward(self.index, params, h, alpha, saves, save_every, work, part, n_parts)
+        self.calls.forward(self.index, params, h, alpha, saves, save_every, work, part, n_parts,
+                           self.loops_for(h.shape[0]).KERNEL_TABLE)
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
                  alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1) -> None:
         """Back-propagate g through the chunk, updating params in place; see ``deepnet._kernels.backward``."""
-        self.module.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads)
+        self.calls.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads,
+                            self.loops_for(g.shape[0]).KERNEL_TABLE)
 
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
-        return self.module.workspace_size(width, batch, save_every)
+        """Floats of work buffer a backward call at this shape needs."""
+        return self.calls.workspace_size(width, batch, save_every)
 
 
-def in_builtin_module(activation: activations.Activation, module: ModuleType | None = None) -> bool:
-    """Whether the package's compiled module holds this very definition of the activation."""
-    module = builtin_module() if module is None else module
-    if activation.name not in module.ACTIVATION_NAMES:
-        return False
-    compiled = getattr(module, "ACTIVATION_DEFINITIONS", None)  # (name, forward_c, derivative_c) per entry
-    if compiled is not None:
-        return (activation.name, activation.forward_c, activation.derivative_c) in [tuple(d) for d in compiled]
-    # A module built before definitions were recorded: it holds the built-in definitions it was built from.
-    return activations.is_builtin(activation)
-
-
-def kernels_for(name: str) -> LayerKernels:
+def kernels_for(name: str, width: int | None = None) -> LayerKernels:
     """The compiled kernels of the registered activation ``name``.
 
     A built-in comes from the package's compiled module; any other activation is compiled the first
-    time (tens of seconds, needs a C compiler) and then loaded from the cache. A name that is not
+    time (seconds, needs a C compiler) and then loaded from the cache, and runs through the package's
+    build module. Given the ``width`` it will run at, a plugin compiles that width's loops only (the
+    fastest first use); without, the loops of every width the built-ins specialise. A name that is not
     registered is an error naming it and the installed activations.
     """
     activation = activations.get(name)  # unknown names fail here, with the list of known ones
-    module = builtin_module()
-    if not in_builtin_module(activation, module):
-        from deepnet.kernels import jit as compile_activation
-
-        module = compile_activation.load(activation)
+    build = builtin_module()
+    module, runner, plugin = build, None, None
+    if not in_builtin_module(activation, build):
+        widths = jit.ALL_WIDTHS if width is None else jit.widths_for(width)
+        module, runner, plugin = jit.load(activation, widths), build, activation
     try:
         index = module.activation_index(name)
     except ValueError:
         raise ActivationError(f"activation {name!r} is registered but has no compiled kernel") from None
-    return LayerKernels(name=name, module=module, index=index)
+    return LayerKernels(name=name, module=module, index=index, runner=runner, plugin=plugin)

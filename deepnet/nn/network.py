@@ -90,7 +90,7 @@ class DeepNet:
         self.in_memory = in_memory
         #: The torn step accepted on opening (resume_torn), if any.
         self.accepted_torn: FileState | None = None
-        self.kernels = kernels_for(model_file.activation)
+        self.kernels = kernels_for(model_file.activation, width=model_file.width)
         if model_file.mode == "r+":
             state = model_file.state()
             if state.status == "torn":

@@ -1,0 +1,336 @@
+/* The checked calls' C: the two-thread backward driver and the CPU checks, compiled once per build into
+   deepnet._kernels* only. A plugin module holds nothing but its loops (dn_runtime.h, the kernel table);
+   its backward pass runs through this driver in the build module, so every module's backward pass is
+   driven by the same code and the driver's settings (dn_fuse, dn_spin_seconds) hold for all of them.
+   Cython reads the declarations it needs from dn_runtime.pxd. */
+#ifndef DN_DRIVER_H
+#define DN_DRIVER_H
+
+#include "dn_runtime.h"
+
+/* ---- the backward pass driver, shared by every activation and width ----
+   Work comes in units: one segment (save_every layers; segments last first) for one batch block
+   (8 samples; single samples below batch 8). A block is recomputed from the segment's saved state
+   (layer inputs and derivatives into a buffer set), then back-propagated through the segment, its
+   weight gradients summed into the segment's gradient buffer: the segment's first block starts the
+   sums, the last one completes them and updates the weights (after g has passed the old ones), so
+   every gradient flows through old weights; recomputation only reads segments below.
+
+   Two threads, two blocks or more (dn_backward_halves): the first core takes the first half of the
+   blocks, the second the rest, one segment behind, adding its blocks to the sums the first left in
+   the segment's gradient buffer (DN_GRAD_BUFFERS of them, used in turn, so the first core can run
+   a few segments ahead when the second is held up). Each core recomputes its own blocks, so only
+   the gradient sums cross cores (handing the recomputed states across instead moves ~5x the bytes and
+   was slower than one core alone). The blocks are summed in the same order as by one thread: the
+   result is the same bit for bit.
+
+   Two threads, one block (batch 1, or 8; dn_backward_pipeline): the second core recomputes the
+   next segment while the first back-propagates this one (two buffer sets, handed over). */
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+
+/* Segments' gradient buffers in turn: how far ahead of the second core the first may run, so that a
+   pause of one core (a virtual machine's vCPU stalls now and then) does not stop the other at once. */
+#define DN_GRAD_BUFFERS 8
+/* How long a thread that has to wait spins before it sleeps: long enough that the other thread's next
+   unit usually arrives first, since a sleep and its wake-up can cost more than that unit and then make
+   the other thread wait and sleep in turn. Timed by the clock, as a pause's length varies by CPU. */
+#define DN_SPIN_SECONDS 2e-3
+/* Multiply-adds (layers x row x batch) of one call from which a second thread is started: a
+   thread's start-up costs ~20 us. */
+#define DN_THREAD_MIN_WORK 2000000.0
+
+typedef struct {
+    dn_recompute_fn recompute;
+    dn_backprop_fn backprop;
+    dn_fused_fn fused;               /* NULL: recompute, then back-propagate, one after the other */
+    float* params; Py_ssize_t n_layers; const float* saves; Py_ssize_t save_every;
+    float* g; Py_ssize_t w, B, unit, n_seg, n_blocks, row;
+    float alpha, lr;
+    float* hbuf[4]; float* dbuf[4]; float* grad[DN_GRAD_BUFFERS]; float* scratch[2];
+    Py_ssize_t half;                 /* the second core's first block */
+    /* units done by each side, accessed with __atomic builtins */
+    Py_ssize_t produced, consumed;
+    int sleepers;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} dn_job;
+
+static inline void dn_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* DN_SPIN_SECONDS unless changed with set_spin_seconds (tests use 0 to take the sleeping path every
+   time); dn_sleeps counts the waits that slept, for those tests. */
+static double dn_spin_seconds = DN_SPIN_SECONDS;
+static long dn_sleeps = 0;
+/* 0: never fuse (set_fused_backward; tests compare the two ways bit for bit) */
+static int dn_fuse = 1;
+
+static double dn_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Wait until *counter >= value: spin for up to DN_SPIN_SECONDS (a unit takes tens of microseconds,
+   so the other thread is usually about to publish), then sleep on the condition variable so that a
+   thread held up for longer gives its core away instead of burning it (a loaded machine). */
+static void dn_wait_at_least(dn_job* J, Py_ssize_t* counter, Py_ssize_t value) {
+    double give_up = 0.0;
+    for (;;) {
+        for (int spins = 0; spins < 32; spins++) {
+            if (__atomic_load_n(counter, __ATOMIC_SEQ_CST) >= value) return;
+            dn_pause();
+        }
+        double now = dn_seconds();
+        if (give_up == 0.0) give_up = now + dn_spin_seconds;
+        else if (now > give_up) break;
+    }
+    __atomic_add_fetch(&dn_sleeps, 1, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&J->mu);
+    __atomic_add_fetch(&J->sleepers, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(counter, __ATOMIC_SEQ_CST) < value) pthread_cond_wait(&J->cv, &J->mu);
+    __atomic_sub_fetch(&J->sleepers, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&J->mu);
+}
+
+/* Publish *counter = value and wake a sleeping waiter, if any (no system call when none sleeps). */
+static void dn_publish(dn_job* J, Py_ssize_t* counter, Py_ssize_t value) {
+    __atomic_store_n(counter, value, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&J->sleepers, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&J->mu);
+        pthread_cond_broadcast(&J->cv);
+        pthread_mutex_unlock(&J->mu);
+    }
+}
+
+/* The segment of unit u (segments are taken last first): its index, first layer and length. */
+static inline void dn_segment(const dn_job* J, Py_ssize_t u, Py_ssize_t* seg, Py_ssize_t* start,
+                              Py_ssize_t* n) {
+    *seg = J->n_seg - 1 - u;
+    *start = *seg * J->save_every;
+    *n = J->n_layers - *start < J->save_every ? J->n_layers - *start : J->save_every;
+}
+
+static inline Py_ssize_t dn_block_samples(const dn_job* J, Py_ssize_t blk) {
+    Py_ssize_t s0 = blk * J->unit;
+    return J->B - s0 < J->unit ? J->B - s0 : J->unit;
+}
+
+/* Recompute block blk through unit u's segment into buffer set `set`. */
+static void dn_recompute_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* scratch) {
+    Py_ssize_t seg, start, n;
+    dn_segment(J, u, &seg, &start, &n);
+    J->recompute(J->params + start * J->row, n, J->saves + seg * J->w * J->B, J->w, J->B, blk * J->unit,
+                 dn_block_samples(J, blk), J->alpha, J->hbuf[set], J->dbuf[set], scratch);
+}
+
+/* Back-propagate block blk through unit u's segment from buffer set `set`, into gradient buffer
+   G (started by the first block, applied to the weights by the last). */
+static void dn_backprop_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* G,
+                             float* scratch) {
+    Py_ssize_t seg, start, n;
+    dn_segment(J, u, &seg, &start, &n);
+    J->backprop(J->params + start * J->row, n, J->g, J->w, J->B, blk * J->unit, dn_block_samples(J, blk),
+                J->hbuf[set], J->dbuf[set], G, scratch, J->lr, blk == 0, blk == J->n_blocks - 1);
+}
+
+/* Blocks [b0, b1) through unit u's segment into gradient buffer G, on buffer set and scratch `side`. */
+static void dn_blocks_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t b0, Py_ssize_t b1, int side, float* G) {
+    for (Py_ssize_t b = b0; b < b1; b++) {
+        dn_recompute_unit(J, u, b, side, J->scratch[side]);
+        dn_backprop_unit(J, u, b, side, G, J->scratch[side]);
+    }
+}
+
+/* ---- recomputation in the shadow of back-propagation ----
+   A thread's work is a sequence of items (unit u, block b): recompute b through u's segment, then
+   back-propagate it. The recomputation is one dependency chain a layer long (like the forward pass)
+   with little arithmetic; the back-propagation is much arithmetic with a
+   short chain. One after the other, the core waits on the chain half the time; in one loop
+   (J->fused: item i back-propagated while item i+1 is recomputed, into the thread's other buffer
+   set) the chain runs while the back-propagation's instructions issue. Each item's arithmetic is
+   unchanged, so results are the same bit for bit. role 0: the only thread (all blocks, one
+   gradient buffer); 1: the first half of two (waits for its gradient buffer to be free, publishes
+   `produced`); 2: the second half (waits for `produced`, publishes `consumed`). */
+static void dn_fused_run(dn_job* J, Py_ssize_t b0, Py_ssize_t b1, int side, int role) {
+    const Py_ssize_t nb = b1 - b0, n_items = J->n_seg * nb;
+    float* scratch = J->scratch[side];
+    dn_recompute_unit(J, 0, b0, 2 * side, scratch);
+    for (Py_ssize_t i = 0; i < n_items; i++) {
+        const Py_ssize_t u = i / nb, b = b0 + i % nb;
+        const int set = 2 * side + (int)(i % 2);
+        float* G = role == 0 ? J->grad[0] : J->grad[u % DN_GRAD_BUFFERS];
+        if (b == b0 && role == 1)        /* gradient buffer u % DN_GRAD_BUFFERS last held unit u - DN_GRAD_BUFFERS */
+            dn_wait_at_least(J, &J->consumed, u - DN_GRAD_BUFFERS + 1);
+        else if (b == b0 && role == 2)   /* the first half's sums of unit u are in */
+            dn_wait_at_least(J, &J->produced, u + 1);
+        if (i + 1 < n_items) {
+            const Py_ssize_t u2 = (i + 1) / nb, b2 = b0 + (i + 1) % nb;
+            const int set2 = 2 * side + (int)((i + 1) % 2);
+            Py_ssize_t seg, start, n, seg2, start2, n2;
+            dn_segment(J, u, &seg, &start, &n);
+            dn_segment(J, u2, &seg2, &start2, &n2);
+            J->fused(J->params + start * J->row, n, J->g, J->B, b * J->unit, dn_block_samples(J, b),
+                     J->hbuf[set], J->dbuf[set], G, J->lr, b == 0, b == J->n_blocks - 1,
+                     J->params + start2 * J->row, n2, J->saves + seg2 * J->w * J->B, b2 * J->unit,
+                     dn_block_samples(J, b2), J->alpha, J->hbuf[set2], J->dbuf[set2]);
+        } else {
+            dn_backprop_unit(J, u, b, set, G, scratch);
+        }
+        if (b == b1 - 1 && role == 1) dn_publish(J, &J->produced, u + 1);
+        else if (b == b1 - 1 && role == 2) dn_publish(J, &J->consumed, u + 1);
+    }
+}
+
+/* ---- two halves of the blocks ---- */
+
+static void* dn_second_half_main(void* arg) {
+    dn_job* J = (dn_job*)arg;
+    if (J->fused) {
+        dn_fused_run(J, J->half, J->n_blocks, 1, 2);
+        return NULL;
+    }
+    for (Py_ssize_t u = 0; u < J->n_seg; u++) {
+        dn_wait_at_least(J, &J->produced, u + 1);   /* the first half's sums of unit u are in */
+        dn_blocks_unit(J, u, J->half, J->n_blocks, 1, J->grad[u % DN_GRAD_BUFFERS]);
+        dn_publish(J, &J->consumed, u + 1);
+    }
+    return NULL;
+}
+
+static int dn_backward_halves(dn_job* J) {
+    pthread_t second;
+    J->half = J->n_blocks / 2;
+    if (pthread_create(&second, NULL, dn_second_half_main, J) != 0) return 0;
+    if (J->fused) {
+        dn_fused_run(J, 0, J->half, 0, 1);
+        pthread_join(second, NULL);
+        return 1;
+    }
+    for (Py_ssize_t u = 0; u < J->n_seg; u++) {
+        /* gradient buffer u % DN_GRAD_BUFFERS last held unit u - DN_GRAD_BUFFERS */
+        dn_wait_at_least(J, &J->consumed, u - DN_GRAD_BUFFERS + 1);
+        dn_blocks_unit(J, u, 0, J->half, 0, J->grad[u % DN_GRAD_BUFFERS]);
+        dn_publish(J, &J->produced, u + 1);
+    }
+    pthread_join(second, NULL);
+    return 1;
+}
+
+/* ---- one block: recomputation pipelined on the second core ---- */
+
+static void* dn_producer_main(void* arg) {
+    dn_job* J = (dn_job*)arg;
+    for (Py_ssize_t u = 0; u < J->n_seg; u++) {
+        dn_wait_at_least(J, &J->consumed, u - 1);   /* buffer set u % 2 last held unit u - 2 */
+        dn_recompute_unit(J, u, 0, (int)(u % 2), J->scratch[1]);
+        dn_publish(J, &J->produced, u + 1);
+    }
+    return NULL;
+}
+
+static int dn_backward_pipeline(dn_job* J) {
+    pthread_t producer;
+    if (pthread_create(&producer, NULL, dn_producer_main, J) != 0) return 0;
+    for (Py_ssize_t u = 0; u < J->n_seg; u++) {
+        dn_wait_at_least(J, &J->produced, u + 1);
+        dn_backprop_unit(J, u, 0, (int)(u % 2), J->grad[0], J->scratch[0]);
+        dn_publish(J, &J->consumed, u + 1);
+    }
+    pthread_join(producer, NULL);
+    return 1;
+}
+
+/* Back-propagate g through n_layers (recomputed from saves) and SGD-update every layer, in blocks
+   of `unit` samples. hbuf holds four buffer sets of 2 * set_floats (a layer's input may be kept as
+   two vectors per unit: dn_recompute_step), dbuf four of set_floats, grad DN_GRAD_BUFFERS gradient
+   buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. */
+static void dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, Py_ssize_t unit,
+                            float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
+                            float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr, float* hbuf,
+                            float* dbuf, Py_ssize_t set_floats, float* grad, Py_ssize_t gstride,
+                            float* scratch, Py_ssize_t scratch_floats, int threads) {
+    dn_job J;
+    int done = 0;
+    J.recompute = recompute; J.backprop = backprop; J.fused = dn_fuse ? fused : NULL;
+    J.params = params; J.n_layers = n_layers; J.saves = saves; J.save_every = save_every;
+    J.g = g; J.w = w; J.B = B; J.unit = unit; J.row = w * w + w;
+    J.alpha = alpha; J.lr = lr;
+    J.n_seg = (n_layers + save_every - 1) / save_every;
+    J.n_blocks = (B + unit - 1) / unit;
+    for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run alternates them) */
+        J.hbuf[k] = hbuf + 2 * k * set_floats;   /* up to two vectors per unit and layer */
+        J.dbuf[k] = dbuf + k * set_floats;
+    }
+    for (int k = 0; k < 2; k++) J.scratch[k] = scratch + k * scratch_floats;
+    for (int k = 0; k < DN_GRAD_BUFFERS; k++) J.grad[k] = grad + k * save_every * gstride;
+    J.produced = J.consumed = 0;
+    J.sleepers = 0;
+    /* the pipeline needs a few units to overlap anything */
+    if (threads > 1 && (double)n_layers * J.row * B >= DN_THREAD_MIN_WORK && (J.n_blocks >= 2 || J.n_seg >= 4)) {
+        pthread_mutex_init(&J.mu, NULL);
+        pthread_cond_init(&J.cv, NULL);
+        done = J.n_blocks >= 2 ? dn_backward_halves(&J) : dn_backward_pipeline(&J);
+        pthread_cond_destroy(&J.cv);
+        pthread_mutex_destroy(&J.mu);
+    }
+    /* one thread (or no thread could start): the same arithmetic in the same order, with one
+       gradient buffer (a segment's gradients stay in cache: 0.25 MB at width 32) */
+    if (!done && J.fused)
+        dn_fused_run(&J, 0, J.n_blocks, 0, 0);
+    else if (!done)
+        for (Py_ssize_t u = 0; u < J.n_seg; u++) dn_blocks_unit(&J, u, 0, J.n_blocks, 0, J.grad[0]);
+}
+
+/* The forward pass of one (activation, width): its own loop (forward passes need no driver). */
+static inline void dn_forward(const dn_kernel* k, const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w,
+                              Py_ssize_t B, float alpha, float* saves, Py_ssize_t save_every, float* scratch,
+                              Py_ssize_t part, Py_ssize_t n_parts) {
+    k->forward(params, n_layers, h, w, B, alpha, saves, save_every, scratch, part, n_parts);
+}
+
+/* The backward pass of one (activation, width) through the driver: blocks of DN_BACKWARD_BLOCK samples
+   (fused where the width has a fused loop) from batch DN_BLOCKED_MIN_BATCH, else one sample at a time. */
+static void dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
+                        Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
+                        float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
+                        Py_ssize_t scratch_floats, int threads) {
+    if (B >= DN_BLOCKED_MIN_BATCH)
+        dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, DN_BACKWARD_BLOCK, params,
+                        n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
+                        dn_grad_stride(w), scratch, scratch_floats, threads);
+    else
+        dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, 1, params, n_layers, saves,
+                        save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
+                        scratch, scratch_floats, threads);
+}
+
+/* ---- which instructions this CPU runs (a faster build is loaded only if it says so) ---- */
+
+static int dn_cpu_has_avx2_fma(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+/* libgcc's checks also ask the OS (XCR0) whether it saves the 512-bit register state. */
+static int dn_cpu_has_avx512(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return dn_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+    return 0;
+#endif
+}
+
+#endif /* DN_DRIVER_H */

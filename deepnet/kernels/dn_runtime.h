@@ -1,0 +1,350 @@
+/* deepnet's kernel runtime: the C every compiled kernel module shares, whatever its activation and width.
+
+   Included by the rendered layer loops (deepnet/kernels/layer_loops.h.tp) of the built-in modules
+   (deepnet._kernels*) and of every plugin module, so it is written once and never re-rendered. It holds the
+   vector types, the math helpers an activation's C expression may call, the block helpers and reductions
+   the loops are built from, and the kernel table through which a module hands its loops to the checked
+   calls of deepnet._kernels (dn_driver.h runs them). Everything is static: each module gets its own copy,
+   so no symbol is shared between extension modules. Cython reads the declarations it needs from
+   dn_runtime.pxd. */
+#ifndef DN_RUNTIME_H
+#define DN_RUNTIME_H
+
+#include <Python.h>   /* Py_ssize_t; already included first by any Cython module */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__GNUC__)
+#error "deepnet's kernels need GCC or Clang (vector extensions)"
+#endif
+
+typedef float dn_v8f __attribute__((vector_size(32)));
+/* the same vector type at 4-byte alignment, for buffers whose alignment is not known */
+typedef float dn_v8u __attribute__((vector_size(32), aligned(4)));
+
+/* Vectors of 8 samples per unit in one batch block: two for narrow layers on AVX (256-bit registers,
+   one per vector; two vectors per unit give each layer's dependency chain independent work), else
+   one (SSE and NEON registers are 128 bits: two hold a vector). A block of 8 is also compiled for
+   narrow layers, to split a batch of 16 over two threads. */
+#if defined(__AVX__)
+#define DN_NV_NARROW 2
+#else
+#define DN_NV_NARROW 1
+#endif
+#define DN_BLOCK_NARROW (8 * DN_NV_NARROW)
+
+/* Largest batch block of any loop, and the batch from which blocks are used. */
+#define DN_MAX_BLOCK 16
+#define DN_BLOCKED_MIN_BATCH 8
+/* Samples in one batch block of the backward pass (every width). */
+#define DN_BACKWARD_BLOCK 8
+
+/* What the compiler was told to target, from its predefined macros (a module's BUILT_FOR). */
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__FMA__)
+#define DN_BUILT_FOR "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DN_BUILT_FOR "avx2+fma"
+#elif defined(__AVX__)
+#define DN_BUILT_FOR "avx"
+#elif defined(__SSE2__)
+#define DN_BUILT_FOR "sse2"
+#elif defined(__ARM_NEON)
+#define DN_BUILT_FOR "neon"
+#else
+#define DN_BUILT_FOR "generic"
+#endif
+
+/* ---- math helpers any activation expression may call ---- */
+
+/* tanh as a rational function, x P(x^2) / Q(x^2), fitted here (minimax in relative error on [0, 9],
+   degree 4 over 4 in x^2: 2e-8 in exact arithmetic, a few float32 ulps as evaluated). Unlike libm's
+   tanhf it vectorises. For |z| > 9, x^2 is held at 81 so x P / Q = z tanh(9) / 9 > 1, and the
+   result is clamped to +-1 (float32 tanh is +-1 there). Written as two one-sided selects and a
+   copysign, which the compiler turns into few vector instructions (nested ?: became a dozen).
+   -0 stays -0 and NaN stays NaN (comparisons with NaN are false, so neither select touches it). */
+static inline float dn_tanhf(float z) {
+    float t = z * z;
+    t = t > 81.0f ? 81.0f : t;
+    float p = (((1.3355214323329534e-08f * t + 2.0609512665960457e-05f) * t + 0.003495615650690246f) * t
+               + 0.1338104925017108f) * t + 0.9999999794709015f;
+    float q = (((7.776793752266309e-07f * t + 0.00032856788720033787f) * t + 0.025877088278261906f) * t
+               + 0.46714364860312746f) * t + 1.0f;
+    float r = z * p / q;
+    float m = fabsf(r);
+    m = m > 1.0f ? 1.0f : m;
+    return copysignf(m, r);
+}
+
+/* e^x without a libm call, so it vectorises: x = n ln2 + r, |r| <= ln2/2 (ln2 in two parts, so n * ln2_hi
+   is exact), Cephes' degree-6 polynomial for e^r (under 1 ulp here), then 2^n as a product of two exact
+   powers of two, so results come out right down into the subnormals and up to +inf (x > 88.72).
+   NaN stays NaN. */
+static inline float dn_pow2i(int n) {   /* 2^n, -126 <= n <= 127 */
+    union { unsigned int u; float f; } v;
+    v.u = (unsigned int)(n + 127) << 23;
+    return v.f;
+}
+static inline float dn_expf(float x) {
+    float xc = x > 89.0f ? 89.0f : (x < -104.0f ? -104.0f : x);
+    float j = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* nearest integer */
+    float r = (xc - j * 0.693359375f) - j * -2.12194440e-4f;
+    float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+               + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    int n = (int)(j == j ? j : 0.0f);
+    int h = n / 2;
+    return (p * (r * r) + r + 1.0f) * dn_pow2i(h) * dn_pow2i(n - h);
+}
+
+/* sin and cos without a libm call, so they vectorise: x = j pi/2 + r, |r| <= pi/4 (pi/2 in three parts,
+   Cephes' sinf), minimax polynomials of sin and cos on [-pi/4, pi/4], the quadrant from j. About 1e-7
+   absolute for |x| up to 1e4 (1e-6 up to 1e5); beyond, the reduction loses accuracy (no Payne-Hanek)
+   but the result stays in [-1, 1]. NaN stays NaN; sin(-0) = -0. */
+static inline float dn_sincosf_q(float x, int quarter) {
+    float t = x * 0.636619772367581343f;
+    float j = fabsf(t) < 4194304.0f ? (t + 12582912.0f) - 12582912.0f : 0.0f;
+    float r = ((x - j * 1.5703125f) - j * 4.837512969970703125e-4f) - j * 7.54978995489188216e-8f;
+    r = r > 0.85f ? 0.85f : (r < -0.85f ? -0.85f : r);   /* only huge |x| gets clamped */
+    float z = r * r;
+    float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+    float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * (z * z)
+              - 0.5f * z + 1.0f;
+    int q = (int)j + quarter;
+    float v = (q & 1) ? c : s;
+    return (q & 2) ? -v : v;
+}
+static inline float dn_sinf(float x) { return x == 0.0f ? x : dn_sincosf_q(x, 0); }   /* keeps -0 */
+static inline float dn_cosf(float x) { return dn_sincosf_q(x, 1); }
+
+/* Fully unroll the small loops over units and vectors of narrow widths, so a block's state stays
+   in registers (wide layers keep their loops: full unrolling would only bloat the code). */
+#if defined(__clang__)
+#define DN_UNROLL_FULL _Pragma("unroll")
+#else
+#define DN_UNROLL_FULL _Pragma("GCC unroll 64")
+#endif
+
+/* The loops over the 8 lanes that apply an activation's scalar C expression must become vector code,
+   which GCC's own vectoriser does not always do (a ?: stays scalar); OpenMP's simd directive (built with
+   -fopenmp-simd: no OpenMP runtime) makes it, with selects for ?:. */
+#define DN_SIMD _Pragma("omp simd")
+
+static inline dn_v8f dn_splat(float x) { dn_v8f v = {x, x, x, x, x, x, x, x}; return v; }
+
+/* The first level of the transposing reduction (dn_reduce8x8) for a pair of vectors (a, b):
+   [a0+a2, b0+b2, a1+a3, b1+b3 | the same for lanes 4..7], as the sum of dn_unpacklo(a, b) and
+   dn_unpackhi(a, b). Products shuffle like their factors (dn_unpacklo(h * x, h * y) ==
+   dn_unpacklo(h, h) * dn_unpacklo(x, y)), so a pair of weight gradients sharing an input comes out
+   of two multiplies of pre-shuffled factors with no shuffle of its own (dn_backprop_step of even
+   narrow widths). */
+#if (defined(__clang__) || __GNUC__ >= 12)
+#define DN_UNPACK(name, l0, l1, l2, l3)                                                                    \
+    static inline __attribute__((always_inline)) dn_v8f name(dn_v8f a, dn_v8f b) {                         \
+        return __builtin_shufflevector(a, b, l0, l0 + 8, l1, l1 + 8, l2, l2 + 8, l3, l3 + 8);              \
+    }
+#else
+#define DN_UNPACK(name, l0, l1, l2, l3)                                                                    \
+    static inline __attribute__((always_inline)) dn_v8f name(dn_v8f a, dn_v8f b) {                         \
+        dn_v8f r = {a[l0], b[l0], a[l1], b[l1], a[l2], b[l2], a[l3], b[l3]};                               \
+        return r;                                                                                          \
+    }
+#endif
+DN_UNPACK(dn_unpacklo, 0, 1, 4, 5)
+DN_UNPACK(dn_unpackhi, 2, 3, 6, 7)
+/* The remaining two levels of the reduction on n <= 4 pair sums e (e[k] from the vectors 2k, 2k+1):
+   r[m] = the sum over the 8 lanes of vector m, m < 2n; lanes from 2n on are 0 (n <= 2 skips the
+   pairing of empty halves: a row's last few gradients). */
+static inline __attribute__((always_inline)) dn_v8f dn_reduce_pairs(const dn_v8f* e, const int n) {
+    const dn_v8f zero = dn_splat(0.0f);
+#if (defined(__clang__) || __GNUC__ >= 12)
+    dn_v8f f0 = __builtin_shufflevector(e[0], n > 1 ? e[1] : zero, 0, 1, 8, 9, 4, 5, 12, 13)
+              + __builtin_shufflevector(e[0], n > 1 ? e[1] : zero, 2, 3, 10, 11, 6, 7, 14, 15);
+    if (n <= 2)
+        return __builtin_shufflevector(f0, zero, 0, 1, 2, 3, 8, 9, 10, 11)
+             + __builtin_shufflevector(f0, zero, 4, 5, 6, 7, 12, 13, 14, 15);
+    dn_v8f f1 = __builtin_shufflevector(e[2], n > 3 ? e[3] : zero, 0, 1, 8, 9, 4, 5, 12, 13)
+              + __builtin_shufflevector(e[2], n > 3 ? e[3] : zero, 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(f0, f1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(f0, f1, 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    dn_v8f r = zero;
+    for (int k = 0; k < n; k++) {
+        r[2 * k] = (e[k][0] + e[k][2]) + (e[k][4] + e[k][6]);
+        r[2 * k + 1] = (e[k][1] + e[k][3]) + (e[k][5] + e[k][7]);
+    }
+    return r;
+#endif
+}
+
+/* r[m] = sum over the 8 lanes of v[m], m = 0..7, by a transposing tree whose every shuffle is one
+   AVX instruction (unpcklps/unpckhps, unpcklpd/unpckhpd, vperm2f128): 14 shuffles and 7 additions for
+   8 sums, instead of a horizontal sum each. Lane order of the sum, the same on every path:
+   ((v0 + v2) + (v1 + v3)) + ((v4 + v6) + (v5 + v7)). The first level pairs the vectors, the rest is
+   dn_reduce_pairs. */
+static inline __attribute__((always_inline)) dn_v8f dn_reduce8x8(const dn_v8f* v) {
+    dn_v8f e[4];
+    for (int k = 0; k < 4; k++)
+        e[k] = dn_unpacklo(v[2 * k], v[2 * k + 1]) + dn_unpackhi(v[2 * k], v[2 * k + 1]);
+    return dn_reduce_pairs(e, 4);
+}
+
+/* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 8, one
+   of 4 (width 4's row is 20 floats), then single floats. Always inlined, so that n is a constant at
+   every call and the loops unroll (an out-of-line copy with n unknown is slow). */
+typedef float dn_v4u __attribute__((vector_size(16), aligned(4)));
+static inline __attribute__((always_inline)) void dn_sgd_row(float* p, const float* gk, float lr, const int n) {
+    int m = 0;
+    for (; m + 8 <= n; m += 8) *(dn_v8u*)(p + m) -= lr * *(const dn_v8u*)(gk + m);
+    for (; m + 4 <= n; m += 4) *(dn_v4u*)(p + m) -= lr * *(const dn_v4u*)(gk + m);
+    for (; m < n; m++) p[m] -= lr * gk[m];
+}
+
+/* The first 32-byte boundary in a scratch area (_scratch_size leaves 8 floats of slack for it):
+   vectors of the any-width path live there, since a work buffer from NumPy or malloc is only
+   16-byte aligned. */
+static inline dn_v8f* dn_align32(float* p) {
+    return (dn_v8f*)(((uintptr_t)p + 31) & ~(uintptr_t)31);
+}
+
+/* Block <-> [width][batch] array, columns s0 .. s0+nb (nb <= 8*nv), padding with zeros. */
+static inline void dn_load_block(dn_v8f* dst, const float* src, int w, int nv, Py_ssize_t B,
+                                 Py_ssize_t s0, Py_ssize_t nb) {
+    for (int i = 0; i < w; i++)
+        for (int v = 0; v < nv; v++) {
+            dn_v8f x = dn_splat(0.0f);   /* whole, so no lane is ever left unset */
+            for (int t = 0; t < 8; t++)
+                if (v * 8 + t < nb) x[t] = src[i * B + s0 + v * 8 + t];
+            dst[i * nv + v] = x;
+        }
+}
+static inline void dn_store_block(float* dst, const dn_v8f* src, int w, int nv, Py_ssize_t B,
+                                  Py_ssize_t s0, Py_ssize_t nb) {
+    for (int i = 0; i < w; i++)
+        for (int v = 0; v < nv; v++)
+            for (int t = 0; t < 8; t++) {
+                Py_ssize_t s = v * 8 + t;
+                if (s < nb) dst[i * B + s0 + s] = src[i * nv + v][t];
+            }
+}
+
+/* Floats per layer in a gradient buffer: a row padded to a multiple of 8 (whole vectors). */
+static inline Py_ssize_t dn_grad_stride(Py_ssize_t w) { return (w * w + w + 7) / 8 * 8; }
+
+/* ---- the kernel table: what a module's loops offer the checked calls (dn_driver.h) ---- */
+
+/* The forward pass through n_layers on h [w][B], part `part` of n_parts of the batch (see dn_forward_*). */
+typedef void (*dn_forward_fn)(const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w, Py_ssize_t B,
+                              float alpha, float* saves, Py_ssize_t save_every, float* scratch,
+                              Py_ssize_t part, Py_ssize_t n_parts);
+/* Recompute one block (or sample) through one segment from its saved state into hbuf/dbuf. */
+typedef void (*dn_recompute_fn)(const float* params, Py_ssize_t seg_n, const float* sv, Py_ssize_t w,
+                                Py_ssize_t B, Py_ssize_t s0, Py_ssize_t nb, float alpha, float* hbuf,
+                                float* dbuf, float* scratch);
+/* Back-propagate one block (or sample) through a recomputed segment (gradients started when `first`,
+   applied when `last`). */
+typedef void (*dn_backprop_fn)(float* params, Py_ssize_t seg_n, float* g, Py_ssize_t w, Py_ssize_t B,
+                               Py_ssize_t s0, Py_ssize_t nb, const float* hbuf, const float* dbuf, float* grad,
+                               float* scratch, float lr, int first, int last);
+/* Back-propagation of one (segment, block) (bp_*) and recomputation of the next (rc_*) in one loop. */
+typedef void (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssize_t B, Py_ssize_t bp_s0,
+                            Py_ssize_t bp_nb, const float* bp_hbuf, const float* bp_dbuf, float* grad, float lr,
+                            int first, int last, const float* rc_params, Py_ssize_t rc_n, const float* rc_sv,
+                            Py_ssize_t rc_s0, Py_ssize_t rc_nb, float alpha, float* rc_hbuf, float* rc_dbuf);
+
+/* The loops of one (activation, width variant). */
+typedef struct {
+    dn_forward_fn forward;
+    dn_recompute_fn recompute_block;    /* batch >= DN_BLOCKED_MIN_BATCH: blocks of DN_BACKWARD_BLOCK */
+    dn_backprop_fn backprop_block;
+    dn_fused_fn fused_block;            /* NULL: this width recomputes, then back-propagates */
+    dn_recompute_fn recompute_sample;   /* smaller batches: one sample at a time */
+    dn_backprop_fn backprop_sample;
+} dn_kernel;
+
+/* A module's loops: kernels[a * (n_widths + 1) + v] for activation a and variant v, where variant v <
+   n_widths has width widths[v] as a compile-time constant and variant n_widths runs any width; with what
+   they were compiled from. Handed between modules in a capsule named DN_TABLE_CAPSULE; the name carries
+   the layout's version, and a plugin's cache key covers this header, so a module built against another
+   layout is never used. */
+typedef struct {
+    int n_activations;
+    int n_widths;
+    const int* widths;
+    const dn_kernel* kernels;
+    const char* built_for;                 /* DN_BUILT_FOR of the loops' compile */
+    const char* const* names;              /* [activation] */
+    const char* const* forward_c;          /* [activation]: the C expressions compiled */
+    const char* const* derivative_c;
+} dn_kernel_table;
+
+#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v1"
+
+/* The loops of activation `act` for width w: its own variant if it has one, else the any-width one. */
+static inline const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w) {
+    int v = 0;
+    while (v < t->n_widths && t->widths[v] != w) v++;
+    return &t->kernels[act * (t->n_widths + 1) + v];
+}
+
+/* ---- what a module with loops exports: the same for a build module and a plugin's ---- */
+
+/* activation_index(name): the index of a compiled activation in the module's table (ValueError if the
+   module does not hold it). */
+static PyObject* dn_activation_index(PyObject* module, PyObject* name) {
+    PyObject* names = PyObject_GetAttrString(module, "ACTIVATION_NAMES");
+    if (names == NULL) return NULL;
+    PyObject* index = PyObject_CallMethod(names, "index", "O", name);
+    Py_DECREF(names);
+    return index;
+}
+
+static PyMethodDef dn_table_methods[] = {
+    {"activation_index", dn_activation_index, METH_O,
+     "Index of a compiled activation in this module's kernel table (ValueError if not compiled here)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int dn_add_object(PyObject* module, const char* name, PyObject* value) {
+    if (value == NULL) return -1;
+    int rc = PyModule_AddObject(module, name, value);
+    if (rc < 0) Py_DECREF(value);
+    return rc;
+}
+
+/* Adds to `module`: ACTIVATION_NAMES, WIDTH_VARIANTS, ACTIVATION_DEFINITIONS ((name, forward_c,
+   derivative_c) per activation: a cached plugin build is checked against its source), BUILT_FOR,
+   KERNEL_TABLE (the table, for the checked calls of a build module) and activation_index. */
+static int dn_add_table_attributes(PyObject* module, const dn_kernel_table* t) {
+    PyObject* names = PyList_New(t->n_activations);
+    PyObject* definitions = PyList_New(t->n_activations);
+    PyObject* widths = PyList_New(t->n_widths);
+    if (names == NULL || definitions == NULL || widths == NULL) goto fail;
+    for (int a = 0; a < t->n_activations; a++) {
+        PyObject* name = PyUnicode_FromString(t->names[a]);
+        PyObject* definition = Py_BuildValue("(sss)", t->names[a], t->forward_c[a], t->derivative_c[a]);
+        if (name == NULL || definition == NULL) { Py_XDECREF(name); Py_XDECREF(definition); goto fail; }
+        PyList_SET_ITEM(names, a, name);
+        PyList_SET_ITEM(definitions, a, definition);
+    }
+    for (int v = 0; v < t->n_widths; v++) {
+        PyObject* width = PyLong_FromLong(t->widths[v]);
+        if (width == NULL) goto fail;
+        PyList_SET_ITEM(widths, v, width);
+    }
+    if (dn_add_object(module, "ACTIVATION_NAMES", names) < 0) { names = NULL; goto fail; }
+    names = NULL;
+    if (dn_add_object(module, "ACTIVATION_DEFINITIONS", definitions) < 0) { definitions = NULL; goto fail; }
+    definitions = NULL;
+    if (dn_add_object(module, "WIDTH_VARIANTS", widths) < 0) { widths = NULL; goto fail; }
+    widths = NULL;
+    if (dn_add_object(module, "BUILT_FOR", PyUnicode_FromString(t->built_for)) < 0) goto fail;
+    if (dn_add_object(module, "KERNEL_TABLE", PyCapsule_New((void*)t, DN_TABLE_CAPSULE, NULL)) < 0) goto fail;
+    return PyModule_AddFunctions(module, dn_table_methods);
+fail:
+    Py_XDECREF(names);
+    Py_XDECREF(definitions);
+    Py_XDECREF(widths);
+    return -1;
+}
+
+#endif /* DN_RUNTIME_H */
