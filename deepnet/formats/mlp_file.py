@@ -29,7 +29,8 @@ from deepnet.errors import ModelFileError
 from deepnet.formats import layout
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.h5io import set_attrs
-from deepnet.formats.values import decode, now, rng_text
+from deepnet.formats.create import FILE_OVERHEAD_BYTES
+from deepnet.formats.values import decode, now, os_reason, rng_text
 
 #: The ``init`` attribute: how the parameters of a new MLP are drawn.
 INIT = "he-uniform/xavier-uniform"
@@ -63,8 +64,9 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
     if not os.path.isdir(directory):
         raise ModelFileError(f"cannot write {path}: directory {directory} does not exist")
     input_dim, hidden = params["w1"].shape
+    size = sum(int(np.asarray(a).nbytes) for a in params.values()) + int(np.asarray(log).nbytes) + FILE_OVERHEAD_BYTES
     try:
-        with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(path, overwrite=overwrite, size=size) as tmp, h5py.File(tmp, "w") as f:
             set_attrs(f, {"format": layout.FORMAT, "format_version": np.int64(layout.FORMAT_VERSION),
                           "kind": layout.KIND_MLP, "hidden": np.int64(hidden), "input_dim": np.int64(input_dim),
                           "n_classes": np.int64(params["w2"].shape[1]), "step": np.int64(step),
@@ -74,7 +76,7 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
                 f.create_dataset(dset, data=params[name])
             f.create_dataset(layout.TRAIN_LOG, data=log, maxshape=(None,), chunks=(layout.LOG_CHUNK_ROWS,))
     except OSError as exc:
-        raise ModelFileError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise ModelFileError(f"could not write {path}: {os_reason(exc)}") from exc
 
 
 def read_mlp_file(path: str | os.PathLike) -> MLPContents:
@@ -90,7 +92,7 @@ def read_mlp_file(path: str | os.PathLike) -> MLPContents:
         with h5py.File(path, "r") as f:
             return _read(f, path)
     except OSError as exc:
-        raise ModelFileError(f"could not read {path}: {' '.join(str(exc).split())}") from exc
+        raise ModelFileError(f"could not read {path}: {os_reason(exc)}") from exc
 
 
 def _read(f: h5py.File, path: str) -> MLPContents:

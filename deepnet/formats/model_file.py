@@ -75,7 +75,7 @@ class ModelFile:
                n_classes: int = 10, alpha: float | None = None, seed: int = 0, init_scale: float = 1e-3,
                storage_chunk_layers: int | None = None, overwrite: bool = False, progress: bool = True,
                core_weights: np.ndarray | None = None,
-               extra: Callable[[h5py.File], None] | None = None) -> "ModelFile":
+               extra: Callable[[h5py.File], None] | None = None, extra_bytes: int = 0) -> "ModelFile":
         """Create a new model file at `path`, initialised, and return it open in mode "r+".
 
         Core weights are uniform in [-init_scale, init_scale] with zero biases, drawn block by block
@@ -84,7 +84,8 @@ class ModelFile:
         drawn afterwards from the same generator (input head, then output head). With `core_weights`
         the given (L, w*w + w) array is written instead of drawn, and the generator is advanced past
         the draws it replaces, so the heads are the same as without it. `extra`, if given, is called
-        with the new h5py file to add optional parts (e.g. the MLP branch) before it is placed.
+        with the new h5py file to add optional parts (e.g. the MLP branch) before it is placed; `extra_bytes`
+        is their size, counted with the rest in the free-space check made before anything is written.
 
         The file is written under a temporary name in the same directory and renamed into place only
         when complete; on any failure the temporary file is removed.
@@ -92,7 +93,8 @@ class ModelFile:
         path = _create.create_file(path, layers=layers, width=width, activation=activation, input_dim=input_dim,
                                    n_classes=n_classes, alpha=alpha, seed=seed, init_scale=init_scale,
                                    storage_chunk_layers=storage_chunk_layers, overwrite=overwrite,
-                                   progress=progress, core_weights=core_weights, extra=extra)
+                                   progress=progress, core_weights=core_weights, extra=extra,
+                                   extra_bytes=extra_bytes)
         return cls.open(path, "r+")
 
     @classmethod

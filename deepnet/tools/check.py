@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from deepnet import activations
-from deepnet.errors import DeepnetError
+from deepnet.errors import DamagedFileError, DeepnetError
 from deepnet.formats.atomic import stale_temporaries
 from deepnet.formats.layout import HEAD_KEYS, KIND_MLP, TRAIN_LOG
 from deepnet.formats.mlp_file import model_kind, read_mlp_file
@@ -55,7 +55,11 @@ def check_model(path: str | os.PathLike) -> CheckReport:
     path = os.fspath(path)
     if model_kind(path) == KIND_MLP:
         return _check_mlp(path)
-    with ModelFile.open(path) as f:
+    try:
+        f = ModelFile.open(path)
+    except DamagedFileError as exc:  # readable as deepnet's, but its state cannot be trusted
+        return CheckReport(path, "damaged", None, f"damaged: {exc}", [])
+    with f:
         return _check_dense(f)
 
 
