@@ -107,14 +107,15 @@ def free_bytes(directory: str | os.PathLike) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def check_space(path: str | os.PathLike, nbytes: int, *, shown: str | None = None) -> None:
-    """Refuse, in one line saying how much is needed and available, a file of `nbytes` that will not fit
-    beside `path` (the old file stays until the new one is renamed over it, so its space does not count)."""
+def space_shortfall(path: str | os.PathLike, nbytes: int) -> str | None:
+    """Why a file of `nbytes` will not fit beside `path` (how much it needs and how much is free), or None
+    if it fits. The old file stays until the new one is renamed over it, so its space does not count."""
     directory = os.path.dirname(os.path.realpath(os.fspath(path)))
     free = free_bytes(directory)
-    if free is not None and nbytes > free:
-        raise ModelFileError(f"cannot write {shown or os.fspath(path)}: it needs {format_bytes(nbytes)} "
-                             f"({nbytes:,} bytes) but the file system of {directory} has {format_bytes(free)} free")
+    if free is None or nbytes <= free:
+        return None
+    return (f"it needs {format_bytes(nbytes)} ({nbytes:,} bytes) but the file system of {directory} has "
+            f"{format_bytes(free)} free")
 
 
 @contextmanager
@@ -132,8 +133,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, size: int | 
     """
     shown = os.fspath(path)
     target = os.path.realpath(shown)
-    if size is not None:
-        check_space(target, size, shown=shown)
+    short = None if size is None else space_shortfall(target, size)
+    if short:
+        raise ModelFileError(f"cannot write {shown}: {short}")
     held = lock_target(shown) if lock else None
     try:
         tmp = temporary_name(target)

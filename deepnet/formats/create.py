@@ -16,7 +16,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import h5io, layout
-from deepnet.formats.atomic import atomic_path
+from deepnet.formats.atomic import atomic_path, space_shortfall
 from deepnet.formats.commit import COMMIT_SLOTS, encode_record, heads_crc32, new_record
 from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, open_h5, set_attrs, set_fixed_ascii_attr
 from deepnet.formats.locking import flock
@@ -142,9 +142,12 @@ def write_checkpoint(path: str, old: h5py.File, core: np.ndarray, record: Mappin
         size = max(size, os.path.getsize(path))
     except OSError:
         pass
+    short = space_shortfall(path, size)
+    if short:
+        raise ModelFileError(f"could not write a checkpoint of {path}: {short} (the file still holds step {old_step})")
     try:
         # This process holds the file's lock (HDF5's, or its own flock): the new file takes it over.
-        with atomic_path(path, size=size, lock=False) as tmp:
+        with atomic_path(path, lock=False) as tmp:
             new = open_h5(tmp, "w")
             write_copy(old, new, core, record, heads, rows, chunk_layers, extra)
             new.flush()
