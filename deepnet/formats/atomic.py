@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from deepnet.errors import ModelFileError
-from deepnet.formats.locking import lock_target
+from deepnet.formats import interrupts
+from deepnet.formats.locking import WriterLock, flock, lock_target
 
 # ".<name>.tmp-<pid>" (older writers) or ".<name>.tmp-<pid>-<hex>": the pid tells a dead writer's
 # leftover from a live one's work in progress.
@@ -120,7 +121,7 @@ def space_shortfall(path: str | os.PathLike, nbytes: int) -> str | None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, size: int | None = None,
-                lock: bool = True) -> Iterator[str]:
+                lock: bool | WriterLock = True) -> Iterator[str]:
     """Yield a temporary path beside `path`; on normal exit fsync it, rename it onto `path`, fsync the
     directory. On any exception, Ctrl-C and SIGTERM included (or a refused rename), the temporary is
     removed and nothing is placed.
@@ -129,23 +130,33 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, size: int | 
     refused with :class:`ModelFileError`. With `lock` (the default) the file being replaced is locked
     from before the temporary is made until after the rename (:func:`lock_target`: a file in use by a
     training run is refused); a caller that already holds the file's lock (a checkpoint of the run
-    itself) passes ``lock=False``. With `size`, a file that would not fit is refused first.
+    itself) passes ``lock=False``, or its :class:`WriterLock`, which the new file takes over before it is
+    renamed into place. With `size`, a file that would not fit is refused first.
     """
     shown = os.fspath(path)
     target = os.path.realpath(shown)
     short = None if size is None else space_shortfall(target, size)
     if short:
         raise ModelFileError(f"cannot write {shown}: {short}")
-    held = lock_target(shown) if lock else None
+    handover = lock if isinstance(lock, WriterLock) else None
+    held = lock_target(shown) if lock is True else None
     try:
         tmp = temporary_name(target)
+        new_lock = None
         try:
-            yield tmp
+            with interrupts.watching():  # a Ctrl-C a finaliser swallowed still stops the write
+                yield tmp
             fsync_file(tmp)
+            if handover is not None:
+                new_lock = flock(tmp, exclusive=True)
             place(tmp, target, overwrite=overwrite, shown=shown)
         except BaseException:
+            if new_lock is not None:
+                os.close(new_lock)
             _unlink(tmp)
             raise
+        if new_lock is not None:
+            handover.hand_over(new_lock)
         fsync_dir(os.path.dirname(target))
     finally:
         if held is not None:

@@ -88,6 +88,45 @@ def lock_target(path: str) -> int | None:
     raise in_use_error(path)
 
 
+def locked_error(path: str, mode: str) -> ModelFileError:
+    """The one-line refusal of opening `path` while another process holds its lock."""
+    return ModelFileError(f"could not open {path} in mode {mode!r}: it is locked by another process (a training run?)")
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether an error of HDF5's open says another process holds the file's lock."""
+    return "unable to lock file" in str(exc)
+
+
+class WriterLock:
+    """The one-writer lock of a file that one run replaces again and again (train-mlp saves its model whole
+    at every report): taken on the file at `path`, if there is one, for the whole run, and handed to each
+    new version by :func:`deepnet.formats.atomic.atomic_path` (``lock=this``) before it is renamed into
+    place, so at no instant is the file at `path` unlocked while the run lasts."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.fd: int | None = lock_target(self.path)
+
+    def hand_over(self, fd: int) -> None:
+        """Hold the lock through `fd` (the new version's, already locked) and release the old file's."""
+        old, self.fd = self.fd, fd
+        if old is not None:
+            os.close(old)
+
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def refuse_if_in_use(path: str) -> None:
     """Refuse to replace a file another process has open for training (it holds the lock)."""
     fd = lock_target(path)

@@ -30,7 +30,7 @@ import numpy as np
 from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
-from deepnet.formats import layout
+from deepnet.formats import interrupts, layout
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.mlp_file import mlp_shapes, model_kind, read_mlp_file, write_mlp_file
 from deepnet.formats.model_file import ModelFile
@@ -286,6 +286,7 @@ def _import_dense(model: str, weights: str, head: str, layers: int, width: int, 
                             bad = int(np.flatnonzero(~np.isfinite(view))[0])
                             raise ModelFileError(f"{weights} holds a non-finite value ({view.flat[bad]}) in layer "
                                                  f"{start + bad // row}")
+                        interrupts.check()
                         mf.write_layers(start, view, 0)
                         bar.update(n)
                 mf.write_heads(heads)
@@ -367,6 +368,7 @@ def _export_dense(mf: ModelFile, weights: str, head: str, overwrite: bool, progr
                                              leave=False) as bar:
                 for start in range(0, layers, block):
                     stop = min(layers, start + block)
+                    interrupts.check()
                     rows = mf.read_layers(start, stop, out=buf)
                     fh.write(memoryview(rows.astype(RAW_DTYPE, copy=False)).cast("B"))
                     bar.update(stop - start)

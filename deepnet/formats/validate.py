@@ -19,7 +19,7 @@ import numpy as np
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import layout
 from deepnet.formats.h5io import open_h5
-from deepnet.formats.locking import flock, hdf5_locking_disabled
+from deepnet.formats.locking import flock, hdf5_locking_disabled, is_lock_conflict, locked_error
 from deepnet.formats.values import decode, is_int, is_int_attr, os_reason, show
 
 #: Which `expect` keys ModelFile.open understands (each is also the flag's name).
@@ -51,7 +51,7 @@ def open_validated(path: str | os.PathLike, mode: str,
         raise ModelFileError(f"could not open {path}: {os_reason(exc)}") from exc
     if not is_hdf5:
         raise ModelFileError(f"{path} is not a deepnet model file (not an HDF5 file)")
-    locked = f"{cannot}: it is locked by another process (a training run?)"
+    locked = str(locked_error(path, mode))
     lock_fd = None
     if hdf5_locking_disabled():
         try:
@@ -65,7 +65,7 @@ def open_validated(path: str | os.PathLike, mode: str,
     except OSError as exc:
         if lock_fd is not None:
             os.close(lock_fd)
-        if "unable to lock file" in str(exc):
+        if is_lock_conflict(exc):
             raise ModelFileError(locked) from exc
         raise ModelFileError(f"{cannot}: {os_reason(exc)}") from exc
     try:
