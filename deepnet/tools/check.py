@@ -55,7 +55,7 @@ def check_model(path: str | os.PathLike) -> CheckReport:
     try:
         f = ModelFile.open(path)
     except DamagedFileError as exc:  # readable as deepnet's, but its state cannot be trusted
-        return CheckReport(path, "damaged", None, f"damaged: {exc}", [])
+        return CheckReport(path, "damaged", None, f"damaged: {str(exc).removeprefix(f'{path}: ')}", [])
     with f:
         return _check_dense(f)
 
