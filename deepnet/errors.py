@@ -18,9 +18,17 @@ class ModelFileError(DeepnetError):
     """A model file is not deepnet's, is of another version, or disagrees with what was asked."""
 
 
+class DamagedFileError(ModelFileError):
+    """A model file is deepnet's but what guards its state is damaged (`deepnet check` reports it as damaged)."""
+
+
 class ConfigError(DeepnetError):
     """A flag or argument value is out of range or inconsistent."""
 
 
 class ActivationError(DeepnetError):
     """An activation is unknown or its definition is invalid."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so cleanup runs as for Ctrl-C."""

@@ -877,10 +877,9 @@ def _write_by_hand(path, *, with_commit: bool):
     return core, heads, log
 
 
-@pytest.mark.parametrize("with_commit", [False, True])
-def test_a_file_written_with_the_literal_layout_opens_and_trains_on(tmp_path, with_commit):
+def test_a_file_written_with_the_literal_layout_opens_and_trains_on(tmp_path):
     path = tmp_path / "old.h5"
-    core, heads, log = _write_by_hand(path, with_commit=with_commit)
+    core, heads, log = _write_by_hand(path, with_commit=False)
     with ModelFile.open(path) as m:
         assert (m.layers, m.width, m.activation, m.alpha, m.seed) == (10, 2, "tanh", 0.5, 9)
         assert (m.step, m.rng_state, m.storage_chunk_layers) == (2, {"n": 1}, 4)
@@ -894,6 +893,17 @@ def test_a_file_written_with_the_literal_layout_opens_and_trains_on(tmp_path, wi
         m.commit(3, m.read_heads(), log=[(3, 0.1, 0.75, 0.1)])
     with ModelFile.open(path) as m:
         assert m.step == 3 and m.has_commit_record and m.read_log()["step"].tolist() == [1, 2, 3]
+
+
+def test_a_commit_dataset_with_no_record_is_damaged_not_the_old_layout(tmp_path):
+    """issue 18 item 8: /train/commit all zeros is not "written before the record existed": the file
+    is refused as damaged (an edit there must not drop the heads' checksum)."""
+    from deepnet.errors import DamagedFileError
+
+    path = tmp_path / "old.h5"
+    _write_by_hand(path, with_commit=True)
+    with pytest.raises(DamagedFileError, match="commit record is damaged .*both are all zeros"):
+        ModelFile.open(path)
 
 
 def test_the_layout_names_are_the_files_names():

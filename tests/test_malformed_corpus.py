@@ -195,7 +195,7 @@ CORPUS = {
                                   gzip.compress(idx_header(2051, [60000, 28, 28]) + bytes(100)))))),
     "idx-not-28x28": (NEW + BAD_DATA, "MNIST images must be 28x28, header says 28x27", broken_mnist(not_28x28)),
     "idx-label-out-of-range": (NEW + BAD_DATA, "label out of range: label 17 is 10", broken_mnist(label_out_of_range)),
-    "idx-corrupt-gzip": (NEW + BAD_DATA, "corrupt gzip stream", broken_mnist(corrupt_gzip)),
+    "idx-corrupt-gzip": (NEW + BAD_DATA, "corrupt gzip data", broken_mnist(corrupt_gzip)),
     "idx-extra-bytes": (NEW + BAD_DATA, "8 extra bytes after the data", broken_mnist(extra_bytes)),
     "idx-float-dtype": (NEW + BAD_DATA, "unsupported dtype code 0x0d",
                         broken_mnist(rewrite(TRAIN_LABELS, b"\x00\x00\x0d\x01" + struct.pack(">I", 2) + bytes(8)))),

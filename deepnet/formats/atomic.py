@@ -2,7 +2,10 @@
 
 Every file deepnet writes whole (a new model, a checkpoint, an MLP file, raw exports, IDX files,
 fetched MNIST files, plots) goes through :func:`atomic_path`, so a reader never sees a half-written
-file and a killed writer leaves only a hidden temporary that :func:`stale_temporaries` recognises.
+file, a writer interrupted by an exception (Ctrl-C, SIGTERM turned into :class:`~deepnet.errors.Terminated`)
+leaves nothing behind, and a killed one leaves only a hidden temporary that :func:`stale_temporaries`
+recognises. It also takes the one-writer lock of the file it replaces (:mod:`deepnet.formats.locking`)
+and refuses, before anything is written, a file that would not fit in the free space.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from deepnet.errors import ModelFileError
+from deepnet.formats import interrupts
+from deepnet.formats.locking import WriterLock, flock, lock_target
 
 # ".<name>.tmp-<pid>" (older writers) or ".<name>.tmp-<pid>-<hex>": the pid tells a dead writer's
 # leftover from a live one's work in progress.
@@ -86,25 +91,76 @@ def _unlink(path: str) -> None:
         pass
 
 
+def format_bytes(n: int) -> str:
+    """A byte count for a one-line message: 1.5 GB, 12 MB, 300 bytes (decimal units, as df -H)."""
+    for unit, size in (("EB", 10**18), ("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def free_bytes(directory: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on `directory`'s file system (None if unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def space_shortfall(path: str | os.PathLike, nbytes: int) -> str | None:
+    """Why a file of `nbytes` will not fit beside `path` (how much it needs and how much is free), or None
+    if it fits. The old file stays until the new one is renamed over it, so its space does not count."""
+    directory = os.path.dirname(os.path.realpath(os.fspath(path)))
+    free = free_bytes(directory)
+    if free is None or nbytes <= free:
+        return None
+    return (f"it needs {format_bytes(nbytes)} ({nbytes:,} bytes) but the file system of {directory} has "
+            f"{format_bytes(free)} free")
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, size: int | None = None,
+                lock: bool | WriterLock = True) -> Iterator[str]:
     """Yield a temporary path beside `path`; on normal exit fsync it, rename it onto `path`, fsync the
-    directory. On any exception (or a refused rename) the temporary is removed and nothing is placed.
+    directory. On any exception, Ctrl-C and SIGTERM included (or a refused rename), the temporary is
+    removed and nothing is placed.
 
     A symlink at `path` stays: its target is replaced. Without `overwrite`, an existing `path` is
-    refused with :class:`ModelFileError`.
+    refused with :class:`ModelFileError`. With `lock` (the default) the file being replaced is locked
+    from before the temporary is made until after the rename (:func:`lock_target`: a file in use by a
+    training run is refused); a caller that already holds the file's lock (a checkpoint of the run
+    itself) passes ``lock=False``, or its :class:`WriterLock`, which the new file takes over before it is
+    renamed into place. With `size`, a file that would not fit is refused first.
     """
     shown = os.fspath(path)
     target = os.path.realpath(shown)
-    tmp = temporary_name(target)
+    short = None if size is None else space_shortfall(target, size)
+    if short:
+        raise ModelFileError(f"cannot write {shown}: {short}")
+    handover = lock if isinstance(lock, WriterLock) else None
+    held = lock_target(shown) if lock is True else None
     try:
-        yield tmp
-        fsync_file(tmp)
-        place(tmp, target, overwrite=overwrite, shown=shown)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(target))
+        tmp = temporary_name(target)
+        new_lock = None
+        try:
+            with interrupts.watching():  # a Ctrl-C a finaliser swallowed still stops the write
+                yield tmp
+            fsync_file(tmp)
+            if handover is not None:
+                new_lock = flock(tmp, exclusive=True)
+            place(tmp, target, overwrite=overwrite, shown=shown)
+        except BaseException:
+            if new_lock is not None:
+                os.close(new_lock)
+            _unlink(tmp)
+            raise
+        if new_lock is not None:
+            handover.hand_over(new_lock)
+        fsync_dir(os.path.dirname(target))
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def stale_temporaries(path: str | os.PathLike) -> list[str]:

@@ -16,15 +16,19 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import h5io, layout
-from deepnet.formats.atomic import atomic_path
+from deepnet.formats.atomic import atomic_path, space_shortfall
 from deepnet.formats.commit import COMMIT_SLOTS, encode_record, heads_crc32, new_record
 from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, open_h5, set_attrs, set_fixed_ascii_attr
-from deepnet.formats.locking import flock, refuse_if_in_use
+from deepnet.formats.locking import flock
 from deepnet.formats.record import empty_commit_slots
 from deepnet.formats.values import check_float, check_int, now, os_reason, rng_text
 
 #: Target size in bytes of one HDF5 storage chunk of /core/weights.
 STORAGE_CHUNK_BYTES = 1 << 20
+#: Room for what a model file holds besides its arrays: HDF5 metadata, the commit slots, the log's first chunk.
+FILE_OVERHEAD_BYTES = 1 << 20
+# An HDF5 dataset's byte size and a NumPy array's both must fit in a signed 64-bit count.
+_MAX_BYTES = 2**63 - 1
 
 
 def default_alpha(layers: int) -> float:
@@ -37,6 +41,19 @@ def default_storage_chunk_layers(layers: int, width: int) -> int:
     """Layers per HDF5 storage chunk: about 1 MiB of float32 rows, at least 1, at most L."""
     row_bytes = 4 * (width * width + width)
     return min(layers, max(1, STORAGE_CHUNK_BYTES // row_bytes))
+
+
+def model_file_bytes(layers: int, width: int, input_dim: int, n_classes: int, extra_bytes: int = 0) -> int:
+    """About the size of a dense model file (its arrays plus FILE_OVERHEAD_BYTES), for the free-space check;
+    a ConfigError (one line) for shapes no file or array can hold."""
+    row = width * width + width
+    core = 4 * layers * row
+    heads = 4 * (input_dim * width + width + width * n_classes + n_classes)
+    if 4 * row > _MAX_BYTES or core > _MAX_BYTES or heads > _MAX_BYTES:
+        raise ConfigError(f"layers={layers:,}, width={width:,}, input_dim={input_dim:,} make arrays of "
+                          f"{max(core, heads):,} bytes, more than a file or an array can hold (2**63 - 1)")
+    chunk_steps = 8 * -(-layers // default_storage_chunk_layers(layers, width))
+    return core + heads + chunk_steps + FILE_OVERHEAD_BYTES + extra_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +135,19 @@ def write_checkpoint(path: str, old: h5py.File, core: np.ndarray, record: Mappin
     `path` is no longer the file `inode` names (another process replaced it)."""
     new: h5py.File | None = None
     lock_fd = None
+    layers, row_size = core.shape
+    heads_bytes = sum(int(np.asarray(a).nbytes) for a in heads.values())
+    size = 4 * layers * row_size + heads_bytes + int(rows.nbytes) + FILE_OVERHEAD_BYTES
+    try:  # the optional parts (a weight average is a second core) are about as big as in the old file
+        size = max(size, os.path.getsize(path))
+    except OSError:
+        pass
+    short = space_shortfall(path, size)
+    if short:
+        raise ModelFileError(f"could not write a checkpoint of {path}: {short} (the file still holds step {old_step})")
     try:
-        with atomic_path(path) as tmp:
+        # This process holds the file's lock (HDF5's, or its own flock): the new file takes it over.
+        with atomic_path(path, lock=False) as tmp:
             new = open_h5(tmp, "w")
             write_copy(old, new, core, record, heads, rows, chunk_layers, extra)
             new.flush()
@@ -163,8 +191,11 @@ def create_file(
     progress: bool = True,
     core_weights: np.ndarray | None = None,
     extra: Callable[[h5py.File], None] | None = None,
+    extra_bytes: int = 0,
 ) -> str:
-    """Write a new, initialised model file at `path` (see :meth:`ModelFile.create`); returns the path."""
+    """Write a new, initialised model file at `path` (see :meth:`ModelFile.create`); returns the path.
+
+    `extra_bytes` is what `extra` will add, counted in the free-space check made before anything is written."""
     path = os.fspath(path)
     layers = check_int("layers", layers, minimum=1)
     width = check_int("width", width, minimum=1)
@@ -189,10 +220,11 @@ def create_file(
                               f"need {(layers, row_size)}")
         if not (np.issubdtype(core_weights.dtype, np.floating) or np.issubdtype(core_weights.dtype, np.integer)):
             raise ConfigError(f"core_weights must be a float array, got dtype {core_weights.dtype}")
+    size = model_file_bytes(layers, width, input_dim, n_classes, check_int("extra_bytes", extra_bytes, minimum=0))
     _check_target(path, overwrite)
 
     try:
-        with atomic_path(path, overwrite=overwrite) as tmp:
+        with atomic_path(path, overwrite=overwrite, size=size) as tmp:
             with open_h5(tmp, "w") as f:
                 stamp = _write_attributes(f, layers=layers, width=width, activation=activation, alpha=alpha,
                                   input_dim=input_dim, n_classes=n_classes, seed=seed, init_scale=init_scale)
@@ -206,8 +238,6 @@ def create_file(
                 f.flush()
                 if extra is not None:
                     extra(f)
-            if overwrite:
-                refuse_if_in_use(path)
     except OSError as exc:
         raise ModelFileError(f"could not write {path}: {os_reason(exc)}") from exc
     return path
@@ -220,8 +250,6 @@ def _check_target(path: str, overwrite: bool) -> None:
         raise ModelFileError(f"cannot create {path}: it is a directory")
     if os.path.lexists(path) and not overwrite:
         raise ModelFileError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-    if overwrite:
-        refuse_if_in_use(path)
     if not os.path.isdir(directory):
         raise ModelFileError(f"cannot create {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):

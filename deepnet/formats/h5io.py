@@ -17,6 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from deepnet.formats import interrupts
+
 #: Target size in bytes of one block written or read at a time by create(), write_core() and read_core().
 WRITE_BLOCK_BYTES = 4 << 20
 
@@ -87,7 +89,8 @@ def rewrite_attr(obj: h5py.HLObject, name: str, data: Any, dtype: Any) -> None:
 
 def write_block(dset: h5py.Dataset, start: int, block: np.ndarray) -> None:
     """Write `block` into rows [start, start + len(block)) of `dset` (every core write goes through here,
-    so tests can make it fail)."""
+    so tests can make it fail); first raises a Ctrl-C a finaliser swallowed (:mod:`~deepnet.formats.interrupts`)."""
+    interrupts.check()
     dset.write_direct(block, dest_sel=np.s_[start : start + block.shape[0]])
 
 

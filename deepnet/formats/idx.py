@@ -24,6 +24,7 @@ import numpy as np
 
 from deepnet.errors import DataError
 from deepnet.formats.atomic import atomic_path
+from deepnet.formats.values import os_reason
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -126,9 +127,18 @@ def _read_gzip_payload(path: PathLike, f: BinaryIO, compressed_size: int, expect
         if not n:
             raise _err(path, f"truncated: header says {expected} bytes of data, file has {got}")
         got += n
-    # Reading to the end of the stream also makes gzip check the CRC and length of every member.
-    if f.read(1):
-        raise _err(path, f"extra bytes after the data: header says {expected} bytes of data, the stream has more")
+    # Reading to the end of the stream also makes gzip check the CRC and length of every member. More
+    # data than the header says is usually a corrupt stream decoding to garbage, so read on (discarding,
+    # and bounded by the deflate ratio) until the CRC says which it is: a CRC failure is corrupt data.
+    extra = len(f.read(1))
+    while extra:
+        n = len(f.read(_READ_CHUNK))
+        if not n:
+            break
+        extra += n
+    if extra:
+        raise _err(path, f"{extra} extra bytes after the data: header says {expected} bytes of data, the stream "
+                         f"has {expected + extra}")
     return out
 
 
@@ -141,7 +151,7 @@ def _read(path: PathLike, expected_magic: int | None) -> np.ndarray:
     except IsADirectoryError:
         raise _err(path, "is a directory, not an IDX file") from None
     except OSError as exc:
-        raise _err(path, f"cannot open: {exc.strerror or exc}") from None
+        raise _err(path, f"cannot open: {os_reason(exc)}") from None
     with f:
         try:
             compressed_size = os.fstat(f.fileno()).st_size
@@ -159,7 +169,7 @@ def _read(path: PathLike, expected_magic: int | None) -> np.ndarray:
         except DataError:
             raise
         except (EOFError, zlib.error, _gzip.BadGzipFile) as exc:
-            raise _err(path, f"corrupt gzip stream: {exc}") from None
+            raise _err(path, f"corrupt gzip data ({os_reason(exc)})") from None
         except (OSError, struct.error, ValueError) as exc:
             raise _err(path, f"cannot read: {exc}") from None
     return flat.reshape(dims)

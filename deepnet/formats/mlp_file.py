@@ -29,7 +29,9 @@ from deepnet.errors import ModelFileError
 from deepnet.formats import layout
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.h5io import set_attrs
-from deepnet.formats.values import decode, now, rng_text
+from deepnet.formats.locking import WriterLock, is_lock_conflict, locked_error
+from deepnet.formats.create import FILE_OVERHEAD_BYTES
+from deepnet.formats.values import decode, now, os_reason, rng_text
 
 #: The ``init`` attribute: how the parameters of a new MLP are drawn.
 INIT = "he-uniform/xavier-uniform"
@@ -53,9 +55,11 @@ def mlp_shapes(hidden: int, input_dim: int, n_classes: int) -> dict[str, tuple[i
 
 
 def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, step: int, seed: int,
-                   rng_state: dict | None, log: np.ndarray, created: str, overwrite: bool = True) -> None:
+                   rng_state: dict | None, log: np.ndarray, created: str, overwrite: bool = True,
+                   lock: WriterLock | None = None) -> None:
     """Write an MLP model file at `path` atomically (a temporary beside it, fsync, rename); without
-    `overwrite` an existing `path` is refused."""
+    `overwrite` an existing `path` is refused. A run that saves again and again holds `lock` (a
+    :class:`WriterLock` of `path`) for its whole length; without it the file's lock is taken for the write."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -63,8 +67,10 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
     if not os.path.isdir(directory):
         raise ModelFileError(f"cannot write {path}: directory {directory} does not exist")
     input_dim, hidden = params["w1"].shape
+    size = sum(int(np.asarray(a).nbytes) for a in params.values()) + int(np.asarray(log).nbytes) + FILE_OVERHEAD_BYTES
     try:
-        with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(path, overwrite=overwrite, size=size, lock=True if lock is None else lock) as tmp, \
+                h5py.File(tmp, "w") as f:
             set_attrs(f, {"format": layout.FORMAT, "format_version": np.int64(layout.FORMAT_VERSION),
                           "kind": layout.KIND_MLP, "hidden": np.int64(hidden), "input_dim": np.int64(input_dim),
                           "n_classes": np.int64(params["w2"].shape[1]), "step": np.int64(step),
@@ -74,7 +80,7 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
                 f.create_dataset(dset, data=params[name])
             f.create_dataset(layout.TRAIN_LOG, data=log, maxshape=(None,), chunks=(layout.LOG_CHUNK_ROWS,))
     except OSError as exc:
-        raise ModelFileError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise ModelFileError(f"could not write {path}: {os_reason(exc)}") from exc
 
 
 def read_mlp_file(path: str | os.PathLike) -> MLPContents:
@@ -90,7 +96,9 @@ def read_mlp_file(path: str | os.PathLike) -> MLPContents:
         with h5py.File(path, "r") as f:
             return _read(f, path)
     except OSError as exc:
-        raise ModelFileError(f"could not read {path}: {' '.join(str(exc).split())}") from exc
+        if is_lock_conflict(exc):
+            raise locked_error(path, "r") from None
+        raise ModelFileError(f"could not read {path}: {os_reason(exc)}") from exc
 
 
 def _read(f: h5py.File, path: str) -> MLPContents:
@@ -145,7 +153,8 @@ def not_a_model(path: str) -> NoReturn:
 
 def model_kind(path: str | os.PathLike) -> str | None:
     """The ``kind`` attribute of a deepnet model file ("dense", "mlp", ...), or None if ``path`` is not
-    a readable deepnet HDF5 file (the caller's own open then says why)."""
+    a readable deepnet HDF5 file (the caller's own open then says why); a file another process holds
+    locked is a one-line ModelFileError saying so."""
     path = os.fspath(path)
     try:
         if not os.path.isfile(path) or not h5py.is_hdf5(path):
@@ -155,13 +164,18 @@ def model_kind(path: str | os.PathLike) -> str | None:
                 return None
             kind = f.attrs.get("kind")
             return None if kind is None else decode(kind)
-    except OSError:
+    except OSError as exc:
+        if is_lock_conflict(exc):  # a file in training is not "not a model file"
+            raise locked_error(path, "r") from None
         return None
 
 
 def require_kind(path: str | os.PathLike, kind: str, command: str) -> None:
     """Refuse (one line) a deepnet file of another kind before ``deepnet command`` opens it as ``kind``."""
-    have = model_kind(path)
+    try:
+        have = model_kind(path)
+    except ModelFileError:  # locked by a run: the command's own open says so, in its own mode
+        return
     if have is not None and have != kind:
         base = command.removesuffix("-mlp")
         other = {layout.KIND_DENSE: base, layout.KIND_MLP: f"{base}-mlp"}.get(have)

@@ -29,6 +29,8 @@ from deepnet.formats.record import LOG_PENDING_MAX, CommitLog, log_array, log_ro
 from deepnet.formats.validate import check_heads, head_shapes, open_validated
 from deepnet.formats.values import check_int, decode, now, os_reason, rng_text
 
+# Bytes read at a time while scanning the weights for non-finite values.
+_SCAN_BLOCK_BYTES = 16 << 20
 # Passed for "leave this part of the record as it is".
 _KEEP: Any = object()
 
@@ -75,7 +77,7 @@ class ModelFile:
                n_classes: int = 10, alpha: float | None = None, seed: int = 0, init_scale: float = 1e-3,
                storage_chunk_layers: int | None = None, overwrite: bool = False, progress: bool = True,
                core_weights: np.ndarray | None = None,
-               extra: Callable[[h5py.File], None] | None = None) -> "ModelFile":
+               extra: Callable[[h5py.File], None] | None = None, extra_bytes: int = 0) -> "ModelFile":
         """Create a new model file at `path`, initialised, and return it open in mode "r+".
 
         Core weights are uniform in [-init_scale, init_scale] with zero biases, drawn block by block
@@ -84,7 +86,8 @@ class ModelFile:
         drawn afterwards from the same generator (input head, then output head). With `core_weights`
         the given (L, w*w + w) array is written instead of drawn, and the generator is advanced past
         the draws it replaces, so the heads are the same as without it. `extra`, if given, is called
-        with the new h5py file to add optional parts (e.g. the MLP branch) before it is placed.
+        with the new h5py file to add optional parts (e.g. the MLP branch) before it is placed; `extra_bytes`
+        is their size, counted with the rest in the free-space check made before anything is written.
 
         The file is written under a temporary name in the same directory and renamed into place only
         when complete; on any failure the temporary file is removed.
@@ -92,7 +95,8 @@ class ModelFile:
         path = _create.create_file(path, layers=layers, width=width, activation=activation, input_dim=input_dim,
                                    n_classes=n_classes, alpha=alpha, seed=seed, init_scale=init_scale,
                                    storage_chunk_layers=storage_chunk_layers, overwrite=overwrite,
-                                   progress=progress, core_weights=core_weights, extra=extra)
+                                   progress=progress, core_weights=core_weights, extra=extra,
+                                   extra_bytes=extra_bytes)
         return cls.open(path, "r+")
 
     @classmethod
@@ -417,10 +421,45 @@ class ModelFile:
         heads_changed = crc is not None and _heads_crc(self.read_heads()) != crc
         return torn_state(self.step, self.chunk_steps(), self._chunk_layers, self._layers, heads_changed)
 
+    def non_finite_layers(self) -> np.ndarray:
+        """Indices of the core layers holding a NaN or an infinity (read block by block)."""
+        self._file()
+        block = max(1, _SCAN_BLOCK_BYTES // (4 * self.row_size))
+        buf = np.empty((min(block, self._layers), self.row_size), np.float32)
+        bad = []
+        for start in range(0, self._layers, block):
+            stop = min(self._layers, start + block)
+            ok = np.isfinite(self.read_layers(start, stop, out=buf)).all(axis=1)
+            if not ok.all():
+                bad.append(start + np.flatnonzero(~ok))
+        return np.concatenate(bad) if bad else np.empty(0, np.int64)
+
+    def non_finite_parts(self) -> list[str]:
+        """The float datasets other than the core (heads, branch, weight average, ...) holding a NaN or an
+        infinity, by name (read block by block)."""
+        f = self._file()
+        found: list[str] = []
+
+        def scan(name: str, obj: Any) -> None:
+            if not isinstance(obj, h5py.Dataset) or obj.dtype.kind != "f" or name == layout.CORE_WEIGHTS:
+                return
+            if obj.ndim == 0:
+                finite = bool(np.isfinite(obj[()]))
+            else:
+                rows = max(1, _SCAN_BLOCK_BYTES // max(1, obj.dtype.itemsize * int(np.prod(obj.shape[1:]))))
+                finite = all(np.isfinite(obj[i : i + rows]).all() for i in range(0, obj.shape[0], rows))
+            if not finite:
+                found.append(name)
+
+        f.visititems(scan)
+        return found
+
     def accept_torn(self) -> FileState:
         """Accept a torn step's mixed state as the committed step (``--resume-torn``).
 
-        The record is rewritten first (heads checksum of the heads as they are, and a note of what was
+        Nothing is written unless the state is usable: a torn state holding a non-finite weight (which
+        training would refuse at its first step) is refused first, with the file left as it was. Then
+        the record is rewritten (heads checksum of the heads as they are, and a note of what was
         accepted), then every ``chunk_step`` past the committed step is set back to it; interrupted,
         the file stays torn and this can simply be run again. Returns the state that was accepted.
         """
@@ -428,6 +467,11 @@ class ModelFile:
         state = self.state()
         if state.status != "torn":
             return state
+        bad = [f"{n} core layers" for n in [self.non_finite_layers().size] if n] + \
+            [f"/{name}" for name in self.non_finite_parts()]
+        if bad:
+            raise ModelFileError(f"{self._path} holds a torn step {state.torn_step} with non-finite values in "
+                                 f"{', '.join(bad)}; not accepting it (nothing was written; see `deepnet check`)")
         self._commits.write(heads_crc32=_heads_crc(self.read_heads()),
                             torn_accepted={"step": state.torn_step, "layers_updated": state.layers_updated,
                                            "heads_updated": state.heads_changed})

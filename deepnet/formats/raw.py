@@ -30,11 +30,11 @@ import numpy as np
 from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
-from deepnet.formats import layout
+from deepnet.formats import interrupts, layout
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.mlp_file import mlp_shapes, model_kind, read_mlp_file, write_mlp_file
 from deepnet.formats.model_file import ModelFile
-from deepnet.formats.values import now
+from deepnet.formats.values import now, os_reason
 
 RAW_DTYPE = np.dtype("<f4")
 #: Bytes per streamed block (rounded to whole HDF5 storage chunks of the model).
@@ -124,8 +124,7 @@ def _distinct(**paths: str | None) -> None:
 
 
 def _os_error(action: str, path: str, exc: OSError) -> ModelFileError:
-    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-    return ModelFileError(f"could not {action} {path}: {reason}")
+    return ModelFileError(f"could not {action} {path}: {os_reason(exc)}")
 
 
 def _read_floats(path: str, count: int, what: str) -> np.ndarray:
@@ -287,6 +286,7 @@ def _import_dense(model: str, weights: str, head: str, layers: int, width: int, 
                             bad = int(np.flatnonzero(~np.isfinite(view))[0])
                             raise ModelFileError(f"{weights} holds a non-finite value ({view.flat[bad]}) in layer "
                                                  f"{start + bad // row}")
+                        interrupts.check()
                         mf.write_layers(start, view, 0)
                         bar.update(n)
                 mf.write_heads(heads)
@@ -340,7 +340,8 @@ def _export_mlp(model: str, head: str, overwrite: bool) -> dict:
     started = time.perf_counter()
     contents = read_mlp_file(model)
     try:
-        with atomic_path(head, overwrite=overwrite) as tmp:
+        size = sum(int(contents.params[key].nbytes) for key in layout.MLP_KEYS)
+        with atomic_path(head, overwrite=overwrite, size=size) as tmp:
             _write_floats(tmp, [contents.params[key] for key in layout.MLP_KEYS])
     except OSError as exc:
         raise _os_error("write", head, exc) from exc
@@ -357,13 +358,17 @@ def _export_dense(mf: ModelFile, weights: str, head: str, overwrite: bool, progr
     block = chunk * max(1, BLOCK_BYTES // (chunk * row * RAW_DTYPE.itemsize))
     buf = np.empty((min(block, layers), row), dtype=np.float32)
     try:
-        # Both files are complete on disk before either is renamed into place.
-        with atomic_path(weights, overwrite=overwrite) as tmp, atomic_path(head, overwrite=overwrite) as head_tmp:
+        # Both files are complete on disk before either is renamed into place; the space check of the
+        # first counts both (they are usually on one file system).
+        head_bytes = dense_head_bytes(mf.width, mf.input_dim, mf.n_classes)
+        with atomic_path(weights, overwrite=overwrite, size=dense_weights_bytes(layers, mf.width) + head_bytes) as tmp, \
+                atomic_path(head, overwrite=overwrite, size=head_bytes) as head_tmp:
             with open(tmp, "wb") as fh, tqdm(total=layers, desc=f"export {os.path.basename(weights)}",
                                              unit="layer", unit_scale=True, disable=not progress,
                                              leave=False) as bar:
                 for start in range(0, layers, block):
                     stop = min(layers, start + block)
+                    interrupts.check()
                     rows = mf.read_layers(start, stop, out=buf)
                     fh.write(memoryview(rows.astype(RAW_DTYPE, copy=False)).cast("B"))
                     bar.update(stop - start)

@@ -3,7 +3,8 @@
 :mod:`deepnet.formats.commit` defines the record's bytes; this keeps the latest record of one open
 file, writes the next one into the other slot, and appends the log rows it carries to /train/log at
 report boundaries (an HDF5 metadata change, so not at every step). Files written before the record
-existed are read from their root attributes and get the dataset on their first commit.
+existed (no /train/commit at all) are read from their root attributes and get the dataset, holding
+their first record, on their first commit; a file that has the dataset but no valid slot is damaged.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from deepnet.errors import ConfigError, ModelFileError
+from deepnet.errors import ConfigError, DamagedFileError, ModelFileError
 from deepnet.formats import layout
 from deepnet.formats.commit import COMMIT_SLOT_BYTES, COMMIT_SLOTS, decode_record, encode_record, json_default
 from deepnet.formats.h5io import RawWriter
@@ -155,13 +156,17 @@ class CommitLog:
     def write(self, **changes: Any) -> None:
         """Write the latest record with `changes` into the next slot (one raw write)."""
         record, encoded = self.next_record(**changes)
+        slot = record["seq"] % COMMIT_SLOTS
         if self._commit is None:
-            # A file from before the commit record: it gets the dataset now (once; a metadata change).
-            self._commit = self._f.create_dataset(layout.TRAIN_COMMIT, data=empty_commit_slots())
+            # A file from before the commit record: it gets the dataset now (once; a metadata change),
+            # created holding this record, so a file with the dataset always has one (an empty one is damage).
+            slots = empty_commit_slots()
+            slots[slot, : len(encoded)] = np.frombuffer(encoded, np.uint8)
+            self._commit = self._f.create_dataset(layout.TRAIN_COMMIT, data=slots)
             self._raw.forget(layout.TRAIN_COMMIT)
             self._f.flush()
-        slot = record["seq"] % COMMIT_SLOTS
-        self._raw.write(layout.TRAIN_COMMIT, np.frombuffer(encoded, np.uint8), slot * COMMIT_SLOT_BYTES)
+        else:
+            self._raw.write(layout.TRAIN_COMMIT, np.frombuffer(encoded, np.uint8), slot * COMMIT_SLOT_BYTES)
         self._record = record
         if "rng_state" in changes:
             self._rng_error = None
@@ -211,17 +216,18 @@ class CommitLog:
         raw = self._commit[()]
         records = [r for r in (decode_record(raw[i].tobytes()) for i in range(COMMIT_SLOTS)) if r is not None]
         if not records:
-            if not raw.any():  # allocated, never written
-                self._rng_error = legacy_error
-                return legacy
-            raise ModelFileError(f"{self._path}: the commit record is damaged (no slot of /{layout.TRAIN_COMMIT} "
-                                 f"passes its checksum)")
+            # Every writer creates the dataset holding a record, so none valid (all zeros included) is damage,
+            # never the unprotected layout of a file from before the record.
+            blank = "" if raw.any() else ", both are all zeros"
+            raise DamagedFileError(f"{self._path}: the commit record is damaged (no slot of /{layout.TRAIN_COMMIT} "
+                                   f"passes its checksum{blank})")
         record = max(records, key=lambda r: r["seq"])
         if meta["step"] > record["step"]:
-            # A writer that only knows the attributes (an older deepnet) trained it since.
-            self._rng_error = legacy_error
-            legacy["seq"] = record["seq"]
-            return legacy
+            # Every writer commits the record before it mirrors the step into the attributes, so this is
+            # a writer that ignores the record, or an edit; falling back to the attributes would drop the
+            # heads' checksum, so it is damage.
+            raise DamagedFileError(f"{self._path}: attribute step {meta['step']} is past the committed step "
+                                   f"{record['step']} of /{layout.TRAIN_COMMIT}")
         if record["log_rows"] > self.stored_log_rows:
             raise ModelFileError(f"{self._path}: the commit record counts {record['log_rows']} rows of "
                                  f"/{layout.TRAIN_LOG} but the dataset has {self.stored_log_rows}")

@@ -19,7 +19,7 @@ import numpy as np
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import layout
 from deepnet.formats.h5io import open_h5
-from deepnet.formats.locking import flock, hdf5_locking_disabled
+from deepnet.formats.locking import flock, hdf5_locking_disabled, is_lock_conflict, locked_error, same_file
 from deepnet.formats.values import decode, is_int, is_int_attr, os_reason, show
 
 #: Which `expect` keys ModelFile.open understands (each is also the flag's name).
@@ -51,7 +51,7 @@ def open_validated(path: str | os.PathLike, mode: str,
         raise ModelFileError(f"could not open {path}: {os_reason(exc)}") from exc
     if not is_hdf5:
         raise ModelFileError(f"{path} is not a deepnet model file (not an HDF5 file)")
-    locked = f"{cannot}: it is locked by another process (a training run?)"
+    locked = str(locked_error(path, mode))
     lock_fd = None
     if hdf5_locking_disabled():
         try:
@@ -65,10 +65,15 @@ def open_validated(path: str | os.PathLike, mode: str,
     except OSError as exc:
         if lock_fd is not None:
             os.close(lock_fd)
-        if "unable to lock file" in str(exc):
+        if is_lock_conflict(exc):
             raise ModelFileError(locked) from exc
         raise ModelFileError(f"{cannot}: {os_reason(exc)}") from exc
     try:
+        if not _still_at(path, f, lock_fd):
+            # Replaced by rename between our open and our lock: its writer holds the new file (or has just
+            # finished); what we locked is no longer the model at `path`.
+            raise ModelFileError(f"{cannot}: another process replaced it while it was being opened "
+                                 f"(a training run's checkpoint?)")
         meta = validate(f, path)
         check_expect(meta, expect, path)
     except BaseException:
@@ -77,6 +82,17 @@ def open_validated(path: str | os.PathLike, mode: str,
             os.close(lock_fd)
         raise
     return f, meta, lock_fd
+
+
+def _still_at(path: str, f: h5py.File, lock_fd: int | None) -> bool:
+    """Whether the file HDF5 opened (and deepnet's lock, if it took one) is still the file at `path`."""
+    fds = [] if lock_fd is None else [lock_fd]
+    if f.driver == "sec2":
+        try:
+            fds.append(int(f.id.get_vfd_handle()))
+        except Exception:  # pragma: no cover - a driver without a plain descriptor
+            pass
+    return all(same_file(fd, path) for fd in fds)
 
 
 def head_shapes(width: int, input_dim: int, n_classes: int) -> dict[str, tuple[int, ...]]:

@@ -89,8 +89,12 @@ def show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def os_reason(exc: BaseException) -> str:
-    """A short one-line reason for an OSError, including those h5py builds from HDF5's error stack."""
+def os_reason(exc: BaseException | str) -> str:
+    """The one formatter of an error text that reaches the user: a short one-line reason for an OSError,
+    including those h5py builds from HDF5's multi-line error stack; any other error's text on one line."""
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(strerror, str) and strerror:
+        return one_line(strerror)
     err = getattr(exc, "errno", None)
     if not err:
         m = re.search(r"errno = (\d+)", str(exc))

@@ -29,6 +29,7 @@ from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least
 from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE, MLP_KEYS
 from deepnet.formats.layout import KIND_MLP as KIND
+from deepnet.formats.locking import WriterLock
 from deepnet.formats.mlp_file import INIT, read_mlp_file, write_mlp_file
 from deepnet.nn.batches import check_batch
 from deepnet.nn.losses import softmax_cross_entropy
@@ -227,11 +228,12 @@ class MLP(MLPParams):
 
     # -- files ----------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the model to ``path`` atomically (temporary file beside it, fsync, rename)."""
+    def save(self, path: str | os.PathLike, *, lock: WriterLock | None = None) -> None:
+        """Write the model to ``path`` atomically (temporary file beside it, fsync, rename); a run that
+        saves repeatedly passes the :class:`WriterLock` it holds on ``path``."""
         log = self.read_log()
         write_mlp_file(path, self.params(), step=self.step, seed=self.seed, rng_state=self.rng_state, log=log,
-                       created=self.created)
+                       created=self.created, lock=lock)
         self._log = [log] if len(log) else []
         self._pending = []
 

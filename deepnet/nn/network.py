@@ -91,6 +91,7 @@ class DeepNet:
         #: The torn step accepted on opening (resume_torn), if any.
         self.accepted_torn: FileState | None = None
         self.kernels = kernels_for(model_file.activation, width=model_file.width)
+        torn = False
         if model_file.mode == "r+":
             state = model_file.state()
             if state.status == "torn":
@@ -100,12 +101,14 @@ class DeepNet:
                         f"{model_file.layers} layers updated when its writer stopped); pass --resume-torn to "
                         f"train on from this mixed state as step {state.step} (`deepnet check` describes it)",
                         state)
-                self.accepted_torn = model_file.accept_torn()
+                torn = True  # accepted below, once the rest of the file has loaded: check first, write after
             elif state.status == "damaged":
                 raise ModelFileError(f"{model_file.path} is damaged: {state.message} (see `deepnet check`)")
         self.heads = model_file.read_heads()
         #: The residual MLP branch whose logits are added to the core's (deepnet.nn.branch), or None.
         self.branch = _branch.load(model_file)
+        if torn:
+            self.accepted_torn = model_file.accept_torn()
         #: Writers of the optional parts an in-memory save() puts in the new file (the branch, the weight
         #: average of deepnet.training.ema, held-out figures): each is called with the new h5py file.
         self.extra_writers: list[Callable[[h5py.File], None]] = [] if self.branch is None else [self.branch.write_new]

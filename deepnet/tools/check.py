@@ -17,14 +17,11 @@ from typing import Any
 import numpy as np
 
 from deepnet import activations
-from deepnet.errors import DeepnetError
+from deepnet.errors import DamagedFileError, DeepnetError
 from deepnet.formats.atomic import stale_temporaries
-from deepnet.formats.layout import HEAD_KEYS, KIND_MLP, TRAIN_LOG
+from deepnet.formats.layout import HEAD_KEYS, HEAD_PATHS, KIND_MLP, TRAIN_LOG
 from deepnet.formats.mlp_file import model_kind, read_mlp_file
 from deepnet.formats.model_file import ModelFile
-
-# Layers read at a time while checking that the core is finite.
-_SCAN_BLOCK_BYTES = 16 << 20
 
 
 @dataclass
@@ -55,7 +52,11 @@ def check_model(path: str | os.PathLike) -> CheckReport:
     path = os.fspath(path)
     if model_kind(path) == KIND_MLP:
         return _check_mlp(path)
-    with ModelFile.open(path) as f:
+    try:
+        f = ModelFile.open(path)
+    except DamagedFileError as exc:  # readable as deepnet's, but its state cannot be trusted
+        return CheckReport(path, "damaged", None, f"damaged: {str(exc).removeprefix(f'{path}: ')}", [])
+    with f:
         return _check_dense(f)
 
 
@@ -91,7 +92,7 @@ def _check_dense(f: ModelFile) -> CheckReport:
     if state.status == "damaged":
         problems.append(state.message)
 
-    bad_layers = _non_finite_layers(f)
+    bad_layers = f.non_finite_layers()
     details["non_finite_layers"] = int(bad_layers.size)
     if bad_layers.size:
         problems.append(f"{bad_layers.size} core layers hold non-finite weights (first {int(bad_layers[0])}, "
@@ -104,6 +105,11 @@ def _check_dense(f: ModelFile) -> CheckReport:
         problems.append(f"non-finite values in the head(s) {', '.join(bad_heads)}")
     else:
         findings.append("heads: all finite")
+    # The optional parts (branch, weight average) are weights too.
+    head_names = {HEAD_PATHS[k] for k in HEAD_KEYS}
+    bad_parts = [name for name in f.non_finite_parts() if name not in head_names]
+    if bad_parts:
+        problems.append(f"non-finite values in {', '.join('/' + n for n in bad_parts)}")
 
     try:
         rng_state = f.rng_state
@@ -148,20 +154,6 @@ def _check_dense(f: ModelFile) -> CheckReport:
         status = "healthy"
         summary = f"healthy: step {f.step}"
     return CheckReport(f.path, status, f.step, summary, findings, details)
-
-
-def _non_finite_layers(f: ModelFile) -> np.ndarray:
-    """Indices of the core layers holding a NaN or an infinity."""
-    block = max(1, _SCAN_BLOCK_BYTES // (4 * f.row_size))
-    buf = np.empty((min(block, f.layers), f.row_size), np.float32)
-    bad = []
-    for start in range(0, f.layers, block):
-        stop = min(f.layers, start + block)
-        rows = f.read_layers(start, stop, out=buf)
-        ok = np.isfinite(rows).all(axis=1)
-        if not ok.all():
-            bad.append(start + np.flatnonzero(~ok))
-    return np.concatenate(bad) if bad else np.empty(0, np.int64)
 
 
 def _check_mlp(path: str) -> CheckReport:

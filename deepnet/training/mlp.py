@@ -20,6 +20,7 @@ import numpy as np
 from deepnet.data.loaders import load_test_set, load_training_set
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
+from deepnet.formats.locking import WriterLock
 from deepnet.nn.blas import blas_threads
 from deepnet.nn.mlp import KIND, MLP
 from deepnet.training import loop
@@ -115,10 +116,12 @@ def train_mlp(
         lr_now = lr_schedule.lr(base_lr, t)
         return (*net.train_step(x, y, lr_now), lr_now)
 
-    log = _MLPLog(net, path, rng, report_every, on_report)
-    started = time.perf_counter()
-    with ProgressBar(steps, "train-mlp", progress) as bar, blas_threads(threads):
-        loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
+    # The one-writer lock of the file, held for the whole run and handed to each saved version.
+    with WriterLock(path) as lock:
+        log = _MLPLog(net, path, rng, report_every, on_report, lock)
+        started = time.perf_counter()
+        with ProgressBar(steps, "train-mlp", progress) as bar, blas_threads(threads):
+            loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
     elapsed = time.perf_counter() - started
 
     final = {"event": "final", "model": str(path), "kind": KIND, "hidden": net.hidden, "steps": net.step - first_step,
@@ -134,8 +137,8 @@ class _MLPLog(Hook):
     """Reports every ``report_every`` steps and after the last, saving the model (atomically) each time."""
 
     def __init__(self, net: MLP, path: Path, rng: np.random.Generator, report_every: int,
-                 on_report: OnReport) -> None:
-        self.net, self.path, self.rng = net, path, rng
+                 on_report: OnReport, lock: WriterLock | None = None) -> None:
+        self.net, self.path, self.rng, self.lock = net, path, rng, lock
         self.report_every, self.on_report = report_every, on_report
         self.window: list[tuple[float, float, float]] = []
         self.lr = float("nan")
@@ -158,7 +161,7 @@ class _MLPLog(Hook):
         self.on_report({"event": "report", "step": self.net.step, "loss": loss, "batch_acc": acc, "lr": self.lr,
                         "seconds_per_step": secs})
         self.net.rng_state = self.rng.bit_generator.state
-        self.net.save(self.path)
+        self.net.save(self.path, lock=self.lock)
 
 
 def evaluate_mlp(
