@@ -42,6 +42,7 @@ from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import (CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE, EMA_DECAY_ATTR, EMA_EVERY_ATTR, EMA_HEAD_PATHS,
                                     EMA_STEP_ATTR)
 from deepnet.nn.branch import MLPBranch, write_datasets
+from deepnet.nn.finite import NonFiniteError, quiet
 from deepnet.nn.network import DeepNet
 from deepnet.nn.threads import default_threads
 
@@ -109,6 +110,8 @@ class WeightAverage:
         self.threads = max(1, int(threads))
         self._pool: ThreadPoolExecutor | None = None
         self._bufs: list[np.ndarray] = []
+        #: Why the average must not be saved (None: it may).
+        self.broken: str | None = None
 
     # -- starting ----------------------------------------------------------------------------------
 
@@ -155,10 +158,13 @@ class WeightAverage:
         self.step = net.step
 
     def blend(self, net: DeepNet) -> None:
-        """avg += (1 - decay) * (live - avg), for every weight."""
+        """avg += (1 - decay) * (live - avg), for every weight. An average that goes non-finite (live
+        weights near float32's limit) fails the step: it is never written or written back."""
         rate = np.float32(1.0 - self.decay)
         for avg, live in self._pairs(net):
             self._blend_flat(avg.reshape(-1), live.reshape(-1), rate)
+        if self.broken:
+            raise NonFiniteError(f"step {net.step} failed: {self.broken}; {net.file_holds()}")
 
     def _blend_flat(self, avg: np.ndarray, live: np.ndarray, rate: np.float32) -> None:
         n = avg.size
@@ -182,12 +188,15 @@ class WeightAverage:
 
     def _blend_range(self, avg: np.ndarray, live: np.ndarray, rate: np.float32, lo: int, hi: int, k: int) -> None:
         buf = self._buf(k)
-        for a in range(lo, hi, BLOCK_FLOATS):
-            b = min(hi, a + BLOCK_FLOATS)
-            d = buf[: b - a]
-            np.subtract(live[a:b], avg[a:b], out=d)
-            np.multiply(d, rate, out=d)
-            np.add(avg[a:b], d, out=avg[a:b])
+        with quiet():  # per thread: NumPy's error state does not reach the pool's threads
+            for a in range(lo, hi, BLOCK_FLOATS):
+                b = min(hi, a + BLOCK_FLOATS)
+                d = buf[: b - a]
+                np.subtract(live[a:b], avg[a:b], out=d)
+                np.multiply(d, rate, out=d)
+                np.add(avg[a:b], d, out=avg[a:b])
+                if not np.isfinite(avg[a:b]).all():   # checked while the block is still in cache
+                    self.broken = "the weight average is not finite"
 
     def write_back(self, net: DeepNet) -> None:
         """live <- avg (the Lookahead variant's reset)."""
@@ -208,6 +217,8 @@ class WeightAverage:
 
     def write_copy(self, h5: h5py.File, *, chunks: tuple[int, int] | None = None) -> None:
         """Write the average into an HDF5 file being written whole (the in-memory checkpoint)."""
+        if self.broken:
+            raise NonFiniteError(f"not saving the weight average: {self.broken}")
         if chunks is None:
             src = h5.get(CORE_WEIGHTS)
             chunks = src.chunks if src is not None else None

@@ -21,6 +21,7 @@ from deepnet.data.loaders import load_test_set, load_training_set
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.nn.blas import blas_threads
+from deepnet.nn.finite import NonFiniteError
 from deepnet.nn.mlp import KIND, MLP
 from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepEvent, mean_rows, minibatch_rng
@@ -118,7 +119,10 @@ def train_mlp(
     log = _MLPLog(net, path, rng, report_every, on_report)
     started = time.perf_counter()
     with ProgressBar(steps, "train-mlp", progress) as bar, blas_threads(threads):
-        loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
+        try:
+            loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
+        except NonFiniteError as exc:
+            raise log.after_non_finite(exc) from None
     elapsed = time.perf_counter() - started
 
     final = {"event": "final", "model": str(path), "kind": KIND, "hidden": net.hidden, "steps": net.step - first_step,
@@ -140,8 +144,12 @@ class _MLPLog(Hook):
         self.window: list[tuple[float, float, float]] = []
         self.lr = float("nan")
         self.last = {"loss": float("nan"), "batch_acc": float("nan")}
+        #: The step the file holds (None: there is no file yet), and the generator after the last good step.
+        self.saved_step: int | None = net.step if path.exists() else None
+        self.good_rng = rng.bit_generator.state
 
     def after_step(self, event: StepEvent) -> None:
+        self.good_rng = self.rng.bit_generator.state
         *figures, self.lr = event.result
         self.window.append(tuple(figures))
         if event.done % self.report_every == 0:
@@ -159,6 +167,19 @@ class _MLPLog(Hook):
                         "seconds_per_step": secs})
         self.net.rng_state = self.rng.bit_generator.state
         self.net.save(self.path)
+        self.saved_step = self.net.step
+
+    def after_non_finite(self, exc: NonFiniteError) -> NonFiniteError:
+        """A refused step: the steps since the last save are good, so save them (with the generator as
+        it was after the last of them, so a continued run draws what an uninterrupted one would)."""
+        if self.net.step != (0 if self.saved_step is None else self.saved_step):
+            self.net.rng_state = self.good_rng
+            self.net.save(self.path)
+            self.saved_step = self.net.step
+            return NonFiniteError(f"{exc}; saved the last good step, {self.net.step}, to {self.path}")
+        if self.saved_step is None:
+            return NonFiniteError(f"{exc}; nothing was written")
+        return NonFiniteError(f"{exc}; nothing was written ({self.path} holds step {self.saved_step})")
 
 
 def evaluate_mlp(
