@@ -11,7 +11,8 @@ from the average; between those steps nothing is done (Lookahead's k = K, alpha 
 ``--ema 0.5 --ema-every 5``).
 
 The average starts as a copy of the live weights when EMA is switched on, or continues the one stored
-in the model file if that was taken at the model's current step.
+in the model file if that was taken at the model's current step. A run without ``--ema`` on a file that
+holds an average continues it with the stored decay and every (``resume``); streamed, it is refused.
 
 Memory: the average is a second copy of the core in RAM, L x (w*w + w) x 4 bytes (800 MB at 10M layers,
 width 4), so EMA needs in-memory training (``--in-memory``) and is refused, with one line saying why,
@@ -79,6 +80,25 @@ def check_options(ema: float | None, ema_every: int | None, in_memory: bool) -> 
     if not in_memory:
         raise ConfigError("--ema needs --in-memory: the average is a second copy of the core in RAM, updated "
                           "every step, and streamed training keeps no copy of the core in RAM")
+
+
+def resume(net: DeepNet, decay: float | None, every: int | None) -> "WeightAverage | None":
+    """The weight average of a run on ``net``: as the flags say (``--ema DECAY [--ema-every K]``), else
+    the one stored in the model file continued with its stored decay and every (a plain ``train``
+    continues everything the file holds), else None.
+
+    A streamed run on a file holding an average is refused: it could not keep the average going, and
+    the file would keep an average frozen at an older step.
+    """
+    if decay is None:
+        stored = stored_info(net.file)
+        if stored is None:
+            return None
+        if not net.in_memory:
+            raise ConfigError(f"{net.file.path} holds a weight average (--ema {stored['decay']:g}), which only "
+                              f"in-memory training can continue: add --in-memory")
+        decay, every = stored["decay"], stored["every"]
+    return WeightAverage.start(net, decay, every)
 
 
 def check_fits(core_bytes: int, *, resident: bool, available: int | None = None) -> None:

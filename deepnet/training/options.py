@@ -204,8 +204,7 @@ class RunOptions(Hook):
             settings.update(_schedule.settings(self.schedules))
         self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
 
-        if self.ema_decay is not None:
-            self.average = _ema.WeightAverage.start(net, self.ema_decay, self.ema_every)
+        self.average = _ema.resume(net, self.ema_decay, self.ema_every)
 
     def lrs(self, step: int) -> dict:
         """The learning rates of the step taken from committed ``step``."""
