@@ -44,6 +44,7 @@ from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import branch as _branch
 from deepnet.nn import heads as _heads
+from deepnet.nn import memory
 from deepnet.nn.batches import check_batch
 from deepnet.nn.engine import CoreEngine
 from deepnet.nn.finite import NonFiniteError, all_finite, assign, quiet
@@ -114,6 +115,9 @@ class DeepNet:
         #: Writers of the optional parts an in-memory save() puts in the new file (the branch, the weight
         #: average of deepnet.training.ema, held-out figures): each is called with the new h5py file.
         self.extra_writers: list[Callable[[h5py.File], None]] = [] if self.branch is None else [self.branch.write_new]
+        if in_memory:
+            memory.require(model_file.layers * model_file.row_size * 4,
+                           f"--in-memory (the core of {model_file.path} in RAM)")
         store = InMemoryStore(model_file.read_core()) if in_memory else file_store(model_file)
         self.engine = self._engine_over(store, chunk_layers)
         self.step = model_file.step
@@ -167,6 +171,18 @@ class DeepNet:
         training; None when they are streamed from the file."""
         store = self.engine.store
         return store.weights if isinstance(store, InMemoryStore) else None
+
+    def step_bytes(self, batch: int) -> int:
+        """The bytes a training step at ``batch`` allocates beyond the weights held already: the minibatch
+        and its indices, the batch-sized states and gradients of the heads and the core engine's buffers,
+        the heads' new values, and the branch's gradients and new values and activations."""
+        return memory.dense_step_bytes(width=self.width, input_dim=self.input_dim, n_classes=self.file.n_classes,
+                                       hidden=None if self.branch is None else self.branch.hidden,
+                                       batch=batch) + self.engine.buffer_bytes(batch)
+
+    def check_step_memory(self, batch: int) -> None:
+        """Refuse training at ``batch`` if one step would not fit in the memory available now."""
+        memory.require(self.step_bytes(batch), f"a training step of {self.file.path} at batch {batch}")
 
     def _engine_over(self, store: WeightStore, chunk_layers: int, like: CoreEngine | None = None) -> CoreEngine:
         """A core engine over ``store``; ``like``: an engine whose thread settings it takes over."""

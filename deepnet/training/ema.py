@@ -44,27 +44,12 @@ from deepnet.formats.layout import (CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE, EM
                                     EMA_STEP_ATTR)
 from deepnet.nn.branch import MLPBranch, write_datasets
 from deepnet.nn.finite import NonFiniteError, quiet
+from deepnet.nn.memory import mem_available, require
 from deepnet.nn.network import DeepNet
 from deepnet.nn.threads import default_threads
 
 #: Floats per block of the blend: 256 KiB, so ``live - avg`` stays in L2 for the two operations after it.
 BLOCK_FLOATS = 1 << 16
-
-
-def mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def check_options(ema: float | None, ema_every: int | None, in_memory: bool) -> None:
@@ -106,14 +91,9 @@ def check_fits(core_bytes: int, *, resident: bool, available: int | None = None)
 
     ``resident``: the core itself is already in RAM (then only the copy must fit; else both must).
     """
-    available = mem_available() if available is None else available
-    if available is None:
-        return
     need = core_bytes if resident else 2 * core_bytes
-    if need > available:
-        raise ConfigError(f"--ema needs a second copy of the core in RAM ({_gb(core_bytes)}; "
-                          f"{_gb(2 * core_bytes)} with the core itself) but only {_gb(available)} is available "
-                          f"now (MemAvailable); train without --ema or with fewer layers")
+    require(need, f"--ema (a second copy of the core in RAM{'' if resident else ', with the core itself'})",
+            available=mem_available() if available is None else available)
 
 
 class WeightAverage:
@@ -307,11 +287,7 @@ def use_average(net: DeepNet) -> dict:
     info = stored_info(net.file)
     if info is None:
         raise ConfigError(f"{net.file.path} holds no weight average (train it with --ema DECAY --in-memory)")
-    core_bytes = net.file.layers * net.file.row_size * 4
-    available = mem_available()
-    if available is not None and core_bytes > available:
-        raise ConfigError(f"--use-ema reads the averaged core into RAM ({_gb(core_bytes)}) but only "
-                          f"{_gb(available)} is available now (MemAvailable)")
+    require(net.file.layers * net.file.row_size * 4, "--use-ema (the averaged core in RAM)")
     core, heads, branch = read_arrays(net.file, branch=net.branch is not None)
     net.replace_weights(core=core, heads=heads, branch=branch)
     return info

@@ -22,6 +22,7 @@ from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.nn.blas import blas_threads
 from deepnet.nn.finite import NonFiniteError
+from deepnet.nn.memory import check_mlp_training
 from deepnet.nn.mlp import KIND, MLP
 from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepEvent, mean_rows, minibatch_rng
@@ -55,6 +56,8 @@ MLP_RECIPE = MLPRecipe()
 ORIGINAL_MLP_RECIPE = replace(MLP_RECIPE, hidden=128, batch=128, steps=5000, lr=0.05, schedule="step:2500=0.03")
 
 R = MLP_RECIPE
+#: MNIST's classes: the logits of a new MLP.
+N_CLASSES = 10
 
 
 def train_mlp(
@@ -105,7 +108,11 @@ def train_mlp(
     test = load_test_set(data_dir, samples) if samples else None  # first: it is small and checks --samples
     x_train, y_train = load_training_set(data_dir, train_limit)
     if net is None:
-        net = MLP.new(R.hidden if hidden is None else hidden, seed=seed, input_dim=x_train.shape[1])
+        new_hidden = R.hidden if hidden is None else hidden
+        check_mlp_training(input_dim=x_train.shape[1], hidden=new_hidden, n_classes=N_CLASSES, batch=batch, new=True)
+        net = MLP.new(new_hidden, seed=seed, input_dim=x_train.shape[1], n_classes=N_CLASSES)
+    else:
+        check_mlp_training(input_dim=net.input_dim, hidden=net.hidden, n_classes=net.n_classes, batch=batch, new=False)
 
     rng = minibatch_rng(net.seed, net.rng_state, lambda exc: (
         f"{path}: attribute rng_state is not a state of numpy's PCG64 generator"))

@@ -203,6 +203,7 @@ class RunOptions(Hook):
         if any(s != _schedule.Schedule() for s in self.schedules.values()):  # likewise
             settings.update(_schedule.settings(self.schedules))
         self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
+        net.check_step_memory(int(settings["batch"]))
 
         self.average = _ema.resume(net, self.ema_decay, self.ema_every)
 
