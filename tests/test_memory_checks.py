@@ -65,12 +65,17 @@ def test_in_memory_refuses_a_core_that_cannot_fit(tmp_path, monkeypatch):
     DeepNet.open(path, writable=True).close()   # streamed needs no such copy
 
 
-def test_step_bytes_grow_with_the_batch(tmp_path):
+def test_step_bytes_grow_with_the_batch_and_count_the_store_buffers(tmp_path, monkeypatch):
+    """issue 18 item 5: a step's estimate covers the batch, and the h5py-streamed store's three buffers
+    of --chunk-layers rows."""
     path = tmp_path / "m.h5"
     deepnet.init(path, layers=50, width=4, branch="mlp", hidden=16, progress=False)
     with DeepNet.open(path) as net:
         small, large = net.step_bytes(16), net.step_bytes(16_000)
     assert 0 < small < large and large > 16_000 * 784 * 4
+    monkeypatch.setenv("DEEPNET_NO_MMAP", "1")
+    with DeepNet.open(path, chunk_layers=50) as net:
+        assert net.step_bytes(16) >= small + 3 * 50 * 20 * 4
 
 
 @needs_mnist

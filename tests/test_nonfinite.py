@@ -138,7 +138,8 @@ def test_non_finite_branch_update_is_refused_before_anything_is_written(tmp_path
     path = new_model(tmp_path / "m.h5", branch="mlp", hidden=8)
     before = path.read_bytes()
     real = MLPBranch.stepped
-    monkeypatch.setattr(MLPBranch, "stepped", lambda self, g, lr: {**real(self, g, lr), "b2": np.full(10, np.nan, np.float32)})
+    monkeypatch.setattr(MLPBranch, "stepped",
+                        lambda self, g, lr: {**real(self, g, lr), "b2": np.full(10, np.nan, np.float32)})
     x, y = batch()
     with DeepNet.open(path, writable=True, in_memory=in_memory, chunk_layers=50) as net:
         with pytest.raises(NonFiniteError, match=r"^step 1 refused: the updated MLP branch is not finite; nothing"):

@@ -99,12 +99,13 @@ class CoreEngine:
         return self._work_batch
 
     def buffer_bytes(self, batch: int) -> int:
-        """The bytes a pass at ``batch`` allocates (``_prepare``): the saved states and one kernel scratch
-        per thread."""
+        """The bytes a pass at ``batch`` allocates: the saved states and one kernel scratch per thread
+        (``_prepare``), and the store's buffers."""
         save_every = choose_save_every(self.layers, self.width, batch, self.chunk_layers)
         saves = sum(-(-(stop - start) // save_every) for start, stop in self._bounds)
         work = self.kernels.workspace_size(self.width, batch, save_every)
-        return 4 * (saves * self.width * batch + work * max(1, self.threads))
+        buffers = self.store.buffer_bytes(self.chunk_layers)
+        return 4 * (saves * self.width * batch + work * max(1, self.threads)) + buffers
 
     def _prepare(self, batch: int) -> None:
         if self._work is not None and self._work_batch == batch:
