@@ -149,18 +149,23 @@ def test_non_finite_branch_update_is_refused_before_anything_is_written(tmp_path
     assert path.read_bytes() == before
 
 
-def test_non_finite_weight_average_is_never_saved(tmp_path):
-    """issue 18 item 1: an average that overflows (live weights near float32's limit) fails the step
-    and refuses to be written."""
+def test_non_finite_weight_average_is_never_saved_or_written_back(tmp_path):
+    """issue 18 item 1: an average that overflows (live weights near float32's limit) is never written to
+    a file nor written back into the live weights."""
+    import h5py
+
     path = new_model(tmp_path / "m.h5", layers=20)
     with DeepNet.open(path, writable=True, in_memory=True) as net:
-        average = WeightAverage.start(net, 0.5)
+        average = WeightAverage.start(net, 0.5, every=1)
         net.core_weights[0, 0] = np.float32(3e38)
         average.core[0, 0] = np.float32(-3e38)
-        with pytest.raises(NonFiniteError, match=r"^step 0 failed: the weight average is not finite; "):
+        net.step = 1
+        with pytest.raises(NonFiniteError, match=r"^step 1 failed, nothing written back \(.* holds step 0\): "
+                                                 r"the weight average is not finite at step 1$"):
             average.after_step(net)
-        import h5py
-        with h5py.File(tmp_path / "other.h5", "w") as h5, pytest.raises(NonFiniteError, match="not saving"):
+        assert net.core_weights[0, 0] == np.float32(3e38)
+        with h5py.File(tmp_path / "other.h5", "w") as h5, \
+                pytest.raises(NonFiniteError, match="^not saving the model with its weight average: "):
             average.write_copy(h5)
         average.close()
 

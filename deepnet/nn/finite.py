@@ -31,6 +31,13 @@ def all_finite(arrays: Iterable[np.ndarray]) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
+def finite_blocks(a: np.ndarray, block: int = 1 << 20) -> bool:
+    """Whether every element of a (large, C-contiguous) array is finite, checked a block at a time so the
+    check allocates one block's flags, not the whole array's."""
+    flat = a.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + block]).all()) for i in range(0, flat.size, block))
+
+
 def quiet() -> np.errstate:
     """NumPy's floating-point warnings off: the step's own checks report what went non-finite."""
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")

@@ -43,7 +43,7 @@ from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import (CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE, EMA_DECAY_ATTR, EMA_EVERY_ATTR, EMA_HEAD_PATHS,
                                     EMA_STEP_ATTR)
 from deepnet.nn.branch import MLPBranch, write_datasets
-from deepnet.nn.finite import NonFiniteError, quiet
+from deepnet.nn.finite import NonFiniteError, finite_blocks, quiet
 from deepnet.nn.memory import mem_available, require
 from deepnet.nn.network import DeepNet
 from deepnet.nn.threads import default_threads
@@ -158,13 +158,10 @@ class WeightAverage:
         self.step = net.step
 
     def blend(self, net: DeepNet) -> None:
-        """avg += (1 - decay) * (live - avg), for every weight. An average that goes non-finite (live
-        weights near float32's limit) fails the step: it is never written or written back."""
+        """avg += (1 - decay) * (live - avg), for every weight."""
         rate = np.float32(1.0 - self.decay)
         for avg, live in self._pairs(net):
             self._blend_flat(avg.reshape(-1), live.reshape(-1), rate)
-        if self.broken:
-            raise NonFiniteError(f"step {net.step} failed: {self.broken}; {net.file_holds()}")
 
     def _blend_flat(self, avg: np.ndarray, live: np.ndarray, rate: np.float32) -> None:
         n = avg.size
@@ -195,11 +192,25 @@ class WeightAverage:
                 np.subtract(live[a:b], avg[a:b], out=d)
                 np.multiply(d, rate, out=d)
                 np.add(avg[a:b], d, out=avg[a:b])
-                if not np.isfinite(avg[a:b]).all():   # checked while the block is still in cache
-                    self.broken = "the weight average is not finite"
+
+    def checked(self, where: str) -> None:
+        """Raise NonFiniteError if the average is not finite (it can overflow only when live weights come
+        near float32's limit): checked where it is used, not after every blend, which it would slow."""
+        if self.broken is None and not all(finite_blocks(a) for a in self._arrays()):
+            self.broken = f"the weight average is not finite at step {self.step}"
+        if self.broken:
+            raise NonFiniteError(f"{where}: {self.broken}")
+
+    def _arrays(self) -> Iterator[np.ndarray]:
+        yield self.core
+        yield from self.heads.values()
+        if self.branch is not None:
+            yield from self.branch.values()
 
     def write_back(self, net: DeepNet) -> None:
-        """live <- avg (the Lookahead variant's reset)."""
+        """live <- avg (the Lookahead variant's reset); a non-finite average fails the step instead."""
+        self.step = net.step
+        self.checked(f"step {net.step} failed, nothing written back ({net.file_holds()})")
         for avg, live in self._pairs(net):
             _copy_blocks(live, avg)
 
@@ -217,8 +228,7 @@ class WeightAverage:
 
     def write_copy(self, h5: h5py.File, *, chunks: tuple[int, int] | None = None) -> None:
         """Write the average into an HDF5 file being written whole (the in-memory checkpoint)."""
-        if self.broken:
-            raise NonFiniteError(f"not saving the weight average: {self.broken}")
+        self.checked("not saving the model with its weight average")
         if chunks is None:
             src = h5.get(CORE_WEIGHTS)
             chunks = src.chunks if src is not None else None
