@@ -216,13 +216,13 @@ def test_refusals(tmp_path, mnist_dir, monkeypatch):
         deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.5, ema_every=0, in_memory=True, progress=False)
     # too little memory: refused before the model is even created
     monkeypatch.setattr(ema, "mem_available", lambda: 100)
-    with pytest.raises(ConfigError, match=r"second copy of the core in RAM .* only 0.00 GB is available now \(MemAvailable\)"):
+    with pytest.raises(ConfigError, match=r"second copy of the core in RAM.* only 0.00 GB is available now \(MemAvailable\)"):
         deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, in_memory=True, eval_samples=0, progress=False)
     assert not (tmp_path / "s.h5").exists()
     with pytest.raises(ConfigError, match="MemAvailable"):
         ema.check_fits(800_000_000, resident=True, available=700_000_000)
     ema.check_fits(800_000_000, resident=True, available=900_000_000)
-    with pytest.raises(ConfigError, match=r"1.60 GB with the core itself"):
+    with pytest.raises(ConfigError, match=r"with the core itself\) needs 1.60 GB of memory"):
         ema.check_fits(800_000_000, resident=False, available=900_000_000)
     monkeypatch.undo()
     # no average in the file
@@ -244,3 +244,59 @@ def test_cli_refusals_are_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("deepnet: error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "m.h5").exists()
+
+
+def everything_stored(path) -> dict:
+    """Every weight, average, setting and log figure of a model file but the wall-clock ones."""
+    with ModelFile.open(path) as f:
+        log = f.read_log()
+        out = {"core": f.read_core(), "heads": f.read_heads(), "step": f.step, "rng": f.rng_state,
+               "train": f.train_settings, "ema": ema.stored_info(f),
+               "log": (log["step"].tolist(), log["loss"].tolist(), log["batch_acc"].tolist())}
+        core, heads, branch = ema.read_arrays(f, branch=True)
+        out.update(ema_core=core, ema_heads=heads, ema_branch=branch)
+        branch_now = deepnet.nn.branch.load(f)
+        out["branch"] = branch_now.params()
+    return out
+
+
+def assert_all_equal(a, b, where=""):
+    assert type(a) is type(b) or isinstance(a, np.ndarray), where
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_all_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("every", [None, 2], ids=["ema", "lookahead"])
+def test_a_plain_train_continues_every_stored_option(tmp_path, mnist_dir, capsys, every):
+    """issue 18 item 3: `train` without flags continues the average (decay, every) and every other
+    stored option (schedule, held-out, branch, train_limit, batch, rates) exactly as one run would."""
+    kw = dict(layers=12, width=4, eval_samples=0, progress=False, in_memory=True)
+    flags = dict(ema=0.8, ema_every=every, schedule="cosine", warmup=2, final_lr_ratio=0.1, decay_steps=9,
+                 holdout=300, eval_every=2, branch="mlp", hidden=8, train_limit=900, batch=5, layer_lr=0.07,
+                 head_lr=0.03)
+    one = deepnet.train(tmp_path / "one.h5", steps=8, **kw, **flags)
+    deepnet.train(tmp_path / "two.h5", steps=3, **kw, **flags)
+    two = deepnet.train(tmp_path / "two.h5", steps=5, **kw)
+    capsys.readouterr()
+    a, b = everything_stored(tmp_path / "one.h5"), everything_stored(tmp_path / "two.h5")
+    assert a["ema"]["step"] == 8 and a["ema"]["every"] == every
+    assert_all_equal(a, b)
+    for key in ("loss", "heldout_acc", "heldout_step", "ema_decay", "ema_every", "ema_heldout_acc"):
+        assert one[key] == two[key], key
+
+
+def test_a_streamed_run_on_a_model_with_an_average_is_refused(tmp_path, mnist_dir, capsys):
+    """issue 18 item 3: streamed training cannot keep the stored average going: refused, nothing written."""
+    path = tmp_path / "m.h5"
+    deepnet.train(path, steps=2, layers=12, width=4, eval_samples=0, progress=False, in_memory=True, ema=0.9)
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=r"^.*m\.h5 holds a weight average \(--ema 0\.9\), which only in-memory "
+                                          r"training can continue: add --in-memory$"):
+        deepnet.train(path, steps=2, eval_samples=0, progress=False)
+    assert path.read_bytes() == before

@@ -26,8 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from deepnet.errors import ConfigError, DeepnetError
+from deepnet.errors import ConfigError
 from deepnet.kernels.loader import LayerKernels
+from deepnet.nn.finite import NonFiniteError
 from deepnet.nn.stores import WeightStore
 from deepnet.nn.threads import FixedThreads, ThreadChoice, default_threads
 
@@ -37,16 +38,6 @@ SEGMENT_CACHE_BYTES = 256 * 1024
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
 # Samples in the smallest batch block the forward kernels run (a thread's share is a multiple of it).
 MIN_SPLIT_BLOCK = 8
-
-
-class NonFiniteError(DeepnetError):
-    """A loss or gradient is not finite, so the step is refused (``start``/``stop``: the layers of the
-    chunk whose backward pass produced it, when it appeared mid-backward)."""
-
-    def __init__(self, message: str, *, start: int | None = None, stop: int | None = None) -> None:
-        super().__init__(message)
-        self.start = start
-        self.stop = stop
 
 
 def choose_save_every(layers: int, width: int, batch: int, chunk_layers: int) -> int:
@@ -106,6 +97,15 @@ class CoreEngine:
     def work_batch(self) -> int:
         """The batch size of the latest pass (0 before the first): the one its buffers are sized for."""
         return self._work_batch
+
+    def buffer_bytes(self, batch: int) -> int:
+        """The bytes a pass at ``batch`` allocates: the saved states and one kernel scratch per thread
+        (``_prepare``), and the store's buffers."""
+        save_every = choose_save_every(self.layers, self.width, batch, self.chunk_layers)
+        saves = sum(-(-(stop - start) // save_every) for start, stop in self._bounds)
+        work = self.kernels.workspace_size(self.width, batch, save_every)
+        buffers = self.store.buffer_bytes(self.chunk_layers)
+        return 4 * (saves * self.width * batch + work * max(1, self.threads)) + buffers
 
     def _prepare(self, batch: int) -> None:
         if self._work is not None and self._work_batch == batch:
@@ -229,10 +229,15 @@ class CoreEngine:
                 saves = self._saves[self._save_offsets[k]:]
                 self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
                                       threads)
-                # The numerical guard: stop before the next chunk is touched (g is only width x batch).
+                # The numerical guard: stop before the next chunk is touched, and before a streamed store
+                # writes this one back (g is only width x batch; the rows are one read of the chunk).
                 if not np.isfinite(g).all():
                     stop = start + rows.shape[0]
                     raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1}",
+                                         start=start, stop=stop)
+                if not np.isfinite(rows).all():
+                    stop = start + rows.shape[0]
+                    raise NonFiniteError(f"the updated weights of layers {start}..{stop - 1} are not finite",
                                          start=start, stop=stop)
                 if self.interrupt_check is not None:
                     self.interrupt_check()

@@ -5,8 +5,8 @@
 
 The heads are a dict of four float32 arrays named as in deepnet.formats.layout.HEAD_KEYS (what
 ModelFile.read_heads returns and commit writes). Their gradients are taken at the pre-step weights; the
-update is applied only after the core's backward pass has succeeded, so a refused step leaves them as
-they were.
+new values are computed beside them (``stepped_output``, ``stepped_input``), checked by the step, and
+assigned only after the core's backward pass has succeeded, so a refused step leaves them as they were.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from deepnet.nn.finite import stepped
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,16 @@ def output_gradients(heads: dict[str, np.ndarray], h_last: np.ndarray, dlogits: 
                            np.ascontiguousarray((dlogits @ heads["output_weight"].T).T))
 
 
-def update(heads: dict[str, np.ndarray], out: OutputGradients, x: np.ndarray, h0: np.ndarray,
-           g0: np.ndarray, lr: float) -> None:
-    """SGD on both heads, in place: the output head's ``out``, and the input head's from ``g0``, the
-    gradient the core's backward pass returned at h_0 (w, batch)."""
-    heads["output_weight"] -= lr * out.weight
-    heads["output_bias"] -= lr * out.bias
+def stepped_output(heads: dict[str, np.ndarray], out: OutputGradients, lr: float) -> dict[str, np.ndarray]:
+    """The output head after its SGD step, as new arrays (``heads`` is not changed)."""
+    return {"output_weight": stepped(heads["output_weight"], lr * out.weight),
+            "output_bias": stepped(heads["output_bias"], lr * out.bias)}
+
+
+def stepped_input(heads: dict[str, np.ndarray], x: np.ndarray, h0: np.ndarray, g0: np.ndarray,
+                  lr: float) -> dict[str, np.ndarray]:
+    """The input head after its SGD step from ``g0``, the gradient the core's backward pass returned at
+    h_0 (w, batch), as new arrays (``heads`` is not changed)."""
     grad_pre = g0.T * (1.0 - h0 * h0)                  # through tanh of the input head
-    heads["input_weight"] -= lr * (x.T @ grad_pre)
-    heads["input_bias"] -= lr * grad_pre.sum(axis=0)
+    return {"input_weight": stepped(heads["input_weight"], lr * (x.T @ grad_pre)),
+            "input_bias": stepped(heads["input_bias"], lr * grad_pre.sum(axis=0))}

@@ -32,6 +32,7 @@ from deepnet.formats.layout import KIND_MLP as KIND
 from deepnet.formats.locking import WriterLock
 from deepnet.formats.mlp_file import INIT, read_mlp_file, write_mlp_file
 from deepnet.nn.batches import check_batch
+from deepnet.nn.finite import NonFiniteError, all_finite, assign, quiet, stepped
 from deepnet.nn.losses import softmax_cross_entropy
 
 
@@ -138,16 +139,15 @@ class MLPParams:
         return {"w1": fwd.x.T @ dh, "b1": dh.sum(axis=0),
                 "w2": fwd.hidden.T @ dlogits, "b2": dlogits.sum(axis=0)}
 
-    def apply(self, grads: dict[str, np.ndarray], lr: float) -> None:
-        """SGD: each parameter -= lr * its gradient, in place, in float32."""
+    def stepped(self, grads: dict[str, np.ndarray], lr: float) -> dict[str, np.ndarray]:
+        """The parameters after SGD (each - lr * its gradient, in float32), as new arrays: the caller
+        checks them and assigns them (``assign``)."""
         lr32 = np.float32(lr)
-        for key, param in self.params().items():
-            param -= lr32 * grads[key]
+        return {key: stepped(param, lr32 * grads[key]) for key, param in self.params().items()}
 
-
-def all_finite(grads: dict[str, np.ndarray]) -> bool:
-    """Whether every gradient is finite."""
-    return all(np.isfinite(g).all() for g in grads.values())
+    def assign(self, values: dict[str, np.ndarray]) -> None:
+        """Copy new values (``stepped``) into the parameters, in place."""
+        assign(self.params(), values)
 
 
 class MLP(MLPParams):
@@ -181,15 +181,24 @@ class MLP(MLPParams):
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, float, float]:
         """One SGD step on the batch; returns (loss, batch accuracy, seconds), measured before the update.
 
-        The step is appended to the in-RAM log (written by ``save``).
+        The step is appended to the in-RAM log (written by ``save``). Raises NonFiniteError, changing
+        nothing, if the loss or an updated weight is not finite (deepnet.nn.finite).
         """
         x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.n_classes)
         started = time.perf_counter()
-        fwd = self.forward(x)
-        # The baseline has always averaged its loss in float64 (the dense model in float32).
-        loss, acc, dlogits = softmax_cross_entropy(fwd.logits, y, loss_dtype=np.float64)
-        self.apply(self.gradients(fwd, dlogits), lr)
-        self.step += 1
+        step = self.step + 1
+        with quiet():
+            fwd = self.forward(x)
+            # The baseline has always averaged its loss in float64 (the dense model in float32).
+            loss, acc, dlogits = softmax_cross_entropy(fwd.logits, y, loss_dtype=np.float64)
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"step {step} refused: the loss is {loss}")
+            new = self.stepped(self.gradients(fwd, dlogits), lr)
+        bad = [key for key, value in new.items() if not all_finite([value])]
+        if bad:
+            raise NonFiniteError(f"step {step} refused: the updated MLP weights {', '.join(bad)} are not finite")
+        self.assign(new)
+        self.step = step
         seconds = time.perf_counter() - started
         self._pending.append((self.step, loss, acc, seconds))
         return loss, acc, seconds

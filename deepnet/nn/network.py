@@ -16,10 +16,15 @@ How a step reaches the file (see formats/hdf5.py for the commit record):
 - in memory: nothing is written by ``train_step``; ``save()`` (the trainer's checkpoints) replaces the
   whole file atomically, so the file on disk is always a complete, earlier step.
 
-Numerical guard: a step whose loss or whose gradient reaching the core is not finite is refused before
-anything is modified; a gradient that turns non-finite during the backward pass stops it before the
-next chunk is touched (streamed: the file then holds a torn step; in memory: the weights in RAM are
-unusable and ``save()`` refuses to write them).
+Numerical guard (deepnet.nn.finite): nothing non-finite is ever committed. A step whose loss, whose
+gradient reaching the core, or whose new output head or branch is not finite is refused before anything
+is modified ("step N refused: ...; nothing was written"). A gradient or a chunk's updated weights that
+turn non-finite during the backward pass stop it before the next chunk is touched (through h5py, that
+chunk is not written back; memory-mapped, it is already marked as the new step's), and non-finite new
+input-head values stop the step before its commit ("step N failed: ..."): streamed, the file then
+holds a torn step (or still the last step if no chunk was written), never a committed non-finite one;
+in memory, the weights in RAM are unusable and ``save()`` refuses to write them, so the file keeps its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import branch as _branch
 from deepnet.nn import heads as _heads
+from deepnet.nn import memory
 from deepnet.nn.batches import check_batch
-from deepnet.nn.engine import CoreEngine, NonFiniteError
+from deepnet.nn.engine import CoreEngine
+from deepnet.nn.finite import NonFiniteError, all_finite, assign, quiet
 from deepnet.nn.losses import softmax_cross_entropy
-from deepnet.nn.mlp import all_finite
 from deepnet.nn.stores import InMemoryStore, WeightStore, file_store
 
 
@@ -112,6 +118,9 @@ class DeepNet:
         #: Writers of the optional parts an in-memory save() puts in the new file (the branch, the weight
         #: average of deepnet.training.ema, held-out figures): each is called with the new h5py file.
         self.extra_writers: list[Callable[[h5py.File], None]] = [] if self.branch is None else [self.branch.write_new]
+        if in_memory:
+            memory.require(model_file.layers * model_file.row_size * 4,
+                           f"--in-memory (the core of {model_file.path} in RAM)")
         store = InMemoryStore(model_file.read_core()) if in_memory else file_store(model_file)
         self.engine = self._engine_over(store, chunk_layers)
         self.step = model_file.step
@@ -166,6 +175,18 @@ class DeepNet:
         store = self.engine.store
         return store.weights if isinstance(store, InMemoryStore) else None
 
+    def step_bytes(self, batch: int) -> int:
+        """The bytes a training step at ``batch`` allocates beyond the weights held already: the minibatch
+        and its indices, the batch-sized states and gradients of the heads and the core engine's buffers,
+        the heads' new values, and the branch's gradients and new values and activations."""
+        return memory.dense_step_bytes(width=self.width, input_dim=self.input_dim, n_classes=self.file.n_classes,
+                                       hidden=None if self.branch is None else self.branch.hidden,
+                                       batch=batch) + self.engine.buffer_bytes(batch)
+
+    def check_step_memory(self, batch: int) -> None:
+        """Refuse training at ``batch`` if one step would not fit in the memory available now."""
+        memory.require(self.step_bytes(batch), f"a training step of {self.file.path} at batch {batch}")
+
     def _engine_over(self, store: WeightStore, chunk_layers: int, like: CoreEngine | None = None) -> CoreEngine:
         """A core engine over ``store``; ``like``: an engine whose thread settings it takes over."""
         engine = CoreEngine(store, self.kernels, self.file.width, self.file.alpha, chunk_layers,
@@ -188,6 +209,11 @@ class DeepNet:
         if self.unusable:
             raise ModelFileError(f"cannot train {self.file.path} further: {self.unusable}")
         x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes)
+        with quiet():
+            return self._step(x, y, layer_lr, head_lr, rng_state)
+
+    def _step(self, x: np.ndarray, y: np.ndarray, layer_lr: float, head_lr: float,
+              rng_state: dict | None) -> StepResult:
         started = time.perf_counter()
         step = self.step + 1
         h0 = _heads.input_head(self.heads, x)                      # (batch, w)
@@ -205,20 +231,32 @@ class DeepNet:
             raise self._refused(step, f"the loss is {loss}")
         if not out.finite():
             raise self._refused(step, "the gradient reaching the core is not finite")
-        branch_grads = None if branch_pass is None else self.branch.gradients(branch_pass, dlogits)
-        if branch_grads is not None and not all_finite(branch_grads):
-            raise self._refused(step, "the gradient of the MLP branch is not finite")
+        # What can be checked before the core is touched is: the output head's and the branch's new values.
+        new_output = _heads.stepped_output(self.heads, out, head_lr)
+        if not all_finite(new_output.values()):
+            raise self._refused(step, "the updated output head is not finite")
+        new_branch = None
+        if branch_pass is not None:
+            branch_grads = self.branch.gradients(branch_pass, dlogits)
+            if not all_finite(branch_grads.values()):
+                raise self._refused(step, "the gradient of the MLP branch is not finite")
+            new_branch = self.branch.stepped(branch_grads, head_lr)      # the branch learns at the heads' rate
+            if not all_finite(new_branch.values()):
+                raise self._refused(step, "the updated MLP branch is not finite")
 
         self.writing = not self.in_memory
         try:
             try:
                 g0 = self.engine.backward(out.core, layer_lr, step)
             except NonFiniteError as exc:
-                raise NonFiniteError(self._broken(step, exc), start=exc.start, stop=exc.stop) from None
+                raise NonFiniteError(self._broken(step, str(exc)), start=exc.start, stop=exc.stop) from None
+            new_input = _heads.stepped_input(self.heads, x, h0, g0, head_lr)
+            if not all_finite(new_input.values()):
+                raise NonFiniteError(self._broken(step, "the updated input head is not finite"))
             # The heads change only now, so a refused step leaves them as they were.
-            _heads.update(self.heads, out, x, h0, g0, head_lr)
-            if branch_grads is not None:
-                self.branch.apply(branch_grads, head_lr)               # the branch learns at the heads' rate
+            assign(self.heads, {**new_output, **new_input})
+            if new_branch is not None:
+                self.branch.assign(new_branch)
             if rng_state is not None:
                 self.rng_state = rng_state
             if self.in_memory:
@@ -253,13 +291,13 @@ class DeepNet:
         return f"{self.file.path} holds step {state.step}" if state.healthy else \
             f"{self.file.path} now holds a {state.message}"
 
-    def _broken(self, step: int, exc: NonFiniteError) -> str:
+    def _broken(self, step: int, why: str) -> str:
+        """The message of a step that went non-finite part-way, after the core was modified."""
+        self._unusable = f"step {step} went non-finite part-way ({why})"
         if self.in_memory:
-            self._unusable = f"the weights in RAM were damaged by a non-finite gradient in step {step}"
-            return (f"step {step} failed: {exc}; the weights in RAM are unusable and will not be saved "
+            return (f"step {step} failed: {why}; the weights in RAM are unusable and will not be saved "
                     f"({self.file.path} holds step {self._saved_step})")
-        self._unusable = f"a non-finite gradient stopped step {step} part-way"
-        return f"step {step} failed: {exc}; {self.file_holds()}"
+        return f"step {step} failed: {why}; {self.file_holds()}"
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: logits (batch, n_classes) of x."""

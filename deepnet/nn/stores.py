@@ -40,6 +40,11 @@ class WeightStore:
         """The chunks last first; rows may be modified in place and are kept once the next is asked for."""
         raise NotImplementedError
 
+    def buffer_bytes(self, chunk_layers: int) -> int:
+        """The bytes of the buffers a pass over chunks of ``chunk_layers`` allocates (none by default:
+        the chunks are views)."""
+        return 0
+
     def close(self) -> None:
         """Release what the store holds (files, threads); nothing by default."""
 
@@ -175,6 +180,9 @@ class StreamedStore(WeightStore):
         self.row_size = model_file.row_size
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepnet-io")
         self._buffers: list[np.ndarray] = []
+
+    def buffer_bytes(self, chunk_layers: int) -> int:
+        return 3 * min(chunk_layers, self.layers) * self.row_size * 4   # the three rotating buffers
 
     def _buffer(self, k: int, rows: int) -> np.ndarray:
         if len(self._buffers) != 3 or self._buffers[0].shape[0] < rows:

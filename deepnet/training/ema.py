@@ -11,7 +11,8 @@ from the average; between those steps nothing is done (Lookahead's k = K, alpha 
 ``--ema 0.5 --ema-every 5``).
 
 The average starts as a copy of the live weights when EMA is switched on, or continues the one stored
-in the model file if that was taken at the model's current step.
+in the model file if that was taken at the model's current step. A run without ``--ema`` on a file that
+holds an average continues it with the stored decay and every (``resume``); streamed, it is refused.
 
 Memory: the average is a second copy of the core in RAM, L x (w*w + w) x 4 bytes (800 MB at 10M layers,
 width 4), so EMA needs in-memory training (``--in-memory``) and is refused, with one line saying why,
@@ -42,27 +43,13 @@ from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import (CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE, EMA_DECAY_ATTR, EMA_EVERY_ATTR, EMA_HEAD_PATHS,
                                     EMA_STEP_ATTR)
 from deepnet.nn.branch import MLPBranch, write_datasets
+from deepnet.nn.finite import NonFiniteError, finite_blocks, quiet
+from deepnet.nn.memory import mem_available, require
 from deepnet.nn.network import DeepNet
 from deepnet.nn.threads import default_threads
 
 #: Floats per block of the blend: 256 KiB, so ``live - avg`` stays in L2 for the two operations after it.
 BLOCK_FLOATS = 1 << 16
-
-
-def mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def check_options(ema: float | None, ema_every: int | None, in_memory: bool) -> None:
@@ -80,19 +67,33 @@ def check_options(ema: float | None, ema_every: int | None, in_memory: bool) -> 
                           "every step, and streamed training keeps no copy of the core in RAM")
 
 
+def resume(net: DeepNet, decay: float | None, every: int | None) -> "WeightAverage | None":
+    """The weight average of a run on ``net``: as the flags say (``--ema DECAY [--ema-every K]``), else
+    the one stored in the model file continued with its stored decay and every (a plain ``train``
+    continues everything the file holds), else None.
+
+    A streamed run on a file holding an average is refused: it could not keep the average going, and
+    the file would keep an average frozen at an older step.
+    """
+    if decay is None:
+        stored = stored_info(net.file)
+        if stored is None:
+            return None
+        if not net.in_memory:
+            raise ConfigError(f"{net.file.path} holds a weight average (--ema {stored['decay']:g}), which only "
+                              f"in-memory training can continue: add --in-memory")
+        decay, every = stored["decay"], stored["every"]
+    return WeightAverage.start(net, decay, every)
+
+
 def check_fits(core_bytes: int, *, resident: bool, available: int | None = None) -> None:
     """Refuse EMA when the second copy of the core would not fit in the memory available now.
 
     ``resident``: the core itself is already in RAM (then only the copy must fit; else both must).
     """
-    available = mem_available() if available is None else available
-    if available is None:
-        return
     need = core_bytes if resident else 2 * core_bytes
-    if need > available:
-        raise ConfigError(f"--ema needs a second copy of the core in RAM ({_gb(core_bytes)}; "
-                          f"{_gb(2 * core_bytes)} with the core itself) but only {_gb(available)} is available "
-                          f"now (MemAvailable); train without --ema or with fewer layers")
+    require(need, f"--ema (a second copy of the core in RAM{'' if resident else ', with the core itself'})",
+            available=mem_available() if available is None else available)
 
 
 class WeightAverage:
@@ -109,6 +110,8 @@ class WeightAverage:
         self.threads = max(1, int(threads))
         self._pool: ThreadPoolExecutor | None = None
         self._bufs: list[np.ndarray] = []
+        #: Why the average must not be saved (None: it may).
+        self.broken: str | None = None
 
     # -- starting ----------------------------------------------------------------------------------
 
@@ -182,15 +185,32 @@ class WeightAverage:
 
     def _blend_range(self, avg: np.ndarray, live: np.ndarray, rate: np.float32, lo: int, hi: int, k: int) -> None:
         buf = self._buf(k)
-        for a in range(lo, hi, BLOCK_FLOATS):
-            b = min(hi, a + BLOCK_FLOATS)
-            d = buf[: b - a]
-            np.subtract(live[a:b], avg[a:b], out=d)
-            np.multiply(d, rate, out=d)
-            np.add(avg[a:b], d, out=avg[a:b])
+        with quiet():  # per thread: NumPy's error state does not reach the pool's threads
+            for a in range(lo, hi, BLOCK_FLOATS):
+                b = min(hi, a + BLOCK_FLOATS)
+                d = buf[: b - a]
+                np.subtract(live[a:b], avg[a:b], out=d)
+                np.multiply(d, rate, out=d)
+                np.add(avg[a:b], d, out=avg[a:b])
+
+    def checked(self, where: str) -> None:
+        """Raise NonFiniteError if the average is not finite (it can overflow only when live weights come
+        near float32's limit): checked where it is used, not after every blend, which it would slow."""
+        if self.broken is None and not all(finite_blocks(a) for a in self._arrays()):
+            self.broken = f"the weight average is not finite at step {self.step}"
+        if self.broken:
+            raise NonFiniteError(f"{where}: {self.broken}")
+
+    def _arrays(self) -> Iterator[np.ndarray]:
+        yield self.core
+        yield from self.heads.values()
+        if self.branch is not None:
+            yield from self.branch.values()
 
     def write_back(self, net: DeepNet) -> None:
-        """live <- avg (the Lookahead variant's reset)."""
+        """live <- avg (the Lookahead variant's reset); a non-finite average fails the step instead."""
+        self.step = net.step
+        self.checked(f"step {net.step} failed, nothing written back ({net.file_holds()})")
         for avg, live in self._pairs(net):
             _copy_blocks(live, avg)
 
@@ -208,6 +228,7 @@ class WeightAverage:
 
     def write_copy(self, h5: h5py.File, *, chunks: tuple[int, int] | None = None) -> None:
         """Write the average into an HDF5 file being written whole (the in-memory checkpoint)."""
+        self.checked("not saving the model with its weight average")
         if chunks is None:
             src = h5.get(CORE_WEIGHTS)
             chunks = src.chunks if src is not None else None
@@ -276,11 +297,7 @@ def use_average(net: DeepNet) -> dict:
     info = stored_info(net.file)
     if info is None:
         raise ConfigError(f"{net.file.path} holds no weight average (train it with --ema DECAY --in-memory)")
-    core_bytes = net.file.layers * net.file.row_size * 4
-    available = mem_available()
-    if available is not None and core_bytes > available:
-        raise ConfigError(f"--use-ema reads the averaged core into RAM ({_gb(core_bytes)}) but only "
-                          f"{_gb(available)} is available now (MemAvailable)")
+    require(net.file.layers * net.file.row_size * 4, "--use-ema (the averaged core in RAM)")
     core, heads, branch = read_arrays(net.file, branch=net.branch is not None)
     net.replace_weights(core=core, heads=heads, branch=branch)
     return info

@@ -22,6 +22,8 @@ from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.formats.locking import WriterLock
 from deepnet.nn.blas import blas_threads
+from deepnet.nn.finite import NonFiniteError
+from deepnet.nn.memory import check_mlp_training
 from deepnet.nn.mlp import KIND, MLP
 from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepEvent, mean_rows, minibatch_rng
@@ -55,6 +57,8 @@ MLP_RECIPE = MLPRecipe()
 ORIGINAL_MLP_RECIPE = replace(MLP_RECIPE, hidden=128, batch=128, steps=5000, lr=0.05, schedule="step:2500=0.03")
 
 R = MLP_RECIPE
+#: MNIST's classes: the logits of a new MLP.
+N_CLASSES = 10
 
 
 def train_mlp(
@@ -105,7 +109,11 @@ def train_mlp(
     test = load_test_set(data_dir, samples) if samples else None  # first: it is small and checks --samples
     x_train, y_train = load_training_set(data_dir, train_limit)
     if net is None:
-        net = MLP.new(R.hidden if hidden is None else hidden, seed=seed, input_dim=x_train.shape[1])
+        new_hidden = R.hidden if hidden is None else hidden
+        check_mlp_training(input_dim=x_train.shape[1], hidden=new_hidden, n_classes=N_CLASSES, batch=batch, new=True)
+        net = MLP.new(new_hidden, seed=seed, input_dim=x_train.shape[1], n_classes=N_CLASSES)
+    else:
+        check_mlp_training(input_dim=net.input_dim, hidden=net.hidden, n_classes=net.n_classes, batch=batch, new=False)
 
     rng = minibatch_rng(net.seed, net.rng_state, lambda exc: (
         f"{path}: attribute rng_state is not a state of numpy's PCG64 generator"))
@@ -121,7 +129,10 @@ def train_mlp(
         log = _MLPLog(net, path, rng, report_every, on_report, lock)
         started = time.perf_counter()
         with ProgressBar(steps, "train-mlp", progress) as bar, blas_threads(threads):
-            loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
+            try:
+                loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
+            except NonFiniteError as exc:
+                raise log.after_non_finite(exc) from None
     elapsed = time.perf_counter() - started
 
     final = {"event": "final", "model": str(path), "kind": KIND, "hidden": net.hidden, "steps": net.step - first_step,
@@ -143,8 +154,12 @@ class _MLPLog(Hook):
         self.window: list[tuple[float, float, float]] = []
         self.lr = float("nan")
         self.last = {"loss": float("nan"), "batch_acc": float("nan")}
+        #: The step the file holds (None: there is no file yet), and the generator after the last good step.
+        self.saved_step: int | None = net.step if path.exists() else None
+        self.good_rng = rng.bit_generator.state
 
     def after_step(self, event: StepEvent) -> None:
+        self.good_rng = self.rng.bit_generator.state
         *figures, self.lr = event.result
         self.window.append(tuple(figures))
         if event.done % self.report_every == 0:
@@ -162,6 +177,19 @@ class _MLPLog(Hook):
                         "seconds_per_step": secs})
         self.net.rng_state = self.rng.bit_generator.state
         self.net.save(self.path, lock=self.lock)
+        self.saved_step = self.net.step
+
+    def after_non_finite(self, exc: NonFiniteError) -> NonFiniteError:
+        """A refused step: the steps since the last save are good, so save them (with the generator as
+        it was after the last of them, so a continued run draws what an uninterrupted one would)."""
+        if self.net.step != (0 if self.saved_step is None else self.saved_step):
+            self.net.rng_state = self.good_rng
+            self.net.save(self.path, lock=self.lock)
+            self.saved_step = self.net.step
+            return NonFiniteError(f"{exc}; saved the last good step, {self.net.step}, to {self.path}")
+        if self.saved_step is None:
+            return NonFiniteError(f"{exc}; nothing was written")
+        return NonFiniteError(f"{exc}; nothing was written ({self.path} holds step {self.saved_step})")
 
 
 def evaluate_mlp(

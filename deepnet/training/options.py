@@ -203,9 +203,9 @@ class RunOptions(Hook):
         if any(s != _schedule.Schedule() for s in self.schedules.values()):  # likewise
             settings.update(_schedule.settings(self.schedules))
         self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
+        net.check_step_memory(int(settings["batch"]))
 
-        if self.ema_decay is not None:
-            self.average = _ema.WeightAverage.start(net, self.ema_decay, self.ema_every)
+        self.average = _ema.resume(net, self.ema_decay, self.ema_every)
 
     def lrs(self, step: int) -> dict:
         """The learning rates of the step taken from committed ``step``."""

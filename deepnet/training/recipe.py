@@ -21,6 +21,7 @@ from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import positive
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
 from deepnet.nn import branch as _branch
+from deepnet.nn import memory
 from deepnet.nn.engine import NonFiniteError
 from deepnet.nn.network import DEFAULT_EVAL_BATCH, DeepNet, EvalResult
 from deepnet.training import ema as _ema
@@ -81,6 +82,8 @@ def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport 
     path = Path(options.model)
     if not path.exists():
         run.check_new_model(options.new_layers, options.new_width)
+        memory.check_new_model(layers=options.new_layers, width=options.new_width, input_dim=784, n_classes=10,
+                               hidden=run.hidden, batch=options.batch or RECIPE.batch)
         init(path, **run.new_model_branch(), layers=options.new_layers, width=options.new_width,
              activation=options.new_activation, alpha=options.alpha, seed=options.seed, progress=progress)
 
@@ -219,6 +222,7 @@ def init(
     if alpha is not None:
         positive("alpha", alpha, float)
     branch, hidden = _branch.check_options(branch, hidden)
+    memory.check_new_model(layers=layers, width=width, input_dim=input_dim, n_classes=n_classes, hidden=hidden)
     extra = None
     if branch is not None:
         extra = _branch.MLPBranch.new(hidden, input_dim=input_dim, n_classes=n_classes, seed=seed).write_new
