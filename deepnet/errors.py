@@ -24,3 +24,7 @@ class ConfigError(DeepnetError):
 
 class ActivationError(DeepnetError):
     """An activation is unknown or its definition is invalid."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so cleanup runs as for Ctrl-C"""

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from deepnet.data.loaders import load_split, load_test_set, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
-from deepnet.flags import int_at_least, non_negative_number
+from deepnet.flags import int_at_least, non_negative_number, number_in
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet, StepResult
 from deepnet.training import loop
 from deepnet.training.heldout import HeldOut
@@ -105,8 +105,7 @@ def machine() -> str:
 
 
 def _check(recipe: SpeedrunRecipe) -> None:
-    if not 0.0 < recipe.target_acc <= 1.0:
-        raise ConfigError(f"--target-acc must be in (0, 1], got {recipe.target_acc!r}")
+    number_in("target-acc", recipe.target_acc, 0.0, 1.0, low_open=True)
     for name in ("layers", "width", "batch", "eval_every", "holdout", "max_steps", "chunk_layers",
                  "test_samples", "report_every"):
         int_at_least(name.replace("_", "-"), getattr(recipe, name), 1)
