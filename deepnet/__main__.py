@@ -12,15 +12,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deepnet` console command; returns its exit status."""
     from deepnet import interrupts
 
-    interrupts.install()
+    restore = interrupts.install()
     try:
         from deepnet.cli import main as run
 
         return run(argv)
     except KeyboardInterrupt as exc:  # before the command line's own handling was in place
         print(interrupts.stop_line(exc), file=sys.stderr)
-        interrupts.ignore()
+        if argv is None:  # the console command itself is about to exit
+            interrupts.ignore()
         return interrupts.exit_status(exc)
+    finally:
+        if argv is not None:  # called in-process: leave the caller's handlers as they were
+            restore()
 
 
 if __name__ == "__main__":

@@ -277,8 +277,7 @@ def show_activations(result: dict, args: dict) -> None:
             print_json(row)
         else:
             print(f"{row['name']:<16} {row['origin']:<28} {row['compiled']:<9} {row['description']}")
-    for problem in result["problems"]:
-        print(f"deepnet: plugin problem: {problem}", file=sys.stderr)
+    # result["problems"] reached stderr already, one line each, as the plugins' warnings (main()).
 
 
 def show_activation_check(result: dict, args: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -56,3 +57,13 @@ def number_in(name: str, value: Any, low: float, high: float, *, low_open: bool 
     if number < low or number > high or (low_open and number == low):
         raise ConfigError(f"--{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
     return number
+
+
+def writable_directory(name: str, value: Any) -> None:
+    """Refuse a ``--name`` that is not an existing directory this process can write in (None: not given)."""
+    if value is None:
+        return
+    if not os.path.isdir(value):
+        raise ConfigError(f"--{name} {value} is not a directory")
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{name} {value} is not writable")

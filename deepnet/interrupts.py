@@ -68,9 +68,9 @@ def install() -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous_term = signal.signal(signal.SIGTERM, _terminate)
-    previous_int = signal.getsignal(signal.SIGINT)
-    if previous_int in (signal.SIG_DFL, None):  # Python's own Ctrl-C handler raises KeyboardInterrupt
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Also over an inherited "ignore" (a shell script's background job): `kill -INT` must stop every
+    # command as it stops training, which installs its own handler regardless.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _redeliver(previous_hook)
 
