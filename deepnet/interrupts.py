@@ -9,6 +9,7 @@ imports nothing heavy: ``python -m deepnet`` installs it before numpy, h5py and 
 
 from __future__ import annotations
 
+import _thread
 import signal
 import sys
 import threading
@@ -42,21 +43,36 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+#: How long after a stop swallowed by a finaliser it is sent again: long enough for the finaliser (and
+#: the hook that saw it) to have returned, since a stop marked while they run would land in them again.
+REDELIVER_SECONDS = 0.01
+
+
+def _send_again(signum: int) -> None:
+    timer = threading.Timer(REDELIVER_SECONDS, _thread.interrupt_main, (signum,))
+    timer.daemon = True
+    timer.start()
+
+
 def _redeliver(previous: Callable[[object], None]) -> Callable[[object], None]:
     """An unraisablehook that sends again a stop that landed in a finaliser.
 
     A signal handler's exception raised while the main thread runs a ``__del__`` or a weakref callback
     (h5py closes its objects in these) cannot propagate: Python prints "Exception ignored" and the
-    command carries on as if never stopped. Raising the signal again lets the handler run at the next
-    point where the exception can land.
+    command carries on as if never stopped. The signal is marked as arrived again a moment later, from
+    another thread, so that the handler runs where its exception can land; should that again be a
+    finaliser, this goes round once more.
     """
 
     def hook(unraisable: object) -> None:
         exc = getattr(unraisable, "exc_value", None)
-        if isinstance(exc, KeyboardInterrupt):
-            signal.raise_signal(signum_of(exc))
-        else:
+        if not isinstance(exc, KeyboardInterrupt):
             previous(unraisable)
+            return
+        try:
+            _send_again(signum_of(exc))
+        except KeyboardInterrupt as again:  # a further signal arriving in here: it too must not be lost
+            _send_again(signum_of(again))
 
     return hook
 
