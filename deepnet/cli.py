@@ -429,8 +429,8 @@ def prepare_args(args: list[str]) -> list[str]:
 
     Checked before the command runs (fire calls a command with the flags it recognises and only then
     complains about the rest, so a mistyped flag would otherwise train with defaults first): the
-    command exists, each flag is one of its flags and given once, each positional argument has a
-    place, every required argument is there. Rewritten so that fire reads each value as its type says:
+    command exists, each flag is one of its flags (given twice, the last counts) and has its value,
+    each positional argument has a place, every required argument is there. Rewritten so that fire reads each value as its type says:
     a switch (a bool flag) never takes the next argument (``--json M`` is ``--json`` and ``M``) and
     ``--flag=VALUE`` must be true/false/1/0; the text of a path or name reaches the command as
     typed (fire would read ``--model 1e3`` as the number 1000.0).
@@ -446,7 +446,7 @@ def prepare_args(args: list[str]) -> list[str]:
     params = inspect.signature(fn).parameters
     positional = [p for p in params.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     given: set[str] = set()
-    out: list[str] = []
+    out: dict[str, str] = {}  # a flag given twice: the last one counts
     words: list[str] = []
     i = 0
     while i < len(rest):
@@ -466,8 +466,6 @@ def prepare_args(args: list[str]) -> list[str]:
             key = key[2:]
         if key not in params:
             raise ConfigError(f"deepnet {name} has no flag {_flag(key)} (see `deepnet {name} --help`)")
-        if key in given:
-            raise ConfigError(f"deepnet {name}: {_flag(key)} is given twice")
         given.add(key)
         param = params[key]
         if _is_switch(param):
@@ -477,26 +475,26 @@ def prepare_args(args: list[str]) -> list[str]:
                 raise ConfigError(f"{_flag(key)} is a switch: give it alone (or --no{key.replace('_', '-')}), or "
                                   f"as {_flag(key)}=true or =false; got {value!r}")
             on = (not negated) if not has_value else SWITCH_VALUES[value.lower()]
-            out.append(f"--{key}={on}")
+            out[key] = f"--{key}={on}"
             continue
         if not has_value:
-            if i == len(rest):
+            if i == len(rest) or _is_flag(rest[i]):  # a value that looks like a flag: --model=-x.h5
                 raise ConfigError(f"deepnet {name}: {_flag(key)} needs a value")
             value = rest[i]
             i += 1
-        out.append(f"--{key}={value!r}" if _is_text(param) else f"--{key}={value}")
+        out[key] = f"--{key}={value!r}" if _is_text(param) else f"--{key}={value}"
     free = [p for p in positional if p.name not in given]
     if len(words) > len(free):
         extra = words[len(free)]
         raise ConfigError(f"deepnet {name}: unexpected argument {extra!r} (see `deepnet {name} --help`)")
     for param, word in zip(free, words):
         given.add(param.name)
-        out.append(f"--{param.name}={word!r}" if _is_text(param) else f"--{param.name}={word}")
+        out[param.name] = f"--{param.name}={word!r}" if _is_text(param) else f"--{param.name}={word}"
     for param in params.values():
         if param.default is inspect.Parameter.empty and param.name not in given:
             what = param.name.upper()
             raise ConfigError(f"{name} needs {_described(fn, param.name)} (deepnet {name} {what})")
-    return head + out
+    return head + list(out.values())
 
 
 def _described(fn: Callable[..., Any], name: str) -> str:
@@ -512,7 +510,8 @@ def _described(fn: Callable[..., Any], name: str) -> str:
 
 def check_values(signature: inspect.Signature, given: dict[str, Any]) -> None:
     """Refuse a flag value of the wrong type, with one line naming the flag: a switch that is not a bool,
-    an integer flag given a fraction or a word, a number flag given nan, inf or a word."""
+    an integer flag given a fraction or a word, a number flag given nan, inf or a word, an empty path
+    or name."""
     for key, value in given.items():
         param = signature.parameters[key]
         kinds = _kinds(param)
@@ -525,8 +524,8 @@ def check_values(signature: inspect.Signature, given: dict[str, Any]) -> None:
             finite_number(_flag(key)[2:], value)
         elif "int" in kinds:
             integer(_flag(key)[2:], value)
-        elif _is_text(param) and not isinstance(value, (str, os.PathLike)):
-            raise ConfigError(f"{_flag(key)} must be text, got {value!r}")
+        elif _is_text(param) and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
+            raise ConfigError(f"{_flag(key)} needs a value, got {value!r}")
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -91,6 +91,11 @@ def test_check_and_info_json_before_the_model(tmp_path, capsys):
         assert json.loads(capsys.readouterr().out.splitlines()[0])
 
 
+def test_a_flag_given_twice_counts_once_the_last_time():
+    assert prepare_args(["train", "--steps", "1", "--json", "--steps=2", "--nojson"]) == [
+        "train", "--steps=2", "--json=False"]
+
+
 def test_text_flags_reach_the_command_as_typed():
     """A neighbour of item 9: fire reads `--model 1e3` as the number 1000.0 and `--activation [1]` as a list."""
     assert prepare_args(["train", "--model", "1e3", "--activation=[1]"]) == [
@@ -145,7 +150,8 @@ def test_speedrun_target_acc_out_of_range_is_one_line(tmp_path, capsys):
     (["--json"], "deepnet: error: a command comes first, got '--json'"),
     (["train", "-in-memory"], "deepnet: error: deepnet train: flags take two hyphens: '-in-memory'"),
     (["train", "--steps"], "deepnet: error: deepnet train: --steps needs a value"),
-    (["train", "--steps", "1", "--steps", "2"], "deepnet: error: deepnet train: --steps is given twice"),
+    (["train", "--model", "--steps", "3"], "deepnet: error: deepnet train: --model needs a value"),
+    (["train", "--model="], "deepnet: error: --model needs a value, got ''"),
     (["train", "--nosteps"], "deepnet: error: deepnet train has no flag --nosteps"),
     (["activations", "nope"], "deepnet: error: deepnet activations: unknown action 'nope'"),
 ])
