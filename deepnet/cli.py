@@ -13,6 +13,7 @@ import functools
 import inspect
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -540,6 +541,16 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout): nothing to flush
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deepnet` command line; returns its exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -562,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         return interrupts.exit_status(exc)
     except fire.core.FireExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    except BrokenPipeError:
+        # The reader of the output went away (`deepnet activations | head -1`): stop quietly, with the
+        # status of a writer killed by SIGPIPE, as other commands in a pipeline do.
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
     finally:
         warnings.showwarning = showwarning
         if argv is not None:  # called in-process (tests, scripts): leave the caller's handlers as they were

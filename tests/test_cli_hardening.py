@@ -14,9 +14,11 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+import deepnet
 from deepnet import interrupts
 from deepnet.cli import DeepnetCLI, main, prepare_args
 from deepnet.errors import ConfigError, Terminated
@@ -312,3 +314,16 @@ def test_the_exit_status_is_128_plus_the_signal():
     assert interrupts.exit_status(Interrupted("stopped", signal.SIGTERM)) == 143
     assert interrupts.stop_line(Interrupted("stopped after step 3", signal.SIGTERM)) == \
         "deepnet: terminated: stopped after step 3"
+
+
+def test_a_closed_output_pipe_stops_quietly():
+    """A neighbour of issue 18 item 12: `deepnet activations --json | head -1` ended in a BrokenPipeError
+    traceback; it now stops as a writer killed by SIGPIPE does (status 141), saying nothing."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(Path(deepnet.__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "deepnet", "activations", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the command has written anything: it takes longer than this to start
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
