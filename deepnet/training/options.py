@@ -193,9 +193,9 @@ class RunOptions(Hook):
             settings.update(_schedule.settings(self.schedules))
         self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
 
-    def prepare(self, net: DeepNet, images: np.ndarray, labels: np.ndarray) -> None:
-        """Set the planned run up on the open ``net``: its branch checked, the held-out slice attached,
-        the weight average started."""
+    def prepare(self, net: DeepNet, settings: dict, images: np.ndarray, labels: np.ndarray) -> None:
+        """Set the run planned with ``settings`` up on the open ``net``: its branch checked, the held-out
+        slice attached, the weight average started."""
         self.net = net
         n_train = int(images.shape[0])
         if self.branch is not None:

@@ -102,7 +102,7 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     if options.alpha is not None and not math.isclose(options.alpha, net.file.alpha, rel_tol=1e-6):
         raise ConfigError(f"{path} has alpha {net.file.alpha:g} but --alpha {options.alpha:g} was given")
     settings = _plan(options, run, net.train_settings, net.step, images.shape[0])
-    run.prepare(net, images, labels)
+    run.prepare(net, settings, images, labels)
     batch, train_limit = settings["batch"], settings["train_limit"]
     net.train_settings = settings
     remove_stale_temporaries(path)
