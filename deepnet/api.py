@@ -16,6 +16,7 @@ from deepnet.activations import check as _activation_check
 from deepnet.activations import plugins as _plugins
 from deepnet.data.mnist import default_data_dir, fetch_mnist
 from deepnet.errors import ConfigError
+from deepnet.flags import writable_directory
 from deepnet.formats import raw as _raw
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.mlp_file import require_kind
@@ -79,8 +80,9 @@ def train(model: PathLike = "model.h5", *, steps: int = R.steps, layers: int | N
     An existing model continues from its committed step, exactly as if never interrupted; --layers,
     --width and --activation must then agree with the file, and --batch, --layer-lr, --head-lr and
     --train-limit default to the values it was trained with. Streamed, every step is committed to
-    the file; in memory, the file is replaced atomically at checkpoints and at the end. Ctrl-C
-    finishes the current step, saves and stops (exit status 130); pressed again, it abandons the step.
+    the file; in memory, the file is replaced atomically at checkpoints and at the end. Ctrl-C (or
+    SIGTERM) finishes the current step, saves and stops (exit status 130; 143 for SIGTERM); pressed
+    again, it abandons the step.
     The table shows step, loss, batch accuracy, held-out accuracy (when measured), s/step,
     layer-samples/s and the ETA; every step's figures go to /train/log (`deepnet plot` draws them).
     Returns the final figures as a dict.
@@ -252,6 +254,7 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
         threads: run every pass on this many threads (at most the CPUs, or $DEEPNET_THREADS) instead of
             letting the thread choice measure one against two, as training does (0).
     """
+    writable_directory("workdir", workdir)
     return _bench.run_bench(layers=layers, width=width, activation=activation, batch=batch, steps=steps,
                             in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_images,
                             eval_batch=eval_batch, workdir=workdir, threads=threads)

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import fire
 from tqdm import tqdm
 
-from deepnet import api
+from deepnet import api, interrupts
 from deepnet.activations.check import ActivationCheckError, failure_message, format_report
 from deepnet.errors import ConfigError, DeepnetError
+from deepnet.flags import finite_number, integer
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.report import ReportTable, format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
 from deepnet.tools.check import CheckReport
@@ -69,6 +73,7 @@ def command(fn: Callable[..., Any], show: Printer) -> Callable[..., None]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> None:
         bound = flags.bind(*args, **kwargs)
+        check_values(flags, bound.arguments)
         bound.apply_defaults()
         given = dict(bound.arguments)
         quiet = bool(given.pop("json"))
@@ -273,8 +278,7 @@ def show_activations(result: dict, args: dict) -> None:
             print_json(row)
         else:
             print(f"{row['name']:<16} {row['origin']:<28} {row['compiled']:<9} {row['description']}")
-    for problem in result["problems"]:
-        print(f"deepnet: plugin problem: {problem}", file=sys.stderr)
+    # result["problems"] reached stderr already, one line each, as the plugins' warnings (main()).
 
 
 def show_activation_check(result: dict, args: dict) -> None:
@@ -367,72 +371,217 @@ def usage() -> str:
 DeepnetCLI.__doc__ = usage()  # derived, so a flag added to an API function shows up here too
 
 
-def _check_flags(args: list[str]) -> None:
-    """Refuse a ``--flag`` the command does not take, before the command runs.
+#: What a switch's ``--flag=VALUE`` may say (any case); anything else is refused.
+SWITCH_VALUES = {"true": True, "false": False, "1": True, "0": False}
 
-    fire calls a command with the flags it recognises and only afterwards complains about the rest, so
-    a mistyped flag would otherwise train (and create or modify a model file) with defaults first.
-    """
-    if not args or args[0].startswith("-"):
-        return
+#: fire's own tokens: what follows "-" or "--" is not the command's.
+FIRE_SEPARATORS = ("-", "--")
+
+
+def _kinds(param: inspect.Parameter) -> set[str]:
+    """The type names of a parameter's annotation (``int | None`` -> {"int", "None"})."""
+    annotation = param.annotation
+    if isinstance(annotation, str):
+        return {part.strip() for part in annotation.split("|")}
+    return {getattr(annotation, "__name__", str(annotation))}
+
+
+def _is_switch(param: inspect.Parameter) -> bool:
+    return "bool" in _kinds(param)
+
+
+def _is_text(param: inspect.Parameter) -> bool:
+    return bool(_kinds(param) & {"str", "PathLike"}) and not _is_switch(param)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_flag(arg: str) -> bool:
+    """A flag as fire sees one: a hyphen and a letter (``-x``, ``--x``), not a negative number."""
+    return re.match(r"^--?[A-Za-z_]", arg) is not None
+
+
+def _command_names() -> list[str]:
+    names = [name.replace("_", "-") for name, value in vars(DeepnetCLI).items()
+             if isinstance(value, (staticmethod, Activations))]
+    return sorted(names)
+
+
+def _resolve(args: list[str]) -> tuple[str, Callable[..., Any], list[str]]:
+    """The command ``args`` name: its name as typed, its function and the arguments after it."""
     name = args[0]
-    target = getattr(DeepnetCLI, name.replace("-", "_"), None)
+    value = vars(DeepnetCLI).get(name.replace("-", "_"))
+    if not isinstance(value, (staticmethod, Activations)):
+        raise ConfigError(f"unknown command {name!r} (commands: {', '.join(_command_names())})")
     rest = args[1:]
-    if isinstance(target, Activations):  # a command group: its subcommand, else the group's default
-        sub = rest[0].replace("-", "_") if rest and not rest[0].startswith("-") else None
-        if sub is None:
-            target = target.__call__
-        elif sub in GROUP_COMMANDS:
-            target, name, rest = getattr(target, sub), f"{name} {rest[0]}", rest[1:]
-        else:
-            raise ConfigError(f"deepnet {name}: unknown action {rest[0]!r} (use {', '.join(GROUP_COMMANDS)})")
-    if not callable(target):
-        return
-    params = set(inspect.signature(target).parameters)
-    for arg in rest:
-        if arg in ("-", "--"):  # fire's separators: what follows is not this command's
-            return
-        if not arg.startswith("--"):
-            continue
-        key = arg[2:].split("=", 1)[0].replace("-", "_")
-        if key in params or key == "help" or (key.startswith("no") and key[2:] in params):
-            continue
-        raise ConfigError(f"deepnet {name} has no flag --{key.replace('_', '-')} (see `deepnet {name} --help`)")
+    if isinstance(value, Activations):  # a command group: its subcommand, else the group's default
+        if rest and not _is_flag(rest[0]):
+            if rest[0].replace("-", "_") not in GROUP_COMMANDS:
+                raise ConfigError(f"deepnet {name}: unknown action {rest[0]!r} (use {', '.join(GROUP_COMMANDS)})")
+            return f"{name} {rest[0]}", getattr(value, rest[0].replace("-", "_")), rest[1:]
+        return name, value.__call__, rest
+    return name, value.__func__, rest
 
 
-def _ignore_stop_signals() -> None:
-    """Ignore Ctrl-C and SIGTERM from now on: the command has reported its stop and is exiting.
+def prepare_args(args: list[str]) -> list[str]:
+    """The command line as fire is to get it, or ConfigError naming what is wrong with it.
 
-    Presses can keep arriving (a held-down key, or presses that reach a busy machine late). The
-    interpreter's shutdown resets Python-level handlers to the default, which would kill the process
-    with the signal instead of letting it exit with its status; an ignored signal stays ignored.
+    Checked before the command runs (fire calls a command with the flags it recognises and only then
+    complains about the rest, so a mistyped flag would otherwise train with defaults first): the
+    command exists, each flag is one of its flags (given twice, the last counts) and has its value,
+    each positional argument has a place, every required argument is there. Rewritten so that fire reads each value as its type says:
+    a switch (a bool flag) never takes the next argument (``--json M`` is ``--json`` and ``M``) and
+    ``--flag=VALUE`` must be true/false/1/0; the text of a path or name reaches the command as
+    typed (fire would read ``--model 1e3`` as the number 1000.0).
     """
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    if not args or args[0] in ("--help", "-h"):
+        return args
+    if _is_flag(args[0]):
+        raise ConfigError(f"a command comes first, got {args[0]!r} (commands: {', '.join(_command_names())})")
+    name, fn, rest = _resolve(args)
+    head = args[: len(args) - len(rest)]
+    if "--help" in rest or "-h" in rest:
+        return args
+    params = inspect.signature(fn).parameters
+    positional = [p for p in params.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    given: set[str] = set()
+    out: dict[str, str] = {}  # a flag given twice: the last one counts
+    words: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        i += 1
+        if arg in FIRE_SEPARATORS:
+            raise ConfigError(f"deepnet {name}: unexpected argument {arg!r}")
+        if not _is_flag(arg):
+            words.append(arg)
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"deepnet {name}: flags take two hyphens: {arg!r} (see `deepnet {name} --help`)")
+        key, has_value, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        negated = key not in params and key.startswith("no") and key[2:] in params and _is_switch(params[key[2:]])
+        if negated:
+            key = key[2:]
+        if key not in params:
+            raise ConfigError(f"deepnet {name} has no flag {_flag(key)} (see `deepnet {name} --help`)")
+        given.add(key)
+        param = params[key]
+        if _is_switch(param):
+            if negated and has_value:
+                raise ConfigError(f"--no{key.replace('_', '-')} takes no value, got {arg!r}")
+            if has_value and value.lower() not in SWITCH_VALUES:
+                raise ConfigError(f"{_flag(key)} is a switch: give it alone (or --no{key.replace('_', '-')}), or "
+                                  f"as {_flag(key)}=true or =false; got {value!r}")
+            on = (not negated) if not has_value else SWITCH_VALUES[value.lower()]
+            out[key] = f"--{key}={on}"
+            continue
+        if not has_value:
+            if i == len(rest) or _is_flag(rest[i]):  # a value that looks like a flag: --model=-x.h5
+                raise ConfigError(f"deepnet {name}: {_flag(key)} needs a value")
+            value = rest[i]
+            i += 1
+        out[key] = f"--{key}={value!r}" if _is_text(param) else f"--{key}={value}"
+    free = [p for p in positional if p.name not in given]
+    if len(words) > len(free):
+        extra = words[len(free)]
+        raise ConfigError(f"deepnet {name}: unexpected argument {extra!r} (see `deepnet {name} --help`)")
+    for param, word in zip(free, words):
+        given.add(param.name)
+        out[param.name] = f"--{param.name}={word!r}" if _is_text(param) else f"--{param.name}={word}"
+    for param in params.values():
+        if param.default is inspect.Parameter.empty and param.name not in given:
+            what = param.name.upper()
+            raise ConfigError(f"{name} needs {_described(fn, param.name)} (deepnet {name} {what})")
+    return head + list(out.values())
+
+
+def _described(fn: Callable[..., Any], name: str) -> str:
+    """A parameter as its docstring's Args: line describes it (``model: HDF5 model file.`` -> "a model
+    file"), else its name."""
+    match = re.search(rf"^\s*{name}: (.+?)\.?$", fn.__doc__ or "", re.MULTILINE)
+    if match is None:
+        return name.upper()
+    words = match[1].split()
+    noun = " ".join(w for w in words if w != "HDF5")
+    return noun if noun.lower().startswith(("a ", "an ", "the ")) else f"a {noun[0].lower()}{noun[1:]}"
+
+
+def check_values(signature: inspect.Signature, given: dict[str, Any]) -> None:
+    """Refuse a flag value of the wrong type, with one line naming the flag: a switch that is not a bool,
+    an integer flag given a fraction or a word, a number flag given nan, inf or a word, an empty path
+    or name."""
+    for key, value in given.items():
+        param = signature.parameters[key]
+        kinds = _kinds(param)
+        if value is None and "None" in kinds:
+            continue
+        if "bool" in kinds:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{_flag(key)} is a switch (true or false), got {value!r}")
+        elif "float" in kinds:
+            finite_number(_flag(key)[2:], value)
+        elif "int" in kinds:
+            integer(_flag(key)[2:], value)
+        elif _is_text(param) and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
+            raise ConfigError(f"{_flag(key)} needs a value, got {value!r}")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A warning as one line on stderr (``deepnet: warning: ...``), above any progress bar."""
+    text = " ".join(str(message).split())
+    tqdm.write(f"deepnet: warning: {text}", file=sys.stderr)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (a library's message, e.g. HDF5's, can span several)."""
+    return " ".join(str(exc).split())
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout): nothing to flush
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `deepnet` console command; returns its exit status."""
+    """Entry point of the `deepnet` command line; returns its exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    restore = interrupts.install()
+    showwarning, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        _check_flags(args)
         # An instance, not the class: fire then lists the commands in `deepnet --help`.
-        fire.Fire(DeepnetCLI(), command=args, name="deepnet")
+        fire.Fire(DeepnetCLI(), command=prepare_args(args), name="deepnet")
     except DeepnetError as exc:
         if debug:
             raise
-        print(f"deepnet: error: {exc}", file=sys.stderr)
+        print(f"deepnet: error: {one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
     except KeyboardInterrupt as exc:
-        detail = str(exc)
-        print(f"deepnet: interrupted{': ' + detail if detail else ''}", file=sys.stderr)
+        print(interrupts.stop_line(exc), file=sys.stderr)
         if argv is None:  # the console command itself is about to exit
-            _ignore_stop_signals()
-        return 128 + getattr(exc, "signum", 2)
+            interrupts.ignore()
+        return interrupts.exit_status(exc)
     except fire.core.FireExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    except BrokenPipeError:
+        # The reader of the output went away (`deepnet activations | head -1`): stop quietly, with the
+        # status of a writer killed by SIGPIPE, as other commands in a pipeline do.
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
+    finally:
+        warnings.showwarning = showwarning
+        if argv is not None:  # called in-process (tests, scripts): leave the caller's handlers as they were
+            restore()
     return 0
 
 

@@ -242,7 +242,7 @@ CORPUS = {
     "report-every-0": (OLD + ["--report-every", "0"], "--report-every must be > 0", None),
     "checkpoint-every-0": (OLD + ["--in-memory", "--checkpoint-every", "0"], "--checkpoint-every must be > 0", None),
     "layer-lr-negative": (OLD + ["--layer-lr", "-0.1"], "--layer-lr must be a finite number >= 0", None),
-    "head-lr-nan": (OLD + ["--head-lr", "nan"], "--head-lr must be a finite number >= 0", None),
+    "head-lr-nan": (OLD + ["--head-lr", "nan"], "--head-lr must be a finite number", None),
     "alpha-0": (["init", "new.h5", *TINY, "--alpha", "0"], "--alpha must be > 0", None),
     "eval-samples-negative": (OLD + ["--eval-samples", "-1"], "--eval-samples must be an integer >= 0", None),
     "train-limit-0": (NEW + ["--train-limit", "0"], "--train-limit must be > 0, got 0", None),

@@ -184,7 +184,7 @@ def test_plugins_load_lazily_and_follow_the_contract(tmp_path, monkeypatch, regi
     })
     assert activations.is_builtin(activations.get("softsign"))  # a registered name never loads the plugins
     assert not plugins._loaded
-    with pytest.warns(RuntimeWarning, match="deepnet activation plugin"):
+    with pytest.warns(RuntimeWarning, match="activation plugin not loaded"):
         act = activations.get("plug_many_b")  # an unknown name loads them
     assert act.origin == "fake_plugin_mod"  # constructed entry points have no distribution: the module
     names = activations.available()
@@ -353,3 +353,23 @@ def test_only_call_free_branch_free_activations_get_unrolled_loops():
     assert light == {"softsign", "identity"}
     assert not is_light(Activation(name="isru_like", forward_c="z / sqrtf(1.0f + z * z)", derivative_c="1.0f",
                                    forward_np=np.tanh, derivative_np=lambda z, a: 1 - a * a, description="x"))
+
+
+def test_plugin_problems_reach_the_command_line_as_one_line_each(tmp_path, monkeypatch, registry, capsys):
+    """issue 18 item 12: a plugin that raises on import, has a syntax error, is not an Activation or lacks an
+    attribute printed a RuntimeWarning and a source line before the error; now one line each."""
+    from deepnet.cli import main
+
+    (tmp_path / "fake_plugin_syntax.py").write_text("def (\n")
+    _entry_points(tmp_path, monkeypatch, {"syn": "fake_plugin_syntax:ACT", "boom": "fake_plugin_mod:broken",
+                                          "number": "fake_plugin_mod:NOT_AN_ACTIVATION",
+                                          "missing": "fake_plugin_mod:NO_SUCH_ATTRIBUTE"})
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--activation", "nope", "--steps", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5, lines
+    assert all(line.startswith("deepnet: warning: activation plugin not loaded: ") for line in lines[:4]), lines
+    for fragment in ("RuntimeError: boom", "AttributeError", "is a int, not an Activation", "SyntaxError"):
+        assert any(fragment in line for line in lines[:4]), (fragment, lines)
+    assert lines[-1].startswith("deepnet: error: activation 'nope' is not registered")
+    assert not (tmp_path / "model.h5").exists()

@@ -744,3 +744,19 @@ def test_signals_right_after_a_stop_are_ignored_then_passed_on():
     assert seen == []
     ignoring_for(0.0, lambda signum, frame: seen.append(signum))(signal.SIGINT, None)
     assert seen == [signal.SIGINT]
+
+
+@needs_mnist
+def test_sigterm_during_training_saves_and_exits_143(tmp_path, mini):
+    """issue 18 item 6: one convention for every command, 128 + the signal: SIGTERM finishes the step,
+    saves and exits 143 (SIGINT: 130), saying so in one line."""
+    path = new_model(tmp_path / "m.h5", layers=3000, chunk=100, seed=2)
+    proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
+                         "--train-limit", "1000", "--eval-samples", "0", "--json", env_data=mini)
+    wait_for_report(proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert re.search(r"deepnet: terminated: stopped after step (\d+); ", err) and "Traceback" not in err, err
+    assert file_state(path)["state"] == "healthy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]

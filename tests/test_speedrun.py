@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import deepnet
 from deepnet import ModelFile
 from deepnet.errors import ConfigError
 from deepnet.training.heldout import read_rows
@@ -21,7 +23,8 @@ SMALL = ["--layers", "100", "--holdout", "2000", "--test-samples", "2000", "--ev
 
 
 def run(*args, cwd):
-    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": ""}
+    # The subprocess runs the deepnet these tests imported, not whichever one is installed.
+    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": "", "PYTHONPATH": str(Path(deepnet.__file__).parents[1])}
     return subprocess.run([sys.executable, "-m", "deepnet", "speedrun", *args], cwd=cwd, capture_output=True,
                           text=True, env=env, timeout=300)
 

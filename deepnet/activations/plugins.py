@@ -120,7 +120,7 @@ def load() -> None:
         fresh = [e for e in _errors if e not in _warned]
         _warned.update(fresh)
     for message in fresh:
-        warnings.warn(f"deepnet activation plugin: {message}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"activation plugin not loaded: {message}", RuntimeWarning, stacklevel=3)
 
 
 def errors() -> list[str]:

@@ -106,6 +106,7 @@ class TrainOptions:
             if value is not None:
                 non_negative_number(name, value)
         int_at_least("eval-samples", self.eval_samples, 0)
+        int_at_least("seed", self.seed, 0)
         if self.alpha is not None:
             positive("alpha", self.alpha, float)
         if self.activation is not None:
@@ -153,6 +154,7 @@ class RunOptions(Hook):
         self.ema_decay = options.ema
         self.ema_every = options.ema_every
         self.schedules: dict[str, _schedule.Schedule] = {}
+        self.holdout, self.eval_every = 0, None
         self.base = {"layer_lr": 0.0, "head_lr": 0.0}
         self.heldout: _heldout.HeldOut | None = None
         self.average: _ema.WeightAverage | None = None
@@ -167,12 +169,34 @@ class RunOptions(Hook):
         """init()'s branch arguments for a new model."""
         return {"branch": self.branch, "hidden": self.hidden}
 
-    def prepare(self, net: DeepNet, settings: dict, *, train_limit: int | None, default_train_limit: int,
-                images: np.ndarray, labels: np.ndarray, first_step: int, steps: int) -> None:
-        """Set the run up on the open ``net``: completes ``settings`` (train_limit with the held-out images
-        set aside, the schedules, the held-out split) in place."""
+    def plan(self, stored: dict | None, settings: dict, *, train_limit: int | None, default_train_limit: int,
+             n_train: int, first_step: int, steps: int) -> None:
+        """Check this run's settings against the model's ``stored`` ones (None: a new model) and the data
+        (``n_train`` training images), and complete ``settings`` in place: train_limit with the held-out
+        images set aside, the held-out split, the schedules. Touches no file, so a new model's run is
+        planned (and refused) before its file is created."""
+        stored = stored or {}
+        holdout = self.holdout_flag if self.holdout_flag is not None else stored.get("holdout", 0) or 0
+        eval_every = self.eval_every_flag if self.eval_every_flag is not None else stored.get("eval_every")
+        if not holdout:
+            eval_every = None if self.eval_every_flag is None else eval_every
+        self.holdout, self.eval_every = _heldout.check_options(holdout, eval_every, n_train)
+        settings["train_limit"] = _heldout.train_limit(train_limit, stored.get("train_limit"),
+                                                       default_train_limit, n_train, self.holdout)
+        if self.holdout:  # stored only when in use: a plain run's settings are what they always were
+            settings["holdout"], settings["eval_every"] = self.holdout, self.eval_every
+        self.schedules = _schedule.resolve(stored, step=first_step, run_end=first_step + steps,
+                                           default=_schedule.Schedule(), kind=self.flags["kind"],
+                                           warmup=self.flags["warmup"], final_ratio=self.flags["final_ratio"],
+                                           decay_steps=self.flags["decay_steps"])
+        if any(s != _schedule.Schedule() for s in self.schedules.values()):  # likewise
+            settings.update(_schedule.settings(self.schedules))
+        self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
+
+    def prepare(self, net: DeepNet, settings: dict, images: np.ndarray, labels: np.ndarray) -> None:
+        """Set the run planned with ``settings`` up on the open ``net``: its branch checked, the held-out
+        slice attached, the weight average started."""
         self.net = net
-        stored = net.train_settings or {}
         n_train = int(images.shape[0])
         if self.branch is not None:
             have = net.branch
@@ -182,29 +206,11 @@ class RunOptions(Hook):
             if have.hidden != self.hidden:
                 raise ConfigError(f"{net.file.path} has an MLP branch of hidden {have.hidden} but --hidden "
                                   f"{self.hidden} was given")
-
-        holdout = self.holdout_flag if self.holdout_flag is not None else stored.get("holdout", 0) or 0
-        eval_every = self.eval_every_flag if self.eval_every_flag is not None else stored.get("eval_every")
-        if not holdout:
-            eval_every = None if self.eval_every_flag is None else eval_every
-        holdout, eval_every = _heldout.check_options(holdout, eval_every, n_train)
-        settings["train_limit"] = _heldout.train_limit(train_limit, stored.get("train_limit"),
-                                                       default_train_limit, n_train, holdout)
-        if holdout:  # stored only when in use: a plain run's settings are what they always were
-            settings["holdout"], settings["eval_every"] = holdout, eval_every
-            self.heldout = _heldout.HeldOut(mnist_inputs(images[n_train - holdout:]), labels[n_train - holdout:],
-                                            eval_every)
+        if self.holdout:
+            self.heldout = _heldout.HeldOut(mnist_inputs(images[n_train - self.holdout:]),
+                                            labels[n_train - self.holdout:], self.eval_every)
             self.heldout.attach(net)
-
-        self.schedules = _schedule.resolve(stored, step=first_step, run_end=first_step + steps,
-                                           default=_schedule.Schedule(), kind=self.flags["kind"],
-                                           warmup=self.flags["warmup"], final_ratio=self.flags["final_ratio"],
-                                           decay_steps=self.flags["decay_steps"])
-        if any(s != _schedule.Schedule() for s in self.schedules.values()):  # likewise
-            settings.update(_schedule.settings(self.schedules))
-        self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
         net.check_step_memory(int(settings["batch"]))
-
         self.average = _ema.resume(net, self.ema_decay, self.ema_every)
 
     def lrs(self, step: int) -> dict:

@@ -82,6 +82,7 @@ def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport 
     path = Path(options.model)
     if not path.exists():
         run.check_new_model(options.new_layers, options.new_width)
+        _plan(options, run, None, 0, images.shape[0])  # a refused run creates no file
         memory.check_new_model(layers=options.new_layers, width=options.new_width, input_dim=784, n_classes=10,
                                hidden=run.hidden, batch=options.batch or RECIPE.batch)
         init(path, **run.new_model_branch(), layers=options.new_layers, width=options.new_width,
@@ -103,11 +104,8 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     path = Path(options.model)
     if options.alpha is not None and not math.isclose(options.alpha, net.file.alpha, rel_tol=1e-6):
         raise ConfigError(f"{path} has alpha {net.file.alpha:g} but --alpha {options.alpha:g} was given")
-    settings = _settings(net.train_settings, batch=options.batch, layer_lr=options.layer_lr,
-                         head_lr=options.head_lr, train_limit=options.train_limit)
-    run.prepare(net, settings, train_limit=options.train_limit, default_train_limit=RECIPE.train_limit,
-                images=images, labels=labels, first_step=net.step, steps=options.steps)
-    check_count("train-limit", settings["train_limit"], images.shape[0])
+    settings = _plan(options, run, net.train_settings, net.step, images.shape[0])
+    run.prepare(net, settings, images, labels)
     batch, train_limit = settings["batch"], settings["train_limit"]
     net.train_settings = settings
     remove_stale_temporaries(path)
@@ -162,6 +160,17 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
         final.update(test_loss=result.loss, test_acc=result.accuracy, test_samples=result.samples)
     run.finish(net, test, final)
     return final
+
+
+def _plan(options: TrainOptions, run: RunOptions, stored: dict | None, first_step: int, n_train: int) -> dict:
+    """This run's training settings, checked against the model's ``stored`` ones (None: a new model)
+    and the ``n_train`` training images (see RunOptions.plan)."""
+    settings = _settings(stored, batch=options.batch, layer_lr=options.layer_lr, head_lr=options.head_lr,
+                         train_limit=options.train_limit)
+    run.plan(stored, settings, train_limit=options.train_limit, default_train_limit=RECIPE.train_limit,
+             n_train=n_train, first_step=first_step, steps=options.steps)
+    check_count("train-limit", settings["train_limit"], n_train)
+    return settings
 
 
 def _settings(stored: dict | None, **given: object) -> dict:

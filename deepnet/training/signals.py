@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM while training: finish the current step, save, stop (exit status 130 in the CLI).
+"""Ctrl-C and SIGTERM while training: finish the current step, save, stop (exit status 130 or 143 in the
+CLI: deepnet.interrupts).
 
 The first signal finishes the current step, saves and stops; the second abandons the step, unless the
 step is being written into a streamed file (abandoning it there would leave a torn step), which takes a

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from deepnet import activations
 from deepnet.data.loaders import load_split, load_test_set, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
-from deepnet.flags import int_at_least, non_negative_number
+from deepnet.flags import int_at_least, non_negative_number, number_in, writable_directory
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet, StepResult
 from deepnet.training import loop
 from deepnet.training.heldout import HeldOut
@@ -105,11 +106,12 @@ def machine() -> str:
 
 
 def _check(recipe: SpeedrunRecipe) -> None:
-    if not 0.0 < recipe.target_acc <= 1.0:
-        raise ConfigError(f"--target-acc must be in (0, 1], got {recipe.target_acc!r}")
+    number_in("target-acc", recipe.target_acc, 0.0, 1.0, low_open=True)
     for name in ("layers", "width", "batch", "eval_every", "holdout", "max_steps", "chunk_layers",
                  "test_samples", "report_every"):
         int_at_least(name.replace("_", "-"), getattr(recipe, name), 1)
+    int_at_least("seed", recipe.seed, 0)
+    activations.get(recipe.activation)
     for name in ("layer_lr", "head_lr", "eval_gate"):
         non_negative_number(name.replace("_", "-"), getattr(recipe, name))
 
@@ -129,6 +131,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
         raise ConfigError(f"speedrun has no setting {', '.join(unknown)}")
     recipe = replace(SPEEDRUN, **{k: v for k, v in overrides.items() if v is not None})
     _check(recipe)
+    writable_directory("workdir", workdir)
     schedule = Schedule(recipe.schedule, warmup_steps=recipe.warmup, decay_steps=recipe.max_steps,
                         final_ratio=recipe.final_lr_ratio)
     if model is not None and Path(model).exists():
