@@ -28,7 +28,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError
 from deepnet.kernels.loader import LayerKernels
-from deepnet.nn.finite import NonFiniteError
+from deepnet.nn.finite import NonFiniteError, finite_rows
 from deepnet.nn.stores import WeightStore
 from deepnet.nn.threads import FixedThreads, ThreadChoice, default_threads
 
@@ -235,7 +235,7 @@ class CoreEngine:
                     stop = start + rows.shape[0]
                     raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1}",
                                          start=start, stop=stop)
-                if not np.isfinite(rows).all():
+                if not finite_rows(rows):
                     stop = start + rows.shape[0]
                     raise NonFiniteError(f"the updated weights of layers {start}..{stop - 1} are not finite",
                                          start=start, stop=stop)

@@ -31,6 +31,16 @@ def all_finite(arrays: Iterable[np.ndarray]) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
+def finite_rows(rows: np.ndarray) -> bool:
+    """Whether every element of a float32 chunk of core rows is finite, at a fraction of the cost of
+    ``np.isfinite(rows).all()``: the sum of squares (one BLAS dot, no temporary) is finite whenever every
+    element is, and only a non-finite sum (an inf or nan, or a value beyond ~1e19) pays for the exact check."""
+    flat = rows.reshape(-1)
+    if np.isfinite(np.dot(flat, flat)):
+        return True
+    return bool(np.isfinite(flat).all())
+
+
 def finite_blocks(a: np.ndarray, block: int = 1 << 20) -> bool:
     """Whether every element of a (large, C-contiguous) array is finite, checked a block at a time so the
     check allocates one block's flags, not the whole array's."""
