@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from deepnet import activations
 from deepnet.errors import ActivationError
+from deepnet.kernels.loader import kernels_for
 
 FD_TOLERANCE = 1e-3  # the derivative against finite differences (after their rounding allowance)
 NUMPY_TOLERANCE = 1e-4  # C against NumPy, forward and derivative
@@ -126,9 +128,6 @@ def check_activation(name: str) -> dict:
 
     Returns a dict (name, origin, kernel module, ok, comparisons); does not raise on a failed check.
     """
-    from deepnet import activations
-    from deepnet.kernels.loader import kernels_for
-
     activation = activations.get(name)
     kernels = kernels_for(name)
     comparisons = check_kernels(activation, kernels)

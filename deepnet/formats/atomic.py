@@ -203,3 +203,20 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def check_output(path: str, *, overwrite: bool, flag: str | None = None) -> None:
+    """Refuse an output path that would fail or clobber something, before anything is written: a
+    directory, an existing file (unless ``overwrite``), a missing or unwritable directory. ``flag`` names
+    the command-line flag the path came from (messages then say ``--flag PATH``)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    what, action = (f"--{flag} {path}", f"cannot write --{flag} {path}") if flag else (path, f"cannot create {path}")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{what} is a directory" if flag else f"{action}: it is a directory")
+    if os.path.lexists(path) and not overwrite:
+        hint = "pass --overwrite to replace it" if flag else "pass overwrite=True / --overwrite to replace it"
+        raise ModelFileError(f"{what} already exists ({hint})")
+    if not os.path.isdir(directory):
+        raise ModelFileError(f"{action}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ModelFileError(f"{action}: directory {directory} is not writable")

@@ -16,7 +16,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import h5io, layout
-from deepnet.formats.atomic import atomic_path, space_shortfall
+from deepnet.formats.atomic import atomic_path, check_output, space_shortfall
 from deepnet.formats.commit import COMMIT_SLOTS, encode_record, heads_crc32, new_record
 from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, open_h5, set_attrs, set_fixed_ascii_attr
 from deepnet.formats.locking import flock
@@ -221,7 +221,7 @@ def create_file(
         if not (np.issubdtype(core_weights.dtype, np.floating) or np.issubdtype(core_weights.dtype, np.integer)):
             raise ConfigError(f"core_weights must be a float array, got dtype {core_weights.dtype}")
     size = model_file_bytes(layers, width, input_dim, n_classes, check_int("extra_bytes", extra_bytes, minimum=0))
-    _check_target(path, overwrite)
+    check_output(path, overwrite=overwrite)
 
     try:
         with atomic_path(path, overwrite=overwrite, size=size) as tmp:
@@ -241,19 +241,6 @@ def create_file(
     except OSError as exc:
         raise ModelFileError(f"could not write {path}: {os_reason(exc)}") from exc
     return path
-
-
-def _check_target(path: str, overwrite: bool) -> None:
-    """Refuse what would fail anyway, before writing hundreds of MB."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ModelFileError(f"cannot create {path}: it is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise ModelFileError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-    if not os.path.isdir(directory):
-        raise ModelFileError(f"cannot create {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ModelFileError(f"cannot create {path}: directory {directory} is not writable")
 
 
 def _write_attributes(f: h5py.File, *, layers: int, width: int, activation: str, alpha: float, input_dim: int,

@@ -31,7 +31,7 @@ from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
 from deepnet.formats import interrupts, layout
-from deepnet.formats.atomic import atomic_path
+from deepnet.formats.atomic import atomic_path, check_output
 from deepnet.formats.mlp_file import mlp_shapes, model_kind, read_mlp_file, write_mlp_file
 from deepnet.formats.model_file import ModelFile
 from deepnet.formats.values import now, os_reason
@@ -97,19 +97,6 @@ def _check_size(name: str, path: str, actual: int, expected: int, shape: str, hi
     if actual != expected:
         raise ModelFileError(
             f"--{name} {path} has {actual:,} bytes but {expected:,} bytes are expected for {shape}{hint}")
-
-
-def _output_file(name: str, path: str, overwrite: bool) -> None:
-    """Refuse an output path that would fail or clobber something, before writing anything."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ModelFileError(f"--{name} {path} is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise ModelFileError(f"--{name} {path} already exists (pass --overwrite to replace it)")
-    if not os.path.isdir(directory):
-        raise ModelFileError(f"cannot write --{name} {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ModelFileError(f"cannot write --{name} {path}: directory {directory} is not writable")
 
 
 def _distinct(**paths: str | None) -> None:
@@ -211,7 +198,7 @@ def import_raw(
         implied = _implied_width(size, input_dim, n_classes)
         _check_size("head", head, size, mlp_head_bytes(hidden, input_dim, n_classes), f"--hidden {hidden}",
                     f" (its size fits --hidden {implied})" if implied else "")
-        _output_file("model", model, overwrite)
+        check_output(model, overwrite=overwrite, flag="model")
         return _import_mlp(model, head, hidden, seed, input_dim, n_classes, overwrite)
     if kind != "dense":
         raise ConfigError(f"--kind must be dense or mlp, got {kind!r}")
@@ -236,7 +223,7 @@ def import_raw(
     implied = _implied_width(hsize, input_dim, n_classes)
     _check_size("head", head, hsize, dense_head_bytes(width, input_dim, n_classes), f"--width {width}",
                 f" (its size fits --width {implied})" if implied else "")
-    _output_file("model", model, overwrite)
+    check_output(model, overwrite=overwrite, flag="model")
     return _import_dense(model, weights, head, layers, width, activation, alpha, seed, input_dim, n_classes,
                          overwrite, progress, storage_chunk_layers)
 
@@ -322,7 +309,7 @@ def export_raw(
         if weights is not None:
             raise ConfigError(f"{model} is an mlp model: it has no core weights, so omit --weights")
         _distinct(model=model, head=head)
-        _output_file("head", head, overwrite)
+        check_output(head, overwrite=overwrite, flag="head")
         return _export_mlp(model, head, overwrite)
     if weights is None:
         if kind == "dense":
@@ -331,8 +318,8 @@ def export_raw(
     with ModelFile.open(model) as mf:
         weights = _path_flag("weights", weights)
         _distinct(model=model, weights=weights, head=head)
-        _output_file("weights", weights, overwrite)
-        _output_file("head", head, overwrite)
+        check_output(weights, overwrite=overwrite, flag="weights")
+        check_output(head, overwrite=overwrite, flag="head")
         return _export_dense(mf, weights, head, overwrite, progress)
 
 
