@@ -232,12 +232,14 @@ def init(
         positive("alpha", alpha, float)
     branch, hidden = _branch.check_options(branch, hidden)
     memory.check_new_model(layers=layers, width=width, input_dim=input_dim, n_classes=n_classes, hidden=hidden)
-    extra = None
+    extra, extra_bytes = None, 0
     if branch is not None:
-        extra = _branch.MLPBranch.new(hidden, input_dim=input_dim, n_classes=n_classes, seed=seed).write_new
+        new_branch = _branch.MLPBranch.new(hidden, input_dim=input_dim, n_classes=n_classes, seed=seed)
+        extra = new_branch.write_new
+        extra_bytes = sum(a.nbytes for a in new_branch.params().values())  # counted in the free-space check
     model_file = ModelFile.create(model, layers=layers, width=width, activation=activation, alpha=alpha,
                                   seed=seed, input_dim=input_dim, n_classes=n_classes, overwrite=overwrite,
-                                  progress=progress, extra=extra)
+                                  progress=progress, extra=extra, extra_bytes=extra_bytes)
     model_file.close()
     return model_file
 

@@ -35,6 +35,7 @@ from deepnet import activations
 from deepnet.data.loaders import load_split, load_test_set, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import int_at_least, non_negative_number, number_in, writable_directory
+from deepnet.nn import memory
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet, StepResult
 from deepnet.training import loop
 from deepnet.training.heldout import HeldOut
@@ -159,6 +160,8 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
             print(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch "
                   f"{recipe.batch}, target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}",
                   file=sys.stderr, flush=True)
+        memory.check_new_model(layers=recipe.layers, width=recipe.width, input_dim=x_train.shape[1],
+                               n_classes=10, hidden=None, batch=recipe.batch)
         init(path, layers=recipe.layers, width=recipe.width, activation=recipe.activation, seed=recipe.seed,
              progress=progress)
         with DeepNet.open(path, writable=True, in_memory=recipe.in_memory, chunk_layers=recipe.chunk_layers) as net:
