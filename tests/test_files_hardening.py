@@ -468,3 +468,20 @@ def test_train_mlp_holds_the_lock_for_its_whole_run(tmp_path, mini, monkeypatch)
     assert fd is not None
     os.close(fd)
     assert leftovers(tmp_path) == []
+
+
+def test_two_runs_that_start_without_a_file_cannot_both_place_it(tmp_path):
+    """issue 18 item 2 (a neighbour): two runs whose file did not exist yet hold no lock; the first to save
+    places (and locks) the file, the second's save is refused instead of replacing it."""
+    from deepnet.formats.locking import WriterLock
+
+    path = tmp_path / "new.h5"
+    with WriterLock(path) as first, WriterLock(path) as second:
+        assert first.fd is None and second.fd is None
+        with atomic_path(path, lock=first) as tmp:
+            Path(tmp).write_bytes(b"first")
+        with pytest.raises(ModelFileError, match="another process has it open"):
+            with atomic_path(path, lock=second) as tmp:
+                Path(tmp).write_bytes(b"second")
+        assert path.read_bytes() == b"first" and second.fd is None
+    assert leftovers(tmp_path) == []

@@ -139,7 +139,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, size: int | 
     if short:
         raise ModelFileError(f"cannot write {shown}: {short}")
     handover = lock if isinstance(lock, WriterLock) else None
-    held = lock_target(shown) if lock is True else None
+    # A run whose file did not exist when it started holds no lock yet: its first save must not replace a
+    # file another run has placed (and locked) meanwhile.
+    held = lock_target(shown) if lock is True or (handover is not None and handover.fd is None) else None
     try:
         tmp = temporary_name(target)
         new_lock = None
