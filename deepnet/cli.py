@@ -27,6 +27,7 @@ from deepnet.activations.check import ActivationCheckError, failure_message, for
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import finite_number, integer
 from deepnet.formats.hdf5 import ModelFile
+from deepnet.formats.values import one_line
 from deepnet.report import ReportTable, format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
 from deepnet.tools.check import CheckReport
 from deepnet.training.speedrun import TargetNotReached
@@ -532,13 +533,8 @@ def check_values(signature: inspect.Signature, given: dict[str, Any]) -> None:
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """A warning as one line on stderr (``deepnet: warning: ...``), above any progress bar."""
-    text = " ".join(str(message).split())
+    text = one_line(message)
     tqdm.write(f"deepnet: warning: {text}", file=sys.stderr)
-
-
-def one_line(exc: BaseException) -> str:
-    """An error's message on one line (a library's message, e.g. HDF5's, can span several)."""
-    return " ".join(str(exc).split())
 
 
 def _discard_stdout() -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from deepnet.errors import DataError
 from deepnet.formats.atomic import atomic_path
-from deepnet.formats.values import os_reason
+from deepnet.formats.values import one_line, os_reason
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -46,8 +46,7 @@ _READ_CHUNK = 1 << 20
 
 def _err(path: PathLike, what: str) -> DataError:
     """A DataError whose message is one line: the file, then what is wrong with it."""
-    one_line = " ".join(str(what).split())
-    return DataError(f"{os.fspath(path)}: {one_line}")
+    return DataError(f"{os.fspath(path)}: {one_line(what)}")
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:

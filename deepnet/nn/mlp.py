@@ -16,7 +16,6 @@ Model file: :mod:`deepnet.formats.mlp_file` (kind "mlp", written whole and atomi
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import time
@@ -31,6 +30,7 @@ from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE, MLP_KEYS
 from deepnet.formats.layout import KIND_MLP as KIND
 from deepnet.formats.locking import WriterLock
 from deepnet.formats.mlp_file import INIT, read_mlp_file, write_mlp_file
+from deepnet.formats.values import now
 from deepnet.nn.batches import check_batch
 from deepnet.nn.finite import NonFiniteError, all_finite, assign, quiet, stepped
 from deepnet.nn.losses import softmax_cross_entropy
@@ -38,14 +38,6 @@ from deepnet.nn.losses import softmax_cross_entropy
 
 # ----------------------------------------------------------------------------------------------
 # the model
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _log_dtype() -> np.dtype:
-    return LOG_DTYPE
 
 
 def init_arrays(hidden: int, input_dim: int, n_classes: int,
@@ -164,8 +156,8 @@ class MLP(MLPParams):
         self.step = int(step)
         self.seed = int(seed)
         self.rng_state = rng_state
-        self.created = created or _now()
-        self._log = [np.asarray(log, dtype=_log_dtype())] if log is not None and len(log) else []
+        self.created = created or now()
+        self._log = [np.asarray(log, dtype=LOG_DTYPE)] if log is not None and len(log) else []
         self._pending: list[tuple[int, float, float, float]] = []
 
     @classmethod
@@ -229,11 +221,11 @@ class MLP(MLPParams):
         """The whole training log (structured: step, loss, batch_acc, seconds), pending steps included."""
         parts = list(self._log)
         if self._pending:
-            rows = np.empty(len(self._pending), dtype=_log_dtype())
+            rows = np.empty(len(self._pending), dtype=LOG_DTYPE)
             for name, col in zip(rows.dtype.names, zip(*self._pending)):
                 rows[name] = col
             parts.append(rows)
-        return np.concatenate(parts) if parts else np.empty(0, dtype=_log_dtype())
+        return np.concatenate(parts) if parts else np.empty(0, dtype=LOG_DTYPE)
 
     # -- files ----------------------------------------------------------------------------------
 
