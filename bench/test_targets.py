@@ -15,7 +15,7 @@ Full-size figures come from the ``deepnet bench`` commands (one per test, also i
     deepnet bench --layers 10_000_000 --steps 5 --streamed           # streamed from the file <= 0.6 s
     deepnet bench --layers 10_000_000 --steps 5 --activation tanh    #                        <= 0.7 s
     deepnet bench --layers 10_000_000 --steps 5 --activation relu    #                        <= 0.45 s
-    deepnet bench --layers 10_000_000 --eval-images 1024 --steps 1   # evaluation            >= 250 images/s
+    deepnet bench --layers 10_000_000 --eval-samples 1024 --steps 1   # evaluation            >= 250 images/s
     deepnet bench --layers 10_000 --width 32 --batch 1 --steps 200   # width 32, batch 1     >= 100 steps/s
     deepnet bench --layers 10_000_000 --steps 1 --json               # peak_rss_bytes        <= 1.3 GB
 
@@ -131,7 +131,7 @@ def test_target_eval_images_per_s(benchmark, model_file):
 
     Measured: one ``DeepNet.logits`` call on 1024 images (one eval batch, as the full command) through
     250,000 layers in RAM; images/s scales as 1/depth, so the 10M figure is images/s * 250k / 10M.
-    Full size: ``deepnet bench --layers 10_000_000 --eval-images 1024 --steps 1`` (its eval line).
+    Full size: ``deepnet bench --layers 10_000_000 --eval-samples 1024 --steps 1`` (its eval line).
     """
     benchmark.group = "targets: evaluation (measured at 250k layers, extrapolated)"
     layers = _layers(benchmark, EVAL_LAYERS)
@@ -146,7 +146,7 @@ def test_target_eval_images_per_s(benchmark, model_file):
         threads = net.engine.threads
     median = record(benchmark, layer_samples=layers * images, layers_measured=layers, images=images,
                     eval_batch=images, threads=threads, mode="in-memory",
-                    full_size_command="deepnet bench --layers 10_000_000 --eval-images 1024 --steps 1",
+                    full_size_command="deepnet bench --layers 10_000_000 --eval-samples 1024 --steps 1",
                     target=">= 250 images/s through 10M layers")
     if median is not None:
         measured = images / median

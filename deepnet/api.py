@@ -8,6 +8,7 @@ and their docstrings its ``--help``. ``progress=True`` shows tqdm bars and notic
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from deepnet import activations as _activations
 from deepnet.activations import check as _activation_check
 from deepnet.activations import plugins as _plugins
 from deepnet.data.mnist import default_data_dir, fetch_mnist
-from deepnet.errors import ConfigError
+from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import writable_directory
 from deepnet.formats import raw as _raw
 from deepnet.formats.hdf5 import ModelFile
-from deepnet.formats.mlp_file import require_kind
+from deepnet.formats.layout import KIND_MLP
+from deepnet.formats.mlp_file import model_kind, require_kind
 from deepnet.kernels import jit as _jit
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn.network import DEFAULT_EVAL_BATCH
@@ -37,6 +39,9 @@ from deepnet.training.reporting import OnReport, ignore_report
 from deepnet.training.speedrun import SPEEDRUN as _SR
 
 PathLike = str | os.PathLike
+
+#: Images per forward pass of an MLP evaluation.
+_MLP_EVAL_BATCH = 1000
 
 
 def init(model: PathLike, *, layers: int = R.layers, width: int = R.width, activation: str = R.activation,
@@ -134,34 +139,49 @@ def train(model: PathLike = "model.h5", *, steps: int = R.steps, layers: int | N
     return _recipe.train(options, progress=progress, on_report=on_report or ignore_report)
 
 
-def evaluate(model: PathLike = "model.h5", *, samples: int = 10_000, batch: int = DEFAULT_EVAL_BATCH,
+def _kind_or_none(model: PathLike) -> str | None:
+    """A model file's kind, or None where it cannot be told (the open that follows says why)."""
+    try:
+        return model_kind(model)
+    except ModelFileError:  # locked by a training run: the dense path's own open says so
+        return None
+
+
+def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch: int | None = None,
              chunk_layers: int = R.chunk_layers, in_memory: bool = False, use_ema: bool = False,
              data_dir: PathLike | None = None, progress: bool = False) -> dict:
     """Evaluate a model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
 
+    Works on either kind of model file: a dense model runs its core (streamed, or read into RAM with
+    --in-memory), an MLP model its two layers (``hidden`` in the result says so).
+
     Args:
-        model: HDF5 model file.
-        samples: evaluate the first N test images.
-        batch: images per forward pass.
-        chunk_layers: layers per kernel call and per read from the file.
-        in_memory: load the core weights into RAM first.
-        use_ema: evaluate the weight average stored by training with --ema (read into RAM).
+        model: HDF5 model file (dense or mlp).
+        test_samples: evaluate the first N test images.
+        batch: images per forward pass (default 1024 for a dense model, 1000 for an MLP).
+        chunk_layers: layers per kernel call and per read from the file (dense).
+        in_memory: load the core weights into RAM first (dense).
+        use_ema: evaluate the weight average stored by training with --ema (dense; read into RAM).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show a progress bar on stderr.
     """
-    require_kind(model, "dense", "eval")
-    return _recipe.evaluate(model, samples=samples, batch=batch, chunk_layers=chunk_layers, in_memory=in_memory,
-                            use_ema=use_ema, data_dir=data_dir, progress=progress)
+    if _kind_or_none(model) == KIND_MLP:
+        if use_ema:
+            raise ConfigError(f"{os.fspath(model)} is an MLP model, which has no weight average (--use-ema)")
+        return evaluate_mlp(model, test_samples=test_samples, batch=_MLP_EVAL_BATCH if batch is None else batch, data_dir=data_dir)
+    return _recipe.evaluate(model, samples=test_samples, batch=DEFAULT_EVAL_BATCH if batch is None else batch,
+                            chunk_layers=chunk_layers, in_memory=in_memory, use_ema=use_ema, data_dir=data_dir,
+                            progress=progress)
 
 
-def speedrun(*, target_acc: float = _SR.target_acc, layers: int = _SR.layers, width: int = _SR.width,
+def speedrun(model: PathLike | None = None, *, target_acc: float = _SR.target_acc, layers: int = _SR.layers, width: int = _SR.width,
              activation: str = _SR.activation, batch: int = _SR.batch, layer_lr: float = _SR.layer_lr,
              head_lr: float = _SR.head_lr, schedule: str = _SR.schedule, warmup: int = _SR.warmup,
              final_lr_ratio: float = _SR.final_lr_ratio, eval_every: int = _SR.eval_every,
              eval_gate: float = _SR.eval_gate, holdout: int = _SR.holdout, max_steps: int = _SR.max_steps,
              seed: int = _SR.seed, in_memory: bool = _SR.in_memory, chunk_layers: int = _SR.chunk_layers,
              test_samples: int = _SR.test_samples, report_every: int = _SR.report_every,
-             model: PathLike | None = None, workdir: PathLike | None = None, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+             workdir: PathLike | None = None, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
     """Time to a target accuracy: train a fresh model until its held-out accuracy reaches --target-acc.
 
     Trains on the first 60000 - --holdout training images, evaluates the last --holdout every
@@ -173,6 +193,7 @@ def speedrun(*, target_acc: float = _SR.target_acc, layers: int = _SR.layers, wi
     Returns the report as a dict (``reached`` False if --max-steps ran out first).
 
     Args:
+        model: keep the trained model here (must not exist); default a temporary file, removed.
         target_acc: held-out accuracy to reach.
         layers: core layers L.
         width: core width w.
@@ -193,7 +214,6 @@ def speedrun(*, target_acc: float = _SR.target_acc, layers: int = _SR.layers, wi
         chunk_layers: layers per kernel call.
         test_samples: test images of the final evaluation.
         report_every: a table row every N steps.
-        model: keep the trained model here (must not exist); default a temporary file, removed.
         workdir: directory of the temporary model (default the system's temporary directory).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show the workload line and progress bars on stderr.
@@ -228,7 +248,7 @@ def check(model: PathLike) -> CheckReport:
 
 
 def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsign", batch: int = 16,
-          steps: int = 3, streamed: bool = False, chunk_layers: int = R.chunk_layers, eval_images: int = 0,
+          steps: int = 3, streamed: bool = False, chunk_layers: int = R.chunk_layers, eval_samples: int = 0,
           eval_batch: int = 1024, workdir: PathLike | None = None, threads: int = 0) -> dict:
     """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
 
@@ -248,7 +268,7 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
         steps: timed steps (after the warm-up steps, reported apart); the median is reported.
         streamed: stream the weights from the file instead of holding them in RAM.
         chunk_layers: layers per kernel call and per read.
-        eval_images: also time forward-only evaluation of this many images (0: skip).
+        eval_samples: also time forward-only evaluation of this many test images (0: skip).
         eval_batch: images per evaluation forward pass.
         workdir: directory for the temporary model (default: the system temp dir).
         threads: run every pass on this many threads (at most the CPUs, or $DEEPNET_THREADS) instead of
@@ -256,7 +276,7 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
     """
     writable_directory("workdir", workdir)
     return _bench.run_bench(layers=layers, width=width, activation=activation, batch=batch, steps=steps,
-                            in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_images,
+                            in_memory=not streamed, chunk_layers=chunk_layers, eval_images=eval_samples,
                             eval_batch=eval_batch, workdir=workdir, threads=threads)
 
 
@@ -294,17 +314,19 @@ def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: i
                                    on_report=on_report or ignore_report)
 
 
-def evaluate_mlp(model: PathLike = "mlp.h5", *, samples: int = 10_000, batch: int = 1000,
+def evaluate_mlp(model: PathLike = "mlp.h5", *, test_samples: int = 10_000, batch: int = _MLP_EVAL_BATCH,
                  data_dir: PathLike | None = None) -> dict:
     """Evaluate an MLP model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
 
+    `deepnet eval` does the same for either kind of model; this command reads MLP models only.
+
     Args:
         model: HDF5 model file of kind mlp.
-        samples: evaluate the first N test images.
+        test_samples: evaluate the first N test images.
         batch: images per forward pass.
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
     """
-    return _mlp_training.evaluate_mlp(model, samples=samples, batch=batch, data_dir=data_dir)
+    return _mlp_training.evaluate_mlp(model, samples=test_samples, batch=batch, data_dir=data_dir)
 
 
 def import_raw(model: PathLike | None = None, *, head: PathLike | None = None, weights: PathLike | None = None,
@@ -354,7 +376,7 @@ def export_raw(model: PathLike | None = None, *, head: PathLike | None = None, w
     return _raw.export_raw(model, head=head, weights=weights, overwrite=overwrite, progress=progress)
 
 
-def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, width: int = 1200, height: int = 800) -> dict:
+def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, size: str = "1200x800") -> dict:
     """Draw a model's training curves (loss and accuracy vs step, raw and moving average) into an image.
 
     Needs matplotlib (pip install 'deepnet[plot]'). Works for dense and mlp model files. Returns the
@@ -364,10 +386,18 @@ def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, width
         model: HDF5 model file with a training log.
         out: image to write (.png; .svg and .pdf work too); default the model's path with .png.
         smooth: moving-average window in steps (0: about 1/50 of the log).
-        width: image width in pixels.
-        height: image height in pixels.
+        size: image size in pixels, WIDTHxHEIGHT.
     """
+    width, height = _pixels(size)
     return plot_training(model, out, smooth=smooth, width=width, height=height)
+
+
+def _pixels(size: str) -> tuple[int, int]:
+    """``"1200x800"`` -> (1200, 800), or a one-line ConfigError."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(size))
+    if match is None or not all(0 < int(n) <= 20_000 for n in match.groups()):
+        raise ConfigError(f"--size must be WIDTHxHEIGHT in pixels (each 1 to 20000), e.g. 1200x800; got {size!r}")
+    return int(match[1]), int(match[2])
 
 
 def fetch_data(dest: PathLike | None = None, *, progress: bool = False) -> Path:

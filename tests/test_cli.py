@@ -182,12 +182,10 @@ def test_help_mentions_every_flag(tmp_path):
     top = _help_text(deepnet_cmd("module", "--help", cwd=tmp_path))
     for command in ("init", "train", "train-dense", "eval", "eval-dense", "info", "data", "activations"):
         assert command in top, command
-    top_flags = _flags_in(top)
-    assert set(ORIGINAL_FLAGS) | {"--eval-samples", "--json", "--debug"} <= top_flags, \
-        set(ORIGINAL_FLAGS) - top_flags
+    assert {"--json", "--debug", "--help", "--version", "--quiet"} <= _flags_in(top)
 
     train_flags = _flags_in(_help_text(deepnet_cmd("script", "train", "--help", cwd=tmp_path)))
-    expected = set(ORIGINAL_FLAGS) - {"--samples"} | {"--eval-samples", "--json"}
+    expected = set(ORIGINAL_FLAGS) | {"--test-samples", "--eval-samples", "--json", "--quiet", "--progress"}
     assert expected <= train_flags, expected - train_flags
 
 
@@ -201,11 +199,11 @@ def _main_help(capsys, *args) -> str:
 
 
 def test_help_of_each_command_mentions_its_flags(capsys):
-    expected = set(ORIGINAL_FLAGS) - {"--samples"} | {"--eval-samples", "--json"}
+    expected = set(ORIGINAL_FLAGS) | {"--test-samples", "--eval-samples", "--json"}
     dense_flags = _flags_in(_main_help(capsys, "train-dense"))
     assert expected <= dense_flags, expected - dense_flags
     for command in ("eval", "eval-dense"):
-        assert {"--model", "--samples", "--batch", "--chunk-layers", "--in-memory", "--data-dir", "--json"} \
+        assert {"--model", "--test-samples", "--samples", "--batch", "--chunk-layers", "--in-memory", "--data-dir", "--json"} \
             <= _flags_in(_main_help(capsys, command)), command
     init_help = _main_help(capsys, "init")
     assert "MODEL" in init_help  # init's model is positional (--model works too)
@@ -328,7 +326,7 @@ def test_debug_shows_the_traceback(workdir):
 
 def test_every_command_takes_its_api_functions_flags():
     """A command's flags are its API function's parameters (bar progress/on_report, which it sets), plus
-    --json, the command line's own."""
+    the command line's own: --json, --quiet, and --progress where the function can show progress."""
     import inspect
 
     from deepnet import api
@@ -340,11 +338,12 @@ def test_every_command_takes_its_api_functions_flags():
              "import_raw": api.import_raw, "export_raw": api.export_raw, "plot": api.plot, "data": api.fetch_data}
     for name, fn in pairs.items():
         command = getattr(DeepnetCLI, name)
-        want = [p for p in inspect.signature(fn).parameters if p not in NOT_FLAGS] + ["json"]
+        params = inspect.signature(fn).parameters
+        want = [p for p in params if p not in NOT_FLAGS] + ["json", "quiet"] + ["progress"] * ("progress" in params)
         assert list(inspect.signature(command).parameters) == want, name
-        assert command.__doc__.startswith(fn.__doc__.rstrip()) and "json:" in command.__doc__, name
-        assert "json" not in inspect.signature(fn).parameters, name
-    assert list(inspect.signature(DeepnetCLI.activations.check).parameters) == ["name", "json"]
+        assert command.__doc__ == fn.__doc__, name
+        assert "json" not in params and "quiet" not in params, name
+    assert list(inspect.signature(DeepnetCLI.activations.check).parameters) == ["name", "json", "quiet"]
 
 
 def test_a_training_flag_lives_in_the_api_function_and_the_option_object_only():
@@ -362,7 +361,7 @@ def test_api_returns_results_and_prints_nothing(tmp_path, mnist_dir, capsys):
     rows = []
     final = deepnet.train(tmp_path / "m.h5", steps=4, layers=20, width=4, report_every=2, eval_samples=50,
                           on_report=rows.append)
-    figures = deepnet.evaluate(tmp_path / "m.h5", samples=50)
+    figures = deepnet.evaluate(tmp_path / "m.h5", test_samples=50)
     info = deepnet.info(tmp_path / "m.h5")
     report = deepnet.check(tmp_path / "m.h5")
     acts = deepnet.list_activations()

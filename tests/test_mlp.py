@@ -190,7 +190,7 @@ def test_learns_on_a_small_budget_and_resumes_exactly(tmp_path, mnist_dir, capsy
         assert np.array_equal(a.params()[k], b.params()[k]), k
     assert b.step == 200 and np.array_equal(a.read_log()["loss"], b.read_log()["loss"])
     assert _files(tmp_path) == ["a.h5", "b.h5"]
-    figures = evaluate_mlp(tmp_path / "a.h5", samples=2000)
+    figures = evaluate_mlp(tmp_path / "a.h5", test_samples=2000)
     assert figures["accuracy"] == pytest.approx(final["test_acc"])
 
 

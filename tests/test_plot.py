@@ -99,7 +99,7 @@ def test_refusals_write_nothing(tmp_path):
 
 def test_cli_plot(tmp_path, capsys):
     model = _mlp_with_log(tmp_path / "m.h5", steps=120)
-    assert main(["plot", str(model), "--out", str(tmp_path / "c.png"), "--width", "500", "--height", "400",
+    assert main(["plot", str(model), "--out", str(tmp_path / "c.png"), "--size", "500x400",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["event"] == "plot" and result["rows"] == 120

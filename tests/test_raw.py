@@ -86,8 +86,8 @@ def test_trained_dense_model_survives_export_and_import(tmp_path, mnist_dir, sma
                activation="softsign", alpha=alpha, progress=False)
     (ha, ca), (hb, cb) = read_weights(model), read_weights(tmp_path / "b.h5")
     assert np.array_equal(ca, cb) and all(np.array_equal(ha[k], hb[k]) for k in ha)
-    ea = deepnet.evaluate(model, samples=300, progress=False)
-    eb = deepnet.evaluate(tmp_path / "b.h5", samples=300, progress=False)
+    ea = deepnet.evaluate(model, test_samples=300, progress=False)
+    eb = deepnet.evaluate(tmp_path / "b.h5", test_samples=300, progress=False)
     assert (ea["loss"], ea["accuracy"]) == (eb["loss"], eb["accuracy"])
 
 
@@ -102,8 +102,8 @@ def test_trained_mlp_survives_export_and_import(tmp_path, mnist_dir):
     a, b = MLP.load(tmp_path / "a.h5"), MLP.load(tmp_path / "b.h5")
     assert all(np.array_equal(a.params()[k], b.params()[k]) for k in ("w1", "b1", "w2", "b2"))
     assert b.step == 0
-    ea = evaluate_mlp(tmp_path / "a.h5", samples=500)
-    eb = evaluate_mlp(tmp_path / "b.h5", samples=500)
+    ea = evaluate_mlp(tmp_path / "a.h5", test_samples=500)
+    eb = evaluate_mlp(tmp_path / "b.h5", test_samples=500)
     assert (ea["loss"], ea["accuracy"]) == (eb["loss"], eb["accuracy"])
     export_raw(tmp_path / "b.h5", head=tmp_path / "mlp2.bin")
     assert (tmp_path / "mlp2.bin").read_bytes() == (tmp_path / "mlp.bin").read_bytes()

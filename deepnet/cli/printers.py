@@ -1,0 +1,219 @@
+"""How each command shows its result: aligned text, or one JSON object with ``--json``.
+
+A printer gets the API function's result and the arguments the command was called with; it prints and
+returns nothing, or raises a DeepnetError for an exit status other than 0 (a failed check, a target
+not reached).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from deepnet.activations.check import ActivationCheckError, failure_message, format_report
+from deepnet.errors import DeepnetError
+from deepnet.formats.hdf5 import ModelFile
+from deepnet.report import format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
+from deepnet.tools.check import CheckReport
+from deepnet.training.speedrun import TargetNotReached
+
+#: What a printer gets: the API function's result and the arguments it was called with.
+Printer = Callable[[Any, dict], None]
+
+
+
+
+def show_init(result: ModelFile, args: dict) -> None:
+    extra = f", with an MLP branch of {args['hidden']} hidden units" if args["branch"] else ""
+    print(f"created {args['model']}: {args['layers']} layers x width {args['width']}, {args['activation']}{extra}")
+
+
+def _final_fields(final: dict, model: str) -> dict:
+    """The lines a training run's text summary starts with."""
+    return {
+        "model": model,
+        "steps": f"{final['steps']} (now at step {final['step']})",
+        "loss": f"{final['loss']:.4f} (mean of the last report window)",
+        "batch_acc": f"{final['batch_acc']:.3f}",
+        "time": f"{format_seconds(final['seconds'])} ({final['seconds_per_step']:.4f} s/step)",
+    }
+
+
+def _test_field(final: dict) -> dict:
+    """The test evaluation's line, if the run made one."""
+    if "test_acc" not in final:
+        return {}
+    return {"test": f"loss {final['test_loss']:.4f}, accuracy {final['test_acc']:.4f} on {final['test_samples']} images"}
+
+
+def show_train(final: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(final)
+        return
+    fields = _final_fields(final, final["model"])
+    fields["layer-samples/s"] = format_rate(final["layer_samples_per_s"])
+    fields.update(_test_field(final))
+    fields.update(run_fields(final))
+    print_fields(fields)
+
+
+def show_eval(figures: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(figures)
+        return
+    correct = int(round(figures["accuracy"] * figures["samples"]))
+    model = figures["model"] + (f" (mlp, hidden {figures['hidden']})" if "hidden" in figures else "")
+    fields = {
+        "model": model,
+        "step": figures["step"],
+        "loss": f"{figures['loss']:.4f}",
+        "accuracy": f"{figures['accuracy']:.4f} ({correct}/{figures['samples']})",
+        "time": f"{format_seconds(figures['seconds'])} ({figures['samples_per_s']:.1f} images/s)",
+    }
+    if figures.get("ema"):
+        fields["weights"] = f"the average (EMA {figures['ema_decay']:g}) taken at step {figures['ema_step']}"
+    print_fields(fields)
+
+
+def show_speedrun(report: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(report)
+    else:
+        r = report["recipe"]
+        if report["reached"]:
+            seconds = report["time_to_target"]
+            exact = f" ({seconds:.1f} s)" if seconds >= 60 else ""  # under a minute, format_seconds is exact
+            headline = (f"{format_seconds(seconds)}{exact} to held-out "
+                        f"accuracy {report['heldout_acc']:.4f} >= {report['target_acc']:g}, at step {report['steps']}")
+        else:
+            best = "no held-out evaluation passed the gate" if report["best_heldout_acc"] is None else \
+                f"best held-out accuracy {report['best_heldout_acc']:.4f} at step {report['best_heldout_step']}"
+            headline = (f"target {report['target_acc']:g} NOT reached in {report['steps']} steps "
+                        f"({format_seconds(report['seconds'])}; {best})")
+        print_fields({
+            "time to target": headline,
+            "test": (f"accuracy {report['test_acc']:.4f}, loss {report['test_loss']:.4f} on "
+                     f"{report['test_samples']} images"),
+            "time": (f"{format_seconds(report['seconds'])}: steps {format_seconds(report['train_seconds'])} "
+                     f"({report['seconds_per_step']:.4f} s/step), {report['evaluations']} held-out evaluations "
+                     f"{format_seconds(report['eval_seconds'])}"),
+            "workload": (f"{r['layers']:,} layers x width {r['width']}, {r['activation']}, batch {r['batch']}, "
+                         f"lr {r['layer_lr']:g}/{r['head_lr']:g} {r['schedule']}, {report['mode']}, "
+                         f"held-out {r['holdout']} images every {r['eval_every']} steps"),
+            "machine": report["machine"],
+            **({"model": report["model"]} if report["model"] else {}),
+        })
+    if not report["reached"]:
+        raise TargetNotReached(f"the target held-out accuracy {report['target_acc']:g} was not reached in "
+                               f"{report['steps']} steps")
+
+
+def show_info(summary: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(jsonable(summary))
+    else:
+        print_fields(summary)
+
+
+class CheckFailed(DeepnetError):
+    """`deepnet check` found a torn or damaged file (exit status 1)."""
+
+    exit_status = 1
+
+
+def show_check(report: CheckReport, args: dict) -> None:
+    if args["json"]:
+        print_json(report.as_dict())
+    else:
+        print(report.text())
+    if not report.healthy:
+        raise CheckFailed(f"{args['model']}: {report.summary}")
+
+
+def show_bench(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    fields = {
+        "workload": (f"{args['layers']:,} layers x width {args['width']}, {args['activation']}, batch "
+                     f"{args['batch']}, {result['mode']}"),
+        "s/step": (f"{result['seconds_per_step']:.4f} median of {args['steps']} "
+                   f"(min {result['seconds_per_step_min']:.4f})"),
+        "warm-up": f"{len(result['warmup_times'])} steps, "
+                   + " ".join(f"{seconds:.3f}" for seconds in result["warmup_times"]) + " s",
+        "threads": "forward/backward per step: " + " ".join(f"{fwd}/{bwd}" for fwd, bwd in result["step_threads"]),
+        "layer-samples/s": format_rate(result["layer_samples_per_s"]),
+        "kernels": result["kernels"],
+        "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",
+    }
+    stolen = result["cpu_stolen_fraction"]
+    fields["cpu stolen"] = ("not measured (no steal count from the kernel, or timed steps too short to count)"
+                            if stolen is None else f"{100 * stolen:.1f}% of the machine's CPU time during the "
+                            "timed steps (run by the hypervisor for others)")
+    if args["eval_samples"]:
+        fields["eval"] = f"{result['eval_images_per_s']:.1f} images/s over {args['eval_samples']} images"
+    print_fields(fields)
+
+
+def show_train_mlp(final: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(final)
+        return
+    print_fields({**_final_fields(final, f"{final['model']} (mlp, hidden {final['hidden']})"), **_test_field(final)})
+
+
+def show_import_raw(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    shape = (f"{result['layers']:,} layers x width {result['width']}, {result['activation']}, "
+             f"alpha {result['alpha']:g}" if result["kind"] == "dense" else f"mlp, hidden {result['hidden']}")
+    print(f"imported {args['model']}: {shape} ({result['bytes']:,} bytes in {result['seconds']:.2f}s)")
+
+
+def show_export_raw(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    files = " and ".join(p for p in (result.get("weights"), result["head"]) if p)
+    print(f"exported {args['model']} ({result['kind']}) to {files}: "
+          f"{result['bytes']:,} bytes in {result['seconds']:.2f}s")
+
+
+def show_plot(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+    else:
+        print(f"wrote {result['out']}: {result['rows']:,} log rows, moving average of {result['smooth']}")
+
+
+def show_data(path: Path, args: dict) -> None:
+    print(f"MNIST is in {path}")
+
+
+def show_activations(result: dict, args: dict) -> None:
+    for row in result["activations"]:
+        if args["json"]:
+            print_json(row)
+        else:
+            print(f"{row['name']:<16} {row['origin']:<28} {row['compiled']:<9} {row['description']}")
+    # result["problems"] reached stderr already, one line each, as the plugins' warnings (main()).
+
+
+def show_activation_check(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+    else:
+        print(format_report(result))
+    if not result["ok"]:
+        raise ActivationCheckError(failure_message(result))
+
+
+def show_compiled(rows: list[dict], args: dict) -> None:
+    for row in rows:
+        if args["json"]:
+            print_json(row)
+        else:
+            print(f"{row['name']}: {row['module']} ({row['path'] if row['path'] is not None else 'built in'})")
+
+
