@@ -53,6 +53,17 @@ def parse_doc(doc: str | None) -> Doc:
     return Doc(summary.strip(), description.strip(), args)
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+def _for_people(paragraph: str) -> str:
+    """A docstring paragraph as help text: without what the Python function returns, without rST quotes."""
+    text = " ".join(paragraph.split())
+    text = re.sub(r"\s*Returns\b[^.(]*(\([^)]*\)[^.(]*)*\.", "", text)
+    return text.replace("``", "").strip()
+
+
 def _columns() -> int:
     return max(60, min(100, shutil.get_terminal_size((100, 24)).columns))
 
@@ -101,7 +112,7 @@ def _entries(rows: list[tuple[str, str]], width: int) -> list[str]:
     left = min(30, max((len(flag) for flag, _ in rows), default=0) + 2)
     out = []
     for flag, text in rows:
-        wrapped = textwrap.wrap(text, width=max(30, width - left - 2)) or [""]
+        wrapped = textwrap.wrap(text, width=max(30, width - left - 2), break_on_hyphens=False) or [""]
         first = f"  {flag:<{left}}" if len(flag) < left else f"  {flag}\n  {'':<{left}}"
         out.append(first + wrapped[0])
         out.extend(f"  {'':<{left}}{line}" for line in wrapped[1:])
@@ -127,10 +138,11 @@ def command_help(name: str, fn: object, signature: inspect.Signature, *, common:
     doc = parse_doc(getattr(fn, "__doc__", None))
     shorts = {long: short for short, long in short_flags_of(signature).items()}
     lines = [usage_line(name, signature), ""]
-    lines += textwrap.wrap(doc.summary, width)
+    lines += _wrap(doc.summary, width)
     for paragraph in doc.description.split("\n\n"):
-        if paragraph.strip():
-            lines += ["", *textwrap.wrap(" ".join(paragraph.split()), width)]
+        text = _for_people(paragraph)
+        if text:
+            lines += ["", *_wrap(text, width)]
     positional = positional_params(signature)
     if positional:
         rows = []
@@ -176,4 +188,4 @@ def top_help(version: str, commands: list[tuple[str, str, list[str]]]) -> str:
     lines += ["", "`deepnet COMMAND --help` describes a command and its flags. Every command also takes "
                   "--json, -q/--quiet and --debug; short flags mean the same in every command: "
               + ", ".join(f"-{s} --{flag_name(l)}" for s, l in SHORT_FLAGS.items()) + "."]
-    return "\n".join(lines[:-1] + textwrap.wrap(lines[-1], width))
+    return "\n".join(lines[:-1] + _wrap(lines[-1], width))
