@@ -24,7 +24,7 @@ import deepnet
 from deepnet import DeepNet, activations
 from deepnet.activations import Activation, plugins
 from deepnet.kernels import jit as compile_activation
-from deepnet.activations.check import check_activation
+from deepnet.activations.check import check_activation, kernel_act_and_grad
 from deepnet.errors import ActivationError
 from deepnet.kernels.loader import builtin_module, kernels_for
 from helpers import make_model, read_weights
@@ -287,22 +287,40 @@ def test_a_model_whose_plugin_is_missing_fails_clearly_and_compiles_nothing(comp
 def test_check_passes_the_plugin_and_reports_a_wrong_derivative(compiled, capsys):
     from deepnet.cli import main as cli_main
 
-    assert check_activation("softsign_plugin")["ok"]
+    good = check_activation("softsign_plugin")
+    assert good["ok"]
+    for c in good["comparisons"]:  # how much margin: a fraction of the allowance, at a named z, not zeros
+        assert 0 < c["worst_ratio"] <= 1 and c["at_z"] is not None and c["ok"]
+        assert c["worst_ratio"] == pytest.approx(c["abs_error"] / c["allowance"])
+    z = np.array([c["at_z"] for c in good["comparisons"]], np.float32)  # the named z is the worst point
+    a, d = kernel_act_and_grad(kernels_for("softsign_plugin"), z)
+    fwd, der = good["comparisons"][1], good["comparisons"][2]
+    assert fwd["abs_error"] == pytest.approx(abs(a[1] - _softsign(np.float64(z[1]))), rel=1e-6)
+    assert der["abs_error"] == pytest.approx(abs(d[2] - 1 / (1 + abs(np.float64(z[2]))) ** 2), rel=1e-6)
     assert cli_main(["activations", "check", "softsign_plugin"]) == 0
     out = capsys.readouterr().out
     assert "C derivative vs finite differences of C forward" in out and "WRONG" not in out
+    assert "worst/allowed" in out
 
     result = check_activation("softsign_wrong")
     fd, fwd, der = result["comparisons"]
     assert not result["ok"] and not fd["ok"] and fwd["ok"] and not der["ok"]
-    assert fd["worst_error"] > 0.1  # (1 - |a|) vs (1 - |a|)^2: a quarter at |z| = 1
+    for c in (fd, der):  # (1 - |a|) vs (1 - |a|)^2: off by a quarter at |z| = 1
+        assert c["worst_ratio"] > 100 and abs(abs(c["at_z"]) - 1) < 0.1
+        assert c["abs_error"] == pytest.approx(0.25, rel=0.05)
     assert cli_main(["activations", "check", "softsign_wrong"]) == 2
     captured = capsys.readouterr()
     assert "WRONG" in captured.out
-    assert "deepnet: error: activation 'softsign_wrong' fails its check" in captured.err
-    assert len(captured.err.strip().splitlines()) == 1
+    err = captured.err.strip()
+    assert err.startswith("deepnet: error: activation 'softsign_wrong' fails its check: "
+                          "C derivative vs finite differences of C forward: worst ")
+    assert len(err.splitlines()) == 1 and "times the allowance (abs err 0.25 at z = " in err
+    assert f"at z = {der['at_z']:.6g}" in err and "C forward vs NumPy forward" not in err
     assert cli_main(["activations", "check", "softsign_wrong", "--json"]) == 2
-    assert json.loads(capsys.readouterr().out)["ok"] is False
+    row = json.loads(capsys.readouterr().out)
+    assert row["ok"] is False
+    assert set(row["comparisons"][0]) == {"what", "worst_ratio", "at_z", "abs_error", "allowance", "tolerance",
+                                          "points", "ok"}
 
 
 def _bad(name: str, **kw) -> Activation:

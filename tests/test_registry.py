@@ -18,6 +18,7 @@ import pytest
 from deepnet import DeepNet, activations
 from deepnet.activations import BUILTINS, Activation, plugins
 from deepnet.activations import registry as activation_registry
+from deepnet.activations import check as check_module
 from deepnet.activations.check import check_kernels, kernel_act_and_grad
 from deepnet.errors import ActivationError, DeepnetError
 from deepnet.kernels.loader import LayerKernels, builtin_module, in_builtin_module, kernels_for
@@ -306,8 +307,60 @@ def test_check_catches_a_wrong_derivative_of_each_builtin(name):
         return a, (d * 1.1 + 0.05).astype(np.float32)
 
     comparisons = check_kernels(act, kernels, evaluate=wrong)
-    assert not comparisons[0].ok and comparisons[0].worst_error > 10 * comparisons[0].tolerance
+    assert not comparisons[0].ok and comparisons[0].worst_ratio > 10
     assert comparisons[1].ok and not comparisons[2].ok
+    for c in comparisons:  # the ratio is the worst point's absolute error over its allowance
+        assert c.at_z is not None or c.worst_ratio == 0
+        if c.at_z is not None:
+            assert c.worst_ratio == pytest.approx(c.abs_error / c.allowance, rel=1e-12)
+
+
+def _numpy_ratios(act: Activation, evaluate, which: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid and, computed here, each point's error over its allowance for comparison 1 (forward vs
+    NumPy) or 2 (derivative vs NumPy): |C - NumPy| / (1e-4 * max(1, |NumPy|))."""
+    z = check_module.grid()
+    a, d = evaluate(z)
+    z64 = z.astype(np.float64)
+    ref = act.forward_np(z64) if which == 1 else act.derivative_np(z64, act.forward_np(z64))
+    got = (a if which == 1 else d).astype(np.float64)
+    return z, np.abs(got - ref) / (check_module.NUMPY_TOLERANCE * np.maximum(1.0, np.abs(ref)))
+
+
+def test_check_reports_each_comparison_relative_to_its_allowance():
+    """issue 19: a passing check read "worst error 0 at z -1000"; now each comparison reports its worst
+    point as a fraction of that point's allowance, at the z where that fraction is largest."""
+    act = activations.get("softsign")
+    kernels = builtin_kernels("softsign")
+    good = check_kernels(act, kernels)
+    for c in good:
+        assert 0 < c.worst_ratio <= 1 and c.ok and c.at_z is not None  # a margin, not zeros
+        assert c.abs_error > 0 and c.allowance > 0 and c.worst_ratio == pytest.approx(c.abs_error / c.allowance)
+    assert good[0].at_z != -1000.0  # no longer the first grid point by default
+    for which in (1, 2):
+        z, ratios = _numpy_ratios(act, lambda zs: kernel_act_and_grad(kernels, zs), which)
+        assert good[which].worst_ratio == pytest.approx(ratios.max(), rel=1e-9)
+        assert good[which].at_z == float(z[np.argmax(ratios)])
+
+    def wrong(zs):  # the derivative 1 - |a| of softsign_wrong: off by |a|(1 - |a|), a quarter at |z| = 1
+        a, _ = kernel_act_and_grad(kernels, zs)
+        return a, (1.0 - np.abs(a)).astype(np.float32)
+
+    bad = check_kernels(act, kernels, evaluate=wrong)
+    assert not bad[0].ok and not bad[2].ok and bad[1].ok
+    for c in (bad[0], bad[2]):
+        assert c.worst_ratio > 100 and abs(abs(c.at_z) - 1.0) < 0.1, c
+        assert c.abs_error == pytest.approx(0.25, rel=0.05)
+    z, ratios = _numpy_ratios(act, wrong, 2)
+    assert bad[2].at_z == float(z[np.argmax(ratios)]) and bad[2].worst_ratio == pytest.approx(ratios.max())
+
+
+def test_an_exact_comparison_names_no_point():
+    comparisons = check_kernels(activations.get("identity"), builtin_kernels("identity"))
+    assert all(c.worst_ratio == 0 and c.at_z is None and c.ok for c in comparisons)
+    result = {"name": "identity", "origin": "built-in", "module": "m", "forward_c": "z", "derivative_c": "1.0f",
+              "ok": True, "comparisons": [dict(dataclasses.asdict(c), ok=c.ok) for c in comparisons]}
+    text = check_module.format_report(result)
+    assert "-1000" not in text.split("\n", 1)[1] and text.count("exact at every point") == 3
 
 
 @pytest.mark.parametrize("width,batch", [(4, 5), (5, 9)])  # specialised per-sample; generic width blocked
