@@ -9,18 +9,19 @@ installed build predates is skipped with a note to rebuild); compiled plugins ar
 from __future__ import annotations
 
 import dataclasses
+import sys
 import textwrap
 import warnings
 
 import numpy as np
 import pytest
 
-from deepnet import DeepNet, activations
+from deepnet import DeepNet, ModelFile, activations
 from deepnet.activations import BUILTINS, Activation, plugins
 from deepnet.activations import registry as activation_registry
 from deepnet.activations import check as check_module
 from deepnet.activations.check import check_kernels, kernel_act_and_grad
-from deepnet.errors import ActivationError, DeepnetError
+from deepnet.errors import ActivationError, DeepnetError, ModelFileError
 from deepnet.kernels.loader import LayerKernels, builtin_module, in_builtin_module, kernels_for
 from helpers import kernel_builds, make_model, read_weights
 from reference import Model64, assert_close, train_step
@@ -42,14 +43,17 @@ def make(name="thing", forward_c="z", derivative_c="1.0f", **kw) -> Activation:
 def registry():
     """The registry, restored (built-ins, plugins, errors, loaded flag) after the test."""
     saved = activation_registry.snapshot()
-    saved_state = (plugins._loaded, list(plugins._errors), list(plugins._plugin_names), set(plugins._warned))
+    saved_state = (plugins._loaded, list(plugins._errors), list(plugins._plugin_names), set(plugins._warned),
+                   dict(plugins._packages))
     yield activations
     activation_registry.restore(saved)
-    plugins._loaded, errors, names, warned = saved_state
+    plugins._loaded, errors, names, warned, packages = saved_state
     plugins._errors[:] = errors
     plugins._plugin_names[:] = names
     plugins._warned.clear()
     plugins._warned.update(warned)
+    plugins._packages.clear()
+    plugins._packages.update(packages)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -126,6 +130,8 @@ def test_unknown_name_names_it_and_the_installed_ones():
 def test_opening_a_model_with_an_unregistered_activation_fails_clearly(tmp_path, registry, monkeypatch):
     activations.register(make(name="gone_soon"))
     path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="gone_soon", input_dim=4)
+    with ModelFile.open(path) as f:  # registered from Python: no package to name
+        assert f.activation_package is None
     activations.unregister("gone_soon")
     monkeypatch.setattr(plugins, "_loaded", True)
     with pytest.raises(ActivationError, match=r"'gone_soon' is not registered \(installed: .*softsign"):
@@ -231,6 +237,103 @@ def test_plugin_discovery_through_installed_metadata(tmp_path, monkeypatch, regi
     monkeypatch.undo()
     plugins.reload()  # gone from sys.path: its activations are gone too
     assert "plug_single" not in activations.available()
+
+
+# -------------------------------------------------------------------------------------------------
+# a model file names the package of its plugin's activation (issue 19)
+
+
+def _site(tmp_path, name: str, version: str, entry_points: str, dirname: str = "site"):
+    """A directory holding the distribution ``name`` as pip installs it (a dist-info with entry points)."""
+    site = tmp_path / dirname
+    (site / "fake_acts").mkdir(parents=True)
+    (site / "fake_acts" / "__init__.py").write_text(PLUGIN_MODULE)
+    info = site / f"fake_acts-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[deepnet.activations]\n" + entry_points)
+    return site
+
+
+def _attrs(path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def test_a_model_names_the_package_of_its_missing_plugin(tmp_path, monkeypatch, registry):
+    site = _site(tmp_path, "fake-acts", "1.2", "plug_single = fake_acts:SINGLE\n")
+    monkeypatch.syspath_prepend(str(site))
+    plugins.reload()
+    assert activations.package_of("plug_single") == activations.Package("fake-acts", "1.2")
+    path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="plug_single", input_dim=4)
+    attrs = _attrs(path)
+    assert attrs["activation_package"] == "fake-acts" and attrs["activation_package_version"] == "1.2"
+
+    sys.path.remove(str(site))  # uninstalled
+    plugins.reload()
+    assert "plug_single" not in activations.available()
+    with ModelFile.open(path) as f:  # the file still opens (info, check); only running it needs the plugin
+        assert f.activation == "plug_single" and f.activation_package == activations.Package("fake-acts", "1.2")
+    with pytest.raises(ActivationError) as err:
+        DeepNet.open(path)
+    assert str(err.value) == (f"{path} uses activation 'plug_single' from package fake-acts 1.2, which is not "
+                              f"installed (pip install fake-acts)")
+
+    # another version installed, without the activation: name both, and the version to install
+    newer = _site(tmp_path, "fake-acts", "2.0", "one = fake_acts:one\n", dirname="site2")
+    monkeypatch.syspath_prepend(str(newer))
+    plugins.reload()
+    with pytest.raises(ActivationError) as err:
+        DeepNet.open(path)
+    assert str(err.value) == (f"{path} uses activation 'plug_single' from package fake-acts 1.2, but the installed "
+                              f"fake-acts 2.0 does not provide it (pip install 'fake-acts==1.2')")
+
+
+def test_builtins_and_registered_activations_record_no_package(tmp_path, registry):
+    """A built-in comes with deepnet itself, and one registered from Python with no package: neither file
+    records a package, and such files (like those written before the attribute) give the usual error."""
+    assert activations.package_of("softsign") is None and activations.package_of("no_such_act") is None
+    path = make_model(tmp_path / "b.h5", layers=3, width=2, activation="softsign", input_dim=4)
+    assert not {"activation_package", "activation_package_version"} & set(_attrs(path))
+    activations.register(make(name="from_python"))
+    assert activations.package_of("from_python") is None
+    path = make_model(tmp_path / "p.h5", layers=3, width=2, activation="from_python", input_dim=4)
+    assert not {"activation_package", "activation_package_version"} & set(_attrs(path))
+
+
+def test_a_plugin_registered_by_hand_under_a_packages_name_is_not_attributed_to_it(tmp_path, monkeypatch,
+                                                                                   registry):
+    """The package is that of the very definition its plugin registered: replaced by register(), none."""
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fake-acts", "1.2", "plug_single = fake_acts:SINGLE\n")))
+    plugins.reload()
+    assert activations.package_of("plug_single") is not None
+    activations.register(make(name="plug_single", forward_c="z * 2.0f"), replace=True)
+    assert activations.package_of("plug_single") is None
+
+
+def test_import_raw_records_the_package_too(tmp_path, monkeypatch, registry):
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fake-acts", "1.2", "plug_single = fake_acts:SINGLE\n")))
+    plugins.reload()
+    source = make_model(tmp_path / "m.h5", layers=3, width=2, activation="plug_single", input_dim=784)
+    import deepnet
+
+    deepnet.export_raw(source, head=tmp_path / "head.bin", weights=tmp_path / "weights.bin")
+    deepnet.import_raw(tmp_path / "back.h5", head=tmp_path / "head.bin", weights=tmp_path / "weights.bin",
+                       layers=3, width=2, activation="plug_single")
+    attrs = _attrs(tmp_path / "back.h5")
+    assert attrs["activation_package"] == "fake-acts" and attrs["activation_package_version"] == "1.2"
+
+
+def test_a_package_attribute_that_is_not_text_is_refused_in_one_line(tmp_path):
+    import h5py
+
+    path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="softsign", input_dim=4)
+    with h5py.File(path, "r+") as f:
+        f.attrs["activation_package"] = np.int64(3)
+    with pytest.raises(ModelFileError, match=r"attribute activation_package is .*not a string$"):
+        ModelFile.open(path)
 
 
 # -------------------------------------------------------------------------------------------------
