@@ -24,7 +24,7 @@ import deepnet
 from deepnet import DeepNet, activations
 from deepnet.activations import Activation, plugins
 from deepnet.kernels import jit as compile_activation
-from deepnet.activations.check import check_activation
+from deepnet.activations.check import check_activation, kernel_act_and_grad
 from deepnet.errors import ActivationError
 from deepnet.kernels.loader import builtin_module, kernels_for
 from helpers import make_model, read_weights
@@ -33,6 +33,8 @@ from reference import Model64, assert_close, train_step
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "deepnet-activation-example"
 DIST = "deepnet-activation-example"
+# A subprocess finds plugins only in the directories of its $PYTHONPATH, whatever else is installed.
+ISOLATED = [sys.executable, str(Path(__file__).resolve().parent / "plugin_isolation.py")]
 
 
 def _softsign(z):
@@ -114,8 +116,8 @@ def _env(**extra) -> dict:
     return env
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env), cwd=REPO)
+def _python(code: str, *args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([*ISOLATED, "-c", code, *args], capture_output=True, text=True, env=_env(**env), cwd=REPO)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_example_is_discovered_through_its_entry_points(compiled, example_site, kernel_cache):
-    proc = subprocess.run([sys.executable, "-m", "deepnet", "activations", "--json"], capture_output=True, text=True,
+    proc = subprocess.run([*ISOLATED, "-m", "deepnet", "activations", "--json"], capture_output=True, text=True,
                           env=_env(PYTHONPATH=example_site, DEEPNET_CACHE=kernel_cache), cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
@@ -135,7 +137,7 @@ def test_example_is_discovered_through_its_entry_points(compiled, example_site, 
     assert rows["softsign"] == {"name": "softsign", "origin": "built-in", "compiled": "built in",
                                 "description": activations.get("softsign").description}
     assert "softsign_wrong" not in rows  # registered in this process only
-    text = subprocess.run([sys.executable, "-m", "deepnet", "activations"], capture_output=True, text=True,
+    text = subprocess.run([*ISOLATED, "-m", "deepnet", "activations"], capture_output=True, text=True,
                           env=_env(PYTHONPATH=example_site, DEEPNET_CACHE=kernel_cache), cwd=REPO).stdout
     assert any(line.split()[:3] == ["softsign_plugin", DIST, "cached"] for line in text.splitlines())
 
@@ -268,15 +270,18 @@ def test_plugin_trains_end_to_end_and_matches_the_float64_reference(compiled, tm
 
 def test_a_model_whose_plugin_is_missing_fails_clearly_and_compiles_nothing(compiled, tmp_path):
     path = make_model(tmp_path / "m.h5", layers=5, width=4, activation="softsign_plugin", input_dim=12)
+    import h5py
+
+    with h5py.File(path, "r") as f:  # the file records the package that provided the activation
+        assert f.attrs["activation_package"] == DIST and f.attrs["activation_package_version"] == "0.1.0"
     empty_cache = tmp_path / "cache"
     code = ("import deepnet, sys\n"
             "try:\n    deepnet.DeepNet.open(sys.argv[1])\n"
             "except deepnet.errors.ActivationError as e:\n    print(e); sys.exit(3)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          env=_env(DEEPNET_CACHE=empty_cache), cwd=REPO)  # the example is not on this path
+    proc = _python(code, str(path), DEEPNET_CACHE=empty_cache)  # the example is not on this path
     assert proc.returncode == 3, proc.stderr
-    msg = proc.stdout.strip()
-    assert "'softsign_plugin' is not registered" in msg and "installed:" in msg and "softsign, tanh" in msg
+    assert proc.stdout.strip() == (f"{path} uses activation 'softsign_plugin' from package {DIST} 0.1.0, "
+                                   f"which is not installed (pip install {DIST})")
     assert not empty_cache.exists()
 
 
@@ -287,22 +292,40 @@ def test_a_model_whose_plugin_is_missing_fails_clearly_and_compiles_nothing(comp
 def test_check_passes_the_plugin_and_reports_a_wrong_derivative(compiled, capsys):
     from deepnet.cli import main as cli_main
 
-    assert check_activation("softsign_plugin")["ok"]
+    good = check_activation("softsign_plugin")
+    assert good["ok"]
+    for c in good["comparisons"]:  # how much margin: a fraction of the allowance, at a named z, not zeros
+        assert 0 < c["worst_ratio"] <= 1 and c["at_z"] is not None and c["ok"]
+        assert c["worst_ratio"] == pytest.approx(c["abs_error"] / c["allowance"])
+    z = np.array([c["at_z"] for c in good["comparisons"]], np.float32)  # the named z is the worst point
+    a, d = kernel_act_and_grad(kernels_for("softsign_plugin"), z)
+    fwd, der = good["comparisons"][1], good["comparisons"][2]
+    assert fwd["abs_error"] == pytest.approx(abs(a[1] - _softsign(np.float64(z[1]))), rel=1e-6)
+    assert der["abs_error"] == pytest.approx(abs(d[2] - 1 / (1 + abs(np.float64(z[2]))) ** 2), rel=1e-6)
     assert cli_main(["activations", "check", "softsign_plugin"]) == 0
     out = capsys.readouterr().out
     assert "C derivative vs finite differences of C forward" in out and "WRONG" not in out
+    assert "worst/allowed" in out
 
     result = check_activation("softsign_wrong")
     fd, fwd, der = result["comparisons"]
     assert not result["ok"] and not fd["ok"] and fwd["ok"] and not der["ok"]
-    assert fd["worst_error"] > 0.1  # (1 - |a|) vs (1 - |a|)^2: a quarter at |z| = 1
+    for c in (fd, der):  # (1 - |a|) vs (1 - |a|)^2: off by a quarter at |z| = 1
+        assert c["worst_ratio"] > 100 and abs(abs(c["at_z"]) - 1) < 0.1
+        assert c["abs_error"] == pytest.approx(0.25, rel=0.05)
     assert cli_main(["activations", "check", "softsign_wrong"]) == 2
     captured = capsys.readouterr()
     assert "WRONG" in captured.out
-    assert "deepnet: error: activation 'softsign_wrong' fails its check" in captured.err
-    assert len(captured.err.strip().splitlines()) == 1
+    err = captured.err.strip()
+    assert err.startswith("deepnet: error: activation 'softsign_wrong' fails its check: "
+                          "C derivative vs finite differences of C forward: worst ")
+    assert len(err.splitlines()) == 1 and "times the allowance (abs err 0.25 at z = " in err
+    assert f"at z = {der['at_z']:.6g}" in err and "C forward vs NumPy forward" not in err
     assert cli_main(["activations", "check", "softsign_wrong", "--json"]) == 2
-    assert json.loads(capsys.readouterr().out)["ok"] is False
+    row = json.loads(capsys.readouterr().out)
+    assert row["ok"] is False
+    assert set(row["comparisons"][0]) == {"what", "worst_ratio", "at_z", "abs_error", "allowance", "tolerance",
+                                          "points", "ok"}
 
 
 def _bad(name: str, **kw) -> Activation:
@@ -418,7 +441,7 @@ def test_two_processes_using_a_plugin_first_at_once(compiled, example_site, tmp_
     code = ("import json; from deepnet.kernels.loader import kernels_for; from deepnet.kernels import jit as c\n"
             "k = kernels_for('isru'); print(json.dumps({'events': c.history(), 'file': k.module.__file__}))")
     env = _env(PYTHONPATH=example_site, DEEPNET_CACHE=tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen([*ISOLATED, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env, cwd=REPO) for _ in range(2)]
     outs = [p.communicate() for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]

@@ -9,17 +9,19 @@ installed build predates is skipped with a note to rebuild); compiled plugins ar
 from __future__ import annotations
 
 import dataclasses
+import sys
 import textwrap
 import warnings
 
 import numpy as np
 import pytest
 
-from deepnet import DeepNet, activations
+from deepnet import DeepNet, ModelFile, activations
 from deepnet.activations import BUILTINS, Activation, plugins
 from deepnet.activations import registry as activation_registry
+from deepnet.activations import check as check_module
 from deepnet.activations.check import check_kernels, kernel_act_and_grad
-from deepnet.errors import ActivationError, DeepnetError
+from deepnet.errors import ActivationError, DeepnetError, ModelFileError
 from deepnet.kernels.loader import LayerKernels, builtin_module, in_builtin_module, kernels_for
 from helpers import kernel_builds, make_model, read_weights
 from reference import Model64, assert_close, train_step
@@ -41,14 +43,17 @@ def make(name="thing", forward_c="z", derivative_c="1.0f", **kw) -> Activation:
 def registry():
     """The registry, restored (built-ins, plugins, errors, loaded flag) after the test."""
     saved = activation_registry.snapshot()
-    saved_state = (plugins._loaded, list(plugins._errors), list(plugins._plugin_names), set(plugins._warned))
+    saved_state = (plugins._loaded, list(plugins._errors), list(plugins._plugin_names), set(plugins._warned),
+                   dict(plugins._packages))
     yield activations
     activation_registry.restore(saved)
-    plugins._loaded, errors, names, warned = saved_state
+    plugins._loaded, errors, names, warned, packages = saved_state
     plugins._errors[:] = errors
     plugins._plugin_names[:] = names
     plugins._warned.clear()
     plugins._warned.update(warned)
+    plugins._packages.clear()
+    plugins._packages.update(packages)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -125,6 +130,8 @@ def test_unknown_name_names_it_and_the_installed_ones():
 def test_opening_a_model_with_an_unregistered_activation_fails_clearly(tmp_path, registry, monkeypatch):
     activations.register(make(name="gone_soon"))
     path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="gone_soon", input_dim=4)
+    with ModelFile.open(path) as f:  # registered from Python: no package to name
+        assert f.activation_package is None
     activations.unregister("gone_soon")
     monkeypatch.setattr(plugins, "_loaded", True)
     with pytest.raises(ActivationError, match=r"'gone_soon' is not registered \(installed: .*softsign"):
@@ -233,6 +240,103 @@ def test_plugin_discovery_through_installed_metadata(tmp_path, monkeypatch, regi
 
 
 # -------------------------------------------------------------------------------------------------
+# a model file names the package of its plugin's activation (issue 19)
+
+
+def _site(tmp_path, name: str, version: str, entry_points: str, dirname: str = "site"):
+    """A directory holding the distribution ``name`` as pip installs it (a dist-info with entry points)."""
+    site = tmp_path / dirname
+    (site / "fake_acts").mkdir(parents=True)
+    (site / "fake_acts" / "__init__.py").write_text(PLUGIN_MODULE)
+    info = site / f"fake_acts-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[deepnet.activations]\n" + entry_points)
+    return site
+
+
+def _attrs(path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def test_a_model_names_the_package_of_its_missing_plugin(tmp_path, monkeypatch, registry):
+    site = _site(tmp_path, "fake-acts", "1.2", "plug_single = fake_acts:SINGLE\n")
+    monkeypatch.syspath_prepend(str(site))
+    plugins.reload()
+    assert activations.package_of("plug_single") == activations.Package("fake-acts", "1.2")
+    path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="plug_single", input_dim=4)
+    attrs = _attrs(path)
+    assert attrs["activation_package"] == "fake-acts" and attrs["activation_package_version"] == "1.2"
+
+    sys.path.remove(str(site))  # uninstalled
+    plugins.reload()
+    assert "plug_single" not in activations.available()
+    with ModelFile.open(path) as f:  # the file still opens (info, check); only running it needs the plugin
+        assert f.activation == "plug_single" and f.activation_package == activations.Package("fake-acts", "1.2")
+    with pytest.raises(ActivationError) as err:
+        DeepNet.open(path)
+    assert str(err.value) == (f"{path} uses activation 'plug_single' from package fake-acts 1.2, which is not "
+                              f"installed (pip install fake-acts)")
+
+    # another version installed, without the activation: name both, and the version to install
+    newer = _site(tmp_path, "fake-acts", "2.0", "one = fake_acts:one\n", dirname="site2")
+    monkeypatch.syspath_prepend(str(newer))
+    plugins.reload()
+    with pytest.raises(ActivationError) as err:
+        DeepNet.open(path)
+    assert str(err.value) == (f"{path} uses activation 'plug_single' from package fake-acts 1.2, but the installed "
+                              f"fake-acts 2.0 does not provide it (pip install 'fake-acts==1.2')")
+
+
+def test_builtins_and_registered_activations_record_no_package(tmp_path, registry):
+    """A built-in comes with deepnet itself, and one registered from Python with no package: neither file
+    records a package, and such files (like those written before the attribute) give the usual error."""
+    assert activations.package_of("softsign") is None and activations.package_of("no_such_act") is None
+    path = make_model(tmp_path / "b.h5", layers=3, width=2, activation="softsign", input_dim=4)
+    assert not {"activation_package", "activation_package_version"} & set(_attrs(path))
+    activations.register(make(name="from_python"))
+    assert activations.package_of("from_python") is None
+    path = make_model(tmp_path / "p.h5", layers=3, width=2, activation="from_python", input_dim=4)
+    assert not {"activation_package", "activation_package_version"} & set(_attrs(path))
+
+
+def test_a_plugin_registered_by_hand_under_a_packages_name_is_not_attributed_to_it(tmp_path, monkeypatch,
+                                                                                   registry):
+    """The package is that of the very definition its plugin registered: replaced by register(), none."""
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fake-acts", "1.2", "plug_single = fake_acts:SINGLE\n")))
+    plugins.reload()
+    assert activations.package_of("plug_single") is not None
+    activations.register(make(name="plug_single", forward_c="z * 2.0f"), replace=True)
+    assert activations.package_of("plug_single") is None
+
+
+def test_import_raw_records_the_package_too(tmp_path, monkeypatch, registry):
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fake-acts", "1.2", "plug_single = fake_acts:SINGLE\n")))
+    plugins.reload()
+    source = make_model(tmp_path / "m.h5", layers=3, width=2, activation="plug_single", input_dim=784)
+    import deepnet
+
+    deepnet.export_raw(source, head=tmp_path / "head.bin", weights=tmp_path / "weights.bin")
+    deepnet.import_raw(tmp_path / "back.h5", head=tmp_path / "head.bin", weights=tmp_path / "weights.bin",
+                       layers=3, width=2, activation="plug_single")
+    attrs = _attrs(tmp_path / "back.h5")
+    assert attrs["activation_package"] == "fake-acts" and attrs["activation_package_version"] == "1.2"
+
+
+def test_a_package_attribute_that_is_not_text_is_refused_in_one_line(tmp_path):
+    import h5py
+
+    path = make_model(tmp_path / "m.h5", layers=3, width=2, activation="softsign", input_dim=4)
+    with h5py.File(path, "r+") as f:
+        f.attrs["activation_package"] = np.int64(3)
+    with pytest.raises(ModelFileError, match=r"attribute activation_package is .*not a string$"):
+        ModelFile.open(path)
+
+
+# -------------------------------------------------------------------------------------------------
 # every built-in: NumPy derivative, compiled kernel vs NumPy, check, and one exact training step
 
 # The kernels approximate: (points, forward tolerance, derivative tolerance), errors absolute below
@@ -306,8 +410,60 @@ def test_check_catches_a_wrong_derivative_of_each_builtin(name):
         return a, (d * 1.1 + 0.05).astype(np.float32)
 
     comparisons = check_kernels(act, kernels, evaluate=wrong)
-    assert not comparisons[0].ok and comparisons[0].worst_error > 10 * comparisons[0].tolerance
+    assert not comparisons[0].ok and comparisons[0].worst_ratio > 10
     assert comparisons[1].ok and not comparisons[2].ok
+    for c in comparisons:  # the ratio is the worst point's absolute error over its allowance
+        assert c.at_z is not None or c.worst_ratio == 0
+        if c.at_z is not None:
+            assert c.worst_ratio == pytest.approx(c.abs_error / c.allowance, rel=1e-12)
+
+
+def _numpy_ratios(act: Activation, evaluate, which: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid and, computed here, each point's error over its allowance for comparison 1 (forward vs
+    NumPy) or 2 (derivative vs NumPy): |C - NumPy| / (1e-4 * max(1, |NumPy|))."""
+    z = check_module.grid()
+    a, d = evaluate(z)
+    z64 = z.astype(np.float64)
+    ref = act.forward_np(z64) if which == 1 else act.derivative_np(z64, act.forward_np(z64))
+    got = (a if which == 1 else d).astype(np.float64)
+    return z, np.abs(got - ref) / (check_module.NUMPY_TOLERANCE * np.maximum(1.0, np.abs(ref)))
+
+
+def test_check_reports_each_comparison_relative_to_its_allowance():
+    """issue 19: a passing check read "worst error 0 at z -1000"; now each comparison reports its worst
+    point as a fraction of that point's allowance, at the z where that fraction is largest."""
+    act = activations.get("softsign")
+    kernels = builtin_kernels("softsign")
+    good = check_kernels(act, kernels)
+    for c in good:
+        assert 0 < c.worst_ratio <= 1 and c.ok and c.at_z is not None  # a margin, not zeros
+        assert c.abs_error > 0 and c.allowance > 0 and c.worst_ratio == pytest.approx(c.abs_error / c.allowance)
+    assert good[0].at_z != -1000.0  # no longer the first grid point by default
+    for which in (1, 2):
+        z, ratios = _numpy_ratios(act, lambda zs: kernel_act_and_grad(kernels, zs), which)
+        assert good[which].worst_ratio == pytest.approx(ratios.max(), rel=1e-9)
+        assert good[which].at_z == float(z[np.argmax(ratios)])
+
+    def wrong(zs):  # the derivative 1 - |a| of softsign_wrong: off by |a|(1 - |a|), a quarter at |z| = 1
+        a, _ = kernel_act_and_grad(kernels, zs)
+        return a, (1.0 - np.abs(a)).astype(np.float32)
+
+    bad = check_kernels(act, kernels, evaluate=wrong)
+    assert not bad[0].ok and not bad[2].ok and bad[1].ok
+    for c in (bad[0], bad[2]):
+        assert c.worst_ratio > 100 and abs(abs(c.at_z) - 1.0) < 0.1, c
+        assert c.abs_error == pytest.approx(0.25, rel=0.05)
+    z, ratios = _numpy_ratios(act, wrong, 2)
+    assert bad[2].at_z == float(z[np.argmax(ratios)]) and bad[2].worst_ratio == pytest.approx(ratios.max())
+
+
+def test_an_exact_comparison_names_no_point():
+    comparisons = check_kernels(activations.get("identity"), builtin_kernels("identity"))
+    assert all(c.worst_ratio == 0 and c.at_z is None and c.ok for c in comparisons)
+    result = {"name": "identity", "origin": "built-in", "module": "m", "forward_c": "z", "derivative_c": "1.0f",
+              "ok": True, "comparisons": [dict(dataclasses.asdict(c), ok=c.ok) for c in comparisons]}
+    text = check_module.format_report(result)
+    assert "-1000" not in text.split("\n", 1)[1] and text.count("exact at every point") == 3
 
 
 @pytest.mark.parametrize("width,batch", [(4, 5), (5, 9)])  # specialised per-sample; generic width blocked

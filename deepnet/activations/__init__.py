@@ -17,14 +17,18 @@ Where activations come from:
   the first time a name is looked up that is not registered yet, or ``available()`` is called;
 - ``register()`` called from Python.
 
-A model file stores only an activation's *name*; the definition always comes from this registry, and
-nothing read from a file is ever compiled.
+A model file stores an activation's *name* (and, for a plugin's, the name and version of the package
+that provided it, for the error when it is missing: ``require``); the definition always comes from this
+registry, and nothing read from a file is ever compiled.
 """
 
 from __future__ import annotations
 
 from deepnet.activations.plugins import errors as plugin_errors
+from deepnet.activations.plugins import Package
+from deepnet.activations.plugins import installed_version as _installed_version
 from deepnet.activations.plugins import load as load_plugins
+from deepnet.activations.plugins import package_of as _package_of
 from deepnet.activations.builtin import BUILTINS
 from deepnet.activations.definition import BUILTIN_ORIGIN, Activation
 from deepnet.activations.registry import is_builtin, register, unregister
@@ -52,10 +56,42 @@ def get(name: str) -> Activation:
     raise ActivationError(f"activation {name!r} is not registered (installed: {', '.join(available())}); {hint}")
 
 
+def require(name: str, *, used_by: str, package: Package | None) -> Activation:
+    """``get(name)`` for the model file ``used_by``, which records that ``package`` provided the
+    activation (None: it records nothing, and the error is ``get``'s). If the name is not registered,
+    the error says which package to install."""
+    try:
+        return get(name)
+    except ActivationError:
+        if package is None:
+            raise
+    installed = _installed_version(package.name)
+    what = f"{used_by} uses activation {name!r} from package {package}"
+    if installed is None:
+        message = f"{what}, which is not installed (pip install {package.name})"
+    else:
+        message = f"{what}, but the installed {Package(package.name, installed)} does not provide it"
+        if package.version and installed != package.version:
+            message += f" (pip install '{package.name}=={package.version}')"
+    broken = plugin_errors()
+    if broken:
+        message += f"; {len(broken)} plugin(s) failed to load: " + "; ".join(broken)
+    raise ActivationError(message) from None
+
+
+def package_of(name: str) -> Package | None:
+    """The package (distribution name and version) whose plugin provides the registered activation
+    ``name``; None for a built-in, an activation registered with ``register()``, or an unknown name.
+    Plugins are not loaded for this."""
+    found = _lookup(name)
+    return None if found is None else _package_of(found)
+
+
 def available() -> list[str]:
     """Names of all registered activations (the plugins loaded first), sorted."""
     load_plugins()
     return _names()
 
 
-__all__ = ["Activation", "register", "unregister", "get", "available", "is_builtin", "BUILTINS", "BUILTIN_ORIGIN"]
+__all__ = ["Activation", "Package", "register", "unregister", "get", "require", "package_of", "available", "is_builtin",
+           "BUILTINS", "BUILTIN_ORIGIN"]

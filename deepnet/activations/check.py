@@ -13,13 +13,18 @@ grid of z:
 2. the C forward against the NumPy forward;
 3. the C derivative against the NumPy derivative.
 
-Errors are absolute where the reference is below 1 in magnitude and relative above. The worst error of
-each comparison is reported; any over its tolerance makes the check fail.
+Each point has an allowance: the comparison's tolerance, absolute where the reference is below 1 in
+magnitude and relative above (plus, for the finite differences, their rounding allowance). A point's
+ratio is its absolute error over its allowance; each comparison reports its worst ratio, with that
+point's z, absolute error and allowance, so a passing check shows its margin (a ratio of 0.3) and a
+failing one by how much it fails (above 1). A comparison exact at every point has no worst z.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,15 +42,20 @@ class ActivationCheckError(ActivationError):
 
 @dataclass
 class Comparison:
+    """One comparison over the grid, summed up by its worst point: the one whose error is the largest
+    fraction of its allowance (``at_z`` is None if every point is exact)."""
+
     what: str
-    worst_error: float
-    at_z: float
-    tolerance: float
+    worst_ratio: float  # the worst point's absolute error over its allowance: above 1 fails
+    at_z: float | None
+    abs_error: float  # at that point
+    allowance: float  # at that point, absolute
+    tolerance: float  # the comparison's tolerance (absolute below |reference| = 1, relative above)
     points: int
 
     @property
     def ok(self) -> bool:
-        return bool(self.worst_error <= self.tolerance)
+        return bool(self.worst_ratio <= 1.0)
 
 
 def kernel_act_and_grad(kernels, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,17 +87,24 @@ def grid() -> np.ndarray:
     return np.unique(z.astype(np.float32))
 
 
-def _scaled(err: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    return err / np.maximum(1.0, np.abs(ref))
+def _allowed(tolerance: float, ref: np.ndarray) -> np.ndarray:
+    """The absolute error allowed against ``ref``: ``tolerance`` below |ref| = 1, relative above."""
+    return tolerance * np.maximum(1.0, np.abs(ref))
 
 
-def _worst(what: str, err: np.ndarray, z: np.ndarray, tolerance: float) -> Comparison:
-    err = np.where(np.isnan(err), np.inf, err)
-    i = int(np.argmax(err))
-    return Comparison(what, float(err[i]), float(z[i]), tolerance, int(z.size))
+def _worst(what: str, err: np.ndarray, allowance: np.ndarray, z: np.ndarray, tolerance: float) -> Comparison:
+    """The point whose absolute error ``err`` is the largest fraction of its ``allowance``."""
+    with np.errstate(all="ignore"):
+        ratio = err / allowance
+    ratio = np.where(np.isnan(ratio) | np.isnan(err), np.inf, ratio)
+    i = int(np.argmax(ratio))
+    worst = float(ratio[i])
+    at_z = None if worst == 0.0 else float(z[i])
+    return Comparison(what, worst, at_z, float(err[i]), float(allowance[i]), tolerance, int(z.size))
 
 
-def check_kernels(activation, kernels, evaluate=None) -> list[Comparison]:
+def check_kernels(activation: activations.Activation, kernels: Any,
+                  evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> list[Comparison]:
     """The three comparisons for ``activation`` evaluated through ``kernels`` (a LayerKernels), or
     through ``evaluate(z) -> (act(z), act'(z))`` float32 arrays if given."""
     evaluate = evaluate or (lambda zs: kernel_act_and_grad(kernels, zs))
@@ -106,24 +123,23 @@ def check_kernels(activation, kernels, evaluate=None) -> list[Comparison]:
         simpson = (dm + 4.0 * d + dp) / 6.0
         lo, hi = np.minimum(np.minimum(dm, d), dp), np.maximum(np.maximum(dm, d), dp)
         outside = np.maximum(0.0, np.maximum(lo - fd, fd - hi))
-        raw = np.minimum(np.abs(fd - simpson), outside)
+        fd_err = np.minimum(np.abs(fd - simpson), outside)
+        fd_err = np.where(np.isfinite(fd) & np.isfinite(simpson), fd_err, np.inf)
         # a few float32 ulps of each forward value, divided by the step, plus the derivative's own rounding
         rounding = 8.0 * 2.0 ** -24 * (np.abs(ap) + np.abs(am)) / step + 8.0 * 2.0 ** -24 * np.abs(simpson)
-        fd_err = _scaled(np.maximum(0.0, raw - rounding), fd)
-        fd_err = np.where(np.isfinite(fd) & np.isfinite(simpson), fd_err, np.inf)
+        fd_allowed = rounding + _allowed(FD_TOLERANCE, fd)
 
         a_ref = np.asarray(activation.forward_np(z64), dtype=np.float64)
         d_ref = np.asarray(activation.derivative_np(z64, a_ref), dtype=np.float64)
-        fwd_err = _scaled(np.abs(a - a_ref), a_ref)
-        der_err = _scaled(np.abs(d - d_ref), d_ref)
     return [
-        _worst("C derivative vs finite differences of C forward", fd_err, z, FD_TOLERANCE),
-        _worst("C forward vs NumPy forward", fwd_err, z, NUMPY_TOLERANCE),
-        _worst("C derivative vs NumPy derivative", der_err, z, NUMPY_TOLERANCE),
+        _worst("C derivative vs finite differences of C forward", fd_err, fd_allowed, z, FD_TOLERANCE),
+        _worst("C forward vs NumPy forward", np.abs(a - a_ref), _allowed(NUMPY_TOLERANCE, a_ref), z, NUMPY_TOLERANCE),
+        _worst("C derivative vs NumPy derivative", np.abs(d - d_ref), _allowed(NUMPY_TOLERANCE, d_ref), z,
+               NUMPY_TOLERANCE),
     ]
 
 
-def check_activation(name: str) -> dict:
+def check_activation(name: str) -> dict[str, Any]:
     """Check the registered activation ``name`` through its compiled kernel (compiling it if needed).
 
     Returns a dict (name, origin, kernel module, ok, comparisons); does not raise on a failed check.
@@ -142,24 +158,39 @@ def check_activation(name: str) -> dict:
     }
 
 
-def format_report(result: dict) -> str:
-    """The result of ``check_activation`` as a small table."""
+def describe(comparison: Mapping[str, Any]) -> str:
+    """One comparison's worst point in words: "worst 0.31 of the allowance (abs err 2.1e-07 at z = 0.83)"."""
+    ratio = comparison["worst_ratio"]
+    if comparison["at_z"] is None:
+        return "exact at every point"
+    amount = f"{ratio:.2g} of the allowance" if ratio <= 1 else f"{ratio:.3g} times the allowance"
+    return (f"worst {amount} (abs err {comparison['abs_error']:.2g} at z = {comparison['at_z']:.6g}, "
+            f"allowed {comparison['allowance']:.2g})")
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    """The result of ``check_activation`` as a small table: each comparison's worst point, its error as a
+    fraction of what is allowed there (above 1 fails), its absolute error and allowance."""
     comparisons = result["comparisons"]
     lines = [
         f"activation {result['name']!r} ({result['origin']}), kernel {result['module']}, "
         f"{comparisons[0]['points']:,} points in [-1000, 1000]",
         f"  forward    {result['forward_c']}",
         f"  derivative {result['derivative_c']}",
-        f"  {'comparison':<50} {'worst error':>11} {'at z':>12} {'tolerance':>9}  result",
+        f"  {'comparison':<48} {'worst/allowed':>13} {'at z':>12} {'abs error':>9} {'allowed':>9}  result",
     ]
     for c in comparisons:
-        lines.append(f"  {c['what']:<50} {c['worst_error']:>11.3g} {c['at_z']:>12.6g} {c['tolerance']:>9.0e}  "
-                     f"{'ok' if c['ok'] else 'WRONG'}")
+        if c["at_z"] is None:
+            where = f"{'0':>13} {'(exact at every point)':>32}"
+        else:
+            where = f"{c['worst_ratio']:>13.2g} {c['at_z']:>12.6g} {c['abs_error']:>9.2g} {c['allowance']:>9.2g}"
+        lines.append(f"  {c['what']:<48} {where}  {'ok' if c['ok'] else 'WRONG'}")
+    lines.append(f"  allowed: {FD_TOLERANCE:g} (finite differences, plus their rounding) or {NUMPY_TOLERANCE:g} "
+                 f"(NumPy), absolute below |reference| = 1, relative above; worst/allowed above 1 fails")
     return "\n".join(lines)
 
 
-def failure_message(result: dict) -> str:
+def failure_message(result: Mapping[str, Any]) -> str:
+    """One line: which comparisons fail, and by how much at their worst point."""
     bad = [c for c in result["comparisons"] if not c["ok"]]
-    parts = [f"{c['what']}: worst error {c['worst_error']:.3g} at z = {c['at_z']:.6g} (tolerance {c['tolerance']:g})"
-             for c in bad]
-    return f"activation {result['name']!r} fails its check: " + "; ".join(parts)
+    return f"activation {result['name']!r} fails its check: " + "; ".join(f"{c['what']}: {describe(c)}" for c in bad)

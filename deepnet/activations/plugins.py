@@ -8,7 +8,9 @@ The contract for a plugin package (see ``examples/deepnet-activation-example``):
 
 Entry points are loaded once, the first time a name is looked up that is not registered yet (or the
 full list is asked for), in a fixed order (by distribution, then entry-point name). Each activation's
-``origin`` is set to the distribution's name. A plugin never replaces a built-in, nor an activation
+``origin`` is set to the distribution's name, and the distribution's name and version are kept
+(``package_of``: a model file created with the activation records them, so a missing plugin can be
+named when the file is opened). A plugin never replaces a built-in, nor an activation
 another plugin registered first: such a clash, a failing import or a wrong object is recorded (see
 ``errors()``), reported once as a warning, and the rest of the plugins still load. Loading a plugin
 runs its Python code but compiles nothing: its kernel is built the first time it is used
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import sys
 import threading
 import warnings
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Iterable
 
@@ -39,12 +43,33 @@ _plugin_names: list[str] = []  # names this module registered, for reload()
 _warned: set[str] = set()  # each problem is warned about once per process
 
 
+@dataclass(frozen=True)
+class Package:
+    """The distribution that provides a plugin's activation: its name (as ``pip install`` takes it) and
+    version ("" if its metadata has none)."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}" if self.version else self.name
+
+
+# name -> (the definition a plugin registered, its package): for package_of
+_packages: dict[str, tuple[Activation, Package]] = {}
+
+
+def installed_entry_points() -> list[metadata.EntryPoint]:
+    """Every entry point of the group that the distributions on ``sys.path`` declare, as found (the one
+    place the installed metadata is read; the tests narrow it to the plugins they install)."""
+    if sys.version_info >= (3, 10):
+        return list(metadata.entry_points(group=GROUP))
+    return list(metadata.entry_points().get(GROUP, []))  # pragma: no cover - Python 3.9
+
+
 def entry_points() -> list[metadata.EntryPoint]:
     """The entry points of the group, in a fixed order (distribution name, then entry-point name)."""
-    if sys.version_info >= (3, 10):
-        eps = list(metadata.entry_points(group=GROUP))
-    else:  # pragma: no cover - Python 3.9
-        eps = list(metadata.entry_points().get(GROUP, []))
+    eps = installed_entry_points()
     # The same distribution can be found twice on sys.path (e.g. a source tree and an install): keep one.
     unique = {(distribution_name(ep), ep.name, ep.value): ep for ep in eps}
     return sorted(unique.values(), key=lambda ep: (distribution_name(ep), ep.name))
@@ -52,14 +77,47 @@ def entry_points() -> list[metadata.EntryPoint]:
 
 def distribution_name(ep: metadata.EntryPoint) -> str:
     """The name of the distribution that declares ``ep`` (its module's top package if unknown)."""
+    package = package_of_entry_point(ep)
+    return package.name if package is not None else ep.value.split(":")[0].split(".")[0]
+
+
+def package_of_entry_point(ep: metadata.EntryPoint) -> Package | None:
+    """The distribution that declares ``ep``, or None if it has no readable name (an entry point made
+    by hand)."""
     dist = getattr(ep, "dist", None)
-    name = None
-    if dist is not None:
-        try:
-            name = dist.metadata["Name"]
-        except Exception:  # a distribution without readable metadata
-            name = None
-    return name or ep.value.split(":")[0].split(".")[0]
+    if dist is None:
+        return None
+    try:
+        name = dist.metadata["Name"]
+        version = dist.metadata["Version"]
+    except Exception:  # a distribution without readable metadata
+        return None
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return Package(name.strip(), version.strip() if isinstance(version, str) else "")
+
+
+def package_of(activation: Activation) -> Package | None:
+    """The distribution whose entry point registered this very definition, or None (a built-in, one
+    registered with ``register()``, or a plugin whose distribution is unknown)."""
+    with _lock:
+        found = _packages.get(activation.name)
+    return found[1] if found is not None and found[0] is activation else None
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_version(name: str) -> str | None:
+    """The version of the distribution ``name`` among those declaring activations (see
+    ``installed_entry_points``), "" if it has none, or None if no such distribution is installed."""
+    wanted = _normalized(name)
+    for ep in installed_entry_points():
+        package = package_of_entry_point(ep)
+        if package is not None and _normalized(package.name) == wanted:
+            return package.version
+    return None
 
 
 def activations_of(ep: metadata.EntryPoint) -> list:
@@ -107,6 +165,7 @@ def load() -> None:
                 except ActivationError as exc:
                     _errors.append(str(exc))
                     continue
+                package = package_of_entry_point(ep)
                 for act in provided:
                     taken = add_if_free(act)
                     if taken is not None:
@@ -114,6 +173,8 @@ def load() -> None:
                                        f"registered (from {taken.origin}): ignored")
                         continue
                     _plugin_names.append(act.name)
+                    if package is not None:
+                        _packages[act.name] = (act, package)
         finally:
             _loading = False
             _loaded = True
@@ -136,6 +197,7 @@ def reload() -> None:
         for name in _plugin_names:
             unregister(name)
         _plugin_names.clear()
+        _packages.clear()
         _errors.clear()
         _loaded = False
         metadata_cache_clear()

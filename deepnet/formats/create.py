@@ -14,6 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import h5io, layout
 from deepnet.formats.atomic import atomic_path, check_output, space_shortfall
@@ -256,6 +257,10 @@ def _write_attributes(f: h5py.File, *, layers: int, width: int, activation: str,
     set_fixed_ascii_attr(f, "created", stamp, TIME_ATTR_LEN)
     set_fixed_ascii_attr(f, "updated", stamp, TIME_ATTR_LEN)
     f.attrs["init_scale"] = np.float64(init_scale)
+    package = activations.package_of(activation)
+    if package is not None:  # a plugin's: name the package that provides it (nothing for a built-in)
+        set_attrs(f, {layout.ACTIVATION_PACKAGE_ATTR: package.name,
+                      layout.ACTIVATION_PACKAGE_VERSION_ATTR: package.version})
     return stamp
 
 

@@ -19,6 +19,12 @@ KIND_MLP = "mlp"
 DENSE_INT_ATTRS = ("format_version", "width", "layers", "input_dim", "n_classes", "step", "seed")
 DENSE_FLOAT_ATTRS = ("alpha", "init_scale")
 DENSE_STR_ATTRS = ("format", "kind", "activation", "rng_state", "created", "updated")
+# Optional: the distribution (name, version) of the plugin that provided the activation, recorded when the
+# file is created with a plugin's activation (nothing for a built-in, or one registered from Python), so a
+# missing plugin can be named. Files without them are valid.
+ACTIVATION_PACKAGE_ATTR = "activation_package"
+ACTIVATION_PACKAGE_VERSION_ATTR = "activation_package_version"
+DENSE_OPTIONAL_STR_ATTRS = (ACTIVATION_PACKAGE_ATTR, ACTIVATION_PACKAGE_VERSION_ATTR)
 
 # -- root attributes of an MLP model file (besides format, format_version, kind, init, updated) ---------
 MLP_INT_ATTRS = ("hidden", "input_dim", "n_classes", "step", "seed")

@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import create as _create
 from deepnet.formats import layout
@@ -149,6 +150,15 @@ class ModelFile:
     def activation(self) -> str:
         """Name of the core's activation."""
         return self._meta["activation"]
+
+    @property
+    def activation_package(self) -> activations.Package | None:
+        """The package (distribution name, version) that provided the activation when the file was
+        created, if it was a plugin's and the file records it."""
+        name = self._meta.get(layout.ACTIVATION_PACKAGE_ATTR)
+        if not name:
+            return None
+        return activations.Package(name, self._meta.get(layout.ACTIVATION_PACKAGE_VERSION_ATTR) or "")
 
     @property
     def alpha(self) -> float:

@@ -179,6 +179,12 @@ def _root_attributes(f: h5py.File, path: str) -> dict[str, Any]:
             raise ModelFileError(f"{path}: attribute {name} is {show(value)}, not a string")
         meta[name] = decode(value)
 
+    for name in layout.DENSE_OPTIONAL_STR_ATTRS:
+        value = attrs.get(name)
+        if value is not None and not isinstance(value, (str, bytes, np.bytes_)):
+            raise ModelFileError(f"{path}: attribute {name} is {show(value)}, not a string")
+        meta[name] = None if value is None else decode(value)
+
     if meta["kind"] != layout.KIND_DENSE:
         raise ModelFileError(f"{path} holds a model of kind {meta['kind']!r}; this deepnet reads kind "
                              f"{layout.KIND_DENSE!r}")

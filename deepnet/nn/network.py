@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
+from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
@@ -96,6 +97,8 @@ class DeepNet:
         self.in_memory = in_memory
         #: The torn step accepted on opening (resume_torn), if any.
         self.accepted_torn: FileState | None = None
+        # not registered: the error names the package the file says provided it, if it says
+        activations.require(model_file.activation, used_by=model_file.path, package=model_file.activation_package)
         self.kernels = kernels_for(model_file.activation, width=model_file.width)
         torn = False
         if model_file.mode == "r+":
