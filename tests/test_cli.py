@@ -81,7 +81,7 @@ def test_init_train_eval_info_activations(tmp_path, entry):
         assert (f.layers, f.width, f.activation, f.seed, f.step) == (20, 4, "tanh", 1, 0)
 
     proc = ok(deepnet_cmd(entry, "train", "m.h5", "--steps", "5", "--report-every", "2", "--batch", "8",
-                          "--eval-samples", "100", "--json", cwd=tmp_path))
+                          "--test-samples", "100", "--json", cwd=tmp_path))
     events = json_lines(proc.stdout)
     assert [e["event"] for e in events] == ["report", "report", "report", "final"]
     assert [e["step"] for e in events[:3]] == [2, 4, 5]
@@ -152,8 +152,8 @@ def test_aliases_take_the_original_flag_names(tmp_path):
         assert (f.layers, f.width, f.activation, f.seed, f.step) == (20, 4, "softsign", 3, 5)
         assert f.alpha == pytest.approx(0.2)
 
-    # `train` with the same flags gives the same file, bit for bit (and --eval-samples 0 skips the test).
-    ok(deepnet_cmd("module", "train", "--model", "plain.h5", *flags, "--eval-samples", "0", cwd=tmp_path,
+    # `train` with the same flags gives the same file, bit for bit (and --test-samples 0 skips the test).
+    ok(deepnet_cmd("module", "train", "--model", "plain.h5", *flags, "--test-samples", "0", cwd=tmp_path,
                    env_data=False))
     heads_a, core_a = read_weights(tmp_path / "dense.h5")
     heads_b, core_b = read_weights(tmp_path / "plain.h5")
@@ -269,7 +269,7 @@ BAD_IN_PROCESS = {
     "head-lr-negative": ["train", "existing.h5", "--head-lr", "-1", "--steps", "1"],
     "layer-lr-nan": ["train", "existing.h5", "--layer-lr", "nan", "--steps", "1"],
     "report-every-0": ["train", "existing.h5", "--report-every", "0"],
-    "eval-samples-negative": ["train", "existing.h5", "--eval-samples", "-1"],
+    "test-samples-negative": ["train", "existing.h5", "--test-samples", "-1"],
     "seed-negative": ["init", "new.h5", *TINY, "--seed", "-1"],
     "init-layers-0": ["init", "new.h5", "--layers", "0"],
     "init-unknown-activation": ["init", "new.h5", "--activation", "nope"],
@@ -359,7 +359,7 @@ def test_a_training_flag_lives_in_the_api_function_and_the_option_object_only():
 
 def test_api_returns_results_and_prints_nothing(tmp_path, mnist_dir, capsys):
     rows = []
-    final = deepnet.train(tmp_path / "m.h5", steps=4, layers=20, width=4, report_every=2, eval_samples=50,
+    final = deepnet.train(tmp_path / "m.h5", steps=4, layers=20, width=4, report_every=2, test_samples=50,
                           on_report=rows.append)
     figures = deepnet.evaluate(tmp_path / "m.h5", test_samples=50)
     info = deepnet.info(tmp_path / "m.h5")

@@ -24,7 +24,7 @@ def test_loss_drops_quickly(tmp_path, mnist_dir, capsys, in_memory):
     """200 steps on 20 layers: the loss falls clearly and the test accuracy is far above chance."""
     path = tmp_path / "small.h5"
     deepnet.train(path, steps=200, layers=20, width=4, activation="softsign", batch=16, seed=0,
-                  eval_samples=0, report_every=50, in_memory=in_memory, progress=False)
+                  test_samples=0, report_every=50, in_memory=in_memory, progress=False)
     capsys.readouterr()
     with ModelFile.open(path) as f:
         log = f.read_log()
@@ -49,7 +49,7 @@ def test_100_layers_width_4_reach_65_percent(tmp_path, mnist_dir, capsys, seed):
     path = tmp_path / "m.h5"
     final = deepnet.train(path, steps=1000, layers=100, width=4, activation="softsign", batch=16, seed=seed,
                           layer_lr=deepnet.RECIPE.layer_lr, head_lr=deepnet.RECIPE.head_lr,
-                          eval_samples=0, progress=False, data_dir=str(mnist_dir))
+                          test_samples=0, progress=False, data_dir=str(mnist_dir))
     result = deepnet.evaluate(path, samples=10_000, progress=False)
     capsys.readouterr()
     assert final["step"] == 1000
