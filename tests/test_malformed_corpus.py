@@ -247,7 +247,7 @@ CORPUS = {
     "test-samples-negative": (OLD + ["--test-samples", "-1"], "--test-samples must be an integer >= 0", None),
     "train-limit-0": (NEW + ["--train-limit", "0"], "--train-limit must be > 0, got 0", None),
     "train-limit-beyond-data": (NEW + ["--train-limit", str(N_TRAIN + 1)], f"--train-limit must be in 1..{N_TRAIN}, got {N_TRAIN + 1}", None),
-    "test-samples-beyond-data": (["eval", "existing.h5", "--samples", "201"], "--samples must be in 1..200, got 201", None),
+    "test-samples-beyond-data": (["eval", "existing.h5", "--samples", "201"], "--test-samples must be in 1..200, got 201", None),
     "unknown-activation": (NEW + ["--activation", "nope"], "nope", None),
     "unknown-flag": (OLD + ["--stepz", "3"], "deepnet train has no flag --stepz", None),
     # --- where the output goes

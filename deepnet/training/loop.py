@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from deepnet.data.loaders import check_count, load_split, mnist_inputs
 from deepnet.errors import ModelFileError
 
 #: One step on a minibatch: (inputs, labels, index of the step within this run) -> the step's result.
@@ -169,3 +170,11 @@ def minibatch_rng(seed: int, state: dict | None, unusable: Callable[[Exception],
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelFileError(unusable(exc)) from None
     return rng
+
+
+def test_set(data_dir: object, test_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``test_samples`` MNIST test images as inputs, and their labels (a count out of range is
+    refused naming --test-samples, the flag of every trainer)."""
+    images, labels = load_split(data_dir, "test")
+    check_count("test-samples", test_samples, images.shape[0])
+    return mnist_inputs(images[:test_samples]), labels[:test_samples]

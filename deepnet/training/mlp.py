@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet.data.loaders import load_test_set, load_training_set
+from deepnet.data.loaders import load_training_set
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.formats.locking import WriterLock
@@ -125,7 +125,7 @@ def train_mlp(
         raise ConfigError(f"--until-step {until_step} is before the model's step {first_step}")
     run_steps = until_step - first_step if until_step is not None else R.steps if steps is None else steps
     until = first_step + run_steps
-    test = load_test_set(data_dir, test_samples) if test_samples else None  # first: small, checks --test-samples
+    test = loop.test_set(data_dir, test_samples) if test_samples else None  # first: small, checks --test-samples
     x_train, y_train = load_training_set(data_dir, train_limit)
     if net is None:
         new_hidden = R.hidden if hidden is None else hidden
@@ -239,10 +239,10 @@ def evaluate_mlp(
     data_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate an MLP model file on the first ``samples`` MNIST test images: loss, accuracy, time."""
-    int_at_least("samples", samples, 1)
+    int_at_least("test-samples", samples, 1)
     int_at_least("batch", batch, 1)
     net = MLP.load(model)
-    x, y = load_test_set(data_dir, samples)
+    x, y = loop.test_set(data_dir, samples)
     result = net.evaluate(x, y, batch=batch)
     return {"event": "eval", "model": os.fspath(model), "kind": KIND, "step": net.step, "hidden": net.hidden,
             **result, "samples_per_s": result["samples"] / max(result["seconds"], 1e-12)}

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet.data.loaders import check_count, load_split, load_test_set, mnist_inputs
+from deepnet.data.loaders import check_count, load_split, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import positive
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
@@ -82,7 +82,7 @@ def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport 
     images, labels = load_split(options.data_dir, "train")
     if options.train_limit is not None:
         check_count("train-limit", options.train_limit, images.shape[0])
-    test = load_test_set(options.data_dir, options.test_samples) if options.test_samples else None
+    test = loop.test_set(options.data_dir, options.test_samples) if options.test_samples else None
 
     path = Path(options.model)
     if not path.exists():
@@ -291,10 +291,10 @@ def evaluate(
     weights, reading the averaged core into RAM; it is an error if the file has none. A file that does
     not hold a committed step is evaluated with a warning (``warnings.warn``).
     """
-    positive("samples", samples)
+    positive("test-samples", samples)
     positive("batch", batch)
     positive("chunk-layers", chunk_layers)
-    x, y = load_test_set(data_dir, samples)
+    x, y = loop.test_set(data_dir, samples)
     with DeepNet.open(model, in_memory=in_memory, chunk_layers=chunk_layers) as net:
         state = net.file.state()
         if not state.healthy:

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet.data.loaders import load_split, load_test_set, mnist_inputs
+from deepnet.data.loaders import load_split, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import int_at_least, non_negative_number, number_in, writable_directory
 from deepnet.nn import memory
@@ -154,7 +154,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     n_train = n - recipe.holdout
     x_train, y_train = mnist_inputs(images[:n_train]), labels[:n_train]
     heldout = HeldOut(mnist_inputs(images[n_train:]), labels[n_train:], recipe.eval_every)
-    x_test, y_test = load_test_set(data_dir, recipe.test_samples)
+    x_test, y_test = loop.test_set(data_dir, recipe.test_samples)
 
     # 2. a fresh model (not timed)
     tmpdir = None
