@@ -4,6 +4,7 @@ model, evaluation includes it, and a model without one behaves exactly as before
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import h5py
@@ -180,7 +181,8 @@ def test_branch_options_are_checked(tmp_path, mnist_dir):
 
 @pytest.mark.skipif(not have_mnist(), reason="no MNIST")
 def test_cli_branch(tmp_path):
-    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": ""}
+    # The subprocess runs the deepnet these tests imported, not whichever one is installed.
+    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": "", "PYTHONPATH": str(Path(deepnet.__file__).parents[1])}
     run = lambda *a: subprocess.run([sys.executable, "-m", "deepnet", *a], cwd=tmp_path, capture_output=True,  # noqa: E731
                                     text=True, env=env, timeout=300)
     proc = run("init", "m.h5", "--layers", "20", "--branch", "mlp", "--hidden", "16")

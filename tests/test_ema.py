@@ -175,8 +175,8 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert not np.array_equal(core, live_core)
 
     # eval --use-ema: differs from plain eval and matches a manual float64 computation on the average
-    plain = deepnet.evaluate(path, samples=500, progress=False)
-    averaged = deepnet.evaluate(path, samples=500, progress=False, use_ema=True)
+    plain = deepnet.evaluate(path, test_samples=500, progress=False)
+    averaged = deepnet.evaluate(path, test_samples=500, progress=False, use_ema=True)
     capsys.readouterr()
     assert averaged["ema"] is True and averaged["ema_step"] == 30
     assert averaged["loss"] != plain["loss"]
@@ -186,7 +186,7 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert averaged["loss"] == pytest.approx(loss, rel=1e-5)
     assert averaged["accuracy"] == pytest.approx(np.mean(np.argmax(ref, axis=1) == y), abs=2 / 500)
     # ... and the final report's EMA figure is that same evaluation
-    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, samples=300, progress=False,
+    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, test_samples=300, progress=False,
                                                                     use_ema=True)["loss"], rel=1e-6)
     capsys.readouterr()
 
@@ -228,7 +228,7 @@ def test_refusals(tmp_path, mnist_dir, monkeypatch):
     # no average in the file
     deepnet.init(tmp_path / "plain.h5", layers=5, progress=False)
     with pytest.raises(ConfigError, match="holds no weight average"):
-        deepnet.evaluate(tmp_path / "plain.h5", samples=10, use_ema=True, progress=False)
+        deepnet.evaluate(tmp_path / "plain.h5", test_samples=10, use_ema=True, progress=False)
     assert ema.mem_available() is None or ema.mem_available() > 0
 
 

@@ -102,8 +102,8 @@ def test_trained_mlp_survives_export_and_import(tmp_path, mnist_dir):
     a, b = MLP.load(tmp_path / "a.h5"), MLP.load(tmp_path / "b.h5")
     assert all(np.array_equal(a.params()[k], b.params()[k]) for k in ("w1", "b1", "w2", "b2"))
     assert b.step == 0
-    ea = evaluate_mlp(tmp_path / "a.h5", test_samples=500)
-    eb = evaluate_mlp(tmp_path / "b.h5", test_samples=500)
+    ea = evaluate_mlp(tmp_path / "a.h5", samples=500)
+    eb = evaluate_mlp(tmp_path / "b.h5", samples=500)
     assert (ea["loss"], ea["accuracy"]) == (eb["loss"], eb["accuracy"])
     export_raw(tmp_path / "b.h5", head=tmp_path / "mlp2.bin")
     assert (tmp_path / "mlp2.bin").read_bytes() == (tmp_path / "mlp.bin").read_bytes()
