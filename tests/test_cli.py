@@ -36,6 +36,8 @@ REPORT_FIELDS = {"event", "step", "loss", "batch_acc", "seconds_per_step", "laye
 FINAL_FIELDS = {"event", "model", "steps", "step", "loss", "batch_acc", "seconds", "seconds_per_step",
                 "layer_samples_per_s"}
 TEST_FIELDS = {"test_loss", "test_acc", "test_samples"}
+#: The final result's held-out best and early stop (None and False without --holdout).
+BEST_FIELDS = {"best_heldout_acc", "best_heldout_step", "best_model", "stopped_early"}
 # The original experiment's flag names (train-dense / eval-dense).
 ORIGINAL_FLAGS = ["--layers", "--width", "--activation", "--batch", "--steps", "--chunk-layers", "--layer-lr",
                   "--head-lr", "--alpha", "--seed", "--train-limit", "--report-every", "--in-memory",
@@ -91,7 +93,8 @@ def test_init_train_eval_info_activations(tmp_path, entry):
             check_finite_number(e[key], key)
         assert 0 <= e["batch_acc"] <= 1 and e["loss"] > 0 and e["seconds_per_step"] > 0
     final = events[-1]
-    assert set(final) == FINAL_FIELDS | TEST_FIELDS
+    assert set(final) == FINAL_FIELDS | TEST_FIELDS | BEST_FIELDS
+    assert [final[k] for k in sorted(BEST_FIELDS)] == [None, None, None, False]
     assert final["steps"] == 5 and final["step"] == 5 and final["model"] == "m.h5"
     assert final["loss"] == events[-2]["loss"] and final["batch_acc"] == events[-2]["batch_acc"]
     for key in FINAL_FIELDS - {"event", "model", "steps", "step"}:
