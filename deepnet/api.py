@@ -127,7 +127,7 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         eval_every: steps between held-out evaluations (with --holdout).
         keep_best: write the model at its best held-out accuracy so far to MODEL.best.h5 beside it (with
             --holdout and --eval-every).
-        patience: stop after K held-out evaluations in a row without a new best (with --holdout and
+        patience: stop after N held-out evaluations in a row without a new best (with --holdout and
             --eval-every); the run then saves and runs the test evaluation as usual.
         schedule: learning-rate schedule: constant, cosine, linear (decay after the warmup), or
             step:T1=LR1[,T2=LR2...] (the layer rate becomes LR1 T1 steps after the schedule starts, and
