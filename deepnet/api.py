@@ -71,46 +71,52 @@ def init(model: PathLike, *, layers: int = R.layers, width: int = R.width, activ
                         branch=branch, hidden=hidden)
 
 
-def train(model: PathLike = "model.h5", *, steps: int = R.steps, layers: int | None = None,
-          width: int | None = None, activation: str | None = None, alpha: float | None = None, seed: int = R.seed,
-          batch: int | None = None, layer_lr: float | None = None, head_lr: float | None = None,
-          chunk_layers: int = R.chunk_layers, train_limit: int | None = None, report_every: int = R.report_every,
-          eval_samples: int = R.eval_samples, in_memory: bool = False, checkpoint_every: int | None = None,
-          resume_torn: bool = False, holdout: int | None = None, eval_every: int | None = None,
-          schedule: str | None = None, warmup: int | None = None, final_lr_ratio: float | None = None,
-          decay_steps: int | None = None, ema: float | None = None, ema_every: int | None = None,
-          branch: str | None = None, hidden: int | None = None, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step: int | None = None,
+          layers: int | None = None, width: int | None = None, activation: str | None = None,
+          alpha: float | None = None, seed: int = R.seed, batch: int | None = None, lr: float | None = None,
+          layer_lr: float | None = None, head_lr: float | None = None, chunk_layers: int = R.chunk_layers,
+          train_limit: int | None = None, report_every: int = R.report_every, test_samples: int = R.test_samples,
+          in_memory: bool = False, checkpoint_every: int | None = None, resume_torn: bool = False,
+          holdout: int | None = None, eval_every: int | None = None, keep_best: bool = False,
+          patience: int | None = None, schedule: str | None = None, warmup: int | None = None,
+          final_lr_ratio: float | None = None, decay_steps: int | None = None, ema: float | None = None,
+          ema_every: int | None = None, branch: str | None = None, hidden: int | None = None,
+          data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
     """Train a model on MNIST with exact SGD, creating the model file if it does not exist.
 
     An existing model continues from its committed step, exactly as if never interrupted; --layers,
     --width and --activation must then agree with the file, and --batch, --layer-lr, --head-lr and
-    --train-limit default to the values it was trained with. Streamed, every step is committed to
-    the file; in memory, the file is replaced atomically at checkpoints and at the end. Ctrl-C (or
-    SIGTERM) finishes the current step, saves and stops (exit status 130; 143 for SIGTERM); pressed
-    again, it abandons the step.
+    --train-limit default to the values it was trained with. --steps K runs K more steps; --until-step N
+    runs until the model is at step N, so the same command run again after an interruption finishes
+    the plan. Streamed, every step is committed to the file; in memory, the file is replaced atomically
+    at checkpoints and at the end. Ctrl-C (or SIGTERM) finishes the current step, saves and stops (exit
+    status 130; 143 for SIGTERM); pressed again, it abandons the step.
     The table shows step, loss, batch accuracy, held-out accuracy (when measured), s/step,
     layer-samples/s and the ETA; every step's figures go to /train/log (`deepnet plot` draws them).
     Returns the final figures as a dict.
 
     Learning-rate schedules (--schedule --warmup --final-lr-ratio --decay-steps) apply to both rates and
     are stored with the model: a run given none of these flags continues the stored schedule exactly; a
-    run given any of them starts a new schedule at the model's current step.
+    run given any of them starts a new schedule at the model's current step, unless they describe the
+    stored schedule (same kind, warmup, final ratio and decay end), which then continues.
 
     Args:
         model: HDF5 model file (created if missing).
-        steps: SGD steps to run now.
+        steps: SGD steps to run now (default 1000).
+        until_step: train until the model's step is N instead (none if it is there already).
         layers: core layers L for a new model (default 1000000).
         width: core width w for a new model (default 4).
         activation: core activation for a new model (default softsign).
         alpha: residual scale for a new model; default 1/sqrt(layers).
         seed: seed of a new model's weights and minibatches.
         batch: minibatch size (default 16, or the model's last).
+        lr: SGD learning rate of both the core layers and the heads (--layer-lr and --head-lr override it).
         layer_lr: SGD learning rate of the core layers (default 0.05, or the model's last).
         head_lr: SGD learning rate of the input and output heads (default 0.05, or the model's last).
         chunk_layers: layers per kernel call and per read from the file (does not change results).
         train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
         report_every: print a report every N steps (figures are means over those steps).
-        eval_samples: test images evaluated at the end (0 to skip).
+        test_samples: test images evaluated at the end (default the whole test set, 10000; 0 skips it).
         in_memory: hold the core weights in RAM instead of streaming them from the file.
         checkpoint_every: write the model file every N steps (in memory: an atomic replacement; streamed:
             an fsync); default every 10 minutes of training, and always at the end and on Ctrl-C.
@@ -119,7 +125,13 @@ def train(model: PathLike = "model.h5", *, steps: int = R.steps, layers: int | N
         holdout: set the last N training images aside (never trained on) and measure the accuracy on
             them every --eval-every steps (default: the model's last, else none; 0: none).
         eval_every: steps between held-out evaluations (with --holdout).
-        schedule: learning-rate schedule: constant, cosine or linear (decay after the warmup).
+        keep_best: write the model at its best held-out accuracy so far to MODEL.best.h5 beside it (with
+            --holdout and --eval-every).
+        patience: stop after N held-out evaluations in a row without a new best (with --holdout and
+            --eval-every); the run then saves and runs the test evaluation as usual.
+        schedule: learning-rate schedule: constant, cosine, linear (decay after the warmup), or
+            step:T1=LR1[,T2=LR2...] (the layer rate becomes LR1 T1 steps after the schedule starts, and
+            the head rate keeps its ratio to it).
         warmup: steps of linear warmup at the start of the schedule.
         final_lr_ratio: the fraction of the base rates a cosine/linear decay ends at (default 0).
         decay_steps: the global step where the decay ends (default: the end of this run).
@@ -130,7 +142,7 @@ def train(model: PathLike = "model.h5", *, steps: int = R.steps, layers: int | N
         branch: "mlp" gives a NEW model a residual MLP branch whose logits are added to the core's.
         hidden: the branch's hidden units (with --branch mlp).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
-        progress: show progress bars and notices on stderr.
+        progress: show progress bars on stderr.
         on_report: called with each report row (a dict).
     """
     require_kind(model, "dense", "train")
@@ -216,7 +228,7 @@ def speedrun(model: PathLike | None = None, *, target_acc: float = _SR.target_ac
         report_every: a table row every N steps.
         workdir: directory of the temporary model (default the system's temporary directory).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
-        progress: show the workload line and progress bars on stderr.
+        progress: show progress bars on stderr (no remaining time: the run stops at its target).
         on_report: called with each report row (a dict).
     """
     given = locals()
@@ -280,38 +292,43 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
                             eval_batch=eval_batch, workdir=workdir, threads=threads)
 
 
-def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: int = _MLP.steps,
-              batch: int = _MLP.batch, lr: float = _MLP.lr, schedule: str = _MLP.schedule, seed: int = _MLP.seed,
-              train_limit: int = _MLP.train_limit, report_every: int = _MLP.report_every,
-              samples: int = _MLP.samples, threads: int = _MLP.threads, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: int | None = None,
+              until_step: int | None = None, batch: int = _MLP.batch, lr: float = _MLP.lr,
+              schedule: str = _MLP.schedule, seed: int = _MLP.seed, train_limit: int = _MLP.train_limit,
+              report_every: int = _MLP.report_every, test_samples: int = _MLP.test_samples,
+              threads: int = _MLP.threads, data_dir: PathLike | None = None, progress: bool = False,
+              on_report: OnReport | None = None) -> dict:
     """Train the baseline 784-hidden-10 ReLU MLP (NumPy, minibatch SGD), creating the file if missing.
 
     The defaults are deepnet.training.mlp.MLP_RECIPE (hidden 512, batch 128, lr 0.2 cosine, 15000 steps).
     The original experiment's run: --hidden 128 --batch 128 --steps 5000 --lr 0.05 --schedule step:2500=0.03.
-    An existing model continues from its saved step; --hidden must then agree with the file.
-    Returns the final figures as a dict.
+    An existing model continues from its saved step; --hidden must then agree with the file. With
+    --steps the schedule runs over this run's steps; with --until-step N it runs over the model's steps
+    0 to N, so the same command run again after an interruption finishes the plan exactly. Ctrl-C (or
+    SIGTERM) finishes the current step, saves and stops. Returns the final figures as a dict.
 
     Args:
         model: HDF5 model file of kind mlp (created if missing).
         hidden: hidden units of a new model (default 512).
-        steps: SGD steps to run now.
+        steps: SGD steps to run now (default 15000).
+        until_step: train until the model's step is N instead (none if it is there already).
         batch: minibatch size.
         lr: learning rate at the start of the schedule.
-        schedule: cosine (lr -> 0 over this run), linear, constant, or step:T1=LR1[,T2=LR2...] (lr until
-            step T1 of this run, then LR1, ...).
+        schedule: cosine (lr -> 0 over the run), linear, constant, or step:T1=LR1[,T2=LR2...] (lr until
+            step T1 of the run, then LR1, ...).
         seed: seed of a new model's weights (He/Xavier-uniform) and minibatches.
         train_limit: draw minibatches from the first N training images.
         report_every: print a report and save the file every N steps.
-        samples: test images evaluated at the end (0 to skip).
+        test_samples: test images evaluated at the end (default the whole test set, 10000; 0 skips it).
         threads: BLAS threads while training (0: BLAS's default; 1 is robust on a shared machine).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show a progress bar on stderr.
         on_report: called with each report row (a dict).
     """
-    return _mlp_training.train_mlp(model, hidden=hidden, steps=steps, batch=batch, lr=lr, schedule=schedule,
-                                   seed=seed, train_limit=train_limit, report_every=report_every,
-                                   samples=samples, threads=threads, data_dir=data_dir, progress=progress,
-                                   on_report=on_report or ignore_report)
+    return _mlp_training.train_mlp(model, hidden=hidden, steps=steps, until_step=until_step, batch=batch, lr=lr,
+                                   schedule=schedule, seed=seed, train_limit=train_limit,
+                                   report_every=report_every, test_samples=test_samples, threads=threads,
+                                   data_dir=data_dir, progress=progress, on_report=on_report or ignore_report)
 
 
 def evaluate_mlp(model: PathLike = "mlp.h5", *, test_samples: int = 10_000, batch: int = _MLP_EVAL_BATCH,

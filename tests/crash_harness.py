@@ -185,7 +185,7 @@ def deepnet_env(setup: CrashSetup) -> dict:
 def train_argv(setup: CrashSetup, path: Path, steps: int, *, in_memory: bool, report_every: int,
                extra: tuple = ()) -> list[str]:
     argv = [sys.executable, "-m", "deepnet", "train", str(path), "--steps", str(steps), "--batch", str(setup.batch),
-            "--train-limit", str(setup.train_limit), "--report-every", str(report_every), "--eval-samples", "0",
+            "--train-limit", str(setup.train_limit), "--report-every", str(report_every), "--test-samples", "0",
             "--chunk-layers", str(setup.chunk_layers), "--json", *extra]
     if in_memory:
         argv += ["--in-memory", "--checkpoint-every", str(setup.checkpoint_every)]

@@ -4,6 +4,7 @@ model, evaluation includes it, and a model without one behaves exactly as before
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import h5py
@@ -143,7 +144,7 @@ def test_files_without_a_branch_stay_branchless(tmp_path, mnist_dir, capsys):
     branch="" opens branch-less."""
     for in_memory in (True, False):
         path = tmp_path / f"plain-{in_memory}.h5"
-        deepnet.train(path, steps=3, layers=10, width=4, eval_samples=0, in_memory=in_memory, progress=False)
+        deepnet.train(path, steps=3, layers=10, width=4, test_samples=0, in_memory=in_memory, progress=False)
         with DeepNet.open(path) as net:
             assert net.branch is None and net.extra_writers == []
             assert "branch" not in net.file.h5 and "branch" not in net.file.h5.attrs
@@ -170,23 +171,24 @@ def test_branch_options_are_checked(tmp_path, mnist_dir):
     assert not (tmp_path / "a.h5").exists()
     deepnet.init(tmp_path / "plain.h5", layers=5, progress=False)
     with pytest.raises(ConfigError, match="has no branch"):
-        deepnet.train(tmp_path / "plain.h5", steps=1, branch="mlp", hidden=8, eval_samples=0, progress=False)
+        deepnet.train(tmp_path / "plain.h5", steps=1, branch="mlp", hidden=8, test_samples=0, progress=False)
     deepnet.init(tmp_path / "br.h5", layers=5, branch="mlp", hidden=8, progress=False)
     with pytest.raises(ConfigError, match="hidden 8 but --hidden 9"):
-        deepnet.train(tmp_path / "br.h5", steps=1, branch="mlp", hidden=9, eval_samples=0, progress=False)
+        deepnet.train(tmp_path / "br.h5", steps=1, branch="mlp", hidden=9, test_samples=0, progress=False)
     with ModelFile.open(tmp_path / "br.h5") as f:
         assert f.step == 0
 
 
 @pytest.mark.skipif(not have_mnist(), reason="no MNIST")
 def test_cli_branch(tmp_path):
-    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": ""}
+    # The subprocess runs the deepnet these tests imported, not whichever one is installed.
+    env = {"DEEPNET_DATA": str(MNIST_DIR), "PATH": "", "PYTHONPATH": str(Path(deepnet.__file__).parents[1])}
     run = lambda *a: subprocess.run([sys.executable, "-m", "deepnet", *a], cwd=tmp_path, capture_output=True,  # noqa: E731
                                     text=True, env=env, timeout=300)
     proc = run("init", "m.h5", "--layers", "20", "--branch", "mlp", "--hidden", "16")
     assert proc.returncode == 0, proc.stderr
     assert "MLP branch of 16 hidden units" in proc.stdout
-    proc = run("train", "--model", "m.h5", "--steps", "4", "--eval-samples", "50", "--json")
+    proc = run("train", "--model", "m.h5", "--steps", "4", "--test-samples", "50", "--json")
     assert proc.returncode == 0, proc.stderr
     proc = run("info", "m.h5")
     assert proc.returncode == 0 and "mlp, hidden 16" in proc.stdout, proc.stdout

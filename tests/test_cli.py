@@ -36,6 +36,8 @@ REPORT_FIELDS = {"event", "step", "loss", "batch_acc", "seconds_per_step", "laye
 FINAL_FIELDS = {"event", "model", "steps", "step", "loss", "batch_acc", "seconds", "seconds_per_step",
                 "layer_samples_per_s"}
 TEST_FIELDS = {"test_loss", "test_acc", "test_samples"}
+#: The final result's held-out best and early stop (None and False without --holdout).
+BEST_FIELDS = {"best_heldout_acc", "best_heldout_step", "best_model", "stopped_early"}
 # The original experiment's flag names (train-dense / eval-dense).
 ORIGINAL_FLAGS = ["--layers", "--width", "--activation", "--batch", "--steps", "--chunk-layers", "--layer-lr",
                   "--head-lr", "--alpha", "--seed", "--train-limit", "--report-every", "--in-memory",
@@ -81,7 +83,7 @@ def test_init_train_eval_info_activations(tmp_path, entry):
         assert (f.layers, f.width, f.activation, f.seed, f.step) == (20, 4, "tanh", 1, 0)
 
     proc = ok(deepnet_cmd(entry, "train", "m.h5", "--steps", "5", "--report-every", "2", "--batch", "8",
-                          "--eval-samples", "100", "--json", cwd=tmp_path))
+                          "--test-samples", "100", "--json", cwd=tmp_path))
     events = json_lines(proc.stdout)
     assert [e["event"] for e in events] == ["report", "report", "report", "final"]
     assert [e["step"] for e in events[:3]] == [2, 4, 5]
@@ -91,7 +93,8 @@ def test_init_train_eval_info_activations(tmp_path, entry):
             check_finite_number(e[key], key)
         assert 0 <= e["batch_acc"] <= 1 and e["loss"] > 0 and e["seconds_per_step"] > 0
     final = events[-1]
-    assert set(final) == FINAL_FIELDS | TEST_FIELDS
+    assert set(final) == FINAL_FIELDS | TEST_FIELDS | BEST_FIELDS
+    assert [final[k] for k in sorted(BEST_FIELDS)] == [None, None, None, False]
     assert final["steps"] == 5 and final["step"] == 5 and final["model"] == "m.h5"
     assert final["loss"] == events[-2]["loss"] and final["batch_acc"] == events[-2]["batch_acc"]
     for key in FINAL_FIELDS - {"event", "model", "steps", "step"}:
@@ -152,8 +155,8 @@ def test_aliases_take_the_original_flag_names(tmp_path):
         assert (f.layers, f.width, f.activation, f.seed, f.step) == (20, 4, "softsign", 3, 5)
         assert f.alpha == pytest.approx(0.2)
 
-    # `train` with the same flags gives the same file, bit for bit (and --eval-samples 0 skips the test).
-    ok(deepnet_cmd("module", "train", "--model", "plain.h5", *flags, "--eval-samples", "0", cwd=tmp_path,
+    # `train` with the same flags gives the same file, bit for bit (and --test-samples 0 skips the test).
+    ok(deepnet_cmd("module", "train", "--model", "plain.h5", *flags, "--test-samples", "0", cwd=tmp_path,
                    env_data=False))
     heads_a, core_a = read_weights(tmp_path / "dense.h5")
     heads_b, core_b = read_weights(tmp_path / "plain.h5")
@@ -269,7 +272,7 @@ BAD_IN_PROCESS = {
     "head-lr-negative": ["train", "existing.h5", "--head-lr", "-1", "--steps", "1"],
     "layer-lr-nan": ["train", "existing.h5", "--layer-lr", "nan", "--steps", "1"],
     "report-every-0": ["train", "existing.h5", "--report-every", "0"],
-    "eval-samples-negative": ["train", "existing.h5", "--eval-samples", "-1"],
+    "test-samples-negative": ["train", "existing.h5", "--test-samples", "-1"],
     "seed-negative": ["init", "new.h5", *TINY, "--seed", "-1"],
     "init-layers-0": ["init", "new.h5", "--layers", "0"],
     "init-unknown-activation": ["init", "new.h5", "--activation", "nope"],
@@ -359,7 +362,7 @@ def test_a_training_flag_lives_in_the_api_function_and_the_option_object_only():
 
 def test_api_returns_results_and_prints_nothing(tmp_path, mnist_dir, capsys):
     rows = []
-    final = deepnet.train(tmp_path / "m.h5", steps=4, layers=20, width=4, report_every=2, eval_samples=50,
+    final = deepnet.train(tmp_path / "m.h5", steps=4, layers=20, width=4, report_every=2, test_samples=50,
                           on_report=rows.append)
     figures = deepnet.evaluate(tmp_path / "m.h5", test_samples=50)
     info = deepnet.info(tmp_path / "m.h5")

@@ -195,7 +195,7 @@ def test_a_refused_training_run_creates_no_model_file(flags, message, tmp_path, 
     """issue 18 item 10: `train --model new.h5 --layers 1000 --holdout 60000` and `--schedule linear
     --decay-steps -3` exited 2 but left a new file: the run is planned against the data first."""
     path = tmp_path / "new.h5"
-    assert main(["train", "--model", str(path), "--layers", "100", "--steps", "1", "--eval-samples", "0",
+    assert main(["train", "--model", str(path), "--layers", "100", "--steps", "1", "--test-samples", "0",
                  *flags]) == 2
     assert message in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []

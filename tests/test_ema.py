@@ -159,7 +159,7 @@ def test_every_k_writes_the_average_back(tmp_path):
 def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir, capsys):
     path = tmp_path / "m.h5"
     final = deepnet.train(path, steps=30, layers=40, width=4, branch="mlp", hidden=16, ema=0.9, in_memory=True,
-                          eval_samples=300, progress=False)
+                          test_samples=300, progress=False)
     capsys.readouterr()
     assert {"test_acc", "ema_test_acc", "ema_test_loss"} <= set(final) and final["ema_decay"] == 0.9
     assert final["ema_test_loss"] != final["test_loss"]
@@ -175,8 +175,8 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert not np.array_equal(core, live_core)
 
     # eval --use-ema: differs from plain eval and matches a manual float64 computation on the average
-    plain = deepnet.evaluate(path, samples=500, progress=False)
-    averaged = deepnet.evaluate(path, samples=500, progress=False, use_ema=True)
+    plain = deepnet.evaluate(path, test_samples=500, progress=False)
+    averaged = deepnet.evaluate(path, test_samples=500, progress=False, use_ema=True)
     capsys.readouterr()
     assert averaged["ema"] is True and averaged["ema_step"] == 30
     assert averaged["loss"] != plain["loss"]
@@ -186,13 +186,13 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     assert averaged["loss"] == pytest.approx(loss, rel=1e-5)
     assert averaged["accuracy"] == pytest.approx(np.mean(np.argmax(ref, axis=1) == y), abs=2 / 500)
     # ... and the final report's EMA figure is that same evaluation
-    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, samples=300, progress=False,
+    assert final["ema_test_loss"] == pytest.approx(deepnet.evaluate(path, test_samples=300, progress=False,
                                                                     use_ema=True)["loss"], rel=1e-6)
     capsys.readouterr()
 
 
 def test_resumed_average_continues_exactly(tmp_path, mnist_dir, capsys):
-    kw = dict(layers=12, width=4, eval_samples=0, progress=False, in_memory=True, ema=0.7)
+    kw = dict(layers=12, width=4, test_samples=0, progress=False, in_memory=True, ema=0.7)
     deepnet.train(tmp_path / "one.h5", steps=10, **kw)
     deepnet.train(tmp_path / "two.h5", steps=5, **kw)
     deepnet.train(tmp_path / "two.h5", steps=5, **kw)
@@ -206,7 +206,7 @@ def test_resumed_average_continues_exactly(tmp_path, mnist_dir, capsys):
 
 def test_refusals(tmp_path, mnist_dir, monkeypatch):
     with pytest.raises(ConfigError, match="--ema needs --in-memory"):
-        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, eval_samples=0, progress=False)
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, test_samples=0, progress=False)
     assert not (tmp_path / "s.h5").exists()
     with pytest.raises(ConfigError, match="--ema-every needs --ema"):
         deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema_every=3, in_memory=True, progress=False)
@@ -217,7 +217,7 @@ def test_refusals(tmp_path, mnist_dir, monkeypatch):
     # too little memory: refused before the model is even created
     monkeypatch.setattr(ema, "mem_available", lambda: 100)
     with pytest.raises(ConfigError, match=r"second copy of the core in RAM.* only 0.00 GB is available now \(MemAvailable\)"):
-        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, in_memory=True, eval_samples=0, progress=False)
+        deepnet.train(tmp_path / "s.h5", steps=1, layers=5, ema=0.9, in_memory=True, test_samples=0, progress=False)
     assert not (tmp_path / "s.h5").exists()
     with pytest.raises(ConfigError, match="MemAvailable"):
         ema.check_fits(800_000_000, resident=True, available=700_000_000)
@@ -228,7 +228,7 @@ def test_refusals(tmp_path, mnist_dir, monkeypatch):
     # no average in the file
     deepnet.init(tmp_path / "plain.h5", layers=5, progress=False)
     with pytest.raises(ConfigError, match="holds no weight average"):
-        deepnet.evaluate(tmp_path / "plain.h5", samples=10, use_ema=True, progress=False)
+        deepnet.evaluate(tmp_path / "plain.h5", test_samples=10, use_ema=True, progress=False)
     assert ema.mem_available() is None or ema.mem_available() > 0
 
 
@@ -276,7 +276,7 @@ def assert_all_equal(a, b, where=""):
 def test_a_plain_train_continues_every_stored_option(tmp_path, mnist_dir, capsys, every):
     """issue 18 item 3: `train` without flags continues the average (decay, every) and every other
     stored option (schedule, held-out, branch, train_limit, batch, rates) exactly as one run would."""
-    kw = dict(layers=12, width=4, eval_samples=0, progress=False, in_memory=True)
+    kw = dict(layers=12, width=4, test_samples=0, progress=False, in_memory=True)
     flags = dict(ema=0.8, ema_every=every, schedule="cosine", warmup=2, final_lr_ratio=0.1, decay_steps=9,
                  holdout=300, eval_every=2, branch="mlp", hidden=8, train_limit=900, batch=5, layer_lr=0.07,
                  head_lr=0.03)
@@ -294,9 +294,9 @@ def test_a_plain_train_continues_every_stored_option(tmp_path, mnist_dir, capsys
 def test_a_streamed_run_on_a_model_with_an_average_is_refused(tmp_path, mnist_dir, capsys):
     """issue 18 item 3: streamed training cannot keep the stored average going: refused, nothing written."""
     path = tmp_path / "m.h5"
-    deepnet.train(path, steps=2, layers=12, width=4, eval_samples=0, progress=False, in_memory=True, ema=0.9)
+    deepnet.train(path, steps=2, layers=12, width=4, test_samples=0, progress=False, in_memory=True, ema=0.9)
     before = path.read_bytes()
     with pytest.raises(ConfigError, match=r"^.*m\.h5 holds a weight average \(--ema 0\.9\), which only in-memory "
                                           r"training can continue: add --in-memory$"):
-        deepnet.train(path, steps=2, eval_samples=0, progress=False)
+        deepnet.train(path, steps=2, test_samples=0, progress=False)
     assert path.read_bytes() == before

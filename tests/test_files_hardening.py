@@ -197,7 +197,7 @@ def test_in_memory_training_through_a_symlink_replaces_the_target(tmp_path, mini
     link = tmp_path / "link.h5"
     link.symlink_to(target)
     proc = run_cli("train", link, "--in-memory", "--steps", 2, "--batch", 4, "--train-limit", 300,
-                   "--eval-samples", 0, "--report-every", 1, data=mini)
+                   "--test-samples", 0, "--report-every", 1, data=mini)
     assert proc.returncode == 0, proc.stderr
     assert link.is_symlink() and os.readlink(link) == str(target)
     with ModelFile.open(target) as f:
@@ -371,7 +371,7 @@ def test_a_zeroed_commit_record_is_damaged_and_does_not_hide_an_altered_head(tmp
     assert report.status == "damaged" and "commit record is damaged" in report.summary
     with pytest.raises(DamagedFileError):
         ModelFile.open(path, "r+")
-    one_line_error(run_cli("train", path, "--steps", 1, "--eval-samples", 0, data=mini), "commit record is damaged")
+    one_line_error(run_cli("train", path, "--steps", 1, "--test-samples", 0, data=mini), "commit record is damaged")
     proc = run_cli("check", path)
     assert proc.returncode != 0 and "damaged" in proc.stdout + proc.stderr
 
@@ -450,7 +450,7 @@ def test_train_mlp_holds_the_lock_for_its_whole_run(tmp_path, mini, monkeypatch)
     from deepnet.nn.mlp import MLP
 
     path = tmp_path / "mlp.h5"
-    deepnet.train_mlp(path, hidden=8, steps=2, batch=4, train_limit=300, samples=0, data_dir=mini, progress=False)
+    deepnet.train_mlp(path, hidden=8, steps=2, batch=4, train_limit=300, test_samples=0, data_dir=mini, progress=False)
     seen = []
     real_save = MLP.save
 
@@ -461,7 +461,7 @@ def test_train_mlp_holds_the_lock_for_its_whole_run(tmp_path, mini, monkeypatch)
         seen.append(self.step)
 
     monkeypatch.setattr(MLP, "save", save_and_try_a_second_writer)
-    deepnet.train_mlp(path, steps=3, batch=4, train_limit=300, samples=0, report_every=1, data_dir=mini,
+    deepnet.train_mlp(path, steps=3, batch=4, train_limit=300, test_samples=0, report_every=1, data_dir=mini,
                       progress=False)
     assert seen == [3, 4, 5]
     fd = lock_target(str(path))

@@ -22,7 +22,7 @@ def test_heldout_rows_and_split(tmp_path, mnist_dir, capsys, in_memory):
     path = tmp_path / "m.h5"
     mode = "--in-memory" if in_memory else "--noin-memory"
     assert main(["train", "--model", str(path), "--steps", "12", "--layers", "10", "--width", "4", "--holdout", "500",
-                 "--eval-every", "5", "--report-every", "4", "--eval-samples", "0", mode, "--json"]) == 0
+                 "--eval-every", "5", "--report-every", "4", "--test-samples", "0", mode, "--json"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     reports = [e for e in events if e["event"] == "report"]
     final = events[-1]
@@ -42,7 +42,7 @@ def test_heldout_rows_and_split(tmp_path, mnist_dir, capsys, in_memory):
     assert settings["holdout"] == 500 and settings["eval_every"] == 5 and settings["train_limit"] == 59_500
 
     # a resumed run keeps the split and the cadence (stored), and appends to the same dataset
-    deepnet.train(path, steps=6, eval_samples=0, in_memory=in_memory)
+    deepnet.train(path, steps=6, test_samples=0, in_memory=in_memory)
     with ModelFile.open(path) as f:
         assert list(read_rows(f.h5)["step"]) == [5, 10, 15]
         assert f.train_settings["train_limit"] == 59_500
@@ -50,7 +50,7 @@ def test_heldout_rows_and_split(tmp_path, mnist_dir, capsys, in_memory):
 
 def test_table_shows_heldout_and_eta(tmp_path, mnist_dir, capsys):
     assert main(["train", "--model", str(tmp_path / "m.h5"), "--steps", "6", "--layers", "5", "--holdout", "100",
-                 "--eval-every", "3", "--report-every", "2", "--eval-samples", "0"]) == 0
+                 "--eval-every", "3", "--report-every", "2", "--test-samples", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     header = out[0].split()
     assert header == ["step", "loss", "batch_acc", "heldout_acc", "s/step", "layer-samples/s", "ETA"]
@@ -59,7 +59,7 @@ def test_table_shows_heldout_and_eta(tmp_path, mnist_dir, capsys):
     assert "held-out" in "\n".join(out)
     # without held-out evaluation, no empty column
     assert main(["train", "--model", str(tmp_path / "n.h5"), "--steps", "2", "--layers", "5", "--report-every", "1",
-                 "--eval-samples", "0"]) == 0
+                 "--test-samples", "0"]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["step", "loss", "batch_acc", "s/step",
                                                                "layer-samples/s", "ETA"]
 
@@ -80,7 +80,7 @@ def test_heldout_options_are_checked(tmp_path, mnist_dir):
 def test_plot_and_info_use_heldout(tmp_path, mnist_dir, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "m.h5"
-    deepnet.train(path, steps=6, layers=5, holdout=100, eval_every=2, eval_samples=0, in_memory=True,
+    deepnet.train(path, steps=6, layers=5, holdout=100, eval_every=2, test_samples=0, in_memory=True,
                   schedule="cosine", progress=False)
     capsys.readouterr()
     rows, _ = read_train_log(path)

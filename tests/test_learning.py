@@ -24,7 +24,7 @@ def test_loss_drops_quickly(tmp_path, mnist_dir, capsys, in_memory):
     """200 steps on 20 layers: the loss falls clearly and the test accuracy is far above chance."""
     path = tmp_path / "small.h5"
     deepnet.train(path, steps=200, layers=20, width=4, activation="softsign", batch=16, seed=0,
-                  eval_samples=0, report_every=50, in_memory=in_memory, progress=False)
+                  test_samples=0, report_every=50, in_memory=in_memory, progress=False)
     capsys.readouterr()
     with ModelFile.open(path) as f:
         log = f.read_log()
@@ -33,7 +33,7 @@ def test_loss_drops_quickly(tmp_path, mnist_dir, capsys, in_memory):
     assert first > 1.8, f"an untrained 10-class model starts near ln 10 = 2.30, got {first:.3f}"
     assert last < first - 0.3, f"loss did not drop: first 50 steps {first:.3f}, last 50 {last:.3f}"
 
-    result = deepnet.evaluate(path, samples=2000, progress=False)
+    result = deepnet.evaluate(path, test_samples=2000, progress=False)
     capsys.readouterr()
     assert result["accuracy"] > 0.4, result
     # The core learns too, not only the heads: every layer's weights moved off their initial values.
@@ -49,8 +49,8 @@ def test_100_layers_width_4_reach_65_percent(tmp_path, mnist_dir, capsys, seed):
     path = tmp_path / "m.h5"
     final = deepnet.train(path, steps=1000, layers=100, width=4, activation="softsign", batch=16, seed=seed,
                           layer_lr=deepnet.RECIPE.layer_lr, head_lr=deepnet.RECIPE.head_lr,
-                          eval_samples=0, progress=False, data_dir=str(mnist_dir))
-    result = deepnet.evaluate(path, samples=10_000, progress=False)
+                          test_samples=0, progress=False, data_dir=str(mnist_dir))
+    result = deepnet.evaluate(path, test_samples=10_000, progress=False)
     capsys.readouterr()
     assert final["step"] == 1000
     assert result["samples"] == 10_000

@@ -174,9 +174,9 @@ def no_data_env(monkeypatch) -> None:
 # the corpus: name -> (command, expected fragment of the error line, prepare(d) or None, patch or None)
 
 TINY = ["--layers", "20", "--width", "4"]
-NEW = ["train", "new.h5", *TINY, "--train-limit", str(N_TRAIN), "--eval-samples", "0", "--steps", "1"]
+NEW = ["train", "new.h5", *TINY, "--train-limit", str(N_TRAIN), "--test-samples", "0", "--steps", "1"]
 BAD_DATA = ["--data-dir", "bad"]
-OLD = ["train", "existing.h5", "--train-limit", str(N_TRAIN), "--eval-samples", "0", "--steps", "1"]
+OLD = ["train", "existing.h5", "--train-limit", str(N_TRAIN), "--test-samples", "0", "--steps", "1"]
 
 CORPUS = {
     # --- malformed IDX files (training and test sets)
@@ -204,7 +204,7 @@ CORPUS = {
     "idx-test-set-truncated": (["eval", "existing.h5", "--samples", "50", *BAD_DATA], "t10k-labels-idx1-ubyte: truncated",
                                broken_mnist(truncate(TEST_LABELS, -1))),
     # --- model files that are not (or no longer) deepnet's
-    "model-not-hdf5": (["train", "notes.txt", "--steps", "1", "--eval-samples", "0"], "notes.txt is not a deepnet model file (not an HDF5 file)", None),
+    "model-not-hdf5": (["train", "notes.txt", "--steps", "1", "--test-samples", "0"], "notes.txt is not a deepnet model file (not an HDF5 file)", None),
     "model-foreign-hdf5": (["eval", "foreign.h5", "--samples", "50"], "foreign.h5 is not a deepnet model file (no 'format' attribute)", plain_hdf5),
     "model-other-format": (["info", "existing.h5"], "is not a deepnet model file (format is 'zarr'",
                            h5_edit(lambda f: f.attrs.__setitem__("format", "zarr"))),
@@ -219,14 +219,14 @@ CORPUS = {
     "model-negative-step": (OLD, "attribute step is -4, must be >= 0",
                             h5_edit(lambda f: f.attrs.__setitem__("step", np.int64(-4)))),
     "model-unknown-activation": (OLD, "swish9", h5_edit(lambda f: f.attrs.__setitem__("activation", "swish9"))),
-    "model-truncated": (["train", "half.h5", "--steps", "1", "--eval-samples", "0"], "could not open half.h5", truncated_model),
+    "model-truncated": (["train", "half.h5", "--steps", "1", "--test-samples", "0"], "could not open half.h5", truncated_model),
     "model-commit-record-damaged": (OLD, "the commit record is damaged",
                                     h5_edit(lambda f: f["train/commit"].__setitem__(Ellipsis, 7))),
     "model-torn-step": (OLD, "holds a torn step 4 (10 of 40 layers updated when its writer stopped); pass --resume-torn",
                         torn_model),
     "model-non-finite-weights": (OLD, "step 4 refused: the loss is nan; nothing was written", nan_weights),
-    "model-is-a-directory": (["train", "adir", "--steps", "1", "--eval-samples", "0"], "adir is a directory", None),
-    "model-of-kind-mlp": (["train", "mlp.h5", "--steps", "1", "--eval-samples", "0"], "holds a model of kind 'mlp'", mlp_model),
+    "model-is-a-directory": (["train", "adir", "--steps", "1", "--test-samples", "0"], "adir is a directory", None),
+    "model-of-kind-mlp": (["train", "mlp.h5", "--steps", "1", "--test-samples", "0"], "holds a model of kind 'mlp'", mlp_model),
     # --- flags that disagree with the file
     "width-disagrees": (OLD + ["--width", "3"], "existing.h5 has width 4 but --width 3 was given", None),
     "layers-disagree": (OLD + ["--layers", "41"], "existing.h5 has layers 40 but --layers 41 was given", None),
@@ -244,10 +244,10 @@ CORPUS = {
     "layer-lr-negative": (OLD + ["--layer-lr", "-0.1"], "--layer-lr must be a finite number >= 0", None),
     "head-lr-nan": (OLD + ["--head-lr", "nan"], "--head-lr must be a finite number", None),
     "alpha-0": (["init", "new.h5", *TINY, "--alpha", "0"], "--alpha must be > 0", None),
-    "eval-samples-negative": (OLD + ["--eval-samples", "-1"], "--eval-samples must be an integer >= 0", None),
+    "test-samples-negative": (OLD + ["--test-samples", "-1"], "--test-samples must be an integer >= 0", None),
     "train-limit-0": (NEW + ["--train-limit", "0"], "--train-limit must be > 0, got 0", None),
     "train-limit-beyond-data": (NEW + ["--train-limit", str(N_TRAIN + 1)], f"--train-limit must be in 1..{N_TRAIN}, got {N_TRAIN + 1}", None),
-    "eval-samples-beyond-data": (["eval", "existing.h5", "--samples", "201"], "--samples must be in 1..200, got 201", None),
+    "test-samples-beyond-data": (["eval", "existing.h5", "--samples", "201"], "--test-samples must be in 1..200, got 201", None),
     "unknown-activation": (NEW + ["--activation", "nope"], "nope", None),
     "unknown-flag": (OLD + ["--stepz", "3"], "deepnet train has no flag --stepz", None),
     # --- where the output goes

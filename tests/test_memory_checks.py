@@ -45,13 +45,13 @@ def test_init_still_creates_what_fits(tmp_path, one_gb):
 def test_train_refuses_a_batch_that_cannot_fit_before_creating_the_model(tmp_path, mnist_dir, one_gb):
     """issue 18 item 5: train --batch 1000000000000, on a new model and on an existing one."""
     with pytest.raises(ConfigError, match=r"^a training step at batch 1000000000000 " + REFUSED):
-        deepnet.train(tmp_path / "new.h5", layers=100, steps=1, batch=10**12, eval_samples=0, progress=False)
+        deepnet.train(tmp_path / "new.h5", layers=100, steps=1, batch=10**12, test_samples=0, progress=False)
     assert os.listdir(tmp_path) == []
     path = tmp_path / "m.h5"
     deepnet.init(path, layers=100, progress=False)
     before = path.read_bytes()
     with pytest.raises(ConfigError, match=r"^a training step of .*m\.h5 at batch 100000000 " + REFUSED):
-        deepnet.train(path, steps=1, batch=10**8, eval_samples=0, progress=False)
+        deepnet.train(path, steps=1, batch=10**8, test_samples=0, progress=False)
     assert path.read_bytes() == before
 
 
@@ -82,9 +82,9 @@ def test_step_bytes_grow_with_the_batch_and_count_the_store_buffers(tmp_path, mo
 def test_train_mlp_refuses_what_cannot_fit(tmp_path, mnist_dir, one_gb):
     """issue 18 item 5: train-mlp --hidden 100000000 (and an absurd batch)."""
     with pytest.raises(ConfigError, match=r"^training an MLP of hidden 100000000 at batch 128 " + REFUSED):
-        deepnet.train_mlp(tmp_path / "m.h5", hidden=100_000_000, steps=1, samples=0)
+        deepnet.train_mlp(tmp_path / "m.h5", hidden=100_000_000, steps=1, test_samples=0)
     with pytest.raises(ConfigError, match=r"^training an MLP of hidden 512 at batch 10000000000 " + REFUSED):
-        deepnet.train_mlp(tmp_path / "m.h5", batch=10**10, steps=1, samples=0)
+        deepnet.train_mlp(tmp_path / "m.h5", batch=10**10, steps=1, test_samples=0)
     assert os.listdir(tmp_path) == []
 
 

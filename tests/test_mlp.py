@@ -154,8 +154,8 @@ def test_kinds_are_told_apart(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     line = _one_line_error(*_run(capsys, "eval-mlp", "--model", tmp_path / "dense.h5", "--samples", 10)[::2])
     assert "kind 'dense'" in line
-    line = _one_line_error(*_run(capsys, "eval", "--model", tmp_path / "mlp.h5", "--samples", 10)[::2])
-    assert "kind 'mlp'" in line and "eval-mlp" in line
+    code, out, err = _run(capsys, "eval", "--model", tmp_path / "mlp.h5", "--test-samples", 10, "--json")
+    assert code == 0 and json.loads(out)["hidden"] == 8, err  # eval dispatches on the model's kind
     line = _one_line_error(*_run(capsys, "train", "--model", tmp_path / "mlp.h5", "--steps", 1)[::2])
     assert "kind 'mlp'" in line and "train-mlp" in line
     line = _one_line_error(*_run(capsys, "train-mlp", "--model", tmp_path / "dense.h5", "--steps", 1)[::2])
@@ -176,15 +176,15 @@ def test_kinds_are_told_apart(tmp_path, capsys):
 def test_learns_on_a_small_budget_and_resumes_exactly(tmp_path, mnist_dir, capsys):
     common = dict(batch=64, lr=0.1, schedule="constant", train_limit=5000, report_every=50, progress=False)
     rows = []
-    final = train_mlp(tmp_path / "a.h5", hidden=32, steps=200, samples=2000, on_report=rows.append, **common)
+    final = train_mlp(tmp_path / "a.h5", hidden=32, steps=200, test_samples=2000, on_report=rows.append, **common)
     assert capsys.readouterr().out == ""  # the API prints nothing
     assert [r["event"] for r in rows] == ["report"] * 4 and final["event"] == "final"
     assert [r["step"] for r in rows] == [50, 100, 150, 200] and all(r["lr"] == 0.1 for r in rows)
     assert final["test_acc"] > 0.8, final
     assert rows[-1]["loss"] == final["loss"]
     # 120 + 80 steps in two runs draw the same minibatches as 200 in one.
-    train_mlp(tmp_path / "b.h5", hidden=32, steps=120, samples=0, **common)
-    train_mlp(tmp_path / "b.h5", steps=80, samples=0, **common)
+    train_mlp(tmp_path / "b.h5", hidden=32, steps=120, test_samples=0, **common)
+    train_mlp(tmp_path / "b.h5", steps=80, test_samples=0, **common)
     a, b = MLP.load(tmp_path / "a.h5"), MLP.load(tmp_path / "b.h5")
     for k in ("w1", "b1", "w2", "b2"):
         assert np.array_equal(a.params()[k], b.params()[k]), k
@@ -197,7 +197,7 @@ def test_learns_on_a_small_budget_and_resumes_exactly(tmp_path, mnist_dir, capsy
 def test_cli_train_and_eval(tmp_path, mnist_dir, capsys):
     model = tmp_path / "m.h5"
     code, out, err = _run(capsys, "train-mlp", "--model", model, "--hidden", 16, "--steps", 30, "--batch", 32,
-                          "--lr", 0.2, "--schedule", "step:20=0.05", "--report-every", 10, "--samples", 500,
+                          "--lr", 0.2, "--schedule", "step:20=0.05", "--report-every", 10, "--test-samples", 500,
                           "--train-limit", 2000, "--seed", 4)
     assert code == 0, err
     assert "step" in out and "test" in out and "accuracy" in out
@@ -216,7 +216,7 @@ def test_cli_train_and_eval(tmp_path, mnist_dir, capsys):
     (["--lr", "nan"], "--lr"),
     (["--schedule", "sine"], "--schedule"),
     (["--train-limit", 70000], "--train-limit"),
-    (["--samples", 20000], "--samples"),
+    (["--test-samples", 20000], "--test-samples"),
     (["--report-every", 0], "--report-every"),
     (["--hiden", 3], "no flag --hiden"),
 ])
@@ -231,13 +231,13 @@ def test_hidden_must_agree_with_an_existing_file(tmp_path, mnist_dir):
     MLP.new(8).save(tmp_path / "m.h5")
     before = (tmp_path / "m.h5").read_bytes()
     with pytest.raises(ConfigError, match="hidden 8 but --hidden 9"):
-        train_mlp(tmp_path / "m.h5", hidden=9, steps=1, samples=0, progress=False)
+        train_mlp(tmp_path / "m.h5", hidden=9, steps=1, test_samples=0, progress=False)
     assert (tmp_path / "m.h5").read_bytes() == before
 
 
 @pytest.mark.slow
 def test_default_recipe_reaches_0975_on_the_full_test_set(tmp_path, mnist_dir):
-    final = train_mlp(tmp_path / "mlp.h5", samples=10_000)
+    final = train_mlp(tmp_path / "mlp.h5", test_samples=10_000)
     assert final["test_samples"] == 10_000
     assert final["test_acc"] >= 0.975, final
 

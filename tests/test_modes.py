@@ -99,7 +99,7 @@ def test_streamed_step_marks_every_storage_chunk(tmp_path):
 
 
 RUN = dict(layers=30, width=4, activation="softsign", seed=5, batch=8, train_limit=2000, report_every=5,
-           eval_samples=200, progress=False)
+           test_samples=200, progress=False)
 
 
 def file_state(path):

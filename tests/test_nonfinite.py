@@ -100,7 +100,7 @@ def test_huge_layer_lr_through_h5py_writes_nothing(tmp_path, monkeypatch):
 def test_huge_layer_lr_in_memory_keeps_the_last_checkpoint(tmp_path, mnist_dir):
     """issue 18 item 1: in memory the damaged weights in RAM are never saved."""
     path = tmp_path / "m.h5"
-    run = dict(layers=200, width=4, batch=4, train_limit=200, eval_samples=0, in_memory=True, progress=False)
+    run = dict(layers=200, width=4, batch=4, train_limit=200, test_samples=0, in_memory=True, progress=False)
     deepnet.train(path, steps=2, **run)
     before = contents(path)
     with pytest.raises(NonFiniteError, match=r"^step 3 failed: the updated weights of layers .* are not finite; "
@@ -187,7 +187,7 @@ def test_train_mlp_saves_the_good_steps_and_refuses_the_bad_one(tmp_path, mnist_
     good step (or is not created when the first step is refused)."""
     path = tmp_path / "m.h5"
     with pytest.raises(NonFiniteError, match=r"^step 1 refused: .*; nothing was written$"):
-        deepnet.train_mlp(path, hidden=16, steps=5, lr=1e300, samples=0, train_limit=100)
+        deepnet.train_mlp(path, hidden=16, steps=5, lr=1e300, test_samples=0, train_limit=100)
     assert not path.exists()
     real = MLP.stepped
 
@@ -196,6 +196,6 @@ def test_train_mlp_saves_the_good_steps_and_refuses_the_bad_one(tmp_path, mnist_
 
     monkeypatch.setattr(MLP, "stepped", explode_at_4)
     with pytest.raises(NonFiniteError, match=rf"^step 4 refused: .*; saved the last good step, 3, to {path}$"):
-        deepnet.train_mlp(path, hidden=16, steps=5, samples=0, train_limit=100, report_every=100)
+        deepnet.train_mlp(path, hidden=16, steps=5, test_samples=0, train_limit=100, report_every=100)
     stored = MLP.load(path)
     assert stored.step == 3 and all(np.isfinite(v).all() for v in stored.params().values())

@@ -77,7 +77,7 @@ def test_alpha_and_seed_are_kept(tmp_path):
 
 def test_trained_dense_model_survives_export_and_import(tmp_path, mnist_dir, small_blocks):
     model = make_model(tmp_path / "a.h5", layers=40, width=4, activation="softsign", seed=3)
-    deepnet.train(model, steps=3, batch=8, train_limit=500, eval_samples=0, report_every=3,
+    deepnet.train(model, steps=3, batch=8, train_limit=500, test_samples=0, report_every=3,
                   progress=False)
     export_raw(model, weights=tmp_path / "W.bin", head=tmp_path / "H.bin", progress=False)
     with ModelFile.open(model) as f:
@@ -94,7 +94,7 @@ def test_trained_dense_model_survives_export_and_import(tmp_path, mnist_dir, sma
 def test_trained_mlp_survives_export_and_import(tmp_path, mnist_dir):
     from deepnet.training.mlp import evaluate_mlp, train_mlp
 
-    train_mlp(tmp_path / "a.h5", hidden=24, steps=40, batch=32, train_limit=1000, samples=0,
+    train_mlp(tmp_path / "a.h5", hidden=24, steps=40, batch=32, train_limit=1000, test_samples=0,
               progress=False)
     export_raw(tmp_path / "a.h5", head=tmp_path / "mlp.bin")
     assert os.path.getsize(tmp_path / "mlp.bin") == mlp_head_bytes(24)
@@ -102,8 +102,8 @@ def test_trained_mlp_survives_export_and_import(tmp_path, mnist_dir):
     a, b = MLP.load(tmp_path / "a.h5"), MLP.load(tmp_path / "b.h5")
     assert all(np.array_equal(a.params()[k], b.params()[k]) for k in ("w1", "b1", "w2", "b2"))
     assert b.step == 0
-    ea = evaluate_mlp(tmp_path / "a.h5", test_samples=500)
-    eb = evaluate_mlp(tmp_path / "b.h5", test_samples=500)
+    ea = evaluate_mlp(tmp_path / "a.h5", samples=500)
+    eb = evaluate_mlp(tmp_path / "b.h5", samples=500)
     assert (ea["loss"], ea["accuracy"]) == (eb["loss"], eb["accuracy"])
     export_raw(tmp_path / "b.h5", head=tmp_path / "mlp2.bin")
     assert (tmp_path / "mlp2.bin").read_bytes() == (tmp_path / "mlp.bin").read_bytes()

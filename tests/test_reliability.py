@@ -340,7 +340,7 @@ def test_check_command(tmp_path, mini):
 # resume: bit for bit
 
 
-RUN = dict(layers=200, width=4, activation="softsign", seed=4, batch=5, train_limit=600, eval_samples=0, progress=False)
+RUN = dict(layers=200, width=4, activation="softsign", seed=4, batch=5, train_limit=600, test_samples=0, progress=False)
 
 
 @needs_mnist
@@ -387,7 +387,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, mini, in_m
     path = new_model(tmp_path / "m.h5", layers=3000, chunk=100, seed=2)
     reference = tmp_path / "ref.h5"
     reference.write_bytes(path.read_bytes())
-    flags = ["--batch", "8", "--train-limit", "1000", "--eval-samples", "0", "--json"]
+    flags = ["--batch", "8", "--train-limit", "1000", "--test-samples", "0", "--json"]
     if in_memory:
         flags += ["--in-memory", "--checkpoint-every", "100000"]
     proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", *flags, env_data=mini)
@@ -396,8 +396,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, mini, in_m
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    m = re.search(r"deepnet: interrupted: stopped after step (\d+); (\S+) holds step (\d+) \(run the same command "
-                  r"to continue\)", err)
+    m = re.search(r"deepnet: interrupted: stopped after step (\d+) of 100000; (\S+) holds step (\d+)", err)
     assert m and m[1] == m[3], err
     assert "finishing the current step, then saving and stopping" in err and "Traceback" not in err
     step = int(m[1])
@@ -417,7 +416,7 @@ def test_ctrl_c_held_down_until_the_command_has_exited_still_exits_130(tmp_path,
     shutdown resets Python-level handlers to the default, so the command ignores them from then on."""
     path = new_model(tmp_path / "m.h5", layers=3000, chunk=100, seed=2)
     proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
-                         "--train-limit", "1000", "--eval-samples", "0", "--json", env_data=mini)
+                         "--train-limit", "1000", "--test-samples", "0", "--json", env_data=mini)
     wait_for_report(proc)
     presses = 0
     while proc.poll() is None:
@@ -431,7 +430,7 @@ def test_ctrl_c_held_down_until_the_command_has_exited_still_exits_130(tmp_path,
     assert presses >= 3
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert re.search(r"deepnet: interrupted: (abandoned (saving )?step \d+|stopped after step \d+); ", err), err
+    assert re.search(r"deepnet: interrupted: (abandoned (saving )?step \d+|stopped after step \d+ of 100000); ", err), err
     assert file_state(path)["state"] == "healthy"
 
 
@@ -439,7 +438,7 @@ def test_ctrl_c_held_down_until_the_command_has_exited_still_exits_130(tmp_path,
 def test_ctrl_c_three_times_abandons_the_step(tmp_path, mini):
     path = new_model(tmp_path / "m.h5", layers=60000, chunk=1000, seed=2)
     proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
-                         "--train-limit", "1000", "--eval-samples", "0", "--json", env_data=mini)
+                         "--train-limit", "1000", "--test-samples", "0", "--json", env_data=mini)
     wait_for_report(proc)
     for _ in range(3):
         proc.send_signal(signal.SIGINT)
@@ -471,12 +470,12 @@ def test_a_second_writer_is_refused(tmp_path, mini, locking, in_memory):
     # In memory, the file is replaced by a new one at every step: the lock must follow it.
     mode = ["--in-memory", "--checkpoint-every", "1"] if in_memory else []
     writer = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
-                           "--train-limit", "1000", "--eval-samples", "0", "--json", *mode, env_data=mini,
+                           "--train-limit", "1000", "--test-samples", "0", "--json", *mode, env_data=mini,
                            extra_env=env)
     try:
         wait_for_report(writer)
         for _ in range(2):
-            second = deepnet_run("train", path, "--steps", "1", "--train-limit", "1000", "--eval-samples", "0",
+            second = deepnet_run("train", path, "--steps", "1", "--train-limit", "1000", "--test-samples", "0",
                                  env_data=mini, extra_env=env)
             one_line_error(second, f"could not open {path} in mode 'r+': it is locked by another process")
         overwrite = deepnet_run("init", path, "--layers", "10", "--overwrite", env_data=mini, extra_env=env)
@@ -646,7 +645,7 @@ def test_disk_full_at_a_log_append_keeps_a_healthy_file(tmp_path, mini_env, monk
     monkeypatch.setattr(record, "append_log_rows", full_on_second)
     path = tmp_path / "m.h5"
     assert main(["train", str(path), "--layers", "200", "--steps", "20", "--report-every", "3", "--batch", "4",
-                 "--train-limit", "1000", "--eval-samples", "0", "--json"]) == 2
+                 "--train-limit", "1000", "--test-samples", "0", "--json"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"deepnet: error: could not append to the training log of {path}: No space left on device "
                    f"(the file still holds step 6)")
@@ -660,7 +659,7 @@ def test_disk_full_at_an_in_memory_checkpoint_keeps_the_previous_one(tmp_path, m
 
     path = tmp_path / "m.h5"
     assert main(["train", str(path), "--layers", "200", "--steps", "4", "--in-memory", "--batch", "4",
-                 "--train-limit", "1000", "--eval-samples", "0", "--json"]) == 0
+                 "--train-limit", "1000", "--test-samples", "0", "--json"]) == 0
     before = path.read_bytes()
 
     def full(*a, **k):
@@ -669,7 +668,7 @@ def test_disk_full_at_an_in_memory_checkpoint_keeps_the_previous_one(tmp_path, m
     monkeypatch.setattr(h5io, "write_block", full)
     capsys.readouterr()
     assert main(["train", str(path), "--steps", "6", "--in-memory", "--checkpoint-every", "3",
-                 "--eval-samples", "0", "--json"]) == 2
+                 "--test-samples", "0", "--json"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"deepnet: error: could not write a checkpoint of {path}: No space left on device "
                    f"(the file still holds step 4)")
@@ -752,11 +751,11 @@ def test_sigterm_during_training_saves_and_exits_143(tmp_path, mini):
     saves and exits 143 (SIGINT: 130), saying so in one line."""
     path = new_model(tmp_path / "m.h5", layers=3000, chunk=100, seed=2)
     proc = deepnet_popen("train", path, "--steps", "100000", "--report-every", "1", "--batch", "8",
-                         "--train-limit", "1000", "--eval-samples", "0", "--json", env_data=mini)
+                         "--train-limit", "1000", "--test-samples", "0", "--json", env_data=mini)
     wait_for_report(proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert re.search(r"deepnet: terminated: stopped after step (\d+); ", err) and "Traceback" not in err, err
+    assert re.search(r"deepnet: terminated: stopped after step (\d+) of 100000; ", err) and "Traceback" not in err, err
     assert file_state(path)["state"] == "healthy"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]

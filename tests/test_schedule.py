@@ -77,7 +77,7 @@ def test_resolve_rule():
 def test_train_uses_and_stores_the_schedule(tmp_path, mnist_dir, capsys):
     path = tmp_path / "m.h5"
     deepnet.train(path, steps=8, layers=10, width=4, layer_lr=0.1, head_lr=0.2, schedule="linear", warmup=2,
-                  final_lr_ratio=0.5, eval_samples=0, progress=False)
+                  final_lr_ratio=0.5, test_samples=0, progress=False)
     capsys.readouterr()
     with ModelFile.open(path) as f:
         settings = f.train_settings
@@ -89,7 +89,7 @@ def test_train_uses_and_stores_the_schedule(tmp_path, mnist_dir, capsys):
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
 def test_resume_continues_the_schedule_bit_exactly(tmp_path, mnist_dir, capsys, in_memory):
     """N steps in one run == N/2 + N/2 (the second run given no schedule flags), with a cosine schedule."""
-    kw = dict(layers=16, width=4, eval_samples=0, progress=False, in_memory=in_memory)
+    kw = dict(layers=16, width=4, test_samples=0, progress=False, in_memory=in_memory)
     one = tmp_path / "one.h5"
     deepnet.train(one, steps=20, schedule="cosine", warmup=3, final_lr_ratio=0.1, decay_steps=20,
                   layer_lr=0.3, head_lr=0.3, **kw)

@@ -46,6 +46,7 @@ def test_small_speedrun_reaches_its_target(tmp_path):
     # the table rows (JSON reports) end at the step the target was reached, with its held-out figure
     reports = [e for e in lines if e["event"] == "report"]
     assert reports[-1]["step"] == report["steps"] and reports[-1]["heldout_acc"] == report["heldout_acc"]
+    assert all("eta_seconds" not in e for e in reports)  # the run stops at its target: no ETA to max-steps
     assert list(tmp_path.iterdir()) == []  # the temporary model is gone
 
 

@@ -4,17 +4,22 @@ Dense training (deepnet.training.recipe), the speedrun (deepnet.training.speedru
 (deepnet.training.mlp) differ only in their step function and their hooks: reports, held-out
 evaluation, the weight average, checkpoints, a target to stop at. A hook sees every step in the order
 the hooks were given, then, once the loop ends without an exception, ``at_end`` in the same order.
+
+Also here: :class:`StepClock`, the estimate of the time left (the report rows' ETA and the progress bar's)
+from the steady state, and :class:`ProgressBar`. Nothing here prints: the bar is tqdm's, on stderr.
 """
 
 from __future__ import annotations
 
-import sys
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from deepnet.data.loaders import check_count, load_split, mnist_inputs
 from deepnet.errors import ModelFileError
 
 #: One step on a minibatch: (inputs, labels, index of the step within this run) -> the step's result.
@@ -68,21 +73,78 @@ def run(step: StepFunction, x: np.ndarray, y: np.ndarray, *, rng: np.random.Gene
     return done
 
 
-class ProgressBar(Hook):
-    """A tqdm bar on stderr, one tick per step (hidden unless ``show``); use as a context manager."""
+class StepClock:
+    """The wall-clock time per step of a run in its steady state, for an ETA.
 
-    def __init__(self, total: int, desc: str, show: bool) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="step", disable=not show, leave=False, dynamic_ncols=True)
+    ``tick()`` after each step (held-out evaluations and checkpoints included: they recur, so they
+    belong in the estimate). The first steps of a run are slow (the threads' warm-up, the choice of one
+    thread or two, page faults), so the first ``warmup`` intervals are left out once there are more:
+    the estimate is then the mean interval since the warm-up ended. Until then it is the median of the
+    intervals so far after the first (all of them if there is only one).
+    """
+
+    def __init__(self, warmup: int = 5, now: Callable[[], float] = time.perf_counter) -> None:
+        self.warmup = warmup
+        self.now = now
+        self.last = now()
+        self.early: list[float] = []          # the first ``warmup`` intervals
+        self.steady_seconds = 0.0             # the sum of the later ones
+        self.steady_steps = 0
+
+    def tick(self) -> None:
+        """A step (and whatever followed it) has ended."""
+        t = self.now()
+        interval, self.last = t - self.last, t
+        if len(self.early) < self.warmup:
+            self.early.append(interval)
+        else:
+            self.steady_seconds += interval
+            self.steady_steps += 1
+
+    def seconds_per_step(self) -> float:
+        """The estimate (NaN before the first tick)."""
+        if self.steady_steps:
+            return self.steady_seconds / self.steady_steps
+        if not self.early:
+            return float("nan")
+        return statistics.median(self.early[1:] or self.early)
+
+    def eta(self, steps_left: int) -> float:
+        """Seconds for ``steps_left`` more steps (0 when none are left; NaN before the first tick)."""
+        return 0.0 if steps_left <= 0 else steps_left * self.seconds_per_step()
+
+
+class _Bar(tqdm):
+    """A tqdm bar whose rate (hence its remaining time) is a StepClock's, when one is set."""
+
+    clock: StepClock | None = None
+
+    @property
+    def format_dict(self) -> dict:
+        d = super().format_dict
+        seconds = self.clock.seconds_per_step() if self.clock is not None else float("nan")
+        if seconds > 0:
+            d["rate"] = 1.0 / seconds
+        return d
+
+
+class ProgressBar(Hook):
+    """A tqdm bar on stderr, one tick per step (hidden unless ``show``); use as a context manager.
+
+    Its remaining time comes from a :class:`StepClock`. ``at_most``: ``total`` is only a limit (a
+    speedrun's --max-steps, which stops earlier at its target): the bar then says "at most" and shows
+    no remaining time."""
+
+    def __init__(self, total: int, desc: str, show: bool, *, at_most: bool = False) -> None:
+        fmt = "{l_bar}{bar}| {n_fmt}/at most {total_fmt} [{elapsed}, {rate_fmt}{postfix}]" if at_most else None
+        self.clock = StepClock()
+        self.bar = _Bar(total=total, desc=desc, unit="step", disable=not show, leave=False, dynamic_ncols=True,
+                        bar_format=fmt)
+        self.bar.clock = self.clock
 
     def after_step(self, event: StepEvent) -> None:
+        self.clock.tick()
         self.bar.update(1)
-
-    def say(self, line: str) -> None:
-        """A notice on stderr that does not break the bar."""
-        if self.bar.disable:
-            print(line, file=sys.stderr, flush=True)
-        else:
-            self.bar.write(line, file=sys.stderr)
 
     def __enter__(self) -> "ProgressBar":
         return self
@@ -108,3 +170,11 @@ def minibatch_rng(seed: int, state: dict | None, unusable: Callable[[Exception],
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelFileError(unusable(exc)) from None
     return rng
+
+
+def test_set(data_dir: object, test_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``test_samples`` MNIST test images as inputs, and their labels (a count out of range is
+    refused naming --test-samples, the flag of every trainer)."""
+    images, labels = load_split(data_dir, "test")
+    check_count("test-samples", test_samples, images.shape[0])
+    return mnist_inputs(images[:test_samples]), labels[:test_samples]

@@ -6,6 +6,12 @@ uninterrupted one would have. ``--schedule`` is a Schedule over the steps of one
 (deepnet.training.schedule.parse_run_schedule): cosine (the default), linear, constant or
 ``step:T1=LR1[,T2=LR2...]`` (the original's "0.05 then 0.03" over 5000 steps is
 ``--lr 0.05 --schedule step:2500=0.03``).
+
+The run's length is ``steps`` more steps, or ``until_step`` (train until the model's step is N). With
+``steps`` the schedule runs over this call's steps (t = 0 .. steps-1 from its start), as it always has;
+with ``until_step`` it runs over the global steps 0 .. N-1 (t is the model's step), so that the same
+command run again after an interruption finishes the original plan exactly. Ctrl-C (or SIGTERM)
+finishes the current step, saves and stops (deepnet.training.signals).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet.data.loaders import load_test_set, load_training_set
+from deepnet.data.loaders import load_training_set
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.formats.locking import WriterLock
@@ -29,6 +35,7 @@ from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepEvent, mean_rows, minibatch_rng
 from deepnet.training.reporting import OnReport, ignore_report
 from deepnet.training.schedule import parse_run_schedule
+from deepnet.training.signals import Interrupted, StopSignal
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class MLPRecipe:
     seed: int = 0
     train_limit: int = 60_000
     report_every: int = 500
-    samples: int = 10_000  # test images evaluated at the end of train-mlp (0: skip)
+    test_samples: int = 10_000  # test images evaluated at the end of train-mlp (0: skip)
     # BLAS threads while training: one, because the matrices are too small for a second thread to pay
     # off reliably on a shared machine (measurements: bench/README.md).
     threads: int = 1
@@ -65,34 +72,41 @@ def train_mlp(
     model: str | os.PathLike = "mlp.h5",
     *,
     hidden: int | None = None,
-    steps: int = R.steps,
+    steps: int | None = None,
+    until_step: int | None = None,
     batch: int = R.batch,
     lr: float = R.lr,
     schedule: str = R.schedule,
     seed: int = R.seed,
     train_limit: int = R.train_limit,
     report_every: int = R.report_every,
-    samples: int = R.samples,
+    test_samples: int = R.test_samples,
     threads: int = R.threads,
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     on_report: OnReport = ignore_report,
 ) -> dict:
-    """Train an MLP model file on MNIST for ``steps`` SGD steps, creating it if it does not exist.
+    """Train an MLP model file on MNIST for ``steps`` more SGD steps (default R.steps) or until its step
+    is ``until_step``, creating it if it does not exist.
 
     An existing model continues from its step and minibatch generator (``hidden``, if given, must
-    agree; ``seed`` only seeds a new model). The lr schedule runs over this call's steps. The file is
-    saved atomically at every report and at the end; ``samples`` test images are evaluated at the end.
-    Report rows (event, step, loss, batch_acc, lr, seconds_per_step) go to ``on_report``.
+    agree; ``seed`` only seeds a new model). The lr schedule runs over this call's steps, or with
+    ``until_step`` over the global steps up to it. The file is saved atomically at every report and at
+    the end; ``test_samples`` test images are evaluated at the end. Report rows (event, step, loss,
+    batch_acc, lr, seconds_per_step) go to ``on_report``.
     """
-    for name, value, minimum in (("steps", steps, 1), ("batch", batch, 1), ("train-limit", train_limit, 1),
-                                 ("report-every", report_every, 1), ("samples", samples, 0), ("seed", seed, 0),
-                                 ("threads", threads, 0)):
-        int_at_least(name, value, minimum)
+    if steps is not None and until_step is not None:
+        raise ConfigError("--steps (more steps) and --until-step (the step to end at) cannot both be given")
+    for name, value, minimum in (("steps", steps, 1), ("until-step", until_step, 0), ("batch", batch, 1),
+                                 ("train-limit", train_limit, 1), ("report-every", report_every, 1),
+                                 ("test-samples", test_samples, 0), ("seed", seed, 0), ("threads", threads, 0)):
+        if value is not None:
+            int_at_least(name, value, minimum)
     if hidden is not None:
         int_at_least("hidden", hidden, 1)
     positive("lr", lr, float)
-    lr_schedule = parse_run_schedule(schedule, steps)
+    lr_schedule = parse_run_schedule(schedule, (R.steps if steps is None else steps) if until_step is None
+                                     else max(until_step, 1))
 
     path = Path(model)
     if path.exists():
@@ -106,7 +120,12 @@ def train_mlp(
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ModelFileError(f"cannot create {path}: directory {directory} is not writable")
         net = None
-    test = load_test_set(data_dir, samples) if samples else None  # first: it is small and checks --samples
+    first_step = 0 if net is None else net.step
+    if until_step is not None and until_step < first_step:
+        raise ConfigError(f"--until-step {until_step} is before the model's step {first_step}")
+    run_steps = until_step - first_step if until_step is not None else R.steps if steps is None else steps
+    until = first_step + run_steps
+    test = loop.test_set(data_dir, test_samples) if test_samples else None  # first: small, checks --test-samples
     x_train, y_train = load_training_set(data_dir, train_limit)
     if net is None:
         new_hidden = R.hidden if hidden is None else hidden
@@ -117,30 +136,46 @@ def train_mlp(
 
     rng = minibatch_rng(net.seed, net.rng_state, lambda exc: (
         f"{path}: attribute rng_state is not a state of numpy's PCG64 generator"))
-    first_step = net.step
     base_lr = float(lr)
 
     def step(x: np.ndarray, y: np.ndarray, t: int) -> tuple[float, float, float, float]:
-        lr_now = lr_schedule.lr(base_lr, t)
+        lr_now = lr_schedule.lr(base_lr, t if until_step is None else net.step)
         return (*net.train_step(x, y, lr_now), lr_now)
 
     # The one-writer lock of the file, held for the whole run and handed to each saved version.
-    with WriterLock(path) as lock:
+    stop = StopSignal()
+    with stop, WriterLock(path) as lock:
         log = _MLPLog(net, path, rng, report_every, on_report, lock)
         started = time.perf_counter()
-        with ProgressBar(steps, "train-mlp", progress) as bar, blas_threads(threads):
+        with ProgressBar(run_steps, "train-mlp", progress) as bar, blas_threads(threads):
+            stop.arm()
             try:
-                loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, log])
+                done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=run_steps, hooks=[bar, log],
+                                stop_requested=lambda: stop.count > 0)
+                if log.saved_step is None:  # no step taken (--until-step 0): the new model is still saved
+                    log.save()
             except NonFiniteError as exc:
+                stop.done = True
                 raise log.after_non_finite(exc) from None
-    elapsed = time.perf_counter() - started
+            except KeyboardInterrupt:
+                stop.done = True
+                held = "nothing was written" if log.saved_step is None else f"{path} holds step {log.saved_step}"
+                raise Interrupted(f"abandoned step {net.step + 1}; {held}", stop.signum, held_step=log.saved_step,
+                                  until_step=until) from None
+            stop.disarm(f"stopped after step {net.step}, which {path} holds; the final evaluation was skipped",
+                        held_step=log.saved_step, until_step=until)
+        if done < run_steps:
+            raise Interrupted(f"stopped after step {net.step} of {until}; {path} holds step {log.saved_step}",
+                              stop.signum, held_step=log.saved_step, until_step=until)
+        elapsed = time.perf_counter() - started
 
-    final = {"event": "final", "model": str(path), "kind": KIND, "hidden": net.hidden, "steps": net.step - first_step,
-             "step": net.step, "loss": log.last["loss"], "batch_acc": log.last["batch_acc"], "seconds": elapsed,
-             "seconds_per_step": elapsed / steps}
-    if test is not None:
-        result = net.evaluate(*test)
-        final.update(test_loss=result["loss"], test_acc=result["accuracy"], test_samples=result["samples"])
+        final = {"event": "final", "model": str(path), "kind": KIND, "hidden": net.hidden,
+                 "steps": net.step - first_step, "step": net.step, "loss": log.last["loss"],
+                 "batch_acc": log.last["batch_acc"], "seconds": elapsed,
+                 "seconds_per_step": elapsed / done if done else float("nan")}
+        if test is not None:
+            result = net.evaluate(*test)
+            final.update(test_loss=result["loss"], test_acc=result["accuracy"], test_samples=result["samples"])
     return final
 
 
@@ -175,6 +210,10 @@ class _MLPLog(Hook):
         self.window.clear()
         self.on_report({"event": "report", "step": self.net.step, "loss": loss, "batch_acc": acc, "lr": self.lr,
                         "seconds_per_step": secs})
+        self.save()
+
+    def save(self) -> None:
+        """Save the model (atomically), with the generator as it is now."""
         self.net.rng_state = self.rng.bit_generator.state
         self.net.save(self.path, lock=self.lock)
         self.saved_step = self.net.step
@@ -200,10 +239,10 @@ def evaluate_mlp(
     data_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate an MLP model file on the first ``samples`` MNIST test images: loss, accuracy, time."""
-    int_at_least("samples", samples, 1)
+    int_at_least("test-samples", samples, 1)
     int_at_least("batch", batch, 1)
     net = MLP.load(model)
-    x, y = load_test_set(data_dir, samples)
+    x, y = loop.test_set(data_dir, samples)
     result = net.evaluate(x, y, batch=batch)
     return {"event": "eval", "model": os.fspath(model), "kind": KIND, "step": net.step, "hidden": net.hidden,
             **result, "samples_per_s": result["samples"] / max(result["seconds"], 1e-12)}

@@ -7,7 +7,11 @@ touches that function and this class). ``RunOptions`` sets up and runs the optio
 - learning-rate schedules (deepnet.training.schedule): the layer and head rates of each step;
 - held-out evaluation (deepnet.training.heldout): ``--holdout N --eval-every K``;
 - the weight average (deepnet.training.ema): ``--ema DECAY [--ema-every K]``, in memory only;
-- the MLP branch (deepnet.nn.branch): chosen when the model is created; checked here when it exists.
+- the MLP branch (deepnet.nn.branch): chosen when the model is created; checked here when it exists;
+- the best held-out accuracy (deepnet.training.best): ``--keep-best``, ``--patience K``.
+
+The run's length is ``--steps K`` (K more steps; RECIPE.steps when neither is given) or ``--until-step N``
+(until the model's step is N: a rerun after an interruption finishes the original plan).
 
 The stored training settings (the commit record's ``train`` entry, committed with every step) hold the
 schedules and the held-out split beside batch, learning rates and train_limit, so a resumed run goes on
@@ -27,6 +31,7 @@ from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least, non_negative_number, positive
 from deepnet.nn import branch as _branch
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet, EvalResult
+from deepnet.training import best as _best
 from deepnet.training import ema as _ema
 from deepnet.training import heldout as _heldout
 from deepnet.training import schedule as _schedule
@@ -48,7 +53,7 @@ class Recipe:
     seed: int = 0
     train_limit: int = 60_000
     report_every: int = 100
-    eval_samples: int = 1000
+    test_samples: int = 10_000  # the final test evaluation (the whole MNIST test set; 0 skips it)
     #: In memory, the model file is replaced (atomically) this often unless --checkpoint-every is given.
     checkpoint_seconds: float = 600.0
 
@@ -64,19 +69,21 @@ class TrainOptions:
     """
 
     model: str | Path = "model.h5"
-    steps: int = RECIPE.steps
+    steps: int | None = None
+    until_step: int | None = None
     layers: int | None = None
     width: int | None = None
     activation: str | None = None
     alpha: float | None = None
     seed: int = RECIPE.seed
     batch: int | None = None
+    lr: float | None = None
     layer_lr: float | None = None
     head_lr: float | None = None
     chunk_layers: int = RECIPE.chunk_layers
     train_limit: int | None = None
     report_every: int = RECIPE.report_every
-    eval_samples: int = RECIPE.eval_samples
+    test_samples: int = RECIPE.test_samples
     in_memory: bool = False
     checkpoint_every: int | None = None
     resume_torn: bool = False
@@ -88,29 +95,44 @@ class TrainOptions:
     decay_steps: int | None = None
     ema: float | None = None
     ema_every: int | None = None
+    keep_best: bool = False
+    patience: int | None = None
     branch: str | None = None
     hidden: int | None = None
     data_dir: str | Path | None = None
 
     def check(self) -> None:
         """Refuse a bad value with one line naming its flag, before any data is read or file created."""
-        for name, value in (("steps", self.steps), ("chunk-layers", self.chunk_layers),
-                            ("report-every", self.report_every)):
+        if self.steps is not None and self.until_step is not None:
+            raise ConfigError("--steps (more steps) and --until-step (the step to end at) cannot both be given")
+        if self.until_step is not None:
+            int_at_least("until-step", self.until_step, 0)
+        for name, value in (("chunk-layers", self.chunk_layers), ("report-every", self.report_every)):
             positive(name, value)
-        for name, value in (("batch", self.batch), ("train-limit", self.train_limit),
+        for name, value in (("steps", self.steps), ("batch", self.batch), ("train-limit", self.train_limit),
                             ("checkpoint-every", self.checkpoint_every), ("layers", self.layers),
                             ("width", self.width)):
             if value is not None:
                 positive(name, value)
-        for name, value in (("layer-lr", self.layer_lr), ("head-lr", self.head_lr)):
+        for name, value in (("lr", self.lr), ("layer-lr", self.layer_lr), ("head-lr", self.head_lr)):
             if value is not None:
                 non_negative_number(name, value)
-        int_at_least("eval-samples", self.eval_samples, 0)
+        int_at_least("test-samples", self.test_samples, 0)
+        _best.check_options(self.keep_best, self.patience)
         int_at_least("seed", self.seed, 0)
         if self.alpha is not None:
             positive("alpha", self.alpha, float)
         if self.activation is not None:
             activations.get(self.activation)
+
+    def planned_steps(self, first_step: int) -> int:
+        """The steps of a run starting at the model's ``first_step``: --steps, else up to --until-step
+        (none if the model is there already), else RECIPE.steps."""
+        if self.until_step is None:
+            return RECIPE.steps if self.steps is None else self.steps
+        if self.until_step < first_step:
+            raise ConfigError(f"--until-step {self.until_step} is before the model's step {first_step}")
+        return self.until_step - first_step
 
     @property
     def new_layers(self) -> int:
@@ -146,9 +168,8 @@ class RunOptions(Hook):
             int_at_least("eval-every", options.eval_every, 1)
         self.flags = {"kind": options.schedule, "warmup": options.warmup, "final_ratio": options.final_lr_ratio,
                       "decay_steps": options.decay_steps}
-        if options.schedule is not None or options.warmup is not None or options.final_lr_ratio is not None:
-            _schedule.Schedule(kind=options.schedule or "constant", warmup_steps=options.warmup or 0,
-                               final_ratio=0.0 if options.final_lr_ratio is None else options.final_lr_ratio)
+        _schedule.resolve(None, step=0, run_end=1, default=_schedule.Schedule(), **self.flags)  # the values alone
+        self.keep_best, self.patience = options.keep_best, options.patience
         self.holdout_flag = options.holdout
         self.eval_every_flag = options.eval_every
         self.ema_decay = options.ema
@@ -158,6 +179,8 @@ class RunOptions(Hook):
         self.base = {"layer_lr": 0.0, "head_lr": 0.0}
         self.heldout: _heldout.HeldOut | None = None
         self.average: _ema.WeightAverage | None = None
+        self.best: _best.Best | None = None
+        self.stored_best: dict | None = None
         self.net: DeepNet | None = None
 
     def check_new_model(self, layers: int, width: int) -> None:
@@ -183,8 +206,12 @@ class RunOptions(Hook):
         self.holdout, self.eval_every = _heldout.check_options(holdout, eval_every, n_train)
         settings["train_limit"] = _heldout.train_limit(train_limit, stored.get("train_limit"),
                                                        default_train_limit, n_train, self.holdout)
+        _best.require_heldout(self.keep_best, self.patience, self.holdout)
         if self.holdout:  # stored only when in use: a plain run's settings are what they always were
             settings["holdout"], settings["eval_every"] = self.holdout, self.eval_every
+            self.stored_best = _best.stored_best(stored, self.holdout)
+            if self.stored_best is not None:
+                settings[_best.KEY] = dict(self.stored_best)
         self.schedules = _schedule.resolve(stored, step=first_step, run_end=first_step + steps,
                                            default=_schedule.Schedule(), kind=self.flags["kind"],
                                            warmup=self.flags["warmup"], final_ratio=self.flags["final_ratio"],
@@ -210,13 +237,15 @@ class RunOptions(Hook):
             self.heldout = _heldout.HeldOut(mnist_inputs(images[n_train - self.holdout:]),
                                             labels[n_train - self.holdout:], self.eval_every)
             self.heldout.attach(net)
+            self.best = _best.Best(net, self.stored_best, keep=self.keep_best, patience=self.patience)
         net.check_step_memory(int(settings["batch"]))
         self.average = _ema.resume(net, self.ema_decay, self.ema_every)
 
     def lrs(self, step: int) -> dict:
         """The learning rates of the step taken from committed ``step``."""
-        return {"layer_lr": self.schedules["layer_schedule"].lr(self.base["layer_lr"], step),
-                "head_lr": self.schedules["head_schedule"].lr(self.base["head_lr"], step)}
+        layer_lr, head_lr = _schedule.rates(self.schedules["layer_schedule"], self.schedules["head_schedule"],
+                                            self.base["layer_lr"], self.base["head_lr"], step)
+        return {"layer_lr": layer_lr, "head_lr": head_lr}
 
     def after_step(self, event: StepEvent) -> None:
         """After each step: update the average; measure the held-out accuracy when due."""
@@ -230,6 +259,8 @@ class RunOptions(Hook):
         if self.heldout is not None and self.heldout.last is not None:
             step, _, acc = self.heldout.last
             final.update(heldout_acc=acc, heldout_step=step, heldout_samples=self.heldout.size)
+        if self.best is not None:
+            final.update(self.best.figures())
         if self.average is not None:
             final.update(ema_decay=self.average.decay, ema_every=self.average.every)
             with self.average.swapped_in(net):

@@ -1,14 +1,16 @@
 """Dense training on MNIST, top to bottom: create or open a model, run the training loop, save, evaluate.
 
 Every hyperparameter default lives in ``RECIPE`` (deepnet.training.options); the flags arrive as one
-``TrainOptions``. Nothing here prints results: they are returned, and report rows go to ``on_report``.
+``TrainOptions``. Nothing here prints: results are returned, report rows go to ``on_report``, warnings
+are ``warnings.warn`` and notices go to this module's logger at INFO (the command line shows both).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet.data.loaders import check_count, load_split, load_test_set, mnist_inputs
+from deepnet.data.loaders import check_count, load_split, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import positive
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
@@ -30,6 +32,8 @@ from deepnet.training.loop import Hook, ProgressBar, StepEvent
 from deepnet.training.options import RECIPE, RunOptions, TrainOptions
 from deepnet.training.reporting import OnReport, StepLog, ignore_report
 from deepnet.training.signals import Interrupted, StopSignal
+
+log = logging.getLogger(__name__)
 
 
 def training_rng(net: DeepNet) -> np.random.Generator:
@@ -70,17 +74,19 @@ class Saves(Hook):
 
 
 def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport = ignore_report) -> dict:
-    """Train ``options.model`` on MNIST for ``options.steps`` steps, creating it first if it does not
-    exist; returns the final figures (see deepnet.api.train). ``progress`` shows tqdm bars on stderr."""
+    """Train ``options.model`` on MNIST for ``options.steps`` more steps (or until ``options.until_step``),
+    creating it first if it does not exist; returns the final figures (see deepnet.api.train).
+    ``progress`` shows tqdm bars on stderr."""
     options.check()
     run = RunOptions(options)
     images, labels = load_split(options.data_dir, "train")
     if options.train_limit is not None:
         check_count("train-limit", options.train_limit, images.shape[0])
-    test = load_test_set(options.data_dir, options.eval_samples) if options.eval_samples else None
+    test = loop.test_set(options.data_dir, options.test_samples) if options.test_samples else None
 
     path = Path(options.model)
     if not path.exists():
+        options.planned_steps(0)
         run.check_new_model(options.new_layers, options.new_width)
         _plan(options, run, None, 0, images.shape[0])  # a refused run creates no file
         memory.check_new_model(layers=options.new_layers, width=options.new_width, input_dim=784, n_classes=10,
@@ -104,44 +110,51 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     path = Path(options.model)
     if options.alpha is not None and not math.isclose(options.alpha, net.file.alpha, rel_tol=1e-6):
         raise ConfigError(f"{path} has alpha {net.file.alpha:g} but --alpha {options.alpha:g} was given")
-    settings = _plan(options, run, net.train_settings, net.step, images.shape[0])
+    first_step = net.step
+    steps = options.planned_steps(first_step)
+    until = first_step + steps
+    settings = _plan(options, run, net.train_settings, first_step, images.shape[0])
     run.prepare(net, settings, images, labels)
     batch, train_limit = settings["batch"], settings["train_limit"]
     net.train_settings = settings
     remove_stale_temporaries(path)
     x_train, y_train = mnist_inputs(images[:train_limit]), labels[:train_limit]
     rng = training_rng(net)
-    first_step = net.step
-    steps = options.steps
+    best = run.best
 
     def step(x: np.ndarray, y: np.ndarray, t: int) -> object:
         return net.train_step(x, y, **run.lrs(net.step), rng_state=rng.bit_generator.state)
 
     with ProgressBar(steps, "train", progress) as bar:
-        log = StepLog(net, options.report_every, on_report, total=steps, batch=batch,
-                      heldout=run.heldout is not None)
+        log_rows = StepLog(net, options.report_every, on_report, total=steps, batch=batch,
+                           heldout=run.heldout is not None)
         if net.accepted_torn is not None:
             torn = net.accepted_torn
-            bar.say(f"deepnet: --resume-torn: continuing from step {torn.step}, with {torn.layers_updated} of "
-                    f"{net.layers} layers{' and the heads' if torn.heads_changed else ''} as updated by the "
-                    f"interrupted step {torn.torn_step}")
+            log.info(f"--resume-torn: continuing from step {torn.step}, with {torn.layers_updated} of "
+                     f"{net.layers} layers{' and the heads' if torn.heads_changed else ''} as updated by the "
+                     f"interrupted step {torn.torn_step}")
         saves = Saves(net, options.checkpoint_every, steps)
+        hooks: list[Hook] = [bar, run, log_rows, saves] if best is None else [bar, run, log_rows, best, saves]
         started = time.perf_counter()
-        stop.arm(net, bar.say)
+        stop.arm(net)
         try:
-            done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps,
-                            hooks=[bar, run, log, saves], stop_requested=lambda: stop.count > 0)
-            stop.disarm(f"stopped after step {net.step}, which {path} holds; the final evaluation was skipped")
+            done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=hooks,
+                            stop_requested=lambda: stop.count > 0 or (best is not None and best.exhausted))
+            stop.disarm(f"stopped after step {net.step}, which {path} holds; the final evaluation was skipped",
+                        held_step=net.saved_step, until_step=until)
         except NonFiniteError as exc:
             stop.done = True
             raise _after_non_finite(net, exc) from None
         except KeyboardInterrupt:
             stop.done = True
             what = f"saving step {net.step}" if saves.saving else f"step {net.step + 1}"
-            raise Interrupted(f"abandoned {what}; {_holds(net)}", stop.signum) from None
-    if done < steps:
-        raise Interrupted(f"stopped after step {net.step}; {path} holds step {net.saved_step} "
-                          f"(run the same command to continue)", stop.signum)
+            raise Interrupted(f"abandoned {what}; {_holds(net)}", stop.signum, held_step=_held_step(net),
+                              until_step=until) from None
+    if done < steps and stop.count > 0:
+        raise Interrupted(f"stopped after step {net.step} of {until}; {path} holds step {net.saved_step}",
+                          stop.signum, held_step=net.saved_step, until_step=until)
+    if best is not None:
+        best.stopped_early = best.exhausted and done < steps
     elapsed = time.perf_counter() - started
 
     final = {
@@ -149,11 +162,15 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
         "model": str(path),
         "steps": net.step - first_step,
         "step": net.step,
-        "loss": log.last_loss,
-        "batch_acc": log.last_acc,
+        "loss": log_rows.last_loss,
+        "batch_acc": log_rows.last_acc,
         "seconds": elapsed,
-        "seconds_per_step": elapsed / steps,
-        "layer_samples_per_s": net.layers * batch * steps / elapsed,
+        "seconds_per_step": elapsed / done if done else float("nan"),
+        "layer_samples_per_s": net.layers * batch * done / elapsed if done else float("nan"),
+        "best_heldout_acc": None,
+        "best_heldout_step": None,
+        "best_model": None,
+        "stopped_early": False,
     }
     if test is not None:
         result = net.evaluate(*test)
@@ -165,10 +182,12 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
 def _plan(options: TrainOptions, run: RunOptions, stored: dict | None, first_step: int, n_train: int) -> dict:
     """This run's training settings, checked against the model's ``stored`` ones (None: a new model)
     and the ``n_train`` training images (see RunOptions.plan)."""
-    settings = _settings(stored, batch=options.batch, layer_lr=options.layer_lr, head_lr=options.head_lr,
+    layer_lr = options.lr if options.layer_lr is None else options.layer_lr
+    head_lr = options.lr if options.head_lr is None else options.head_lr
+    settings = _settings(stored, batch=options.batch, layer_lr=layer_lr, head_lr=head_lr,
                          train_limit=options.train_limit)
     run.plan(stored, settings, train_limit=options.train_limit, default_train_limit=RECIPE.train_limit,
-             n_train=n_train, first_step=first_step, steps=options.steps)
+             n_train=n_train, first_step=first_step, steps=options.planned_steps(first_step))
     check_count("train-limit", settings["train_limit"], n_train)
     return settings
 
@@ -182,6 +201,17 @@ def _settings(stored: dict | None, **given: object) -> dict:
             value = stored.get(key, getattr(RECIPE, key))
         out[key] = value
     return out
+
+
+def _held_step(net: DeepNet) -> int | None:
+    """The step the model file holds now (None if it holds no committed step or cannot be read)."""
+    if net.in_memory:
+        return net.saved_step
+    try:
+        state = net.file.state()
+    except Exception:  # the file itself failed: unknown
+        return None
+    return state.step if state.healthy else None
 
 
 def _holds(net: DeepNet) -> str:
@@ -259,17 +289,16 @@ def evaluate(
 
     ``use_ema`` evaluates the weight average stored in the file (deepnet.training.ema) instead of the
     weights, reading the averaged core into RAM; it is an error if the file has none. A file that does
-    not hold a committed step is evaluated with a warning on stderr.
+    not hold a committed step is evaluated with a warning (``warnings.warn``).
     """
-    positive("samples", samples)
+    positive("test-samples", samples)
     positive("batch", batch)
     positive("chunk-layers", chunk_layers)
-    x, y = load_test_set(data_dir, samples)
+    x, y = loop.test_set(data_dir, samples)
     with DeepNet.open(model, in_memory=in_memory, chunk_layers=chunk_layers) as net:
         state = net.file.state()
         if not state.healthy:
-            print(f"deepnet: warning: {model} is not a committed step: {state.message} (see `deepnet check`)",
-                  file=sys.stderr)
+            warnings.warn(f"{model} is not a committed step: {state.message} (see `deepnet check`)", stacklevel=2)
         average = _ema.use_average(net) if use_ema else None
         with tqdm(total=samples, desc="eval", unit="img", disable=not progress, delay=2.0,
                   leave=False, dynamic_ncols=True) as bar:

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from deepnet.nn.network import DeepNet, StepResult
-from deepnet.training.loop import Hook, StepEvent, mean_rows
+from deepnet.training.loop import Hook, StepClock, StepEvent, mean_rows
 
 #: Receives each report row (see the module docstring).
 OnReport = Callable[[dict], None]
@@ -25,8 +25,7 @@ class StepLog(Hook):
     """Reports every ``report_every`` steps and after each held-out measurement (streamed: also commits
     the carried log rows and mirrors the step into the file's attributes, see DeepNet.save).
 
-    ETA: the steps left of ``total`` times the mean wall-clock time per step so far (held-out
-    evaluations included)."""
+    ETA: the steps left of ``total`` times the steady-state time per step (loop.StepClock)."""
 
     def __init__(self, net: DeepNet, report_every: int, on_report: OnReport, *, total: int, batch: int,
                  heldout: bool = False) -> None:
@@ -41,16 +40,16 @@ class StepLog(Hook):
         self.last_acc = float("nan")
         self.done = 0
         self.started = time.perf_counter()
+        self.clock = StepClock()
         self.heldout: float | None = None
 
     def eta(self) -> float:
-        """Seconds left, from the mean wall-clock time per step so far (NaN before the first step)."""
-        if not self.done:
-            return float("nan")
-        return (self.total - self.done) * (time.perf_counter() - self.started) / self.done
+        """Seconds left, from the steady-state time per step (NaN before the first step)."""
+        return self.clock.eta(self.total - self.done) if self.done else float("nan")
 
     def after_step(self, event: StepEvent) -> None:
         self.window.append(event.result)
+        self.clock.tick()
         self.done += 1
         if event.heldout is not None:
             self.heldout = event.heldout

@@ -26,10 +26,19 @@ every committed step (in the commit record's training settings, beside the base 
 
 - a run given none of ``--schedule --warmup --final-lr-ratio --decay-steps`` continues the stored
   schedules exactly (a new model gets ``RECIPE``'s: constant);
-- a run given any of them starts a new schedule at the model's current step: the flags given, the
-  other fields as stored (``decay_steps`` as given, else the end of this run). To continue a run,
-  repeat it without the schedule flags; to spread one schedule over several runs, give
-  ``--decay-steps`` (the global step where the decay ends) when it starts.
+- a run given any of them makes a schedule starting at the model's current step: the flags given, the
+  other fields as stored (``decay_steps`` as given, else the end of this run: the model's step plus
+  --steps, or the --until-step given). If that schedule is the stored one but for its start (the same
+  kind, warmup, final ratio, decay end and, for ``step``, the same points), the stored one continues
+  unchanged; otherwise the new one starts now. So re-running the command of an interrupted run
+  finishes its schedule when the run's end is a global step (``--until-step N``, or
+  ``--decay-steps``), while ``--steps K --schedule cosine`` given again starts a new decay over the K
+  more steps.
+
+Dense ``--schedule step:T1=LR1[,T2=LR2...]``: the values are new values of the layer rate from step
+``start + T`` on (T counts from the start of the schedule, the first step of the run that set it, as
+for the MLP); the head rate keeps its ratio to the layer rate (:func:`rates`). It takes no warmup,
+final ratio or decay end. It is stored and continued like the other kinds.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from typing import Any, Mapping
 from deepnet.errors import ConfigError
 
 KINDS = ("constant", "cosine", "linear")
+#: Dense training's --schedule values.
+DENSE_SCHEDULES = "constant, cosine, linear or step:T=LR[,T=LR...]"
 #: The MLP baseline's --schedule values (each a Schedule over the run; see parse_run_schedule).
 RUN_SCHEDULES = "cosine, linear, constant or step:T=LR[,T=LR...]"
 
@@ -91,7 +102,8 @@ class Schedule:
 
     @property
     def decays(self) -> bool:
-        return self.kind != "constant"
+        """Whether the factor decays towards ``final_ratio`` (cosine, linear)."""
+        return self.kind in ("cosine", "linear")
 
     def lr(self, base: float, step: int, end: int | None = None) -> float:
         """The learning rate of the step taken from committed ``step``, for base rate ``base``."""
@@ -191,10 +203,15 @@ def resolve(stored: Mapping[str, Any] | None, *, step: int, run_end: int, defaul
     """The layer and head schedules of a run starting at committed ``step`` and ending at ``run_end``.
 
     ``stored`` is the model's training settings (None for a new model); the flags are None when not
-    given. See the module docstring for the rule.
+    given; ``kind`` may be a ``step:T=LR[,...]`` spec. See the module docstring for the rule.
     """
     stored = stored or {}
-    flags = {"kind": kind, "warmup_steps": warmup, "final_ratio": final_ratio, "decay_steps": decay_steps}
+    flags: dict[str, Any] = {"kind": kind, "warmup_steps": warmup, "final_ratio": final_ratio,
+                             "decay_steps": decay_steps}
+    if isinstance(kind, str) and kind.strip().lower().startswith("step:"):
+        flags.update(kind="step", points=parse_points(kind))
+    elif kind is not None and (not isinstance(kind, str) or kind.strip().lower() not in KINDS):
+        raise ConfigError(f"--schedule must be {DENSE_SCHEDULES}, got {kind!r}")
     given = {k: v for k, v in flags.items() if v is not None}
     if decay_steps is not None:
         _int("decay-steps", decay_steps, 1)
@@ -203,23 +220,46 @@ def resolve(stored: Mapping[str, Any] | None, *, step: int, run_end: int, defaul
                               f"model's step {step}, got {decay_steps}")
     out = {}
     for key in SETTINGS_KEYS:
+        stored_schedule = None
         if key in stored and stored[key] is not None:
             try:
-                base = Schedule.from_dict(stored[key])
+                stored_schedule = Schedule.from_dict(stored[key])
             except ConfigError as exc:
                 raise ConfigError(f"the model's stored {key} is unusable: {exc}") from None
-        else:
-            base = default
-        if given:
-            fields = base.to_dict()
-            fields.update(given, start_step=step)
-            if decay_steps is None:
-                fields["decay_steps"] = None
-            schedule = Schedule(**fields)
-        else:
-            schedule = base
-        out[key] = schedule.resolved(run_end)
+        base = default if stored_schedule is None else stored_schedule
+        if not given:
+            out[key] = base.resolved(run_end)
+            continue
+        fields = base.to_dict()
+        if given.get("kind", "step") != "step":
+            fields.pop("points", None)  # a step schedule replaced by a decay
+        fields.update(given, start_step=step)
+        if decay_steps is None:
+            fields["decay_steps"] = None
+        if fields["kind"].strip().lower() == "step":
+            if any(flags[k] is not None for k in ("warmup_steps", "final_ratio", "decay_steps")):
+                raise ConfigError("a step schedule sets the rates outright: it takes no --warmup, "
+                                  "--final-lr-ratio or --decay-steps")
+            fields.update(warmup_steps=0, final_ratio=0.0)
+        schedule = Schedule(**fields).resolved(run_end)
+        if stored_schedule is not None and replace(schedule, start_step=stored_schedule.start_step) == stored_schedule:
+            schedule = stored_schedule  # the same schedule: it goes on from where it started
+        out[key] = schedule
     return out
+
+
+def rates(layer: Schedule, head: Schedule, base_layer: float, base_head: float, step: int) -> tuple[float, float]:
+    """The (layer, head) learning rates of the step taken from committed ``step`` of a dense run whose
+    base rates are ``base_layer`` and ``base_head``. A step schedule sets the layer rate outright, and
+    the head rate keeps its ratio to the layer rate (``base_head * layer / base_layer``; the base head
+    rate while the base layer rate is 0)."""
+    layer_lr = layer.lr(base_layer, step)
+    if head.kind == "step":
+        value = head.lr(base_layer, step)
+        head_lr = base_head * (value / base_layer) if base_layer else base_head
+    else:
+        head_lr = head.lr(base_head, step)
+    return layer_lr, head_lr
 
 
 def settings(schedules: Mapping[str, Schedule]) -> dict:
@@ -242,6 +282,12 @@ def parse_run_schedule(spec: str, steps: int) -> Schedule:
         return Schedule(name, decay_steps=steps, angle_first=True)
     if not name.startswith("step:"):
         raise ConfigError(f"--schedule must be {RUN_SCHEDULES}, got {spec!r}")
+    return Schedule("step", points=parse_points(spec))
+
+
+def parse_points(spec: str) -> tuple[tuple[int, float], ...]:
+    """The (T, LR) pairs of a ``step:T1=LR1[,T2=LR2...]`` spec: T >= 1 increasing, LR finite >= 0."""
+    name = spec.strip().lower()
     points: list[tuple[int, float]] = []
     for part in name[5:].split(","):
         try:
@@ -254,4 +300,5 @@ def parse_run_schedule(spec: str, steps: int) -> Schedule:
         if points and at_i <= points[-1][0]:
             raise ConfigError(f"--schedule {spec!r}: the steps must increase")
         points.append((at_i, value_f))
-    return Schedule("step", points=tuple(points))
+    return tuple(points)
+

@@ -16,13 +16,18 @@ the end of the held-out evaluation that reached the target: it includes every st
 evaluation, and excludes loading the data, creating and loading the model, the final test evaluation
 and saving. The report also gives the steps, the held-out accuracy at the target, the test accuracy, the
 time spent in steps and in evaluations, and the machine.
+
+The run stops at its target, so its length is unknown: the report rows carry no ETA and the progress
+bar counts towards "at most" ``max_steps`` without a remaining time (an ETA to ``max_steps`` would
+promise a length the run is not going to have, whenever it succeeds). The workload line is a notice
+of this module's logger (INFO).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet.data.loaders import load_split, load_test_set, mnist_inputs
+from deepnet.data.loaders import load_split, mnist_inputs
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import int_at_least, non_negative_number, number_in, writable_directory
 from deepnet.nn import memory
@@ -43,6 +48,8 @@ from deepnet.training.loop import Hook, ProgressBar, StepEvent
 from deepnet.training.recipe import init, training_rng
 from deepnet.training.reporting import OnReport, StepLog, ignore_report
 from deepnet.training.schedule import Schedule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,9 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     the report as a dict (``reached`` False if ``max_steps`` ran out first).
 
     ``model``: keep the trained model at this path (it must not exist); default a temporary file in
-    ``workdir`` (default the system's temporary directory), removed at the end. ``progress`` shows the
-    workload line and tqdm bars on stderr; report rows go to ``on_report``.
+    ``workdir`` (default the system's temporary directory), removed at the end. ``progress`` shows tqdm
+    bars on stderr; the workload line is a logging notice; report rows (without an ETA: the run stops
+    at its target) go to ``on_report``.
     """
     unknown = sorted(set(overrides) - {f.name for f in fields(SpeedrunRecipe)})
     if unknown:
@@ -146,7 +154,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     n_train = n - recipe.holdout
     x_train, y_train = mnist_inputs(images[:n_train]), labels[:n_train]
     heldout = HeldOut(mnist_inputs(images[n_train:]), labels[n_train:], recipe.eval_every)
-    x_test, y_test = load_test_set(data_dir, recipe.test_samples)
+    x_test, y_test = loop.test_set(data_dir, recipe.test_samples)
 
     # 2. a fresh model (not timed)
     tmpdir = None
@@ -156,10 +164,8 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     else:
         path = Path(model)
     try:
-        if progress:
-            print(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch "
-                  f"{recipe.batch}, target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}",
-                  file=sys.stderr, flush=True)
+        log.info(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch "
+                 f"{recipe.batch}, target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}")
         memory.check_new_model(layers=recipe.layers, width=recipe.width, input_dim=x_train.shape[1],
                                n_classes=10, hidden=None, batch=recipe.batch)
         init(path, layers=recipe.layers, width=recipe.width, activation=recipe.activation, seed=recipe.seed,
@@ -179,6 +185,11 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
             tmpdir.cleanup()
     report.update(model=None if model is None else str(model), machine=machine(), recipe=asdict(recipe))
     return report
+
+
+def _without_eta(on_report: OnReport) -> OnReport:
+    """``on_report`` given the rows without their ETA (see the module docstring)."""
+    return lambda row: on_report({k: v for k, v in row.items() if k != "eta_seconds"})
 
 
 class _GatedHeldOut(Hook):
@@ -221,7 +232,8 @@ def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray
                           "train_limit": int(x.shape[0]), "holdout": heldout.size, "eval_every": recipe.eval_every,
                           "layer_schedule": schedule.to_dict(), "head_schedule": schedule.to_dict()}
     rng = training_rng(net)
-    log = StepLog(net, recipe.report_every, on_report, total=recipe.max_steps, batch=recipe.batch, heldout=True)
+    rows = StepLog(net, recipe.report_every, _without_eta(on_report), total=recipe.max_steps, batch=recipe.batch,
+                   heldout=True)
     gate = _GatedHeldOut(net, heldout, recipe)
 
     def step(xb: np.ndarray, yb: np.ndarray, t: int) -> StepResult:
@@ -229,9 +241,9 @@ def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray
         return net.train_step(xb, yb, layer_lr=recipe.layer_lr * factor, head_lr=recipe.head_lr * factor,
                               rng_state=rng.bit_generator.state)
 
-    with ProgressBar(recipe.max_steps, "speedrun", progress) as bar:
+    with ProgressBar(recipe.max_steps, "speedrun", progress, at_most=True) as bar:
         target = _Target(recipe.target_acc, time.perf_counter())
-        loop.run(step, x, y, rng=rng, batch=recipe.batch, steps=recipe.max_steps, hooks=[gate, bar, log, target])
+        loop.run(step, x, y, rng=rng, batch=recipe.batch, steps=recipe.max_steps, hooks=[gate, bar, rows, target])
     reached_at = target.reached_at
     best = gate.best
     elapsed = reached_at if reached_at is not None else time.perf_counter() - target.started
