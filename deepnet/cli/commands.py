@@ -18,7 +18,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from deepnet import api
-from deepnet.cli import printers as show
+import deepnet.cli.printers as show
 from deepnet.cli.args import check_values
 from deepnet.cli.help import parse_doc
 from deepnet.cli.printers import Printer

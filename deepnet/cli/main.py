@@ -22,9 +22,9 @@ import fire
 from tqdm import tqdm
 
 from deepnet import __version__, interrupts
-from deepnet.cli import args as cli_args
-from deepnet.cli import commands
-from deepnet.cli import help as pages
+import deepnet.cli.args as cli_args
+import deepnet.cli.commands as commands
+import deepnet.cli.help as pages
 from deepnet.cli.args import did_you_mean, is_flag
 from deepnet.cli.conventions import COMMAND_ALIASES
 from deepnet.errors import ConfigError, DeepnetError
