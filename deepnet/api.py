@@ -7,6 +7,7 @@ and their docstrings its ``--help``. ``progress=True`` shows tqdm bars and notic
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from dataclasses import fields
@@ -21,7 +22,7 @@ from deepnet.flags import writable_directory
 from deepnet.formats import raw as _raw
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import KIND_MLP
-from deepnet.formats.mlp_file import model_kind, require_kind
+from deepnet.formats.mlp_file import model_kind
 from deepnet.kernels import jit as _jit
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn.network import DEFAULT_EVAL_BATCH
@@ -93,7 +94,8 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
     status 130; 143 for SIGTERM); pressed again, it abandons the step.
     The table shows step, loss, batch accuracy, held-out accuracy (when measured), s/step,
     layer-samples/s and the ETA; every step's figures go to /train/log (`deepnet plot` draws them).
-    Returns the final figures as a dict.
+    An existing MLP model file trains as `deepnet train-mlp` would (flags of dense models only are
+    refused). Returns the final figures as a dict.
 
     Learning-rate schedules (--schedule --warmup --final-lr-ratio --decay-steps) apply to both rates and
     are stored with the model: a run given none of these flags continues the stored schedule exactly; a
@@ -145,10 +147,33 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         progress: show progress bars on stderr.
         on_report: called with each report row (a dict).
     """
-    require_kind(model, "dense", "train")
     given = locals()
+    if _kind_or_none(model) == KIND_MLP:
+        return _train_mlp_file(given)
     options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
     return _recipe.train(options, progress=progress, on_report=on_report or ignore_report)
+
+
+#: The flags of `train` that an MLP model file takes, each under train_mlp's name for it.
+_MLP_FLAGS = {"steps": "steps", "until_step": "until_step", "batch": "batch", "lr": "lr", "schedule": "schedule",
+              "seed": "seed", "train_limit": "train_limit", "report_every": "report_every",
+              "test_samples": "test_samples", "hidden": "hidden", "data_dir": "data_dir"}
+
+
+def _train_mlp_file(given: dict) -> dict:
+    """`train` on an existing MLP model file: train_mlp with the flags given, refusing the dense-only ones."""
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    changed = [name for name, value in given.items()
+               if name not in ("model", "progress", "on_report") and value != defaults[name]]
+    dense_only = [name for name in changed if name not in _MLP_FLAGS]
+    if dense_only:
+        flags = ", ".join("--" + name.replace("_", "-") for name in dense_only)
+        raise ConfigError(f"{os.fspath(given['model'])} is an MLP model; {flags} "
+                          f"{'applies' if len(dense_only) == 1 else 'apply'} to dense models only")
+    if given["schedule"] is None and given["lr"] is None and "schedule" not in changed:
+        pass  # train_mlp's own defaults
+    kwargs = {_MLP_FLAGS[name]: given[name] for name in changed}
+    return train_mlp(given["model"], progress=given["progress"], on_report=given["on_report"], **kwargs)
 
 
 def _kind_or_none(model: PathLike) -> str | None:

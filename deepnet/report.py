@@ -102,6 +102,11 @@ def run_fields(final: dict) -> dict:
     if "heldout_acc" in final:
         fields["held-out"] = (f"accuracy {final['heldout_acc']:.4f} at step {final['heldout_step']} on the last "
                               f"{final['heldout_samples']} training images")
+    if final.get("best_heldout_acc") is not None:
+        kept = f"; kept in {final['best_model']}" if final.get("best_model") else ""
+        early = " (stopped early: --patience ran out)" if final.get("stopped_early") else ""
+        fields["best held-out"] = (f"accuracy {final['best_heldout_acc']:.4f} at step {final['best_heldout_step']}"
+                                   f"{kept}{early}")
     if "ema_test_acc" in final or "ema_heldout_acc" in final:
         parts = []
         if "ema_test_acc" in final:

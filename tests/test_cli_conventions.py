@@ -249,3 +249,20 @@ def test_quiet_prints_only_the_final_result(tmp_path):
     proc, err = _train(tmp_path, "-q", "--steps", "2")
     assert proc.returncode == 0 and err == ""
     assert proc.stdout.startswith("model ") and "ETA" not in proc.stdout  # the summary, not the report table
+
+
+@needs_mnist
+def test_train_and_eval_act_on_the_file_s_kind(tmp_path, capsys):
+    """`deepnet eval` on an MLP file refused and named eval-mlp; now eval and train dispatch on the kind."""
+    path = str(tmp_path / "mlp.h5")
+    assert main(["train-mlp", path, "--hidden", "8", "--steps", "3", "--batch", "4", "--test-samples", "0",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", path, "--steps", "2", "--test-samples", "20", "--json", "--quiet"]) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["step"] == 5 and final["hidden"] == 8 and final["test_samples"] == 20
+    assert main(["eval", path, "--test-samples", "30", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["samples"] == 30 and figures["hidden"] == 8 and figures["step"] == 5
+    assert main(["train", path, "--steps", "1", "--in-memory"]) == 2
+    assert "is an MLP model; --in-memory applies to dense models only" in capsys.readouterr().err
