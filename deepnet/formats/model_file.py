@@ -21,9 +21,10 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import create as _create
+from deepnet.formats import evals as _evals
 from deepnet.formats import layout
 from deepnet.formats.core_rows import CoreRows
-from deepnet.formats.commit import FileState, heads_crc32, torn_state
+from deepnet.formats.commit import EVAL_ROWS, FileState, heads_crc32, torn_state
 from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, RawWriter, rewrite_attr, set_fixed_ascii_attr
 from deepnet.formats.record import LOG_PENDING_MAX, CommitLog, log_array, log_rows
 from deepnet.formats.validate import check_heads, head_shapes, open_validated
@@ -59,6 +60,8 @@ class ModelFile:
         self._width: int = meta["width"]
         self._chunk_layers: int = meta["storage_chunk_layers"]
         self._lock_fd = lock_fd
+        #: Evaluations of steps the file does not hold yet, for the checkpoint that writes their step.
+        self._waiting_evals = _evals.empty()
         self._bind(h5file)
 
     def _bind(self, h5file: h5py.File, record: dict | None = None) -> None:
@@ -67,6 +70,7 @@ class ModelFile:
         self._raw = RawWriter(h5file, self._mode == "r+")
         self._core = CoreRows(h5file, self._path, self._raw, self._layers, self._width, self._chunk_layers)
         self._commits = CommitLog(h5file, self._path, self._raw, self._meta, record)
+        _evals.check_count(h5file, self._path, int(self._commits.get(EVAL_ROWS) or 0))
         try:  # which file this is, to notice it being replaced under us (see rewrite)
             self._inode: int | None = os.stat(self._path).st_ino
         except OSError:  # pragma: no cover
@@ -362,6 +366,60 @@ class ModelFile:
         self._writable()
         self._commits.flush_log()
 
+    # ------------------------------------------------------------------ evaluations
+
+    def record_evaluation(self, step: int, kind: str, samples: int, loss: float, accuracy: float) -> None:
+        """Keep an evaluation training made (kind ``heldout`` or ``test``, see layout.EVAL_KINDS) in
+        /train/evals. Of a step the file holds (streamed training, or in memory right after a
+        checkpoint) it is committed now: appended at the committed count, then the record counts it.
+        Of a later step (in memory, between checkpoints) it waits for the :meth:`rewrite` that writes
+        that step, and is lost with that step if the run ends first."""
+        self._writable()
+        rows = _evals.evaluation_rows([(step, kind, samples, loss, accuracy)])
+        self._waiting_evals = np.concatenate([self._waiting_evals, rows])
+        self._commit_evaluations()
+
+    def read_evaluations(self) -> np.ndarray:
+        """The committed evaluations (EVAL_DTYPE: step, kind, samples, loss, accuracy), in order."""
+        f = self._file()
+        return _evals.read_committed(f, self.eval_rows)
+
+    @property
+    def eval_rows(self) -> int:
+        """Rows of /train/evals the commit record counts."""
+        self._file()
+        return int(self._commits.get(EVAL_ROWS) or 0)
+
+    @property
+    def stored_eval_rows(self) -> int:
+        """Rows in the /train/evals dataset, including any an interrupted append left past the committed ones."""
+        return _evals.stored_count(self._file())
+
+    @property
+    def waiting_evaluations(self) -> np.ndarray:
+        """Evaluations recorded for steps after the one the file holds (not in the file yet)."""
+        return self._waiting_evals.copy()
+
+    def _split_waiting(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The waiting evaluations of steps up to `step`, and the rest."""
+        ready = self._waiting_evals["step"] <= step
+        return self._waiting_evals[ready], self._waiting_evals[~ready]
+
+    def _commit_evaluations(self) -> None:
+        ready, later = self._split_waiting(self.step)
+        if not ready.size:
+            return
+        f = self._writable()
+        at = self.eval_rows
+        try:
+            _evals.write_at(f, at, ready)
+            f.flush()
+        except (OSError, RuntimeError) as exc:
+            raise ModelFileError(f"could not append to the evaluations of {self._path}: {os_reason(exc)} "
+                                 f"(the file still holds step {self.step})") from exc
+        self._commits.write(**{EVAL_ROWS: at + int(ready.size)})
+        self._waiting_evals = later
+
     # ------------------------------------------------------------------ commits
 
     def commit(self, step: int, heads: Mapping[str, np.ndarray], *, rng_state: Any = _KEEP,
@@ -489,7 +547,8 @@ class ModelFile:
         to it. On any failure the temporary file is removed and the file on disk keeps its last
         committed step. `log` holds the rows of the steps since the last commit. `extra`, if given, is
         called with the new h5py file to write the optional parts (branch, weight average, held-out
-        figures) as of this state; what it writes is not copied from the old file.
+        figures) as of this state; what it writes is not copied from the old file. The evaluations
+        recorded for steps up to `step` are written with the committed ones.
         """
         self._writable()
         step = check_int("step", step, minimum=0)
@@ -499,14 +558,18 @@ class ModelFile:
                               f"got {core.dtype} {core.shape}")
         arrays = self._check_heads(heads)
         rows = np.concatenate([self.read_log(), log_rows([list(r) for r in log])])
+        ready, later = self._split_waiting(step)
+        evals = np.concatenate([self.read_evaluations(), ready])
         record, _ = self._commits.next_record(step=step, heads_crc32=_heads_crc(arrays), log_rows=int(rows.shape[0]),
-                                              pending_log=[], **self._optional_changes(rng_state, train))
+                                              pending_log=[], **{EVAL_ROWS: int(evals.shape[0])},
+                                              **self._optional_changes(rng_state, train))
         new, lock_fd = _create.write_checkpoint(
             self._path, self._f, core, record, arrays, rows, self._chunk_layers, extra,
-            lock=self._lock_fd is not None, inode=self._inode, old_step=self.step)
+            lock=self._lock_fd is not None, inode=self._inode, old_step=self.step, evals=evals)
         old, old_lock = self._f, self._lock_fd
         self._bind(new, record)
         self._lock_fd = lock_fd
+        self._waiting_evals = later
         try:
             old.close()
         finally:

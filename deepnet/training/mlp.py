@@ -21,6 +21,7 @@ from deepnet.data.loaders import load_test_set, load_training_set
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.formats.locking import WriterLock
+from deepnet.formats.mlp_file import append_mlp_evaluation
 from deepnet.nn.blas import blas_threads
 from deepnet.nn.finite import NonFiniteError
 from deepnet.nn.memory import check_mlp_training
@@ -140,6 +141,7 @@ def train_mlp(
              "seconds_per_step": elapsed / steps}
     if test is not None:
         result = net.evaluate(*test)
+        append_mlp_evaluation(path, net.step, "test", result["samples"], result["loss"], result["accuracy"])
         final.update(test_loss=result["loss"], test_acc=result["accuracy"], test_samples=result["samples"])
     return final
 
