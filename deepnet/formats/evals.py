@@ -140,3 +140,16 @@ def heldout_as_evaluations(h5: h5py.Group) -> np.ndarray:
     out["loss"] = held["heldout_loss"]
     out["accuracy"] = held["heldout_acc"]
     return out
+
+
+def with_heldout_dataset(rows: np.ndarray, h5: h5py.Group) -> np.ndarray:
+    """`rows` and, before them, the /train/heldout measurements of steps they have no held-out
+    evaluation of (a file trained before /train/evals existed), ordered by step (stable)."""
+    held = heldout_as_evaluations(h5)
+    if held.size:
+        have = of_kind(rows, layout.EVAL_HELDOUT)["step"]
+        held = held[~np.isin(held["step"], have)]
+    if not held.size:
+        return rows
+    merged = np.concatenate([held, rows])
+    return merged[np.argsort(merged["step"], kind="stable")]
