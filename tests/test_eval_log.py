@@ -67,11 +67,20 @@ def test_train_records_heldout_and_test_evaluations(tmp_path, mini_env, in_memor
     final = deepnet.train(path, steps=7, in_memory=in_memory, checkpoint_every=2, report_every=2, **RUN)
     with ModelFile.open(path) as f:
         rows = table(f.read_evaluations())
-        assert f.eval_rows == len(rows) == f.stored_eval_rows
+        assert f.eval_rows == len(rows) == evals.stored_count(f.h5)
     assert [r[:3] for r in rows] == [(3, "heldout", 100), (6, "heldout", 100), (7, "test", 50)]
     assert rows[-1][3:] == (final["test_loss"], final["test_acc"])
     assert rows[1][4] == final["heldout_acc"]
     assert all(0 <= r[4] <= 1 and r[3] > 0 for r in rows)
+
+
+def test_report_rows_carry_the_heldout_accuracy_the_file_records(tmp_path, mini_env):
+    reports: list[dict] = []
+    deepnet.train(tmp_path / "m.h5", steps=7, report_every=2, on_report=reports.append, **RUN)
+    with ModelFile.open(tmp_path / "m.h5") as f:
+        held = {r[0]: r[4] for r in table(f.read_evaluations()) if r[1] == "heldout"}
+    assert [(r["step"], r["heldout_acc"]) for r in reports] == \
+        [(2, None), (3, held[3]), (4, None), (6, held[6]), (7, None)]
 
 
 def test_streamed_and_in_memory_runs_record_the_same_figures(tmp_path, mini_env):
@@ -164,11 +173,11 @@ def test_rows_past_the_committed_count_are_ignored_then_overwritten(tmp_path):
         ds.resize((3,))
         ds[1:3] = evals.evaluation_rows([(9, "heldout", 1, 9.0, 0.9)] * 2)
     with ModelFile.open(path, "r+") as f:
-        assert table(f.read_evaluations()) == [(0, "test", 10, 2.0, 0.2)] and f.stored_eval_rows == 3
+        assert table(f.read_evaluations()) == [(0, "test", 10, 2.0, 0.2)] and evals.stored_count(f.h5) == 3
         report = check_model(path)
         assert report.healthy and any("2 rows past the committed ones" in line for line in report.findings)
         f.record_evaluation(0, "test", 20, 1.0, 0.3)
-        assert f.stored_eval_rows == 2
+        assert evals.stored_count(f.h5) == 2
     with ModelFile.open(path) as f:
         assert table(f.read_evaluations()) == [(0, "test", 10, 2.0, 0.2), (0, "test", 20, 1.0, 0.3)]
 
@@ -185,7 +194,7 @@ def test_an_append_interrupted_before_its_record_commits_nothing(tmp_path, monke
         with pytest.raises(KeyboardInterrupt):
             f.record_evaluation(0, "test", 30, 1.0, 0.5)
     with ModelFile.open(path) as f:
-        assert f.eval_rows == 1 and f.stored_eval_rows == 2
+        assert f.eval_rows == 1 and evals.stored_count(f.h5) == 2
         assert table(f.read_evaluations()) == [(0, "test", 10, 2.0, 0.2)]
 
 

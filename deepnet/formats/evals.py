@@ -24,6 +24,9 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import layout
+from deepnet.formats.commit import EVAL_ROWS
+from deepnet.formats.record import CommitLog
+from deepnet.formats.values import os_reason
 
 #: One evaluation as given to :func:`evaluation_rows`: (step, kind, samples, loss, accuracy).
 Evaluation = Sequence[Any]
@@ -153,3 +156,54 @@ def with_heldout_dataset(rows: np.ndarray, h5: h5py.Group) -> np.ndarray:
         return rows
     merged = np.concatenate([held, rows])
     return merged[np.argsort(merged["step"], kind="stable")]
+
+
+class EvalLog:
+    """The /train/evals of an open dense file: the committed rows (the commit record's count) and the
+    rows waiting for a step the file does not hold yet. :meth:`bind` attaches it to the open file
+    (again after a checkpoint replaced it); the waiting rows stay."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.waiting = empty()
+        self._f: h5py.File | None = None
+        self._commits: CommitLog | None = None
+
+    def bind(self, h5file: h5py.File, commits: CommitLog) -> None:
+        """Use `h5file` and its record from now on (a one-line error if the record counts too many rows)."""
+        self._f, self._commits = h5file, commits
+        check_count(h5file, self.path, self.count)
+
+    @property
+    def count(self) -> int:
+        """Committed rows (none in a record from before the count)."""
+        return int(self._commits.get(EVAL_ROWS) or 0)
+
+    def read(self) -> np.ndarray:
+        """The committed rows."""
+        return read_committed(self._f, self.count)
+
+    def ready(self, step: int) -> np.ndarray:
+        """The waiting rows of steps up to `step`."""
+        return self.waiting[self.waiting["step"] <= step]
+
+    def forget(self, step: int) -> None:
+        """Drop the waiting rows of steps up to `step` (now in the file)."""
+        self.waiting = self.waiting[self.waiting["step"] > step]
+
+    def record(self, rows: np.ndarray, held_step: int) -> None:
+        """Add `rows`; commit those of steps up to `held_step` (the file's): appended at the committed
+        count, then the record counts them."""
+        self.waiting = np.concatenate([self.waiting, rows])
+        ready = self.ready(held_step)
+        if not ready.size:
+            return
+        at = self.count
+        try:
+            write_at(self._f, at, ready)
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            raise ModelFileError(f"could not append to the evaluations of {self.path}: {os_reason(exc)} "
+                                 f"(the file still holds step {held_step})") from exc
+        self._commits.write(**{EVAL_ROWS: at + int(ready.size)})
+        self.forget(held_step)

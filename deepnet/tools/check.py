@@ -184,7 +184,7 @@ def _check_evaluations(f: ModelFile, findings: list[str], problems: list[str], d
         if unknown:
             findings.append(f"note: /{TRAIN_EVALS} has evaluations of a kind this deepnet does not know: "
                             f"{', '.join(map(repr, unknown))}")
-    stored = f.stored_eval_rows
+    stored = _evals.stored_count(f.h5)
     if stored > rows.shape[0]:
         findings.append(f"note: /{TRAIN_EVALS} has {stored - rows.shape[0]} rows past the committed ones "
                         f"(an append that was interrupted; they are ignored and overwritten)")
