@@ -15,6 +15,7 @@ from deepnet.errors import DeepnetError
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.report import format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
 from deepnet.tools.check import CheckReport
+from deepnet.tools.info import format_info
 from deepnet.training.speedrun import TargetNotReached
 
 #: What a printer gets: the API function's result and the arguments it was called with.
@@ -112,7 +113,7 @@ def show_info(summary: dict, args: dict) -> None:
     if args["json"]:
         print_json(jsonable(summary))
     else:
-        print_fields(summary)
+        print(format_info(summary))
 
 
 class CheckFailed(DeepnetError):

@@ -3,7 +3,8 @@
 Two fixed-size slots, written alternately as raw bytes (never HDF5 metadata); each slot is a magic
 number, the payload's length and CRC-32, then the record as JSON: the committed step, a sequence
 number, the minibatch generator's state, the training settings, a CRC-32 of the heads, how many rows of
-/train/log belong to the committed history and the log rows not yet appended there. A slot cut short
+/train/log belong to the committed history and the log rows not yet appended there, and how many rows
+of /train/evals do (``eval_rows``; absent in records written before it existed: none). A slot cut short
 by a kill fails its checksum and the other slot, the previous commit, is read instead. How an open
 file keeps it: :mod:`deepnet.formats.record`; the file's states it defines: :func:`torn_state`.
 """
@@ -22,6 +23,8 @@ import numpy as np
 from deepnet.formats.layout import CORE_CHUNK_STEP
 
 COMMIT_SLOTS = 2
+#: The record's count of committed /train/evals rows.
+EVAL_ROWS = "eval_rows"
 COMMIT_SLOT_BYTES = 32768
 _COMMIT_MAGIC = b"DNCOMMIT"
 _COMMIT_HEADER = struct.Struct("<8sII")  # magic, payload length, CRC-32 of the payload
@@ -71,6 +74,8 @@ def _record_is_valid(rec: Any) -> bool:
         return False
     if rec.get("heads_crc32") is not None and not nonneg_int(rec["heads_crc32"]):
         return False
+    if rec.get(EVAL_ROWS) is not None and not nonneg_int(rec[EVAL_ROWS]):
+        return False
     if rec.get("train") is not None and not isinstance(rec["train"], dict):
         return False
     pending = rec.get("pending_log")
@@ -103,7 +108,7 @@ class FileState:
 def new_record(*, step: int, heads_crc: int, updated: str) -> dict:
     """The record of a new model file (or one written before records existed), at `step`."""
     return {"seq": 0, "step": step, "rng_state": None, "log_rows": 0, "pending_log": [],
-            "heads_crc32": heads_crc, "train": None, "updated": updated}
+            "heads_crc32": heads_crc, "train": None, "updated": updated, EVAL_ROWS: 0}
 
 
 def json_default(obj: Any) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 
 from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats import evals as _evals
 from deepnet.formats import h5io, layout
 from deepnet.formats.atomic import atomic_path, check_output, space_shortfall
 from deepnet.formats.commit import COMMIT_SLOTS, encode_record, heads_crc32, new_record
@@ -96,11 +97,12 @@ def create_commit(f: h5py.File, record: Mapping[str, Any]) -> None:
 
 def write_copy(old: h5py.File, new: h5py.File, core: np.ndarray, record: Mapping[str, Any],
                heads: Mapping[str, np.ndarray], rows: np.ndarray, chunk_layers: int,
-               extra: Callable[[h5py.File], None] | None) -> None:
+               extra: Callable[[h5py.File], None] | None, evals: np.ndarray | None = None) -> None:
     """Fill `new` with the model of `old` in the given state (a checkpoint: :meth:`ModelFile.rewrite`).
 
-    Root attributes keep their types; `extra` writes the optional parts as of this state; any other
-    dataset of `old` this deepnet does not know (a newer writer's addition) is copied along.
+    Root attributes keep their types; `extra` writes the optional parts as of this state; `evals` are
+    the evaluations the record counts (None: /train/evals is copied as it is); any other dataset of
+    `old` this deepnet does not know (a newer writer's addition) is copied along.
     """
     for name in old.attrs:
         new.attrs.create(name, old.attrs[name], dtype=old.attrs.get_id(name).dtype)
@@ -116,6 +118,9 @@ def write_copy(old: h5py.File, new: h5py.File, core: np.ndarray, record: Mapping
     create_commit(new, record)
     known = {layout.CORE_WEIGHTS, layout.CORE_CHUNK_STEP, layout.TRAIN_LOG, layout.TRAIN_COMMIT,
              *layout.HEAD_PATHS.values()}
+    if evals is not None:
+        _evals.create(new, evals)
+        known.add(layout.TRAIN_EVALS)
 
     def copy_unknown(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset) and name not in known and name not in new:
@@ -130,15 +135,16 @@ def write_copy(old: h5py.File, new: h5py.File, core: np.ndarray, record: Mapping
 def write_checkpoint(path: str, old: h5py.File, core: np.ndarray, record: Mapping[str, Any],
                      heads: Mapping[str, np.ndarray], rows: np.ndarray, chunk_layers: int,
                      extra: Callable[[h5py.File], None] | None, *, lock: bool, inode: int | None,
-                     old_step: int) -> tuple[h5py.File, int | None]:
+                     old_step: int, evals: np.ndarray | None = None) -> tuple[h5py.File, int | None]:
     """Replace the file at `path` atomically with a copy of `old` in the given state (:func:`write_copy`);
     return the new file, open, and with `lock` the descriptor of the flock taken on it. Refuses if
-    `path` is no longer the file `inode` names (another process replaced it)."""
+    `path` is no longer the file `inode` names (another process replaced it). `evals`: as for write_copy."""
     new: h5py.File | None = None
     lock_fd = None
     layers, row_size = core.shape
     heads_bytes = sum(int(np.asarray(a).nbytes) for a in heads.values())
     size = 4 * layers * row_size + heads_bytes + int(rows.nbytes) + FILE_OVERHEAD_BYTES
+    size += 0 if evals is None else int(evals.nbytes)
     try:  # the optional parts (a weight average is a second core) are about as big as in the old file
         size = max(size, os.path.getsize(path))
     except OSError:
@@ -150,7 +156,7 @@ def write_checkpoint(path: str, old: h5py.File, core: np.ndarray, record: Mappin
         # This process holds the file's lock (HDF5's, or its own flock): the new file takes it over.
         with atomic_path(path, lock=False) as tmp:
             new = open_h5(tmp, "w")
-            write_copy(old, new, core, record, heads, rows, chunk_layers, extra)
+            write_copy(old, new, core, record, heads, rows, chunk_layers, extra, evals)
             new.flush()
             if lock:
                 lock_fd = flock(tmp, exclusive=True)
@@ -266,7 +272,7 @@ def _write_attributes(f: h5py.File, *, layers: int, width: int, activation: str,
 
 def _write_core(f: h5py.File, name: str, rng: np.random.Generator, *, layers: int, width: int, init_scale: float,
                 chunk_layers: int, progress: bool, core_weights: np.ndarray | None) -> None:
-    """Allocate the core, chunk_step and log, and fill the core: drawn, or `core_weights` with the
+    """Allocate the core, chunk_step, log and evaluations, and fill the core: drawn, or `core_weights` with the
     generator advanced past the draws they replace (so the heads drawn next are the same)."""
     # tqdm.auto is slow to import (bench/README.md, "deepnet.formats"); only creation needs it.
     from tqdm.auto import tqdm
@@ -276,6 +282,7 @@ def _write_core(f: h5py.File, name: str, rng: np.random.Generator, *, layers: in
     weights = create_core(f, layers, row_size, chunk_layers)
     create_chunk_step(f, -(-layers // chunk_layers), 0)
     create_log(f, np.empty(0, layout.LOG_DTYPE))
+    _evals.create(f, _evals.empty())
     block_layers = h5io.block_layers(chunk_layers, row_size)
     buf = None if core_weights is not None else np.zeros((min(block_layers, layers), row_size), np.float32)
     with tqdm(total=layers, desc=f"init {name}", unit="layer", unit_scale=True, disable=not progress,

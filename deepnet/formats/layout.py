@@ -47,10 +47,18 @@ HEAD_PATHS = {
 TRAIN_LOG = "train/log"          # per step: step, loss, batch_acc, seconds
 TRAIN_COMMIT = "train/commit"    # two checksummed slots of the commit record
 TRAIN_HELDOUT = "train/heldout"  # per held-out measurement: step, heldout_loss, heldout_acc
+TRAIN_EVALS = "train/evals"      # per evaluation a training run made: step, kind, samples, loss, accuracy
 
 LOG_DTYPE = np.dtype([("step", "<i8"), ("loss", "<f8"), ("batch_acc", "<f8"), ("seconds", "<f8")])
 LOG_CHUNK_ROWS = 4096            # rows per HDF5 storage chunk of /train/log
 HELDOUT_DTYPE = np.dtype([("step", "<i8"), ("heldout_loss", "<f8"), ("heldout_acc", "<f8")])
+#: A row of /train/evals: the step evaluated, what was evaluated (one of EVAL_KINDS, ASCII), on how many
+#: images (0: not known, a row converted from /train/heldout), the mean loss and the accuracy.
+EVAL_DTYPE = np.dtype([("step", "<i8"), ("kind", "S8"), ("samples", "<i8"), ("loss", "<f8"), ("accuracy", "<f8")])
+EVAL_HELDOUT = "heldout"         # the held-out images of --holdout, at --eval-every
+EVAL_TEST = "test"               # MNIST's test images, at the end of a run
+EVAL_KINDS = (EVAL_HELDOUT, EVAL_TEST)
+EVAL_CHUNK_ROWS = 256            # rows per HDF5 storage chunk of /train/evals
 
 # -- the MLP: the parameters of an MLP model file, and of the residual MLP branch of a dense one -----
 MLP_KEYS = ("w1", "b1", "w2", "b2")

@@ -8,6 +8,8 @@ Layout (names in :mod:`deepnet.formats.layout`)::
     /mlp/w1         float32 (input_dim, hidden)      /mlp/b1   float32 (hidden,)
     /mlp/w2         float32 (hidden, n_classes)      /mlp/b2   float32 (n_classes,)
     /train/log      compound (step i8, loss f8, batch_acc f8, seconds f8), as in the dense model
+    /train/evals    compound (step, kind, samples, loss, accuracy): the evaluations training made
+                    (layout.EVAL_DTYPE; absent in files from before it: none)
 
 The whole model is small, so it is rewritten whole at every save rather than updated in place: a run
 killed between two saves loses only the steps since the last one, and never leaves a torn file. Also
@@ -19,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import h5py
 import numpy as np
 
 from deepnet.errors import ModelFileError
+from deepnet.formats import evals as _evals
 from deepnet.formats import layout
 from deepnet.formats.atomic import atomic_path
 from deepnet.formats.h5io import set_attrs
@@ -47,6 +50,7 @@ class MLPContents:
     rng_state: dict | None
     log: np.ndarray
     created: str
+    evals: np.ndarray = field(default_factory=_evals.empty)
 
 
 def mlp_shapes(hidden: int, input_dim: int, n_classes: int) -> dict[str, tuple[int, ...]]:
@@ -56,10 +60,13 @@ def mlp_shapes(hidden: int, input_dim: int, n_classes: int) -> dict[str, tuple[i
 
 def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, step: int, seed: int,
                    rng_state: dict | None, log: np.ndarray, created: str, overwrite: bool = True,
-                   lock: WriterLock | None = None) -> None:
+                   lock: WriterLock | None = None, evals: np.ndarray | None = None) -> None:
     """Write an MLP model file at `path` atomically (a temporary beside it, fsync, rename); without
     `overwrite` an existing `path` is refused. A run that saves again and again holds `lock` (a
-    :class:`WriterLock` of `path`) for its whole length; without it the file's lock is taken for the write."""
+    :class:`WriterLock` of `path`) for its whole length; without it the file's lock is taken for the write.
+
+    `evals` are the evaluations the file holds (EVAL_DTYPE rows); None keeps those of the file being
+    replaced if it is an earlier version of the same model (same ``created``), up to `step`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -71,6 +78,8 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
     try:
         with atomic_path(path, overwrite=overwrite, size=size, lock=True if lock is None else lock) as tmp, \
                 h5py.File(tmp, "w") as f:
+            if evals is None:  # read under the lock atomic_path holds on the file being replaced
+                evals = _carried_evals(path, created, seed, step)
             set_attrs(f, {"format": layout.FORMAT, "format_version": np.int64(layout.FORMAT_VERSION),
                           "kind": layout.KIND_MLP, "hidden": np.int64(hidden), "input_dim": np.int64(input_dim),
                           "n_classes": np.int64(params["w2"].shape[1]), "step": np.int64(step),
@@ -79,8 +88,47 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
             for name, dset in layout.mlp_paths(layout.MLP_GROUP).items():
                 f.create_dataset(dset, data=params[name])
             f.create_dataset(layout.TRAIN_LOG, data=log, maxshape=(None,), chunks=(layout.LOG_CHUNK_ROWS,))
+            _evals.create(f, evals)
     except OSError as exc:
         raise ModelFileError(f"could not write {path}: {os_reason(exc)}") from exc
+
+
+def _carried_evals(path: str, created: str, seed: int, step: int) -> np.ndarray:
+    """The evaluations of the MLP file at `path`, if it is an earlier version of the model being written
+    (the same ``created`` and ``seed``, a step up to `step`; else, or if it cannot be read, none). The
+    caller holds the file's lock: HDF5 must not take it again."""
+    try:
+        if not os.path.isfile(path) or not h5py.is_hdf5(path):
+            return _evals.empty()
+        with h5py.File(path, "r", locking=False) as old:
+            a = old.attrs
+            same = (decode(a.get("kind", "")) == layout.KIND_MLP and decode(a.get("created", "")) == created
+                    and a.get("seed") == seed and 0 <= a.get("step", -1) <= step)
+            if not same:
+                return _evals.empty()
+            _evals.check_dataset(old, path)
+            rows = old[layout.TRAIN_EVALS][()] if layout.TRAIN_EVALS in old else _evals.empty()
+    except (OSError, ModelFileError):
+        return _evals.empty()
+    return rows[rows["step"] <= step]
+
+
+def append_mlp_evaluation(path: str | os.PathLike, step: int, kind: str, samples: int, loss: float,
+                          accuracy: float) -> None:
+    """Add an evaluation training made (see :func:`deepnet.formats.evals.evaluation_rows`) to the MLP
+    file at `path`, which is rewritten whole and atomically, as every MLP file is."""
+    row = _evals.evaluation_rows([(step, kind, samples, loss, accuracy)])
+    require_kind(path, layout.KIND_MLP, "train-mlp")
+    path = os.fspath(path)
+    with WriterLock(path) as lock:  # read and replaced under one lock; HDF5 must not take it again
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                contents = _read(f, path)
+        except OSError as exc:
+            raise ModelFileError(f"could not read {path}: {os_reason(exc)}") from exc
+        write_mlp_file(path, contents.params, step=contents.step, seed=contents.seed, rng_state=contents.rng_state,
+                       log=contents.log, created=contents.created, lock=lock,
+                       evals=np.concatenate([contents.evals, row]))
 
 
 def read_mlp_file(path: str | os.PathLike) -> MLPContents:
@@ -139,7 +187,9 @@ def _read(f: h5py.File, path: str) -> MLPContents:
         raise ModelFileError(f"{path}: attribute rng_state is not valid JSON") from None
     if rng_state is not None and not isinstance(rng_state, dict):
         raise ModelFileError(f"{path}: attribute rng_state is not a JSON object")
-    return MLPContents(params, meta["step"], meta["seed"], rng_state, log_ds[()], decode(a["created"]))
+    _evals.check_dataset(f, path)
+    evals = f[layout.TRAIN_EVALS][()] if layout.TRAIN_EVALS in f else _evals.empty()
+    return MLPContents(params, meta["step"], meta["seed"], rng_state, log_ds[()], decode(a["created"]), evals)
 
 
 def not_a_model(path: str) -> NoReturn:

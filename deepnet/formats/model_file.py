@@ -6,8 +6,8 @@ in :mod:`~deepnet.formats.locking`. This class reads and writes an open file: th
 of datasets allocated whole at creation, so the per-step path never changes HDF5 metadata), the heads,
 the log, the commits, and the checkpoint rewrite of the in-memory mode.
 
-Why it is a little over 500 lines: it keeps the whole public surface its callers use (about 45 methods
-and properties, each documented); the work behind them is in the modules above.
+Why it is near 600 lines: it keeps the whole public surface its callers use (about 50 methods and
+properties, each documented); the work behind them is in the modules above and in evals and scan.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import numpy as np
 from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import create as _create
+from deepnet.formats import evals as _evals
 from deepnet.formats import layout
 from deepnet.formats.core_rows import CoreRows
-from deepnet.formats.commit import FileState, heads_crc32, torn_state
+from deepnet.formats.commit import EVAL_ROWS, FileState, heads_crc32, torn_state
 from deepnet.formats.h5io import RNG_ATTR_QUANTUM, TIME_ATTR_LEN, RawWriter, rewrite_attr, set_fixed_ascii_attr
+from deepnet.formats.scan import non_finite_datasets, non_finite_rows
 from deepnet.formats.record import LOG_PENDING_MAX, CommitLog, log_array, log_rows
 from deepnet.formats.validate import check_heads, head_shapes, open_validated
 from deepnet.formats.values import check_int, decode, now, os_reason, rng_text
 
-# Bytes read at a time while scanning the weights for non-finite values.
-_SCAN_BLOCK_BYTES = 16 << 20
 # Passed for "leave this part of the record as it is".
 _KEEP: Any = object()
 
@@ -60,6 +60,7 @@ class ModelFile:
         self._width: int = meta["width"]
         self._chunk_layers: int = meta["storage_chunk_layers"]
         self._lock_fd = lock_fd
+        self._evals = _evals.EvalLog(path)
         self._bind(h5file)
 
     def _bind(self, h5file: h5py.File, record: dict | None = None) -> None:
@@ -68,6 +69,7 @@ class ModelFile:
         self._raw = RawWriter(h5file, self._mode == "r+")
         self._core = CoreRows(h5file, self._path, self._raw, self._layers, self._width, self._chunk_layers)
         self._commits = CommitLog(h5file, self._path, self._raw, self._meta, record)
+        self._evals.bind(h5file, self._commits)
         try:  # which file this is, to notice it being replaced under us (see rewrite)
             self._inode: int | None = os.stat(self._path).st_ino
         except OSError:  # pragma: no cover
@@ -372,6 +374,30 @@ class ModelFile:
         self._writable()
         self._commits.flush_log()
 
+    # ------------------------------------------------------------------ evaluations
+
+    def record_evaluation(self, step: int, kind: str, samples: int, loss: float, accuracy: float) -> None:
+        """Keep an evaluation training made (kind ``heldout`` or ``test``) in /train/evals: committed now
+        if the file holds its step, else by the :meth:`rewrite` that writes its step (lost if none does)."""
+        self._writable()
+        self._evals.record(_evals.evaluation_rows([(step, kind, samples, loss, accuracy)]), self.step)
+
+    def read_evaluations(self) -> np.ndarray:
+        """The committed evaluations (EVAL_DTYPE: step, kind, samples, loss, accuracy), in order."""
+        self._file()
+        return self._evals.read()
+
+    @property
+    def eval_rows(self) -> int:
+        """Rows of /train/evals the commit record counts."""
+        self._file()
+        return self._evals.count
+
+    @property
+    def waiting_evaluations(self) -> np.ndarray:
+        """Evaluations recorded for steps after the one the file holds (not in it yet)."""
+        return self._evals.waiting.copy()
+
     # ------------------------------------------------------------------ commits
 
     def commit(self, step: int, heads: Mapping[str, np.ndarray], *, rng_state: Any = _KEEP,
@@ -434,35 +460,12 @@ class ModelFile:
     def non_finite_layers(self) -> np.ndarray:
         """Indices of the core layers holding a NaN or an infinity (read block by block)."""
         self._file()
-        block = max(1, _SCAN_BLOCK_BYTES // (4 * self.row_size))
-        buf = np.empty((min(block, self._layers), self.row_size), np.float32)
-        bad = []
-        for start in range(0, self._layers, block):
-            stop = min(self._layers, start + block)
-            ok = np.isfinite(self.read_layers(start, stop, out=buf)).all(axis=1)
-            if not ok.all():
-                bad.append(start + np.flatnonzero(~ok))
-        return np.concatenate(bad) if bad else np.empty(0, np.int64)
+        return non_finite_rows(lambda start, stop, out: self.read_layers(start, stop, out), self._layers, self.row_size)
 
     def non_finite_parts(self) -> list[str]:
         """The float datasets other than the core (heads, branch, weight average, ...) holding a NaN or an
         infinity, by name (read block by block)."""
-        f = self._file()
-        found: list[str] = []
-
-        def scan(name: str, obj: Any) -> None:
-            if not isinstance(obj, h5py.Dataset) or obj.dtype.kind != "f" or name == layout.CORE_WEIGHTS:
-                return
-            if obj.ndim == 0:
-                finite = bool(np.isfinite(obj[()]))
-            else:
-                rows = max(1, _SCAN_BLOCK_BYTES // max(1, obj.dtype.itemsize * int(np.prod(obj.shape[1:]))))
-                finite = all(np.isfinite(obj[i : i + rows]).all() for i in range(0, obj.shape[0], rows))
-            if not finite:
-                found.append(name)
-
-        f.visititems(scan)
-        return found
+        return non_finite_datasets(self._file(), layout.CORE_WEIGHTS)
 
     def accept_torn(self) -> FileState:
         """Accept a torn step's mixed state as the committed step (``--resume-torn``).
@@ -499,7 +502,8 @@ class ModelFile:
         to it. On any failure the temporary file is removed and the file on disk keeps its last
         committed step. `log` holds the rows of the steps since the last commit. `extra`, if given, is
         called with the new h5py file to write the optional parts (branch, weight average, held-out
-        figures) as of this state; what it writes is not copied from the old file.
+        figures) as of this state; what it writes is not copied from the old file. The evaluations
+        recorded for steps up to `step` are written with the committed ones.
         """
         self._writable()
         step = check_int("step", step, minimum=0)
@@ -509,14 +513,17 @@ class ModelFile:
                               f"got {core.dtype} {core.shape}")
         arrays = self._check_heads(heads)
         rows = np.concatenate([self.read_log(), log_rows([list(r) for r in log])])
+        evals = np.concatenate([self._evals.read(), self._evals.ready(step)])
+        changes = {EVAL_ROWS: int(evals.shape[0]), **self._optional_changes(rng_state, train)}
         record, _ = self._commits.next_record(step=step, heads_crc32=_heads_crc(arrays), log_rows=int(rows.shape[0]),
-                                              pending_log=[], **self._optional_changes(rng_state, train))
+                                              pending_log=[], **changes)
         new, lock_fd = _create.write_checkpoint(
             self._path, self._f, core, record, arrays, rows, self._chunk_layers, extra,
-            lock=self._lock_fd is not None, inode=self._inode, old_step=self.step)
+            lock=self._lock_fd is not None, inode=self._inode, old_step=self.step, evals=evals)
         old, old_lock = self._f, self._lock_fd
         self._bind(new, record)
         self._lock_fd = lock_fd
+        self._evals.forget(step)
         try:
             old.close()
         finally:

@@ -234,7 +234,7 @@ def _import_mlp(model: str, head: str, hidden: int, seed: int, input_dim: int, n
     flat = _read_floats(head, mlp_head_bytes(hidden, input_dim, n_classes) // 4, "the mlp parameters")
     params = _split(flat, list(mlp_shapes(hidden, input_dim, n_classes).items()))
     write_mlp_file(model, params, step=0, seed=seed, rng_state=None, log=np.empty(0, layout.LOG_DTYPE),
-                   created=now(), overwrite=overwrite)
+                   created=now(), overwrite=overwrite, evals=np.empty(0, layout.EVAL_DTYPE))
     return {"event": "import", "model": model, "kind": "mlp", "hidden": hidden,
             "bytes": os.path.getsize(head), "seconds": time.perf_counter() - started}
 

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats import evals as _evals
 from deepnet.formats import layout
 from deepnet.formats.h5io import open_h5
 from deepnet.formats.locking import flock, hdf5_locking_disabled, is_lock_conflict, locked_error, same_file
@@ -137,6 +138,8 @@ def validate(f: h5py.File, path: str) -> dict[str, Any]:
     if log.ndim != 1 or log.maxshape != (None,):
         raise ModelFileError(f"{path}: dataset /{layout.TRAIN_LOG} has shape {log.shape} (max {log.maxshape}) "
                              f"but must be 1-D and resizable")
+
+    _evals.check_dataset(f, path)
 
     meta["storage_chunk_layers"] = chunk_layers
     return meta

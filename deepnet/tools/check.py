@@ -19,7 +19,8 @@ import numpy as np
 from deepnet import activations
 from deepnet.errors import DamagedFileError, DeepnetError
 from deepnet.formats.atomic import stale_temporaries
-from deepnet.formats.layout import HEAD_KEYS, HEAD_PATHS, KIND_MLP, TRAIN_LOG
+from deepnet.formats import evals as _evals
+from deepnet.formats.layout import EVAL_KINDS, HEAD_KEYS, HEAD_PATHS, KIND_MLP, TRAIN_EVALS, TRAIN_LOG
 from deepnet.formats.mlp_file import model_kind, read_mlp_file
 from deepnet.formats.model_file import ModelFile
 
@@ -139,6 +140,8 @@ def _check_dense(f: ModelFile) -> CheckReport:
         findings.append(f"note: /{TRAIN_LOG} has {stored_rows - committed_rows} rows past the committed ones "
                         f"(an append that was interrupted; they are ignored and overwritten)")
 
+    _check_evaluations(f, findings, problems, details)
+
     for tmp in stale_temporaries(f.path):
         findings.append(f"note: {tmp} is a leftover of an interrupted write (deepnet train removes it)")
 
@@ -154,6 +157,37 @@ def _check_dense(f: ModelFile) -> CheckReport:
         status = "healthy"
         summary = f"healthy: step {f.step}"
     return CheckReport(f.path, status, f.step, summary, findings, details)
+
+
+def describe_evaluations(rows: np.ndarray) -> str:
+    """One line of what /train/evals holds: per kind, how many and at which steps."""
+    if not rows.size:
+        return "evaluations: none"
+    parts = []
+    for kind in dict.fromkeys(_evals.kinds(rows)):
+        steps = _evals.of_kind(rows, kind)["step"]
+        at = f"step {int(steps[0])}" if steps.size == 1 else f"steps {int(steps.min())}..{int(steps.max())}"
+        parts.append(f"{steps.size} {kind} ({at})")
+    return "evaluations: " + ", ".join(parts)
+
+
+def _check_evaluations(f: ModelFile, findings: list[str], problems: list[str], details: dict[str, Any]) -> None:
+    """/train/evals (its dtype and shape were checked on opening): the committed rows against the step."""
+    rows = f.read_evaluations()
+    details["eval_rows"] = int(rows.shape[0])
+    findings.append(describe_evaluations(rows))
+    if rows.size:
+        if rows["step"].max() > f.step:
+            problems.append(f"/{TRAIN_EVALS} has an evaluation of step {int(rows['step'].max())}, after the "
+                            f"committed step {f.step}")
+        unknown = sorted(set(_evals.kinds(rows)) - set(EVAL_KINDS))
+        if unknown:
+            findings.append(f"note: /{TRAIN_EVALS} has evaluations of a kind this deepnet does not know: "
+                            f"{', '.join(map(repr, unknown))}")
+    stored = _evals.stored_count(f.h5)
+    if stored > rows.shape[0]:
+        findings.append(f"note: /{TRAIN_EVALS} has {stored - rows.shape[0]} rows past the committed ones "
+                        f"(an append that was interrupted; they are ignored and overwritten)")
 
 
 def _check_mlp(path: str) -> CheckReport:

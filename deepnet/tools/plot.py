@@ -1,55 +1,81 @@
-"""Training curves from a model file's /train/log: loss and accuracy versus step, raw and smoothed.
+"""Training curves of a model file: loss and accuracy versus step, with the evaluations training made.
 
-Works for every kind of model file (dense and mlp share the log table). Whatever columns the log
-has are drawn: those whose name contains "loss" on the upper panel, those containing "acc" (batch
-accuracy now; a held-out accuracy column, NaN on the steps without an evaluation, would join it) on
-the lower one. Each series is drawn thin as logged plus a trailing moving average.
+Works for every kind of model file. The upper panel is the loss, the lower the accuracy; each shows the
+per-step batch figures of /train/log (thin as logged, plus a trailing moving average) and, as markers,
+the evaluations of /train/evals (deepnet.formats.evals): the held-out ones (joined by a line) and the
+test ones. Files from before /train/evals show their /train/heldout measurements instead. Every axis
+has labelled ticks; the loss axis is logarithmic when the loss spans a factor of LOG_SCALE_SPAN or more
+(and says so in its label), else linear. The title names the model's shape and step.
 
-matplotlib is an optional dependency (``pip install 'deepnet[plot]'``) and is imported only here, when
-a plot is drawn, through its object API and the Agg canvas: no pyplot, no global backend switch, no
-display needed.
+:func:`build_figure` makes the matplotlib Figure without writing anything and :func:`figure_facts`
+reads back what a reader of the image sees (labels, scales, tick labels, legends, title);
+:func:`plot_training` writes the image. matplotlib is an optional dependency
+(``pip install 'deepnet[plot]'``) and is imported only here, when a plot is drawn, through its object
+API and the Agg canvas: no pyplot, no global backend switch, no display needed.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
-import h5py
 import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least
-from deepnet.formats.layout import TRAIN_HELDOUT, TRAIN_LOG
-from deepnet.formats.mlp_file import model_kind, not_a_model
-from deepnet.formats.values import decode
+from deepnet.formats import evals as _evals
+from deepnet.formats.hdf5 import ModelFile
+from deepnet.formats.layout import EVAL_HELDOUT, EVAL_TEST, HELDOUT_DTYPE, KIND_DENSE, KIND_MLP
+from deepnet.formats.mlp_file import model_kind, not_a_model, read_mlp_file
 
 #: Smallest and largest automatic moving-average window (steps); automatic = about 1/50 of the log.
 AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX = 1, 1000
 
 
-def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """The /train/log table of any deepnet model file, and a few attributes to title the plot with."""
+#: The loss axis is logarithmic when its largest value is at least this many times its smallest.
+LOG_SCALE_SPAN = 5.0
+#: Tick positions within a decade tried on a logarithmic axis, fewest first, until at least MIN_TICKS fit.
+LOG_SUBS = ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0), tuple(float(m) for m in range(1, 10)))
+#: Labelled ticks every axis gets at least.
+MIN_TICKS = 3
+
+
+@dataclass
+class Curves:
+    """What a plot draws from one model file."""
+
+    log: np.ndarray                 # /train/log rows (step, loss, batch_acc, seconds), committed ones
+    evals: np.ndarray               # evaluations (layout.EVAL_DTYPE)
+    attrs: dict[str, Any] = field(default_factory=dict)  # kind, step, and layers/width/activation or hidden
+
+
+def read_curves(path: str | os.PathLike) -> Curves:
+    """The log, the evaluations and the shape of the model file at `path` (dense or mlp)."""
     path = os.fspath(path)
     kind = model_kind(path)
     if kind is None:
         not_a_model(path)
-    try:
-        with h5py.File(path, "r") as f:
-            log = f.get(TRAIN_LOG)
-            if not isinstance(log, h5py.Dataset) or log.ndim != 1 or log.dtype.names is None \
-                    or "step" not in log.dtype.names:
-                raise ModelFileError(f"{path} has no training log table (/train/log with a step column)")
-            rows = log[()]
-            held = f.get(TRAIN_HELDOUT)
-            if isinstance(held, h5py.Dataset) and held.dtype.names and "step" in held.dtype.names:
-                rows = merge_heldout(rows, held[()])
-            attrs = {k: (decode(v) if isinstance(v, (bytes, str, np.bytes_)) else v) for k, v in f.attrs.items()
-                     if k in ("kind", "layers", "width", "activation", "hidden", "step")}
-    except OSError as exc:
-        raise ModelFileError(f"could not read {path}: {' '.join(str(exc).split())}") from exc
-    attrs["kind"] = kind
-    return rows, attrs
+    if kind == KIND_MLP:
+        contents = read_mlp_file(path)
+        return Curves(contents.log, contents.evals,
+                      {"kind": kind, "step": contents.step, "hidden": int(contents.params["w1"].shape[1])})
+    if kind != KIND_DENSE:
+        raise ModelFileError(f"{path} holds a model of kind {kind!r}, which this deepnet cannot plot")
+    with ModelFile.open(path) as f:
+        return Curves(f.read_log(), _evals.with_heldout_dataset(f.read_evaluations(), f.h5),
+                      {"kind": kind, "step": f.step, "layers": f.layers, "width": f.width,
+                       "activation": f.activation})
+
+
+def read_train_log(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """The training log of any deepnet model file with the held-out figures joined on the step (columns
+    heldout_loss, heldout_acc: NaN where none was measured), and the attributes the title uses."""
+    curves = read_curves(path)
+    held = _evals.of_kind(curves.evals, EVAL_HELDOUT)
+    table = np.empty(held.shape[0], HELDOUT_DTYPE)
+    table["step"], table["heldout_loss"], table["heldout_acc"] = held["step"], held["loss"], held["accuracy"]
+    return merge_heldout(curves.log, table), curves.attrs
 
 
 def merge_heldout(rows: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -83,25 +109,160 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (csum[idx] - csum[lo]) / (idx - lo)
 
 
-def _minor_log_label(ax, value: float) -> str:
-    """A minor tick's label on a log axis: all of them within 0.4 decades, 2/3/5 within 1.2, else none."""
-    low, high = ax.get_ylim()
-    if not (value > 0 and low > 0 and high > low):
-        return ""
-    decades = np.log10(high / low)
-    mantissa = round(value / 10 ** np.floor(np.log10(value)), 6)
-    if decades < 0.4 or (decades < 1.2 and mantissa in (2, 3, 5)):
-        return f"{value:g}"
-    return ""
-
-
-def _describe(attrs: dict[str, Any]) -> str:
+def describe(attrs: dict[str, Any]) -> str:
+    """The model's shape and step, for a title: "1,000,000 layers x width 4, softsign, step 1,000"."""
     kind = attrs.get("kind")
-    if kind == "dense" and "layers" in attrs:
-        return f"dense, {int(attrs['layers']):,} layers x width {int(attrs['width'])}, {attrs.get('activation', '?')}"
-    if kind == "mlp" and "hidden" in attrs:
-        return f"mlp, hidden {int(attrs['hidden'])}"
-    return str(kind)
+    if kind == KIND_DENSE and "layers" in attrs:
+        shape = f"{int(attrs['layers']):,} layers x width {int(attrs['width'])}, {attrs.get('activation', '?')}"
+    elif kind == KIND_MLP and "hidden" in attrs:
+        shape = f"mlp, hidden {int(attrs['hidden'])}"
+    else:
+        shape = str(kind)
+    return f"{shape}, step {int(attrs['step']):,}" if "step" in attrs else shape
+
+
+def _images(rows: np.ndarray) -> str:
+    """How many images a series of evaluations used, for a legend: " (1,000 images)", or "" if unknown or mixed."""
+    sizes = set(rows["samples"].tolist())
+    if len(sizes) != 1 or 0 in sizes:
+        return ""
+    n = sizes.pop()
+    return f" ({n:,} image{'s' if n != 1 else ''})"
+
+
+def _latest(curves: Curves, window: int) -> str:
+    """The last figures of each series, for the second line of the title."""
+    log = curves.log
+    parts = []
+    if log.size:
+        tail = log[-window:]
+        over = f" (mean of the last {tail.size} steps)" if tail.size > 1 else ""
+        parts.append(f"batch loss {float(np.mean(tail['loss'])):.4g}, accuracy {float(np.mean(tail['batch_acc'])):.4g}{over}")
+    for kind, name in ((EVAL_HELDOUT, "held-out"), (EVAL_TEST, "test")):
+        rows = _evals.of_kind(curves.evals, kind)
+        if rows.size:
+            last = rows[-1]
+            parts.append(f"{name} accuracy {float(last['accuracy']):.4g} at step {int(last['step']):,}")
+    return "; ".join(parts)
+
+
+def _log_ticks(low: float, high: float) -> tuple[float, ...] | None:
+    """The first of LOG_SUBS that puts at least MIN_TICKS ticks in [low, high], or None."""
+    for subs in LOG_SUBS:
+        ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+                 for m in subs]
+        if sum(low <= t <= high for t in ticks) >= MIN_TICKS:
+            return subs
+    return None
+
+
+def _loss_axis(ax: Any, values: np.ndarray) -> None:
+    """A logarithmic loss axis with plain labelled ticks when the loss spans LOG_SCALE_SPAN, else linear."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() > 0 and finite.max() >= LOG_SCALE_SPAN * finite.min():
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        subs = _log_ticks(low, high)
+        if subs is not None:
+            ax.yaxis.set_major_locator(LogLocator(base=10.0, subs=subs))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel("loss (log scale)")
+            return
+        ax.set_yscale("linear")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=MIN_TICKS))
+    ax.set_ylabel("loss")
+
+
+def build_figure(curves: Curves, *, name: str, smooth: int = 0, width: int = 1200, height: int = 800,
+                 dpi: int = 100) -> tuple[Any, dict]:
+    """The Figure of `curves` (a model file called `name`) on an Agg canvas, and what was drawn:
+    {"columns": the series drawn, "smooth": the moving-average window, "title": the title}.
+    Nothing is written. A ConfigError if matplotlib is missing or the log is empty."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise ConfigError("plot needs matplotlib: pip install 'deepnet[plot]' (or matplotlib>=3.5)") from None
+    log = curves.log
+    if log.size == 0:
+        raise ConfigError(f"{name} has an empty training log: nothing to plot (train it first)")
+    window = smooth or int(np.clip(log.size // 50, AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX))
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(2, 1, sharex=True)
+    steps = log["step"].astype(np.float64)
+    drawn: list[str] = []
+    batch_color, held_color, test_color = "tab:blue", "tab:orange", "tab:green"
+    mean = f" (mean of {window} steps)" if window > 1 else ""
+    for ax, col, label in ((loss_ax, "loss", "batch loss"), (acc_ax, "batch_acc", "batch accuracy")):
+        values = log[col].astype(np.float64)
+        ok = np.isfinite(values)
+        if ok.any():
+            ax.plot(steps[ok], values[ok], color=batch_color, linewidth=0.5, alpha=0.3)
+            ax.plot(steps[ok], moving_average(values[ok], window), color=batch_color, linewidth=1.6,
+                    label=label + mean)
+            drawn.append(col)
+    held = _evals.of_kind(curves.evals, EVAL_HELDOUT)
+    test = _evals.of_kind(curves.evals, EVAL_TEST)
+    for rows, kind, color, style in ((held, "heldout", held_color, dict(marker="o", markersize=4, linewidth=1.2)),
+                                     (test, "test", test_color, dict(marker="*", markersize=12, linestyle="none"))):
+        if not rows.size:
+            continue
+        order = np.argsort(rows["step"], kind="stable")
+        x = rows["step"][order].astype(np.float64)
+        shown = "held-out" if kind == "heldout" else "test"
+        for ax, col, what in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "accuracy")):
+            ax.plot(x, rows[col][order], color=color, label=f"{shown} {what}{_images(rows)}", **style)
+            drawn.append(f"{kind}_{'loss' if what == 'loss' else 'acc'}")
+    _loss_axis(loss_ax, np.concatenate([log["loss"], held["loss"], test["loss"]]).astype(np.float64))
+    acc_values = np.concatenate([moving_average(log["batch_acc"][np.isfinite(log["batch_acc"])], window),
+                                 held["accuracy"], test["accuracy"]])
+    acc_values = acc_values[np.isfinite(acc_values)]
+    if acc_values.size:
+        # The first few percent of a run climb from chance; give the rest of the axis to the part where
+        # the curves differ (the loss panel shows the whole climb).
+        low = min(float(np.percentile(acc_values, 5)), float(acc_values[-1]), float(np.min(held["accuracy"], initial=1)),
+                  float(np.min(test["accuracy"], initial=1)))
+        acc_ax.set_ylim(bottom=max(0.0, low - 0.02) if low > 0.5 else None, top=1.005)
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.yaxis.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=MIN_TICKS))
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, min_n_ticks=MIN_TICKS))
+        ax.tick_params(labelbottom=True)  # the step axis labelled under both panels
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3, which="major")
+        ax.legend(loc="best", fontsize="small")
+    title = f"{name}: {describe(curves.attrs)}"
+    latest = _latest(curves, window)
+    fig.suptitle(f"{title}\n{latest}" if latest else title, fontsize="medium")
+    fig.tight_layout()
+    return fig, {"columns": drawn, "smooth": window, "title": title}
+
+
+def figure_facts(fig: Any) -> dict:
+    """What a reader of the drawn figure sees (the figure is drawn first): its title, and per panel the
+    axis labels, the y scale, the labels of the ticks inside the view, and the legend's entries."""
+    fig.canvas.draw()
+    title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+
+    def labels(axis: Any, limits: tuple[float, float]) -> list[str]:
+        low, high = sorted(limits)
+        return [t.get_text() for t in axis.get_ticklabels()
+                if t.get_visible() and t.get_text() and low <= t.get_position()[axis.axis_name == "y"] <= high]
+
+    panels = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        panels.append({
+            "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "yscale": ax.get_yscale(),
+            "xticklabels": labels(ax.xaxis, ax.get_xlim()), "yticklabels": labels(ax.yaxis, ax.get_ylim()),
+            "legend": [t.get_text() for t in legend.get_texts()] if legend is not None else [],
+        })
+    return {"title": title, "axes": panels}
 
 
 def plot_training(
@@ -132,80 +293,18 @@ def plot_training(
         raise ConfigError(f"--out {out} is a directory")
     if not os.path.isdir(directory):
         raise ConfigError(f"--out {out}: directory {directory} does not exist")
-
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise ConfigError("plot needs matplotlib: pip install 'deepnet[plot]' (or matplotlib>=3.5)") from None
-
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
-    supported = canvas.get_supported_filetypes()
+    supported = FigureCanvasAgg.get_supported_filetypes()
     if ext not in supported:
         raise ConfigError(f"--out {out}: unknown image type {ext or '(no extension)'!r}; "
                           f"use one of {', '.join(sorted(supported))}")
 
-    rows, attrs = read_train_log(model)
-    if rows.size == 0:
-        raise ConfigError(f"{model} has an empty training log: nothing to plot (train it first)")
-    names = rows.dtype.names
-    loss_cols = [n for n in names if "loss" in n]
-    acc_cols = [n for n in names if "acc" in n]
-    steps = rows["step"].astype(np.float64)
-    window = smooth or int(np.clip(rows.size // 50, AUTO_SMOOTH_MIN, AUTO_SMOOTH_MAX))
-
-    panels = [(cols, label) for cols, label in ((loss_cols, "loss"), (acc_cols, "accuracy")) if cols]
-    if not panels:
-        raise ConfigError(f"{model}: the training log has no loss or accuracy column (columns: {', '.join(names)})")
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
-    drawn: list[str] = []
-    latest: dict[str, float] = {}  # each series' last smoothed value, for the title
-    for ax, (cols, label) in zip(axes, panels):
-        smoothed_all = []
-        for i, col in enumerate(cols):
-            values = rows[col].astype(np.float64)
-            ok = np.isfinite(values)
-            if not ok.any():
-                continue
-            x, v = steps[ok], values[ok]
-            color = colors[i % len(colors)]
-            sparse = ok.sum() < 0.5 * rows.size  # e.g. held-out figures logged every few hundred steps
-            if sparse:
-                ax.plot(x, v, "o-", color=color, markersize=3, linewidth=1, label=col)
-                smoothed = v
-            else:
-                smoothed = moving_average(v, window)
-                ax.plot(x, v, color=color, linewidth=0.5, alpha=0.3)
-                ax.plot(x, smoothed, color=color, linewidth=1.6,
-                        label=f"{col} (mean of {window})" if window > 1 else col)
-            smoothed_all.append(smoothed)
-            latest[col] = float(smoothed[-1])
-            drawn.append(col)
-        finite = np.concatenate([rows[c][np.isfinite(rows[c])] for c in cols])
-        if label == "loss" and finite.size and np.all(finite > 0):
-            ax.set_yscale("log")
-            # Plain numbers (0.3, 1, 2 rather than 3x10^-1); minor ticks labelled only as far as they
-            # fit: all of them within 0.4 decades, a few within 1 decade, none beyond.
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _, ax=ax: _minor_log_label(ax, value)))
-        if label == "accuracy" and smoothed_all:
-            # The first few percent of a run climb from chance; give the rest of the axis to the
-            # part where the curves differ (the loss panel shows the whole climb).
-            low = float(np.percentile(np.concatenate(smoothed_all), 5))
-            ax.set_ylim(bottom=max(0.0, low - 0.02) if low > 0.5 else None, top=1.005)
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(loc="best", fontsize="small")
-    axes[-1].set_xlabel("step")
-    summary = ", ".join(f"{c} {v:.4g}" for c, v in latest.items())
-    over = f" (mean of the last {window})" if window > 1 else ""
-    fig.suptitle(f"{os.path.basename(model)}: {_describe(attrs)}\nstep {int(rows[-1]['step']):,}{over}: {summary}",
-                 fontsize="medium")
-    fig.tight_layout()
-
+    curves = read_curves(model)
+    fig, drawn = build_figure(curves, name=os.path.basename(model), smooth=smooth, width=width, height=height,
+                              dpi=dpi)
     tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{os.getpid()}.{ext}")
     try:
         fig.savefig(tmp, format=ext, dpi=dpi)
@@ -218,5 +317,5 @@ def plot_training(
         if isinstance(exc, OSError):
             raise ConfigError(f"could not write {out}: {exc.strerror or exc}") from exc
         raise
-    return {"event": "plot", "model": model, "out": out, "rows": int(rows.size), "columns": drawn,
-            "smooth": window, "width": width, "height": height}
+    return {"event": "plot", "model": model, "out": out, "rows": int(curves.log.size), "columns": drawn["columns"],
+            "evaluations": int(curves.evals.size), "smooth": drawn["smooth"], "width": width, "height": height}

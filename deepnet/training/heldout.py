@@ -88,6 +88,7 @@ class HeldOut:
         self.seconds += time.perf_counter() - started
         row = (int(net.step), float(result.loss), float(result.accuracy))
         self.rows.append(row)
+        net.file.record_evaluation(row[0], "heldout", result.samples, row[1], row[2])
         if not net.in_memory:
             append_rows(net.file.h5, [row])
         return row[2]

@@ -27,6 +27,7 @@ from deepnet.data.loaders import load_training_set
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.formats.locking import WriterLock
+from deepnet.formats.mlp_file import append_mlp_evaluation
 from deepnet.nn.blas import blas_threads
 from deepnet.nn.finite import NonFiniteError
 from deepnet.nn.memory import check_mlp_training
@@ -173,9 +174,10 @@ def train_mlp(
                  "steps": net.step - first_step, "step": net.step, "loss": log.last["loss"],
                  "batch_acc": log.last["batch_acc"], "seconds": elapsed,
                  "seconds_per_step": elapsed / done if done else float("nan")}
-        if test is not None:
-            result = net.evaluate(*test)
-            final.update(test_loss=result["loss"], test_acc=result["accuracy"], test_samples=result["samples"])
+    if test is not None:  # after the run's lock is released: the record takes it again
+        result = net.evaluate(*test)
+        append_mlp_evaluation(path, net.step, "test", result["samples"], result["loss"], result["accuracy"])
+        final.update(test_loss=result["loss"], test_acc=result["accuracy"], test_samples=result["samples"])
     return final
 
 

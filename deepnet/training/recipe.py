@@ -174,6 +174,7 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     }
     if test is not None:
         result = net.evaluate(*test)
+        net.file.record_evaluation(net.step, "test", result.samples, result.loss, result.accuracy)
         final.update(test_loss=result.loss, test_acc=result.accuracy, test_samples=result.samples)
     run.finish(net, test, final)
     return final

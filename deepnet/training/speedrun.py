@@ -175,6 +175,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
             with tqdm(total=len(y_test), desc="test", unit="img", disable=not progress, leave=False,
                       dynamic_ncols=True) as bar:
                 result = net.evaluate(x_test, y_test, progress=bar.update)
+            net.file.record_evaluation(net.step, "test", result.samples, result.loss, result.accuracy)
             report.update(test_acc=result.accuracy, test_loss=result.loss, test_samples=result.samples,
                           test_seconds=result.seconds)
             if model is not None:
