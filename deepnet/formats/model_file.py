@@ -12,6 +12,7 @@ properties, each documented); the work behind them is in the modules above and i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -155,12 +156,10 @@ class ModelFile:
 
     @property
     def activation_package(self) -> activations.Package | None:
-        """The package (distribution name, version) that provided the activation when the file was
-        created, if it was a plugin's and the file records it."""
+        """The plugin package (name, version) that provided the activation at creation, if recorded."""
         name = self._meta.get(layout.ACTIVATION_PACKAGE_ATTR)
-        if not name:
-            return None
-        return activations.Package(name, self._meta.get(layout.ACTIVATION_PACKAGE_VERSION_ATTR) or "")
+        version = self._meta.get(layout.ACTIVATION_PACKAGE_VERSION_ATTR) or ""
+        return activations.Package(name, version) if name else None
 
     @property
     def alpha(self) -> float:
@@ -342,10 +341,7 @@ class ModelFile:
     # ------------------------------------------------------------------ training log
 
     def append_log(self, step, loss, batch_acc, seconds) -> None:
-        """Append rows to /train/log now; each argument is a scalar or a 1-D sequence of equal length.
-
-        (Training hands its rows to :meth:`commit`, which carries them in the commit record and appends
-        them in batches.)"""
+        """Append rows to /train/log now (scalars or equal 1-D sequences); training goes through commit()."""
         self._writable()
         rows = log_array(step, loss, batch_acc, seconds)
         if rows.shape[0]:
@@ -560,10 +556,8 @@ class ModelFile:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         if self._f is None:
