@@ -6,7 +6,7 @@ and prints nothing; ``progress=True`` shows progress bars, ``on_report=`` receiv
 - ``deepnet.init(path, layers=..., width=..., activation=..., input_dim=784, seed=...)`` creates a model file;
 - ``deepnet.DeepNet.open(path, writable=True, in_memory=False)`` opens one, with
   ``net.train_step(x, y, layer_lr=..., head_lr=...)``, ``net.evaluate(x, y)``, ``net.logits(x)``, ``net.save()``;
-- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, samples=...)`` run the MNIST recipe
+- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, test_samples=...)`` run the MNIST recipe
   (options: schedules, held-out evaluation, weight average, MLP branch: see deepnet.training.options);
 - ``deepnet.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its recipe:
   ``deepnet.SPEEDRUN``); ``deepnet.train_mlp``/``evaluate_mlp`` the MLP baseline;

@@ -266,3 +266,36 @@ def test_train_and_eval_act_on_the_file_s_kind(tmp_path, capsys):
     assert figures["samples"] == 30 and figures["hidden"] == 8 and figures["step"] == 5
     assert main(["train", path, "--steps", "1", "--in-memory"]) == 2
     assert "is an MLP model; --in-memory applies to dense models only" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_a_stopped_run_prints_the_command_that_finishes_it(tmp_path, monkeypatch, capsys):
+    """issue 19 item 5: the hint said "run the same command", which with --steps overshoots. The stop line
+    now prints a command with --until-step, and running it ends exactly at the planned step."""
+    from deepnet.training.signals import Interrupted
+
+    path = str(tmp_path / "m.h5")
+    line = ["train", path, "--layers", "30", "--steps", "6", "--test-samples", "0", "--quiet"]
+    assert main(line) == 0
+
+    def stop_at(step):  # a Ctrl-C as step 9 begins: the run of --steps 6 from step 6 plans to end at 12
+        real = DeepNet.train_step
+
+        def train_step(self, *args, **kwargs):
+            if self.step == step:
+                raise Interrupted(f"stopped after step {step} of 12; {path} holds step {step}",
+                                  held_step=step, until_step=12)
+            return real(self, *args, **kwargs)
+        return train_step
+
+    from deepnet.nn.network import DeepNet
+    monkeypatch.setattr(DeepNet, "train_step", stop_at(8))
+    capsys.readouterr()
+    assert main(line) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"to finish the run: deepnet train {path} --layers 30 --test-samples 0 --quiet "
+                        "--until-step 12"), err
+    monkeypatch.undo()
+    finish = err.split("to finish the run: deepnet ")[1].split()
+    assert main(finish + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 12

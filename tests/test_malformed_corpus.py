@@ -226,7 +226,8 @@ CORPUS = {
                         torn_model),
     "model-non-finite-weights": (OLD, "step 4 refused: the loss is nan; nothing was written", nan_weights),
     "model-is-a-directory": (["train", "adir", "--steps", "1", "--test-samples", "0"], "adir is a directory", None),
-    "model-of-kind-mlp": (["train", "mlp.h5", "--steps", "1", "--test-samples", "0"], "holds a model of kind 'mlp'", mlp_model),
+    "model-of-kind-mlp": (["train", "mlp.h5", "--steps", "1", "--in-memory"], "is an MLP model; --in-memory applies "
+                          "to dense models only", mlp_model),
     # --- flags that disagree with the file
     "width-disagrees": (OLD + ["--width", "3"], "existing.h5 has width 4 but --width 3 was given", None),
     "layers-disagree": (OLD + ["--layers", "41"], "existing.h5 has layers 40 but --layers 41 was given", None),

@@ -190,7 +190,7 @@ def test_figure_without_evaluations_and_of_an_mlp(tmp_path):
 
 def test_plot_of_a_trained_model_shows_its_evaluations(tmp_path, mnist_dir):
     path = tmp_path / "m.h5"
-    deepnet.train(path, steps=9, layers=30, holdout=200, eval_every=3, eval_samples=100, progress=False)
+    deepnet.train(path, steps=9, layers=30, holdout=200, eval_every=3, test_samples=100, progress=False)
     result = plot_training(path, tmp_path / "m.png", width=600, height=400)
     assert result["evaluations"] == 4 and {"heldout_acc", "test_acc"} <= set(result["columns"])
     _image_checks(tmp_path / "m.png", (600, 400))
