@@ -17,6 +17,8 @@ from deepnet import activations as _activations
 from deepnet.activations import check as _activation_check
 from deepnet.activations import plugins as _plugins
 from deepnet.data.mnist import default_data_dir, fetch_mnist
+from deepnet.distributed import mpi as _mpi
+from deepnet.distributed import run as _distributed
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import writable_directory
 from deepnet.formats import raw as _raw
@@ -82,7 +84,8 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
           patience: int | None = None, schedule: str | None = None, warmup: int | None = None,
           final_lr_ratio: float | None = None, decay_steps: int | None = None, ema: float | None = None,
           ema_every: int | None = None, branch: str | None = None, hidden: int | None = None,
-          data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+          data_dir: PathLike | None = None, micro_batches: int | None = None, rank_timeout: float = 300.0,
+          progress: bool = False, on_report: OnReport | None = None) -> dict:
     """Train a model on MNIST with exact SGD, creating the model file if it does not exist.
 
     An existing model continues from its committed step, exactly as if never interrupted; --layers,
@@ -144,10 +147,21 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         branch: "mlp" gives a NEW model a residual MLP branch whose logits are added to the core's.
         hidden: the branch's hidden units (with --branch mlp).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+        micro_batches: under mpiexec, cut each batch into this many micro-batches that move through the
+            ranks one behind the other (default: 2 x the ranks, at least 8 samples each).
+        rank_timeout: under mpiexec, end the job with an error naming a rank that sent nothing for this
+            many seconds (it died or hangs).
         progress: show progress bars on stderr.
         on_report: called with each report row (a dict).
     """
     given = locals()
+    ranks = _mpi.world(rank_timeout)
+    if ranks is not None:
+        options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
+        return _distributed.train_distributed(options, ranks, progress=progress,
+                                              on_report=on_report or ignore_report)
+    if micro_batches is not None:
+        raise ConfigError("--micro-batches applies to a run over several MPI ranks (mpiexec -n P deepnet train)")
     if _kind_or_none(model) == KIND_MLP:
         return _train_mlp_file(given)
     options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})

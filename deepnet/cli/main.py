@@ -27,6 +27,7 @@ import deepnet.cli.commands as commands
 import deepnet.cli.help as pages
 from deepnet.cli.args import did_you_mean, is_flag
 from deepnet.cli.conventions import COMMAND_ALIASES
+from deepnet.distributed import mpi
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.formats.values import one_line
 
@@ -156,6 +157,16 @@ def _stopped(exc: KeyboardInterrupt, args: list[str]) -> str:
     return line
 
 
+def _report_error(exc: DeepnetError) -> None:
+    """The error line. Under mpiexec, rank 0 reports what every rank found (a bad flag); another rank
+    reports, prefixed with its number, only what it alone found."""
+    rank = mpi.launched_rank()
+    if rank == 0:
+        print(f"deepnet: error: {one_line(exc)}", file=sys.stderr)
+    elif not isinstance(exc, ConfigError):
+        print(f"deepnet: error: rank {rank}: {one_line(exc)}", file=sys.stderr)
+
+
 def _discard_stdout() -> None:
     """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
     try:
@@ -189,10 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     except DeepnetError as exc:
         if debug:
             raise
-        print(f"deepnet: error: {one_line(exc)}", file=sys.stderr)
-        return getattr(exc, "exit_status", 2)
+        status = getattr(exc, "exit_status", 2)
+        _report_error(exc)
+        abort = getattr(exc, "abort", None)  # a rank failed mid-run: the others must not wait for it
+        if abort is not None:
+            sys.stderr.flush()
+            abort(status)
+        return status
     except KeyboardInterrupt as exc:
-        print(_stopped(exc, args), file=sys.stderr)
+        if mpi.launched_rank() == 0:  # every rank stops after the same step; rank 0 says so
+            print(_stopped(exc, args), file=sys.stderr)
         if argv is None:  # the console command itself is about to exit
             interrupts.ignore()
         return interrupts.exit_status(exc)

@@ -48,6 +48,8 @@ def _test_field(final: dict) -> dict:
 
 
 def show_train(final: dict, args: dict) -> None:
+    if final.get("rank", 0) != 0:  # under mpiexec, rank 0 prints the run's result
+        return
     if args["json"]:
         print_json(final)
         return
@@ -55,6 +57,11 @@ def show_train(final: dict, args: dict) -> None:
     fields["layer-samples/s"] = format_rate(final["layer_samples_per_s"])
     fields.update(_test_field(final))
     fields.update(run_fields(final))
+    if "per_rank" in final:
+        fields["ranks"] = f"{final['ranks']}, {final['micro_batches']} micro-batches a step"
+        for r in final["per_rank"]:
+            fields[f"rank {r['rank']}"] = (f"{r['layers']:,} layers; waited {r['waited_per_step']:.4f} s and sent "
+                                           f"{r['sent_bytes_per_step']:,.0f} bytes a step")
     print_fields(fields)
 
 

@@ -100,6 +100,8 @@ class TrainOptions:
     branch: str | None = None
     hidden: int | None = None
     data_dir: str | Path | None = None
+    micro_batches: int | None = None
+    rank_timeout: float = 300.0
 
     def check(self) -> None:
         """Refuse a bad value with one line naming its flag, before any data is read or file created."""

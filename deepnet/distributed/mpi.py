@@ -1,0 +1,152 @@
+"""MPI through mpi4py: whether this process is one of several ranks, and messages that cannot hang forever.
+
+A process started by ``mpiexec -n P`` (MPICH's or Open MPI's, or Slurm's ``srun``) finds its rank and
+the rank count in its environment before anything imports mpi4py, so a plain ``deepnet`` command never
+loads MPI. Every wait for another rank has a deadline: a rank that died or hangs ends the job with an
+error naming it instead of blocking the others forever (``RankLost``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from deepnet.errors import ConfigError, DeepnetError
+
+#: Where launchers put a process's rank and the rank count (MPICH/Hydra, Open MPI, PMIx, Slurm).
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
+
+#: How long a rank waits for a message from another before it gives up on it (seconds), by default.
+DEFAULT_TIMEOUT = 300.0
+
+#: The longest pause between two looks at a pending message: short against a step, long enough that a
+#: waiting rank leaves the core to the rank it waits for.
+MAX_POLL_PAUSE = 0.002
+
+
+def _first_int(names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def launched_size() -> int:
+    """The rank count the launcher started (1 when not started by an MPI launcher)."""
+    return _first_int(SIZE_VARIABLES) or 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not started by one)."""
+    return _first_int(RANK_VARIABLES) or 0 if launched_size() > 1 else 0
+
+
+class RankLost(DeepnetError):
+    """Another rank did not answer in time (it died or hangs): the job must end."""
+
+
+class Ranks:
+    """The ranks of one job: this one's number, the count, and messages with deadlines.
+
+    Counts what it waited and what it sent, for the figures of a run (``waited``, ``sent_bytes``).
+    """
+
+    def __init__(self, comm: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.timeout = timeout
+        self.waited = 0.0
+        self.sent_bytes = 0
+
+    # -------------------------------------------------------------- waiting
+
+    def _wait(self, test: Any, peer: int | None, what: str) -> Any:
+        """Poll ``test()`` (returns (done, value)) until done or the deadline; the time counts as waited."""
+        started = time.perf_counter()
+        deadline = started + self.timeout
+        pause = 1e-5
+        while True:
+            done, value = test()
+            if done:
+                self.waited += time.perf_counter() - started
+                return value
+            now = time.perf_counter()
+            if now > deadline:
+                who = "the other ranks" if peer is None else f"rank {peer}"
+                raise RankLost(f"rank {self.rank} waited {self.timeout:g} s for {what} from {who}, which died or "
+                               "hangs (see --rank-timeout)")
+            time.sleep(pause)
+            pause = min(MAX_POLL_PAUSE, pause * 2)
+
+    # -------------------------------------------------------------- arrays
+
+    def send(self, array: np.ndarray, dest: int, tag: int) -> None:
+        """Send a C-contiguous float32 array (returns once it may be reused)."""
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        request = self.comm.Isend(array, dest=dest, tag=tag)
+        self._wait(lambda: (request.Test(), None), dest, "its receive")
+        self.sent_bytes += array.nbytes
+
+    def recv(self, shape: tuple[int, ...], source: int, tag: int) -> np.ndarray:
+        """Receive a float32 array of ``shape``."""
+        out = np.empty(shape, np.float32)
+        request = self.comm.Irecv(out, source=source, tag=tag)
+        self._wait(lambda: (request.Test(), None), source, "a message")
+        return out
+
+    # -------------------------------------------------------------- Python objects
+
+    def send_obj(self, obj: Any, dest: int, tag: int) -> None:
+        request = self.comm.isend(obj, dest=dest, tag=tag)
+        self._wait(lambda: (request.test()[0], None), dest, "its receive")
+
+    def recv_obj(self, source: int, tag: int) -> Any:
+        request = self.comm.irecv(source=source, tag=tag)
+        return self._wait(request.test, source, "a message")
+
+    def bcast_obj(self, obj: Any, tag: int) -> Any:
+        """Rank 0's ``obj`` on every rank (point to point, so each wait has its deadline)."""
+        if self.rank == 0:
+            for dest in range(1, self.size):
+                self.send_obj(obj, dest, tag)
+            return obj
+        return self.recv_obj(0, tag)
+
+    def gather_obj(self, obj: Any, tag: int) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""
+        if self.rank != 0:
+            self.send_obj(obj, 0, tag)
+            return None
+        return [obj] + [self.recv_obj(source, tag) for source in range(1, self.size)]
+
+    def any(self, flag: bool, tag: int) -> bool:
+        """Whether any rank's ``flag`` is set (every rank learns the same answer)."""
+        flags = self.gather_obj(bool(flag), tag)
+        return bool(self.bcast_obj(None if flags is None else any(flags), tag))
+
+    def abort(self, status: int) -> None:
+        """End every rank of the job now (after this rank's error line was printed)."""
+        self.comm.Abort(status)
+
+
+def world(timeout: float = DEFAULT_TIMEOUT) -> Ranks | None:
+    """The job's ranks when this process is one of several started by an MPI launcher, else None.
+
+    Started as one of several ranks without mpi4py installed: a one-line ConfigError saying what to
+    install.
+    """
+    size = launched_size()
+    if size <= 1:
+        return None
+    try:
+        from mpi4py import MPI  # only under a launcher: a plain command never loads MPI
+    except ImportError:
+        raise ConfigError(f"this command runs as one of {size} MPI ranks, but mpi4py is not installed "
+                          "(pip install -e \".[mpi]\")") from None
+    return Ranks(MPI.COMM_WORLD, timeout)
