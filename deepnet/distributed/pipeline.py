@@ -31,7 +31,7 @@ import numpy as np
 from deepnet.kernels.loader import LayerKernels
 from deepnet.nn import heads as _heads
 from deepnet.nn.engine import NonFiniteError, choose_save_every
-from deepnet.nn.finite import finite_rows, stepped
+from deepnet.nn.finite import finite_rows
 from deepnet.nn.losses import softmax_cross_entropy
 
 #: The learning rate a micro-batch's backward runs at on its copy of a chunk (see the module docstring).
@@ -152,12 +152,11 @@ class RankStep:
     heads: dict[str, np.ndarray]          # input_* on rank 0, output_* on the last rank (both if one)
     x: np.ndarray | None = None           # the batch's inputs (rank 0)
     y: np.ndarray | None = None           # its labels (the last rank)
-    h0: list[np.ndarray] = field(default_factory=list)
+    h0: np.ndarray | None = None          # the input head's output for the batch (rank 0)
     g_top: list[np.ndarray] = field(default_factory=list)
+    out: _heads.OutputGradients | None = None
     loss: float = 0.0
     correct: float = 0.0
-    out_weight: np.ndarray | None = None
-    out_bias: np.ndarray | None = None
 
     @property
     def first(self) -> bool:
@@ -175,65 +174,57 @@ class RankStep:
         return out
 
     def forward_phase(self, link: Link) -> None:
-        """Every micro-batch forward through this rank; on the last, the loss and the gradient at the top."""
+        """Every micro-batch forward through this rank; on the last, the loss and the gradients at the top.
+
+        The heads work on the whole batch at once, as one process does (rank 0 computes h_0 for all of it
+        first; the last rank waits for every micro-batch's state), so their arithmetic is the same."""
         w = self.core.width
-        batch = sum(self.core.micro_sizes)
-        if self.last:
-            self.out_weight = np.zeros_like(self.heads["output_weight"])
-            self.out_bias = np.zeros_like(self.heads["output_bias"])
-            self.loss, self.correct, self.g_top = 0.0, 0.0, []
-        self.h0 = []
-        for m, part in enumerate(self._slices()):
+        slices = self._slices()
+        if self.first:
+            self.h0 = _heads.input_head(self.heads, self.x)                      # (batch, w)
+        states = []
+        for m, part in enumerate(slices):
             if self.first:
-                h0 = _heads.input_head(self.heads, self.x[part])                  # (n_m, w)
-                self.h0.append(h0)
-                h = np.ascontiguousarray(h0.T)
+                h = np.ascontiguousarray(self.h0[part].T)
             else:
                 h = link.recv_from_below(m, (w, part.stop - part.start))
             self.core.forward(h, m)
-            if not self.last:
+            if self.last:
+                states.append(h)
+            else:
                 link.send_up(m, h)
-                continue
-            h_last = h.T
-            logits = _heads.output_head(self.heads, h_last)
-            loss, accuracy, dlogits = softmax_cross_entropy(logits, self.y[part])
-            n = part.stop - part.start
-            if n != batch:  # the batch mean's gradient: each micro-batch's share of it
-                dlogits = dlogits * np.float32(n / batch)
-            self.loss += loss * n / batch
-            self.correct += accuracy * n
-            out = _heads.output_gradients(self.heads, h_last, dlogits)
-            if not (math.isfinite(loss) and out.finite()):
-                raise NonFiniteError(f"the loss or the gradient reaching the core is not finite ({loss})")
-            self.out_weight += out.weight
-            self.out_bias += out.bias
-            self.g_top.append(out.core)
+        if not self.last:
+            return
+        h_last = (states[0] if len(states) == 1 else np.concatenate(states, axis=1)).T
+        logits = _heads.output_head(self.heads, h_last)
+        self.loss, accuracy, dlogits = softmax_cross_entropy(logits, self.y)
+        self.correct = accuracy * h_last.shape[0]
+        self.out = _heads.output_gradients(self.heads, h_last, dlogits)
+        if not math.isfinite(self.loss):
+            raise NonFiniteError(f"the loss is {self.loss}")
+        if not self.out.finite():
+            raise NonFiniteError("the gradient reaching the core is not finite")
+        self.g_top = [np.ascontiguousarray(self.out.core[:, part]) for part in slices]
 
     def backward_phase(self, link: Link, layer_lr: float, head_lr: float) -> None:
         """Every micro-batch back through this rank, then the updates: the core's, and the heads' it owns
         (their gradients were taken at the old weights)."""
         w = self.core.width
-        grad_in_w = grad_in_b = None
-        for m, part in enumerate(self._slices()):
+        slices = self._slices()
+        bottom = []
+        for m, part in enumerate(slices):
             g = self.g_top[m] if self.last else link.recv_from_above(m, (w, part.stop - part.start))
             self.core.backward(g, m, layer_lr)
-            if not self.first:
+            if self.first:
+                bottom.append(g)
+            else:
                 link.send_down(m, g)
-                continue
-            h0 = self.h0[m]
-            grad_pre = g.T * (1.0 - h0 * h0)
-            dw, db = self.x[part].T @ grad_pre, grad_pre.sum(axis=0)
-            grad_in_w = dw if grad_in_w is None else grad_in_w + dw
-            grad_in_b = db if grad_in_b is None else grad_in_b + db
         self.core.apply(layer_lr)
         if self.last:
-            new = {"output_weight": stepped(self.heads["output_weight"], head_lr * self.out_weight),
-                   "output_bias": stepped(self.heads["output_bias"], head_lr * self.out_bias)}
-            self._assign(new)
+            self._assign(_heads.stepped_output(self.heads, self.out, head_lr))
         if self.first:
-            new = {"input_weight": stepped(self.heads["input_weight"], head_lr * grad_in_w),
-                   "input_bias": stepped(self.heads["input_bias"], head_lr * grad_in_b)}
-            self._assign(new)
+            g0 = bottom[0] if len(bottom) == 1 else np.concatenate(bottom, axis=1)
+            self._assign(_heads.stepped_input(self.heads, self.x, self.h0, g0, head_lr))
 
     def _assign(self, new: dict[str, np.ndarray]) -> None:
         for key, value in new.items():
