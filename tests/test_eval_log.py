@@ -343,7 +343,7 @@ def test_killed_runs_keep_every_committed_evaluation_once(tmp_path, mini, in_mem
     kills = 0
     while kills < 5 and committed() < 40:
         proc = train(path, 40 - committed())
-        time.sleep(rand.uniform(0.3, 1.0) * whole)
+        time.sleep(rand.uniform(0.15, 0.6) * whole)  # a kill lands before even a warm run ends
         proc.send_signal(signal.SIGKILL)
         kills += proc.wait(timeout=60) == -signal.SIGKILL
         if not path.exists():
