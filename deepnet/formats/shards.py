@@ -444,15 +444,20 @@ def create_sharded(root: PathLike, ranks: int, *, layers: int, width: int, activ
             os.unlink(tmp)
 
 
+def shard_count(mf: ModelFile) -> int:
+    """How many shards an open model file has (0: an ordinary file)."""
+    return len(read_specs(mf.h5, mf.path, mf.layers)) if is_root_file(mf.h5) else 0
+
+
 def shard_summary(mf: ModelFile) -> dict:
     """What `deepnet info` adds for a root: its shards (count, files, layer ranges, bytes); {} otherwise."""
     if not is_root_file(mf.h5):
         return {}
     specs = read_specs(mf.h5, mf.path, mf.layers)
     base = os.path.dirname(os.path.abspath(mf.path))
-    files = [f"layers {s.first_layer}..{s.first_layer + s.layers - 1}: {os.path.relpath(s.path, base)}" for s in specs]
-    return {"shards": {"count": len(specs), "files": files,
-                       "bytes": sum(os.path.getsize(s.path) for s in specs)}}
+    files = {f"shard {s.index}": f"layers {s.first_layer}..{s.first_layer + s.layers - 1} in "
+                                 f"{os.path.relpath(s.path, base)}" for s in specs}
+    return {"shards": {"count": len(specs), **files, "bytes": sum(os.path.getsize(s.path) for s in specs)}}
 
 
 def verify_shards(mf: ModelFile) -> tuple[list[str], list[str]]:
