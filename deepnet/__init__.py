@@ -11,7 +11,8 @@ and prints nothing; ``progress=True`` shows progress bars, ``on_report=`` receiv
 - ``deepnet.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its recipe:
   ``deepnet.SPEEDRUN``); ``deepnet.train_mlp``/``evaluate_mlp`` the MLP baseline;
 - ``deepnet.info``, ``check``, ``bench``, ``plot``, ``import_raw``, ``export_raw``, ``fetch_data``,
-  ``list_activations``, ``check_activation``, ``compile_activations``: the other commands;
+  ``list_activations``, ``check_activation``, ``compile_activations``, ``shard``, ``gather``: the other
+  commands;
 - ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
 """
 
@@ -31,7 +32,7 @@ _API = {
     **{name: "deepnet.api" for name in (
         "init", "train", "evaluate", "speedrun", "info", "check", "bench", "train_mlp", "evaluate_mlp",
         "import_raw", "export_raw", "plot", "fetch_data", "list_activations", "check_activation",
-        "compile_activations")},
+        "compile_activations", "shard", "gather")},
 }
 
 __all__ = sorted(_API) + ["__version__"]

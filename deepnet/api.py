@@ -22,6 +22,7 @@ from deepnet.distributed import run as _distributed
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import writable_directory
 from deepnet.formats import raw as _raw
+from deepnet.formats import shards as _shards
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import KIND_MLP
 from deepnet.formats.mlp_file import model_kind
@@ -430,6 +431,46 @@ def export_raw(model: PathLike | None = None, *, head: PathLike | None = None, w
         progress: show a progress bar on stderr.
     """
     return _raw.export_raw(model, head=head, weights=weights, overwrite=overwrite, progress=progress)
+
+
+def shard(model: PathLike, *, ranks: int | None = None, out: PathLike | None = None, overwrite: bool = False,
+          progress: bool = False) -> dict:
+    """Split a dense model file along its depth for `mpiexec -n RANKS deepnet train`: a root file and one shard
+    file per rank.
+
+    The root (default MODEL's name with .sharded.h5) holds everything but the core: attributes, heads,
+    training log, evaluations, commit record; its /core/weights is a virtual dataset over the shard files,
+    which hold contiguous, balanced ranges of layers in the directory beside it (OUT's name with .shards).
+    MODEL is left as it is; `deepnet gather` joins the shards back. Returns the root and its shards.
+
+    Args:
+        model: the dense HDF5 model file to split (it must hold a committed step).
+        ranks: the number of shards, one per MPI rank (at most the number of layers).
+        out: the root file to write; default MODEL's name with .sharded.h5.
+        overwrite: replace an existing root (and its shard versions).
+        progress: show a progress bar on stderr.
+    """
+    if ranks is None:
+        raise ConfigError("--ranks is required: the number of shards, one per MPI rank")
+    return _shards.shard_model(model, ranks, out, overwrite=overwrite, progress=progress)
+
+
+def gather(model: PathLike, *, out: PathLike | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+    """Join a sharded model (its root file and shard files) into one ordinary model file.
+
+    Every shard's core is checked against the checksum the root records; the root and its shards are left as
+    they are. The new file holds the same weights, heads, log, evaluations and commit record. Returns what
+    was written.
+
+    Args:
+        model: the root file of the sharded model.
+        out: the model file to write.
+        overwrite: replace an existing output file.
+        progress: show a progress bar on stderr.
+    """
+    if out is None:
+        raise ConfigError("--out is required: the model file to write (-o OUT)")
+    return _shards.gather_model(model, out, overwrite=overwrite, progress=progress)
 
 
 def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, size: str = "1200x800") -> dict:

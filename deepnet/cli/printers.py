@@ -188,6 +188,24 @@ def show_export_raw(result: dict, args: dict) -> None:
           f"{result['bytes']:,} bytes in {result['seconds']:.2f}s")
 
 
+def show_shard(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    print(f"sharded {result['model']} (step {result['step']:,}, {result['layers']:,} layers) into {result['root']} "
+          f"and {result['ranks']} shards: {result['bytes']:,} bytes in {result['seconds']:.2f}s")
+    for s in result["shards"]:
+        print(f"  shard {s['index']}: layers {s['first_layer']:,}..{s['first_layer'] + s['layers'] - 1:,}  {s['file']}")
+
+
+def show_gather(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    print(f"gathered {result['root']} ({result['ranks']} shards, step {result['step']:,}, {result['layers']:,} layers) "
+          f"into {result['model']}: {result['bytes']:,} bytes in {result['seconds']:.2f}s")
+
+
 def show_plot(result: dict, args: dict) -> None:
     if args["json"]:
         print_json(result)

@@ -178,12 +178,13 @@ def stale_temporaries(path: str | os.PathLike) -> list[str]:
             continue
         for name in names:
             m = _TEMPORARY.match(name)
-            if m and m.group("name") == base and not _writer_alive(int(m.group("pid"))):
+            if m and m.group("name") == base and not writer_alive(int(m.group("pid"))):
                 found.append(os.path.join(directory, name))
     return sorted(found)
 
 
-def _writer_alive(pid: int) -> bool:
+def writer_alive(pid: int) -> bool:
+    """Whether the process `pid` (a temporary's writer) may still be running."""
     if pid == os.getpid():
         return True  # this process: perhaps writing it right now
     try:

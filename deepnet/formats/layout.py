@@ -80,3 +80,28 @@ EMA_STEP_ATTR = "ema_step"
 def mlp_paths(group: str) -> dict[str, str]:
     """The dataset path of each MLP parameter under ``group`` (MLP_GROUP, BRANCH_GROUP, EMA_BRANCH_GROUP)."""
     return {key: f"{group}/{key}" for key in MLP_KEYS}
+
+# -- a sharded model (docs/DESIGN.md, "Sharded models"): a root file and one shard file per rank ----------
+#: The root's table of its shards, one row per shard in layer order: the shard file (a path relative to the
+#: root's directory), its first layer and layer count, the step it holds, and the CRC-32 of its core bytes.
+SHARDS = "shards"
+SHARD_DTYPE = np.dtype([("file", "S255"), ("first_layer", "<i8"), ("layers", "<i8"), ("step", "<i8"),
+                        ("crc32", "<i8")])
+SHARD_SET_ATTR = "shard_set"                    # root and shards: the id tying the shards to their root
+SHARD_CHUNK_LAYERS_ATTR = "shard_chunk_layers"  # root: storage chunk layers of its (virtual) core
+SHARD_INDEX_ATTR = "shard_index"                # shard: its index, the shard count, its first layer, its
+SHARD_COUNT_ATTR = "shard_count"                #   core's CRC-32, the root's file name when it was written
+SHARD_FIRST_LAYER_ATTR = "shard_first_layer"
+SHARD_CRC_ATTR = "shard_crc32"
+SHARD_ROOT_ATTR = "shard_root"
+ROOT_SHARD_ATTRS = (SHARD_SET_ATTR, SHARD_CHUNK_LAYERS_ATTR)
+SHARD_DIR_SUFFIX = ".shards"                    # big.h5 -> big.shards/
+
+
+def shard_file_name(index: int, count: int, step: int, shard_set: str) -> str:
+    """The name of shard `index` of `count` holding `step`, in the shard directory of the set `shard_set`."""
+    return f"r{index}-of-{count}.step{step:09d}.{shard_set}.h5"
+
+
+#: A shard file's name: index, count, step, set (see shard_file_name).
+SHARD_FILE_PATTERN = r"r(?P<index>\d+)-of-(?P<count>\d+)\.step(?P<step>\d+)\.(?P<set>[0-9a-f]+)\.h5"

@@ -18,7 +18,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import evals as _evals
-from deepnet.formats import layout
+from deepnet.formats import layout, shard_files
 from deepnet.formats.h5io import open_h5
 from deepnet.formats.locking import flock, hdf5_locking_disabled, is_lock_conflict, locked_error, same_file
 from deepnet.formats.values import decode, is_int, is_int_attr, os_reason, show
@@ -77,12 +77,26 @@ def open_validated(path: str | os.PathLike, mode: str,
                                  f"(a training run's checkpoint?)")
         meta = validate(f, path)
         check_expect(meta, expect, path)
+        if mode == "r+":
+            refuse_shard_writes(f, path, meta)
     except BaseException:
         f.close()
         if lock_fd is not None:
             os.close(lock_fd)
         raise
     return f, meta, lock_fd
+
+
+def refuse_shard_writes(f: h5py.File, path: str, meta: Mapping[str, Any]) -> None:
+    """A sharded model is written only by its P ranks (deepnet.formats.shards), and a shard file never
+    after it is placed: refuse opening either for writing, in one line saying what to do instead."""
+    if meta.get("shards"):
+        count = meta["shards"]
+        raise ModelFileError(f"{path} is a sharded model ({count} shards): train it with `mpiexec -n {count} "
+                             f"deepnet train {path}`, or join it into one file with `deepnet gather {path} -o OUT`")
+    if layout.SHARD_SET_ATTR in f.attrs:
+        raise ModelFileError(f"{path} is a shard file of a sharded model, written once and never changed; "
+                             f"open its root file instead")
 
 
 def _still_at(path: str, f: h5py.File, lock_fd: int | None) -> bool:
@@ -117,11 +131,15 @@ def validate(f: h5py.File, path: str) -> dict[str, Any]:
     weights = dataset(f, path, layout.CORE_WEIGHTS)
     check_dataset(weights, path, np.dtype("<f4"), (layers, row_size), implied)
     chunks = weights.chunks
-    if chunks is None or chunks[1] != row_size:
+    if weights.is_virtual:  # the root of a sharded model: its shard files must be there, of its step
+        chunk_layers = shard_files.check_root(f, path, meta)
+        meta["shards"] = len(shard_files.read_specs(f, path, layers))
+    elif chunks is None or chunks[1] != row_size:
         raise ModelFileError(
             f"{path}: dataset /{layout.CORE_WEIGHTS} must be chunked along layers in whole rows, has chunks {chunks}"
         )
-    chunk_layers = chunks[0]
+    else:
+        chunk_layers = chunks[0]
     n_chunks = -(-layers // chunk_layers)
     chunk_step = dataset(f, path, layout.CORE_CHUNK_STEP)
     check_dataset(chunk_step, path, np.dtype("<i8"), (n_chunks,), f"{implied} and {chunk_layers}-layer storage chunks")

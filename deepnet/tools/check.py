@@ -20,6 +20,7 @@ from deepnet import activations
 from deepnet.errors import DamagedFileError, DeepnetError
 from deepnet.formats.atomic import stale_temporaries
 from deepnet.formats import evals as _evals
+from deepnet.formats import shards as _shards
 from deepnet.formats.layout import EVAL_KINDS, HEAD_KEYS, HEAD_PATHS, KIND_MLP, TRAIN_EVALS, TRAIN_LOG
 from deepnet.formats.mlp_file import model_kind, read_mlp_file
 from deepnet.formats.model_file import ModelFile
@@ -142,6 +143,13 @@ def _check_dense(f: ModelFile) -> CheckReport:
 
     _check_evaluations(f, findings, problems, details)
 
+    shards = _shards.shard_count(f)
+    if shards:  # the root of a sharded model: its shard files' cores and the stray versions beside them
+        shard_findings, shard_problems = _shards.verify_shards(f)
+        findings += shard_findings
+        problems += shard_problems
+        details["shards"] = shards
+
     for tmp in stale_temporaries(f.path):
         findings.append(f"note: {tmp} is a leftover of an interrupted write (deepnet train removes it)")
 
@@ -155,7 +163,7 @@ def _check_dense(f: ModelFile) -> CheckReport:
         summary = "damaged: " + "; ".join(problems)
     else:
         status = "healthy"
-        summary = f"healthy: step {f.step}"
+        summary = f"healthy: step {f.step}" + (f", {shards} shards" if shards else "")
     return CheckReport(f.path, status, f.step, summary, findings, details)
 
 

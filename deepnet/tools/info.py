@@ -13,6 +13,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError
 from deepnet.formats import evals as _evals
+from deepnet.formats import shards as _shards
 from deepnet.formats.atomic import format_bytes
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import EVAL_HELDOUT, EVAL_TEST
@@ -32,6 +33,7 @@ def model_info(model: str | os.PathLike) -> dict:
     else:
         with ModelFile.open(model) as f:
             summary = f.summary()
+            summary.update(_shards.shard_summary(f))
             summary.update(training_summary(f))
             summary.update(evaluation_summary(_evals.with_heldout_dataset(f.read_evaluations(), f.h5)))
     return _plain(summary)
