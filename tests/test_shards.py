@@ -417,3 +417,23 @@ def test_the_commands_print_and_json(tmp_path, capsys, monkeypatch):
     assert main(["check", "r.h5"]) == 0 and "healthy: step 4, 2 shards" in capsys.readouterr().out
     assert main(["shard", "g.h5", "--ranks", "3", "-o", "r.h5", "--overwrite"]) == 0
     assert len(list((tmp_path / "r.shards").iterdir())) == 3  # the replaced root's versions are gone
+
+
+def _write_version(args: tuple) -> str:
+    root, index, step, core = args
+    return os.fspath(S.write_core_version(root, index, step, core))
+
+
+def test_ranks_write_their_versions_at_once(tmp_path):
+    import multiprocessing
+
+    root = tmp_path / "r.h5"
+    S.create_sharded(root, 2, layers=6, width=W, activation="tanh")
+    with S.open_root(root) as model:
+        core, heads, specs = model.file.read_core() + 1, model.file.read_heads(), model.shards
+    jobs = [(root, s.index, 1, core[s.first_layer : s.first_layer + s.layers]) for s in specs]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        versions = [Path(p) for p in pool.map(_write_version, jobs)]
+    _commit(root, 1, versions, heads)
+    with S.open_root(root) as model:
+        assert model.file.read_core().tobytes() == core.tobytes()
