@@ -91,7 +91,7 @@ def _settings(options: TrainOptions, stored: dict | None) -> dict:
 def _prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
     """The root of the run's sharded model: created by rank 0 if missing; refused if it does not fit."""
     root = Path(options.model)
-    problem = None
+    problem: DeepnetError | None = None
     if ranks.rank == 0:
         try:
             if not root.exists():
@@ -104,11 +104,13 @@ def _prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
                                   f"deepnet shard {root} --ranks {ranks.size}")
             else:
                 shards.remove_stale_versions(root)
-        except ConfigError as exc:
-            problem = str(exc)
-    problem = ranks.bcast_obj(problem, TAG_SETUP)
+        except DeepnetError as exc:
+            problem = exc
+    said = ranks.bcast_obj(None if problem is None else str(problem), TAG_SETUP)
     if problem is not None:
-        raise ConfigError(problem) if ranks.rank == 0 else _Quiet(problem)
+        raise problem
+    if said is not None:
+        raise _Quiet(said)
     return root
 
 
