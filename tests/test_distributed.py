@@ -11,7 +11,7 @@ import pytest
 
 import deepnet
 from deepnet.distributed import mpi
-from deepnet.distributed.pipeline import (KERNEL_BLOCK, RankCore, RankStep, default_micro_batches,
+from deepnet.distributed.pipeline import (MIN_MICRO_BATCH, RankCore, RankStep, default_micro_batches,
                                           micro_batch_sizes, run_in_process)
 from deepnet.errors import ConfigError
 from deepnet.formats.hdf5 import ModelFile
@@ -87,10 +87,9 @@ def test_micro_batches_give_the_one_process_step_to_float32_rounding(model, tmp_
 def test_micro_batch_sizes_and_the_default_count():
     assert micro_batch_sizes(16, 3) == [6, 5, 5] and sum(micro_batch_sizes(1001, 7)) == 1001
     assert micro_batch_sizes(16, 1) == [16]
-    assert default_micro_batches(16, 1) == 1
-    assert default_micro_batches(16, 2) == 16 // KERNEL_BLOCK
-    assert default_micro_batches(256, 2) == 4 and default_micro_batches(256, 8) == 16
-    assert default_micro_batches(4, 3) == 1
+    assert default_micro_batches(16, 1) == default_micro_batches(256, 2) == 1
+    assert default_micro_batches(64, 3) == 64 // MIN_MICRO_BATCH and default_micro_batches(256, 3) == 6
+    assert default_micro_batches(4096, 8) == 16 and default_micro_batches(16, 4) == 1
 
 
 def test_the_launcher_s_rank_and_size_come_from_the_environment(monkeypatch):

@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT = 300.0
 
 #: The longest pause between two looks at a pending message: short against a step, long enough that a
 #: waiting rank leaves the core to the rank it waits for.
-MAX_POLL_PAUSE = 0.002
+MAX_POLL_PAUSE = 0.0005
 
 
 def _first_int(names: tuple[str, ...]) -> int | None:
@@ -124,6 +124,16 @@ class Ranks:
             self.send_obj(obj, 0, tag)
             return None
         return [obj] + [self.recv_obj(source, tag) for source in range(1, self.size)]
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every rank's ``values`` (float64), on every rank: one collective."""
+        send = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(send)
+        from mpi4py import MPI
+
+        request = self.comm.Iallreduce(send, out, op=MPI.SUM)
+        self._wait(lambda: (request.Test(), None), None, "the step's figures")
+        return out
 
     def any(self, flag: bool, tag: int) -> bool:
         """Whether any rank's ``flag`` is set (every rank learns the same answer)."""

@@ -37,8 +37,12 @@ from deepnet.nn.losses import softmax_cross_entropy
 #: The learning rate a micro-batch's backward runs at on its copy of a chunk (see the module docstring).
 SCALE = float(2 ** 20)
 
-#: Samples per block of the kernels: a micro-batch smaller than this wastes vector lanes.
-KERNEL_BLOCK = 8
+#: Bytes of weights a micro-batch's backward copies and accumulates at a time (about half an L2 cache).
+ACCUMULATE_BLOCK_BYTES = 256 * 1024
+
+#: The smallest micro-batch the default cuts: two of the kernels' 8-sample blocks, which their fused
+#: backward needs to hide the recomputation's latency.
+MIN_MICRO_BATCH = 16
 
 
 def micro_batch_sizes(batch: int, micro_batches: int) -> list[int]:
@@ -48,15 +52,18 @@ def micro_batch_sizes(batch: int, micro_batches: int) -> list[int]:
 
 
 def default_micro_batches(batch: int, ranks: int) -> int:
-    """The number of micro-batches a step is cut into when not given.
+    """The number of micro-batches a step is cut into when not given (bench/README.md has the figures).
 
-    The pipeline's idle share is (P - 1) / (M + P - 1) of a step, so more micro-batches keep the ranks
-    busier; but a micro-batch under the kernels' 8-sample block wastes vector lanes, and each extra
-    micro-batch costs a copy of every chunk (M > 1). One rank needs no pipeline.
+    The pipeline keeps ranks busy for P*M/(M + P - 1) of the ideal, but more than one micro-batch costs
+    the gradient sums (a copy of every block and a buffer the size of the rank's layers), and a
+    micro-batch under two kernel blocks (16 samples) loses the fused backward that hides the
+    recomputation's latency. At two ranks the best gain, 4/3 at M = 2, is less than that cost (measured:
+    one micro-batch is fastest), so two ranks run whole batches; from three ranks on, up to 2P
+    micro-batches of at least 16 samples.
     """
-    if ranks == 1:
+    if ranks <= 2:
         return 1
-    return max(1, min(2 * ranks, batch // KERNEL_BLOCK))
+    return max(1, min(2 * ranks, batch // MIN_MICRO_BATCH))
 
 
 class RankCore:
@@ -81,7 +88,11 @@ class RankCore:
                      for size, every in zip(self.micro_sizes, self.save_every)]
         self.accumulate = len(self.micro_sizes) > 1
         self.grad = np.zeros_like(params) if self.accumulate else None
-        self.copy = np.empty((chunk, params.shape[1]), np.float32) if self.accumulate else None
+        # A micro-batch's backward copies and accumulates a block of a few recomputed segments at a time,
+        # so the copy stays in cache between the kernel and the sums.
+        self.block = [every * max(1, ACCUMULATE_BLOCK_BYTES // (every * 4 * params.shape[1]))
+                      for every in self.save_every]
+        self.copy = np.empty((min(chunk, max(self.block)), params.shape[1]), np.float32) if self.accumulate else None
 
     @property
     def layers(self) -> int:
@@ -101,11 +112,7 @@ class RankCore:
             start, stop = self.bounds[k]
             rows = self.params[start:stop]
             if self.accumulate:
-                copy = self.copy[:stop - start]
-                copy[...] = rows
-                self.kernels.backward(copy, self.saves[m][k], self.save_every[m], g, self.alpha, SCALE,
-                                      self.work[m], self.threads)
-                self.grad[start:stop] += rows - copy
+                self._backward_blocks(k, g, m)
             else:
                 self.kernels.backward(rows, self.saves[m][k], self.save_every[m], g, self.alpha, float(lr),
                                       self.work[m], self.threads)
@@ -116,6 +123,22 @@ class RankCore:
                 raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1} of this rank",
                                      start=start, stop=stop)
         return g
+
+    def _backward_blocks(self, k: int, g: np.ndarray, m: int) -> None:
+        """Chunk ``k``'s backward for micro-batch ``m`` on copies of its blocks (top block first), summing
+        each layer's gradient (times SCALE) into ``grad``; the weights are not changed."""
+        start, stop = self.bounds[k]
+        every, block = self.save_every[m], self.block[m]
+        saves = self.saves[m][k]
+        tops = list(range(start, stop, block))
+        for lo in reversed(tops):
+            hi = min(stop, lo + block)
+            copy = self.copy[:hi - lo]
+            np.copyto(copy, self.params[lo:hi])
+            self.kernels.backward(copy, saves[(lo - start) // every:], every, g, self.alpha, SCALE, self.work[m],
+                                  self.threads)
+            np.subtract(self.params[lo:hi], copy, out=copy)      # SCALE x this micro-batch's gradient sums
+            np.add(self.grad[lo:hi], copy, out=self.grad[lo:hi])
 
     def apply(self, lr: float) -> None:
         """Apply the summed gradients of every micro-batch (M > 1; nothing to do for M = 1)."""

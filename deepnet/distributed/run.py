@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: Message tags: states go up and gradients come down per micro-batch; the rest are control messages.
 TAG_UP, TAG_DOWN = 1 << 20, 2 << 20
-TAG_FIGURES, TAG_STOP, TAG_VERSION, TAG_HEAD, TAG_SETUP, TAG_EVAL, TAG_TOTALS = range(1, 8)
+TAG_VERSION, TAG_HEAD, TAG_SETUP, TAG_EVAL, TAG_TOTALS = range(1, 6)
 
 #: Images per forward pass of the final test evaluation.
 EVAL_BATCH = 1024
@@ -209,14 +209,17 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: _Opened, ima
         part.x, part.y = x, y
         part.forward_phase(link)
         part.backward_phase(link, settings["layer_lr"], settings["head_lr"])
-        figures = (part.loss, part.correct / batch)
-        if part.last:  # the last rank's figures, for rank 0's report and log
-            ranks.send_obj(figures, 0, TAG_FIGURES)
-        elif ranks.rank == 0:
-            figures = ranks.recv_obj(ranks.size - 1, TAG_FIGURES)
+        # One collective a step: the last rank's figures for rank 0's report and log, and whether any
+        # rank was asked to stop (so that every rank stops after the same step).
+        own = [part.loss, part.correct / batch] if part.last else [0.0, 0.0]
+        clock_due = float(ranks.rank == 0 and commit.clock_due())  # rank 0's clock decides for all
+        loss, accuracy, asked, due = ranks.sum(np.array([*own, float(stop.count > 0), clock_due]))
+        agreed["stop"], commit.due_now = asked > 0, due > 0
+        figures = (float(loss), float(accuracy))
         commit.stepped(first_step + t + 1, figures, time.perf_counter() - started, rng.bit_generator.state)
         return (*figures, time.perf_counter() - started)
 
+    agreed = {"stop": False}
     stop = StopSignal()
     waited_before, sent_before = ranks.waited, ranks.sent_bytes
     started = time.perf_counter()
@@ -225,7 +228,7 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: _Opened, ima
                          total=steps)
         stop.arm()
         done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, report, commit],
-                        stop_requested=lambda: ranks.any(stop.count > 0, TAG_STOP))
+                        stop_requested=lambda: agreed["stop"])
     elapsed = time.perf_counter() - started
     totals = ranks.gather_obj({"rank": ranks.rank, "layers": opened.layers_here,
                                "waited": ranks.waited - waited_before,
@@ -294,17 +297,19 @@ class _Commits(Hook):
         self.rng_state: dict | None = None
         self.last = time.monotonic()
         self.done = 0
+        self.due_now = False  # the ranks' agreement after the latest step (rank 0's clock_due)
 
     def stepped(self, step: int, figures: tuple[float, float], seconds: float, rng_state: dict) -> None:
         self.step, self.rng_state = step, rng_state
         self.log_rows.append((step, figures[0], figures[1], seconds))
 
+    def clock_due(self) -> bool:
+        """Whether a checkpoint is due by the clock (without --checkpoint-every; asked of rank 0)."""
+        return not self.every and time.monotonic() - self.last >= RECIPE.checkpoint_seconds
+
     def after_step(self, event: StepEvent) -> None:
         self.done += 1
-        due = (self.done % self.every == 0) if self.every else (time.monotonic() - self.last >= RECIPE.checkpoint_seconds)
-        if self.ranks.size > 1 and not self.every:
-            due = bool(self.ranks.bcast_obj(due, TAG_STOP + 100))  # rank 0's clock decides for all
-        if due:
+        if (self.done % self.every == 0) if self.every else self.due_now:
             self.save()
 
     def at_end(self) -> None:
