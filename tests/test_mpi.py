@@ -23,6 +23,7 @@ import pytest
 import deepnet
 from deepnet.formats import shards
 from deepnet.formats.hdf5 import ModelFile
+from deepnet.formats.locking import flock
 from helpers import MNIST_DIR, have_mnist
 
 MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -181,9 +182,9 @@ def test_a_hung_rank_ends_the_job_with_an_error_naming_it(base, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["more-ranks-than-layers", "ranks-disagree", "one-file-model", "missing-shard",
-                                  "no-mpi4py"])
+                                  "no-mpi4py", "second-run"])
 def test_bad_set_ups_are_one_line(base, tmp_path, case):
-    env, ranks = None, 2
+    env, ranks, held = None, 2, None
     if case == "more-ranks-than-layers":
         target, ranks, extra = tmp_path / "new.h5", 3, ["--layers", "2"]
         expect = "ranks (3) must not exceed layers (2)"
@@ -199,6 +200,10 @@ def test_bad_set_ups_are_one_line(base, tmp_path, case):
         victim = sorted((tmp_path / "root.shards").glob("r1-*"))[0]
         victim.unlink()
         expect = victim.name
+    elif case == "second-run":  # another job holds the model (its rank 0's lock on the shards' directory)
+        target, extra = split(base, tmp_path, 2), []
+        held = flock(str(tmp_path / "root.shards"), exclusive=True)
+        expect = "is being trained by another run"
     else:
         target, extra = split(base, tmp_path, 2), []
         shim = tmp_path / "shim" / "mpi4py"
@@ -207,7 +212,11 @@ def test_bad_set_ups_are_one_line(base, tmp_path, case):
         env = {"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
         expect = "mpi4py is not installed (pip install -e \".[mpi]\")"
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    proc = mpiexec(ranks, "train", str(target), "--steps", "1", *extra, *RUN, env=env)
+    try:
+        proc = mpiexec(ranks, "train", str(target), "--steps", "1", *extra, *RUN, env=env)
+    finally:
+        if held is not None:
+            os.close(held)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("deepnet: error:")]
     assert errors and expect in errors[0], proc.stderr

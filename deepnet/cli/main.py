@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(help_text(args))
                 return 0
             prepared = prepare_args(args)
+            if mpi.launched_rank() > 0 and args[0] not in RESUMABLE[:2]:
+                return 0  # under mpiexec only training spans the ranks; rank 0 runs any other command alone
             # An instance, not the class: fire resolves the command on it.
             fire.Fire(commands.DeepnetCLI(), command=prepared, name="deepnet")
     except DeepnetError as exc:

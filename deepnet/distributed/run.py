@@ -15,6 +15,7 @@ whether any of them was asked to stop, so all stop after the same step.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from tqdm import tqdm
 from deepnet.data.loaders import check_count, load_split, mnist_inputs
 from deepnet.distributed.mpi import Ranks
 from deepnet.distributed.pipeline import RankCore, RankStep, default_micro_batches, micro_batch_sizes
-from deepnet.errors import ConfigError, DeepnetError
+from deepnet.errors import ConfigError, DeepnetError, ModelFileError
 from deepnet.formats import shards
+from deepnet.formats.locking import flock
+from deepnet.formats.shard_files import shard_dir
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import heads as _heads
 from deepnet.training import loop
@@ -88,6 +91,20 @@ def _settings(options: TrainOptions, stored: dict | None) -> dict:
     return {key: value if value is not None else stored.get(key, getattr(RECIPE, key)) for key, value in given.items()}
 
 
+def _lock_run(root: Path) -> int:
+    """One run at a time per model: rank 0 holds an exclusive flock on the shards' directory for the run
+    (released when the process ends); a second run is refused in one line."""
+    try:
+        return flock(str(shard_dir(root)), exclusive=True)
+    except BlockingIOError:
+        raise ModelFileError(f"{root} is being trained by another run") from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot lock {shard_dir(root)}: {exc.strerror}") from None
+
+
+_held_locks: list[int] = []
+
+
 def _prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
     """The root of the run's sharded model: created by rank 0 if missing; refused if it does not fit."""
     root = Path(options.model)
@@ -102,8 +119,8 @@ def _prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
             elif not shards.is_sharded(root):
                 raise ConfigError(f"{root} is a one-file model; split it for {ranks.size} ranks first: "
                                   f"deepnet shard {root} --ranks {ranks.size}")
-            else:
-                shards.remove_stale_versions(root)
+            _held_locks.append(_lock_run(root))
+            shards.remove_stale_versions(root)
         except DeepnetError as exc:
             problem = exc
     said = ranks.bcast_obj(None if problem is None else str(problem), TAG_SETUP)
@@ -158,6 +175,15 @@ def train_distributed(options: TrainOptions, ranks: Ranks, *, progress: bool, on
     check_options(options, ranks)
     images, labels = load_split(options.data_dir, "train")
     test = loop.test_set(options.data_dir, options.test_samples) if options.test_samples else None
+    try:
+        return _train_prepared(options, ranks, images, labels, test, progress, on_report)
+    finally:
+        while _held_locks:
+            os.close(_held_locks.pop())
+
+
+def _train_prepared(options: TrainOptions, ranks: Ranks, images: np.ndarray, labels: np.ndarray,
+                    test: tuple[np.ndarray, np.ndarray] | None, progress: bool, on_report: OnReport) -> dict:
     root = _prepare_model(options, ranks)
     error: DeepnetError | None = None
     try:
