@@ -39,7 +39,7 @@ def mpiexec(ranks: int, *args: str, timeout: float = 180, env: dict | None = Non
             **popen) -> subprocess.CompletedProcess:
     return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "deepnet", *args],
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-                          cwd=cwd, **popen)
+                          cwd=cwd, stdin=subprocess.DEVNULL, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_a_rank_killed_at_random_moments_loses_nothing_and_resume_finishes_exact
     kills = 0
     while kills < 3:
         job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "deepnet", *line],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(rand.uniform(1.5, 3.0))  # start-up takes about a second: kills land mid-run
         pids = _rank_pids(str(root))
         if pids:
@@ -158,8 +158,8 @@ def test_a_rank_killed_at_random_moments_loses_nothing_and_resume_finishes_exact
 def test_a_hung_rank_ends_the_job_with_an_error_naming_it(base, tmp_path):
     root = split(base, tmp_path, 2)
     job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "deepnet", "train", str(root), "--steps",
-                            "100000", "--rank-timeout", "3", *RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+                            "100000", "--rank-timeout", "3", *RUN], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     pids = {}
     while len(pids) < 2 and time.monotonic() < deadline:
