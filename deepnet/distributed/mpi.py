@@ -20,6 +20,9 @@ from deepnet.errors import ConfigError, DeepnetError
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
 
+#: The tags of the step's sum (gathered on rank 0, then sent back): above the pipeline's tags.
+TAG_SUM = 3 << 20
+
 #: How long a rank waits for a message from another before it gives up on it (seconds), by default.
 DEFAULT_TIMEOUT = 300.0
 
@@ -126,14 +129,40 @@ class Ranks:
         return [obj] + [self.recv_obj(source, tag) for source in range(1, self.size)]
 
     def sum(self, values: np.ndarray) -> np.ndarray:
-        """The element-wise sum of every rank's ``values`` (float64), on every rank: one collective."""
-        send = np.ascontiguousarray(values, dtype=np.float64)
-        out = np.empty_like(send)
-        from mpi4py import MPI
+        """The element-wise sum of every rank's ``values`` (float64, added in rank order), on every rank.
 
-        request = self.comm.Iallreduce(send, out, op=MPI.SUM)
-        self._wait(lambda: (request.Test(), None), None, "the step's figures")
-        return out
+        Gathered on rank 0 and sent back, point to point rather than as an MPI collective, so that a
+        rank that does not take part is named when the deadline passes."""
+        send = np.ascontiguousarray(values, dtype=np.float64)
+        if self.rank != 0:
+            request = self.comm.Isend(send, dest=0, tag=TAG_SUM)
+            self._wait(lambda: (request.Test(), None), 0, "its receive")
+            out = np.empty_like(send)
+            request = self.comm.Irecv(out, source=0, tag=TAG_SUM + 1)
+            self._wait(lambda: (request.Test(), None), 0, "the step's figures")
+            return out
+        parts = {source: np.empty_like(send) for source in range(1, self.size)}
+        pending = {source: self.comm.Irecv(buf, source=source, tag=TAG_SUM) for source, buf in parts.items()}
+        self._wait_all(pending, "the step's figures")
+        total = send.copy()
+        for source in range(1, self.size):
+            total += parts[source]
+        pending = {dest: self.comm.Isend(total, dest=dest, tag=TAG_SUM + 1) for dest in range(1, self.size)}
+        self._wait_all(pending, "its receive")
+        return total
+
+    def _wait_all(self, pending: dict[int, Any], what: str) -> None:
+        """Wait for every request of ``pending`` (peer -> request); at the deadline, name a peer still missing."""
+        def test() -> tuple[bool, None]:
+            for peer in [p for p, request in pending.items() if request.Test()]:
+                del pending[peer]
+            return not pending, None
+
+        try:
+            self._wait(test, None, what)
+        except RankLost:
+            raise RankLost(f"rank {self.rank} waited {self.timeout:g} s for {what} from rank {min(pending)}, which "
+                           "died or hangs (see --rank-timeout)") from None
 
     def any(self, flag: bool, tag: int) -> bool:
         """Whether any rank's ``flag`` is set (every rank learns the same answer)."""
