@@ -16,6 +16,7 @@ import pytest
 # tests/reference.py and tests/helpers.py are imported by name from the test modules.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from crash_harness import make_small_mnist  # noqa: E402
 from helpers import MNIST_DIR, have_mnist, require_mnist_in_ci  # noqa: E402
 from plugin_isolation import declared_entry_points  # noqa: E402
 
@@ -72,3 +73,18 @@ def mnist_dir(monkeypatch) -> Path:
         pytest.skip(f"MNIST is not in {MNIST_DIR}")
     monkeypatch.setenv("DEEPNET_DATA", str(MNIST_DIR))
     return MNIST_DIR
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    """A small MNIST (1000 training, 200 test images) so that subprocesses start quickly."""
+    if not have_mnist():
+        pytest.skip(f"MNIST is not in {MNIST_DIR}")
+    return make_small_mnist(MNIST_DIR, tmp_path_factory.mktemp("mini-mnist"), 1000, 200)
+
+
+@pytest.fixture
+def mini_env(mini, monkeypatch) -> Path:
+    """``mini`` as $DEEPNET_DATA for the test."""
+    monkeypatch.setenv("DEEPNET_DATA", str(mini))
+    return mini

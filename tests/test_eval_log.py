@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import deepnet
-from crash_harness import make_small_mnist
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats import evals, layout
 from deepnet.formats.commit import EVAL_ROWS
@@ -25,21 +24,6 @@ from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.mlp_file import append_mlp_evaluation, read_mlp_file
 from deepnet.nn.mlp import MLP
 from deepnet.tools.check import check_model
-from helpers import MNIST_DIR, have_mnist
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory) -> Path:
-    """A small MNIST (1000 training, 200 test images) so that subprocesses start quickly."""
-    if not have_mnist():
-        pytest.skip(f"MNIST is not in {MNIST_DIR}")
-    return make_small_mnist(MNIST_DIR, tmp_path_factory.mktemp("mini-mnist"), 1000, 200)
-
-
-@pytest.fixture
-def mini_env(mini, monkeypatch) -> Path:
-    monkeypatch.setenv("DEEPNET_DATA", str(mini))
-    return mini
 
 
 def new_model(path: Path, layers: int = 20) -> Path:

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import deepnet
-from crash_harness import make_small_mnist
 from deepnet import DeepNet, ModelFile
 from deepnet.nn.engine import NonFiniteError
 from deepnet.errors import ModelFileError
@@ -31,20 +30,6 @@ from deepnet.nn.network import TornStepError
 from helpers import MNIST_DIR, have_mnist
 
 needs_mnist = pytest.mark.skipif(not have_mnist(), reason=f"MNIST is not in {MNIST_DIR}")
-
-
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory) -> Path:
-    """A small MNIST (1000 training, 200 test images) so that every subprocess starts quickly."""
-    if not have_mnist():
-        pytest.skip(f"MNIST is not in {MNIST_DIR}")
-    return make_small_mnist(MNIST_DIR, tmp_path_factory.mktemp("mini-mnist"), 1000, 200)
-
-
-@pytest.fixture
-def mini_env(mini, monkeypatch) -> Path:
-    monkeypatch.setenv("DEEPNET_DATA", str(mini))
-    return mini
 
 
 def new_model(path, *, layers=300, width=4, chunk=50, activation="softsign", seed=1) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.layout import CORE_CHUNK_STEP
 
 COMMIT_SLOTS = 2
@@ -42,6 +43,18 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     """One commit-record slot's bytes: magic, length, CRC-32, then the record as JSON."""
     payload = json.dumps(dict(record), separators=(",", ":"), default=json_default).encode("utf-8")
     return _COMMIT_HEADER.pack(_COMMIT_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def encode_slot(record: Mapping[str, Any], path: str) -> bytes:
+    """encode_record(), refused in one line if the record is not JSON or does not fit a slot of ``path``."""
+    try:
+        encoded = encode_record(record)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"the commit record is not JSON-serialisable: {exc}") from None
+    if len(encoded) > COMMIT_SLOT_BYTES:
+        raise ModelFileError(f"{path}: the commit record would take {len(encoded)} bytes, more than a slot's "
+                             f"{COMMIT_SLOT_BYTES}")
+    return encoded
 
 
 def decode_record(raw: bytes) -> dict | None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError, DamagedFileError, ModelFileError
 from deepnet.formats import layout
-from deepnet.formats.commit import COMMIT_SLOT_BYTES, COMMIT_SLOTS, decode_record, encode_record, json_default
+from deepnet.formats.commit import COMMIT_SLOT_BYTES, COMMIT_SLOTS, decode_record, encode_slot, json_default
 from deepnet.formats.h5io import RawWriter
 from deepnet.formats.values import now, os_reason
 
@@ -144,14 +144,7 @@ class CommitLog:
         record.update(changes)
         record["seq"] = self._record["seq"] + 1
         record["updated"] = now()
-        try:
-            encoded = encode_record(record)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"the commit record is not JSON-serialisable: {exc}") from None
-        if len(encoded) > COMMIT_SLOT_BYTES:
-            raise ModelFileError(f"{self._path}: the commit record would take {len(encoded)} bytes, "
-                                 f"more than a slot's {COMMIT_SLOT_BYTES}")
-        return record, encoded
+        return record, encode_slot(record, self._path)
 
     def write(self, **changes: Any) -> None:
         """Write the latest record with `changes` into the next slot (one raw write)."""

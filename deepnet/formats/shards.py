@@ -24,7 +24,7 @@ from deepnet.errors import ConfigError, DamagedFileError, ModelFileError
 from deepnet.formats import evals as _evals
 from deepnet.formats import layout
 from deepnet.formats.atomic import atomic_path, check_output, fsync_dir, remove_stale_temporaries, temporary_name
-from deepnet.formats.commit import COMMIT_SLOT_BYTES, EVAL_ROWS, encode_record, heads_crc32
+from deepnet.formats.commit import EVAL_ROWS, encode_slot, heads_crc32
 from deepnet.formats.create import FILE_OVERHEAD_BYTES
 from deepnet.formats.h5io import block_layers, open_h5
 from deepnet.formats.mlp_file import model_kind
@@ -251,13 +251,7 @@ def commit_root(root: PathLike, *, step: int, versions: list[Path], heads: Mappi
                       train=None if train_settings is None else dict(train_settings), updated=now())
         record[EVAL_ROWS] = int(evals.shape[0])
         record["seq"] = int(record["seq"]) + 1
-        try:
-            encoded = encode_record(record)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"the commit record is not JSON-serialisable: {exc}") from None
-        if len(encoded) > COMMIT_SLOT_BYTES:
-            raise ModelFileError(f"{root}: the commit record would take {len(encoded)} bytes, more than a slot's "
-                                 f"{COMMIT_SLOT_BYTES}")
+        encode_slot(record, root)  # refuses a record that is not JSON or would not fit a slot
         state = {"record": record, "heads": arrays, "log": rows, "evals": evals}
         size = os.path.getsize(root) + int(rows.nbytes) + int(evals.nbytes)
         try:
