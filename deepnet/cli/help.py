@@ -15,6 +15,7 @@ import shutil
 import textwrap
 from dataclasses import dataclass
 
+from deepnet.cli.args import kinds
 from deepnet.cli.conventions import COMMON_FLAGS, SHORT_FLAGS, aliases_of, flag_name, short_flags_of
 
 
@@ -68,23 +69,16 @@ def _columns() -> int:
     return max(60, min(100, shutil.get_terminal_size((100, 24)).columns))
 
 
-def _kinds(param: inspect.Parameter) -> set[str]:
-    annotation = param.annotation
-    if isinstance(annotation, str):
-        return {part.strip() for part in annotation.split("|")}
-    return {getattr(annotation, "__name__", str(annotation))}
-
-
 def metavar(param: inspect.Parameter) -> str:
     """The placeholder of a flag's value in help: N, X, PATH or the flag's name in capitals."""
-    kinds = _kinds(param)
-    if "bool" in kinds:
+    types = kinds(param)
+    if "bool" in types:
         return ""
-    if "int" in kinds:
+    if "int" in types:
         return "N"
-    if "float" in kinds:
+    if "float" in types:
         return "X"
-    if "PathLike" in kinds:
+    if "PathLike" in types:
         return "PATH"
     return param.name.upper()
 
