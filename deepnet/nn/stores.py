@@ -8,6 +8,7 @@ fallback). All hand the engine the same rows, so every mode gives bit-identical 
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError
 from deepnet.formats.hdf5 import ModelFile
+from deepnet.nn.memory import meminfo
 
 
 class WeightStore:
@@ -74,6 +76,23 @@ class InMemoryStore(WeightStore):
             yield start, self.weights[start:stop]
 
 
+#: A streamed core larger than this share of the RAM (MemTotal) is streamed with its pages released.
+RELEASE_FRACTION = 0.25
+#: Chunks written back, and not yet dropped from the page cache, in the release mode.
+RELEASE_LAG = 4
+
+
+def release_pages(core_bytes: int, mem_total: int | None = None) -> bool:
+    """Whether a memory-mapped core of ``core_bytes`` is streamed with its pages released (MappedStore):
+    when it is more than RELEASE_FRACTION of MemTotal; $DEEPNET_RELEASE_PAGES=1 or 0 decides instead."""
+    forced = os.environ.get("DEEPNET_RELEASE_PAGES", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if mem_total is None:
+        mem_total = meminfo("MemTotal")
+    return mem_total is not None and core_bytes > RELEASE_FRACTION * mem_total
+
+
 def contiguous_runs(offsets: np.ndarray, chunk_bytes: int) -> list[tuple[int, int]]:
     """Runs [first, stop) of storage chunks that lie back to back in the file, in layer order."""
     runs, first = [], 0
@@ -93,6 +112,16 @@ class MappedStore(WeightStore):
     marked before the chunk is modified, so an interrupted step is detectable as a torn step. Used for
     every file whose core chunks are plain float32 on disk (all files deepnet writes).
 
+    A core too large to keep in the page cache beside everything else (``release_pages``: more than
+    RELEASE_FRACTION of the RAM, e.g. a billion layers at width 2, 24 GB) is streamed with its pages
+    released: each chunk's pages leave the process's map once its kernel call is done (the resident
+    memory stays a few chunks, whatever the depth), the forward pass goes chunk by chunk instead of
+    free-running (which maps every chunk at once), and after the backward pass writes a chunk its
+    write-back is started at once and its pages are dropped from the page cache RELEASE_LAG chunks
+    later, when written (posix_fadvise DONTNEED: it starts the write-back of dirty pages, and drops
+    clean ones). Without it the kernel writes the dirty core back late and slowly, throttling the
+    step, and the core evicts every other file's pages (bench/README.md, "The billion-layer step").
+
     Storage chunks (~1 MiB) that lie back to back in the file (most of them) form one view, so a kernel
     call covers ``chunk_layers`` as in RAM: far fewer calls than one per storage chunk, and each call pays
     for starting the backward's second thread (bench/README.md, "nn/stores.py").
@@ -100,15 +129,23 @@ class MappedStore(WeightStore):
 
     random_access = True
 
-    def __init__(self, model_file: ModelFile, offsets: np.ndarray, chunk_step_offset: int) -> None:
+    def __init__(self, model_file: ModelFile, offsets: np.ndarray, chunk_step_offset: int,
+                 release: bool | None = None) -> None:
         self.file = model_file
         self.layers = model_file.layers
         self.row_size = model_file.row_size
         self.chunk = model_file.storage_chunk_layers
         self.offsets = offsets
         self.writable = model_file.mode != "r"
-        with open(model_file.path, "r+b" if self.writable else "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
+        self.release = release_pages(self.layers * self.row_size * 4) if release is None else bool(release)
+        self.random_access = not self.release
+        self._fd = os.open(model_file.path, os.O_RDWR if self.writable else os.O_RDONLY)
+        try:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._written: collections.deque[tuple[int, int]] = collections.deque()
         self._runs = contiguous_runs(offsets, self.chunk * self.row_size * 4)
         self._views = [self._run_view(first, stop) for first, stop in self._runs]
         self._run_of_chunk = np.repeat(np.arange(len(self._runs)), [stop - first for first, stop in self._runs])
@@ -131,14 +168,34 @@ class MappedStore(WeightStore):
         first = self._runs[run][0] * self.chunk
         return self._views[run][start - first: stop - first]
 
+    def _span(self, start: int, stop: int) -> tuple[int, int]:
+        """(offset, length) in the file of rows [start, stop) (one piece of ``bounds``: contiguous)."""
+        c = start // self.chunk
+        first = int(self.offsets[c]) + (start - c * self.chunk) * self.row_size * 4
+        return first, (stop - start) * self.row_size * 4
+
     def _prefetch(self, start: int, stop: int) -> None:
         if not hasattr(self._map, "madvise"):
             return
-        c = start // self.chunk
-        first = int(self.offsets[c]) + (start - c * self.chunk) * self.row_size * 4
-        length = (stop - start) * self.row_size * 4
+        first, length = self._span(start, stop)
         aligned = first - first % mmap.PAGESIZE
         self._map.madvise(mmap.MADV_WILLNEED, aligned, length + first - aligned)
+
+    def _release(self, start: int, stop: int, written: bool) -> None:
+        """Unmap rows [start, stop) from this process (the page cache keeps them, dirty or not); if
+        ``written``, start their write-back and drop the pages of the chunk written RELEASE_LAG before."""
+        first, length = self._span(start, stop)
+        # Rounded out to whole pages: a page shared with a neighbour is unmapped or dropped early at worst
+        # (a shared map keeps a page's changes; a dropped clean page is read again), never lost.
+        lo = first // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(-(-(first + length) // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._map))
+        if hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        if written and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)   # starts the write-back
+            self._written.append((lo, hi - lo))
+            while len(self._written) > RELEASE_LAG:
+                os.posix_fadvise(self._fd, *self._written.popleft(), os.POSIX_FADV_DONTNEED)   # drops it
 
     def _chunks(self, bounds: list[tuple[int, int]], step: int | None) -> Iterator[tuple[int, np.ndarray]]:
         for k, (start, stop) in enumerate(bounds):
@@ -147,6 +204,8 @@ class MappedStore(WeightStore):
             if step is not None:
                 self._chunk_step[start // self.chunk: (stop - 1) // self.chunk + 1] = step
             yield start, self._rows(start, stop)
+            if self.release:
+                self._release(start, stop, written=step is not None)
 
     def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
         yield from self._chunks(bounds, None)
@@ -163,6 +222,9 @@ class MappedStore(WeightStore):
             self._map.close()
         except BufferError:  # a caller still holds a view of the weights: the map closes with it
             pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class StreamedStore(WeightStore):
