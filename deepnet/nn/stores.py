@@ -77,7 +77,7 @@ class InMemoryStore(WeightStore):
 
 
 #: A streamed core larger than this share of the RAM (MemTotal) is streamed with its pages released.
-RELEASE_FRACTION = 0.25
+RELEASE_FRACTION = 1 / 16
 #: Chunks written back, and not yet dropped from the page cache, in the release mode.
 RELEASE_LAG = 4
 
@@ -103,7 +103,59 @@ def contiguous_runs(offsets: np.ndarray, chunk_bytes: int) -> list[tuple[int, in
     return runs
 
 
-class MappedStore(WeightStore):
+class _Pipeline:
+    """Chunks read ahead into three rotating buffers and written back after update, on one I/O thread.
+
+    One I/O thread runs reads and writes in submission order; the kernels release the GIL, so the thread
+    reads the next chunk while the current one computes. Three rotating buffers: the one computing, the
+    one being read into, and the one being written back. A subclass gives ``_read`` and ``_write``.
+    """
+
+    def _start_io(self) -> None:
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepnet-io")
+        self._buffers: list[np.ndarray] = []
+
+    def buffer_bytes(self, chunk_layers: int) -> int:
+        return 3 * min(chunk_layers, self.layers) * self.row_size * 4   # the three rotating buffers
+
+    def _buffer(self, k: int, rows: int) -> np.ndarray:
+        if len(self._buffers) != 3 or self._buffers[0].shape[0] < rows:
+            self._buffers = [np.empty((rows, self.row_size), np.float32) for _ in range(3)]
+        return self._buffers[k % 3]
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _write(self, start: int, rows: np.ndarray, step: int) -> None:
+        raise NotImplementedError
+
+    def _chunks(self, bounds: list[tuple[int, int]], write_step: int | None) -> Iterator[tuple[int, np.ndarray]]:
+        if not bounds:
+            return
+        rows = max(stop - start for start, stop in bounds)
+        pending: Future = self._io.submit(self._read, *bounds[0], self._buffer(0, rows))
+        writes: list[Future] = []
+        try:
+            for k, (start, stop) in enumerate(bounds):
+                chunk = pending.result()
+                if k + 1 < len(bounds):
+                    # FIFO on one thread: this read starts only after the write that last used the buffer.
+                    pending = self._io.submit(self._read, *bounds[k + 1], self._buffer(k + 1, rows))
+                yield start, chunk
+                if write_step is not None:
+                    writes.append(self._io.submit(self._write, start, chunk, write_step))
+                    for w in [w for w in writes if w.done()]:
+                        w.result()  # a failed write surfaces here, before more chunks are updated
+                    writes = [w for w in writes if not w.done()]
+        finally:
+            # Never leave I/O running behind the caller's back (also on an exception in the kernel).
+            pending.exception()
+            for w in writes:
+                w.result()
+
+
+
+class MappedStore(_Pipeline, WeightStore):
     """Core weights streamed from the model file through a memory map of its storage chunks.
 
     The kernels read the file's pages where they lie (no copy into a buffer) and the backward pass
@@ -113,14 +165,14 @@ class MappedStore(WeightStore):
     every file whose core chunks are plain float32 on disk (all files deepnet writes).
 
     A core too large to keep in the page cache beside everything else (``release_pages``: more than
-    RELEASE_FRACTION of the RAM, e.g. a billion layers at width 2, 24 GB) is streamed with its pages
-    released: each chunk's pages leave the process's map once its kernel call is done (the resident
-    memory stays a few chunks, whatever the depth), the forward pass goes chunk by chunk instead of
-    free-running (which maps every chunk at once), and after the backward pass writes a chunk its
-    write-back is started at once and its pages are dropped from the page cache RELEASE_LAG chunks
-    later, when written (posix_fadvise DONTNEED: it starts the write-back of dirty pages, and drops
-    clean ones). Without it the kernel writes the dirty core back late and slowly, throttling the
-    step, and the core evicts every other file's pages (bench/README.md, "The billion-layer step").
+    RELEASE_FRACTION of the RAM; a billion layers at width 2 are 24 GB) is not modified through the
+    map: its rows are read with pread into three rotating buffers and written back with pwrite on an
+    I/O thread (as StreamedStore does through h5py), each write's write-back started at once and its
+    pages dropped from the page cache RELEASE_LAG chunks later, when written (posix_fadvise DONTNEED
+    starts the write-back of dirty pages and drops clean ones). Through the map, every first write to
+    a page costs a fault, the kernel writes the dirty core back late and slowly (throttling the step),
+    and the whole core ends up resident in the process (bench/README.md, "The billion-layer step").
+    The resident memory is then the three buffers, whatever the depth.
 
     Storage chunks (~1 MiB) that lie back to back in the file (most of them) form one view, so a kernel
     call covers ``chunk_layers`` as in RAM: far fewer calls than one per storage chunk, and each call pays
@@ -146,6 +198,8 @@ class MappedStore(WeightStore):
             os.close(self._fd)
             raise
         self._written: collections.deque[tuple[int, int]] = collections.deque()
+        if self.release:
+            self._start_io()
         self._runs = contiguous_runs(offsets, self.chunk * self.row_size * 4)
         self._views = [self._run_view(first, stop) for first, stop in self._runs]
         self._run_of_chunk = np.repeat(np.arange(len(self._runs)), [stop - first for first, stop in self._runs])
@@ -181,31 +235,45 @@ class MappedStore(WeightStore):
         aligned = first - first % mmap.PAGESIZE
         self._map.madvise(mmap.MADV_WILLNEED, aligned, length + first - aligned)
 
-    def _release(self, start: int, stop: int, written: bool) -> None:
-        """Unmap rows [start, stop) from this process (the page cache keeps them, dirty or not); if
-        ``written``, start their write-back and drop the pages of the chunk written RELEASE_LAG before."""
+    def buffer_bytes(self, chunk_layers: int) -> int:
+        return super().buffer_bytes(chunk_layers) if self.release else 0
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        view = out[: stop - start]
         first, length = self._span(start, stop)
-        # Rounded out to whole pages: a page shared with a neighbour is unmapped or dropped early at worst
-        # (a shared map keeps a page's changes; a dropped clean page is read again), never lost.
-        lo = first // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(-(-(first + length) // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._map))
-        if hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        if written and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)   # starts the write-back
-            self._written.append((lo, hi - lo))
-            while len(self._written) > RELEASE_LAG:
-                os.posix_fadvise(self._fd, *self._written.popleft(), os.POSIX_FADV_DONTNEED)   # drops it
+        buf = memoryview(view).cast("B")
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [buf[done:]], first + done)
+            if n <= 0:
+                raise OSError(f"{self.file.path} ended at byte {first + done} inside the core")
+            done += n
+        return view
+
+    def _write(self, start: int, rows: np.ndarray, step: int) -> None:
+        stop = start + rows.shape[0]
+        self._chunk_step[start // self.chunk: (stop - 1) // self.chunk + 1] = step   # mark, then write
+        first, length = self._span(start, stop)
+        buf = memoryview(rows).cast("B")
+        done = 0
+        while done < length:
+            done += os.pwrite(self._fd, buf[done:], first + done)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, first, length, os.POSIX_FADV_DONTNEED)   # starts the write-back
+            self._written.append((first, length))
+            while len(self._written) > RELEASE_LAG:   # written by now: dropped from the page cache
+                os.posix_fadvise(self._fd, *self._written.popleft(), os.POSIX_FADV_DONTNEED)
 
     def _chunks(self, bounds: list[tuple[int, int]], step: int | None) -> Iterator[tuple[int, np.ndarray]]:
+        if self.release:
+            yield from super()._chunks(bounds, step)
+            return
         for k, (start, stop) in enumerate(bounds):
             if k + 1 < len(bounds):
                 self._prefetch(*bounds[k + 1])
             if step is not None:
                 self._chunk_step[start // self.chunk: (stop - 1) // self.chunk + 1] = step
             yield start, self._rows(start, stop)
-            if self.release:
-                self._release(start, stop, written=step is not None)
 
     def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
         yield from self._chunks(bounds, None)
@@ -216,6 +284,8 @@ class MappedStore(WeightStore):
         yield from self._chunks(list(reversed(bounds)), step)
 
     def close(self) -> None:
+        if self.release:
+            self._io.shutdown(wait=True)
         self._views = []
         self._chunk_step = None
         try:
@@ -227,58 +297,23 @@ class MappedStore(WeightStore):
             self._fd = None
 
 
-class StreamedStore(WeightStore):
+class StreamedStore(_Pipeline, WeightStore):
     """Core weights streamed from the model file through h5py: read ahead on one I/O thread, written
-    back after update. The fallback for files whose core cannot be memory-mapped.
-
-    One I/O thread runs reads and writes in submission order; the kernels release the GIL, so the thread
-    reads the next chunk while the current one computes. Three rotating buffers: the one computing, the
-    one being read into, and the one being written back.
-    """
+    back after update (_Pipeline). The fallback for files whose core cannot be memory-mapped."""
 
     def __init__(self, model_file: ModelFile) -> None:
         self.file = model_file
         self.layers = model_file.layers
         self.row_size = model_file.row_size
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepnet-io")
-        self._buffers: list[np.ndarray] = []
-
-    def buffer_bytes(self, chunk_layers: int) -> int:
-        return 3 * min(chunk_layers, self.layers) * self.row_size * 4   # the three rotating buffers
-
-    def _buffer(self, k: int, rows: int) -> np.ndarray:
-        if len(self._buffers) != 3 or self._buffers[0].shape[0] < rows:
-            self._buffers = [np.empty((rows, self.row_size), np.float32) for _ in range(3)]
-        return self._buffers[k % 3]
+        self._start_io()
 
     def _read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         view = out[: stop - start]
         self.file.read_layers(start, stop, out=view)
         return view
 
-    def _chunks(self, bounds: list[tuple[int, int]], write_step: int | None) -> Iterator[tuple[int, np.ndarray]]:
-        if not bounds:
-            return
-        rows = max(stop - start for start, stop in bounds)
-        pending: Future = self._io.submit(self._read, *bounds[0], self._buffer(0, rows))
-        writes: list[Future] = []
-        try:
-            for k, (start, stop) in enumerate(bounds):
-                chunk = pending.result()
-                if k + 1 < len(bounds):
-                    # FIFO on one thread: this read starts only after the write that last used the buffer.
-                    pending = self._io.submit(self._read, *bounds[k + 1], self._buffer(k + 1, rows))
-                yield start, chunk
-                if write_step is not None:
-                    writes.append(self._io.submit(self.file.write_layers, start, chunk, write_step))
-                    for w in [w for w in writes if w.done()]:
-                        w.result()  # a failed write surfaces here, before more chunks are updated
-                    writes = [w for w in writes if not w.done()]
-        finally:
-            # Never leave I/O running behind the caller's back (also on an exception in the kernel).
-            pending.exception()
-            for w in writes:
-                w.result()
+    def _write(self, start: int, rows: np.ndarray, step: int) -> None:
+        self.file.write_layers(start, rows, step)
 
     def forward_chunks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
         yield from self._chunks(bounds, None)
