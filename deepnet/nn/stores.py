@@ -8,7 +8,6 @@ fallback). All hand the engine the same rows, so every mode gives bit-identical 
 
 from __future__ import annotations
 
-import collections
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from deepnet.errors import ConfigError
+from deepnet.formats.direct import SpanIO, aligned_buffer, span_buffer_bytes
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.nn.memory import meminfo
 
@@ -78,8 +78,6 @@ class InMemoryStore(WeightStore):
 
 #: A streamed core larger than this share of the RAM (MemTotal) is streamed with its pages released.
 RELEASE_FRACTION = 1 / 16
-#: Chunks written back, and not yet dropped from the page cache, in the release mode.
-RELEASE_LAG = 4
 
 
 def release_pages(core_bytes: int, mem_total: int | None = None) -> bool:
@@ -166,13 +164,13 @@ class MappedStore(_Pipeline, WeightStore):
 
     A core too large to keep in the page cache beside everything else (``release_pages``: more than
     RELEASE_FRACTION of the RAM; a billion layers at width 2 are 24 GB) is not modified through the
-    map: its rows are read with pread into three rotating buffers and written back with pwrite on an
-    I/O thread (as StreamedStore does through h5py), each write's write-back started at once and its
-    pages dropped from the page cache RELEASE_LAG chunks later, when written (posix_fadvise DONTNEED
-    starts the write-back of dirty pages and drops clean ones). Through the map, every first write to
-    a page costs a fault, the kernel writes the dirty core back late and slowly (throttling the step),
-    and the whole core ends up resident in the process (bench/README.md, "The billion-layer step").
-    The resident memory is then the three buffers, whatever the depth.
+    map: its rows are read into three rotating buffers and written back on an I/O thread (as
+    StreamedStore does through h5py), past the page cache (O_DIRECT, deepnet.formats.direct) where the
+    file system allows. Through the map (or the page cache) the kernel copies every byte, its
+    read-ahead and write-back take the CPU the kernels need, it writes the dirty core back late and
+    slowly (throttling the step), and the whole core ends up resident in the process or the cache
+    (bench/README.md, "The billion-layer step"). The memory is then the three buffers (3 chunks),
+    whatever the depth.
 
     Storage chunks (~1 MiB) that lie back to back in the file (most of them) form one view, so a kernel
     call covers ``chunk_layers`` as in RAM: far fewer calls than one per storage chunk, and each call pays
@@ -191,15 +189,12 @@ class MappedStore(_Pipeline, WeightStore):
         self.writable = model_file.mode != "r"
         self.release = release_pages(self.layers * self.row_size * 4) if release is None else bool(release)
         self.random_access = not self.release
-        self._fd = os.open(model_file.path, os.O_RDWR if self.writable else os.O_RDONLY)
-        try:
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._written: collections.deque[tuple[int, int]] = collections.deque()
+        with open(model_file.path, "r+b" if self.writable else "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
         if self.release:
             self._start_io()
+            self._spans = SpanIO(model_file.path, writable=self.writable)
+            self._placed: dict[int, tuple[mmap.mmap, int]] = {}
         self._runs = contiguous_runs(offsets, self.chunk * self.row_size * 4)
         self._views = [self._run_view(first, stop) for first, stop in self._runs]
         self._run_of_chunk = np.repeat(np.arange(len(self._runs)), [stop - first for first, stop in self._runs])
@@ -236,33 +231,27 @@ class MappedStore(_Pipeline, WeightStore):
         self._map.madvise(mmap.MADV_WILLNEED, aligned, length + first - aligned)
 
     def buffer_bytes(self, chunk_layers: int) -> int:
-        return super().buffer_bytes(chunk_layers) if self.release else 0
+        rows = min(chunk_layers, self.layers)
+        return 3 * span_buffer_bytes(rows * self.row_size * 4) if self.release else 0
 
-    def _read(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
-        view = out[: stop - start]
+    def _buffer(self, k: int, rows: int) -> mmap.mmap:
+        # Page-aligned buffers with room for the aligned span around a piece (formats.direct).
+        need = span_buffer_bytes(rows * self.row_size * 4)
+        if len(self._buffers) != 3 or len(self._buffers[0]) < need:
+            self._buffers = [aligned_buffer(need) for _ in range(3)]
+        return self._buffers[k % 3]
+
+    def _read(self, start: int, stop: int, out: mmap.mmap) -> np.ndarray:
         first, length = self._span(start, stop)
-        buf = memoryview(view).cast("B")
-        done = 0
-        while done < length:
-            n = os.preadv(self._fd, [buf[done:]], first + done)
-            if n <= 0:
-                raise OSError(f"{self.file.path} ended at byte {first + done} inside the core")
-            done += n
-        return view
+        at = self._spans.read(out, first, length)
+        self._placed[start] = (out, at)
+        return np.frombuffer(out, np.float32, count=length // 4, offset=at).reshape(stop - start, self.row_size)
 
     def _write(self, start: int, rows: np.ndarray, step: int) -> None:
         stop = start + rows.shape[0]
         self._chunk_step[start // self.chunk: (stop - 1) // self.chunk + 1] = step   # mark, then write
-        first, length = self._span(start, stop)
-        buf = memoryview(rows).cast("B")
-        done = 0
-        while done < length:
-            done += os.pwrite(self._fd, buf[done:], first + done)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, first, length, os.POSIX_FADV_DONTNEED)   # starts the write-back
-            self._written.append((first, length))
-            while len(self._written) > RELEASE_LAG:   # written by now: dropped from the page cache
-                os.posix_fadvise(self._fd, *self._written.popleft(), os.POSIX_FADV_DONTNEED)
+        buf, at = self._placed.pop(start)
+        self._spans.write(buf, at, *self._span(start, stop))
 
     def _chunks(self, bounds: list[tuple[int, int]], step: int | None) -> Iterator[tuple[int, np.ndarray]]:
         if self.release:
@@ -286,15 +275,13 @@ class MappedStore(_Pipeline, WeightStore):
     def close(self) -> None:
         if self.release:
             self._io.shutdown(wait=True)
+            self._spans.close()
         self._views = []
         self._chunk_step = None
         try:
             self._map.close()
         except BufferError:  # a caller still holds a view of the weights: the map closes with it
             pass
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class StreamedStore(_Pipeline, WeightStore):
