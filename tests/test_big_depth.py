@@ -169,3 +169,48 @@ def test_init_writing_behind_makes_the_same_file(tmp_path, monkeypatch):
     assert np.array_equal(core_a, core_b)
     for key in heads_a:
         assert np.array_equal(heads_a[key], heads_b[key])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_span_io_writes_exactly_its_bytes(tmp_path, direct):
+    from deepnet.formats.direct import ALIGN, SpanIO, aligned_buffer, span_buffer_bytes
+
+    rng = np.random.default_rng(3)
+    size = 9 * ALIGN + 123
+    data = rng.integers(0, 256, size=size, dtype=np.uint8)
+    path = tmp_path / "spans.bin"
+    path.write_bytes(data.tobytes())
+    spans = SpanIO(str(path), writable=True, direct=direct)
+    try:
+        # aligned, unaligned at either end, inside one block, up to the end of the file
+        for first, length in ((0, 2 * ALIGN), (100, 3 * ALIGN), (ALIGN + 8, 40), (5 * ALIGN - 12, 2 * ALIGN + 24),
+                              (size - 300, 300), (4, size - 4)):
+            buf = aligned_buffer(span_buffer_bytes(length))
+            at = spans.read(buf, first, length)
+            got = np.frombuffer(buf, np.uint8, count=length, offset=at)
+            assert np.array_equal(got, data[first:first + length])
+            new = rng.integers(0, 256, size=length, dtype=np.uint8)
+            np.frombuffer(buf, np.uint8, count=length, offset=at)[:] = new
+            spans.write(buf, at, first, length)
+            data[first:first + length] = new
+            del got
+            assert np.array_equal(np.frombuffer(path.read_bytes(), np.uint8), data)
+        assert spans.direct == (direct and spans.direct_fd is not None)
+    finally:
+        spans.close()
+
+
+def test_released_pages_through_the_page_cache_train_the_same(tmp_path, monkeypatch):
+    """Where O_DIRECT is refused: the same results through the page cache."""
+    from deepnet.formats import direct
+
+    original = _tiny(tmp_path)
+    shutil.copy(original, tmp_path / "a.h5")
+    shutil.copy(original, tmp_path / "b.h5")
+    monkeypatch.setenv("DEEPNET_RELEASE_PAGES", "1")
+    a = _train(tmp_path / "a.h5")
+    real_init = direct.SpanIO.__init__
+    monkeypatch.setattr(direct.SpanIO, "__init__",
+                        lambda self, path, writable, direct=True: real_init(self, path, writable=writable, direct=False))
+    b = _train(tmp_path / "b.h5")
+    assert a[1] == b[1] and np.array_equal(a[2][1], b[2][1]) and np.array_equal(a[3], b[3])
