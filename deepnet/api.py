@@ -68,7 +68,9 @@ def init(model: PathLike, *, layers: int = R.layers, width: int = R.width, activ
         branch: "mlp" adds a residual MLP branch (input -> hidden ReLU -> logits added to the core's).
         hidden: the branch's hidden units (with --branch mlp).
         overwrite: replace an existing file.
-        progress: show a progress bar while the weights are written.
+        progress: show a progress bar while the weights are written (in blocks of ~4 MiB; a core of
+            1 GiB or more is written behind, dropped from the page cache as it reaches the disk, so
+            memory stays bounded whatever the depth).
     """
     return _recipe.init(model, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
                         input_dim=input_dim, n_classes=n_classes, overwrite=overwrite, progress=progress,
@@ -119,7 +121,10 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         lr: SGD learning rate of both the core layers and the heads (--layer-lr and --head-lr override it).
         layer_lr: SGD learning rate of the core layers (default 0.05, or the model's last).
         head_lr: SGD learning rate of the input and output heads (default 0.05, or the model's last).
-        chunk_layers: layers per kernel call and per read from the file (does not change results).
+        chunk_layers: layers per kernel call and per read from the file (does not change results);
+            lengthened for deep models to at most 1000 chunks a pass, up to 64 MiB each (1B layers at
+            width 2: 1M-layer chunks). A streamed core larger than 1/16 of the RAM is read and
+            written with its pages released from the page cache (memory bounded whatever the depth).
         train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
         report_every: print a report every N steps (figures are means over those steps).
         test_samples: test images evaluated at the end (default the whole test set, 10000; 0 skips it).
@@ -211,7 +216,8 @@ def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch:
         model: HDF5 model file (dense or mlp).
         test_samples: evaluate the first N test images.
         batch: images per forward pass (default 1024 for a dense model, 1000 for an MLP).
-        chunk_layers: layers per kernel call and per read from the file (dense).
+        chunk_layers: layers per kernel call and per read from the file (dense); lengthened for deep
+            models to at most 1000 chunks a pass, up to 64 MiB each.
         in_memory: load the core weights into RAM first (dense).
         use_ema: evaluate the weight average stored by training with --ema (dense; read into RAM).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
@@ -319,7 +325,8 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
         batch: minibatch size.
         steps: timed steps (after the warm-up steps, reported apart); the median is reported.
         streamed: stream the weights from the file instead of holding them in RAM.
-        chunk_layers: layers per kernel call and per read.
+        chunk_layers: layers per kernel call and per read (lengthened for deep models to at most 1000
+            chunks a pass, up to 64 MiB each).
         eval_samples: also time forward-only evaluation of this many test images (0: skip).
         eval_batch: images per evaluation forward pass.
         workdir: directory for the temporary model (default: the system temp dir).

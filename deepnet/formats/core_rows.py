@@ -112,19 +112,29 @@ class CoreRows:
         if ds.dtype != np.dtype("<f4") or ds.chunks is None or ds.compression or ds.shuffle or ds.fletcher32 \
                 or ds.scaleoffset is not None:
             return None
-        try:
-            n = ds.id.get_num_chunks()
-            if n != self.n_storage_chunks:
-                return None
-            chunk_bytes = self._chunk_layers * self.row_size * 4
-            offsets = np.full(n, -1, dtype=np.int64)
-            for i in range(n):
-                info = ds.id.get_chunk_info(i)
-                index = info.chunk_offset[0] // self._chunk_layers
-                if info.filter_mask or info.size != chunk_bytes or info.byte_offset % 4 or not 0 <= index < n:
-                    return None
+        chunk_bytes = self._chunk_layers * self.row_size * 4
+        n = self.n_storage_chunks
+        offsets = np.full(n, -1, dtype=np.int64)
+        bad = []
+
+        def visit(info) -> None:
+            index = info.chunk_offset[0] // self._chunk_layers
+            if info.filter_mask or info.size != chunk_bytes or info.byte_offset % 4 or not 0 <= index < n:
+                bad.append(index)
+            else:
                 offsets[index] = info.byte_offset
+
+        try:
+            if ds.id.get_num_chunks() != n:
+                return None
+            if hasattr(ds.id, "chunk_iter"):   # one pass over the chunk index (HDF5 >= 1.14 / 1.12.3)
+                ds.id.chunk_iter(visit)
+            else:   # get_chunk_info(i) walks the index up to i: quadratic in the chunks
+                for i in range(n):
+                    visit(ds.id.get_chunk_info(i))
         except (AttributeError, RuntimeError, ValueError, OSError):  # an HDF5 without chunk queries
+            return None
+        if bad:
             return None
         return None if (offsets < 0).any() else offsets
 

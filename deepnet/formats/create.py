@@ -285,8 +285,9 @@ def _write_core(f: h5py.File, name: str, rng: np.random.Generator, *, layers: in
     _evals.create(f, _evals.empty())
     block_layers = h5io.block_layers(chunk_layers, row_size)
     buf = None if core_weights is not None else np.zeros((min(block_layers, layers), row_size), np.float32)
-    with tqdm(total=layers, desc=f"init {name}", unit="layer", unit_scale=True, disable=not progress,
-              leave=False) as bar:
+    written = h5io.WriteBehind(f.filename, 4 * layers * row_size)
+    with written, tqdm(total=layers, desc=f"init {name}", unit="layer", unit_scale=True, disable=not progress,
+                       leave=False) as bar:
         for start in range(0, layers, block_layers):
             n = min(block_layers, layers - start)
             if core_weights is not None:
@@ -296,6 +297,7 @@ def _write_core(f: h5py.File, name: str, rng: np.random.Generator, *, layers: in
                 buf[:n, :ww] = rng.uniform(-init_scale, init_scale, size=(n, ww))
                 block = buf[:n]
             h5io.write_block(weights, start, block)
+            written.wrote()
             bar.update(n)
     if core_weights is not None:
         # One 64-bit output per float64 uniform replaced.

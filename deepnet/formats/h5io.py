@@ -27,6 +27,41 @@ TIME_ATTR_LEN = 32
 RNG_ATTR_QUANTUM = 512
 
 
+class WriteBehind:
+    """Writing a large file sequentially (at its end) without leaving it dirty in the page cache: after
+    each write, the write-back of what was appended since is started and what was appended LAG writes
+    before is dropped from the page cache (posix_fadvise DONTNEED starts the write-back of dirty pages
+    and drops clean ones). Only for a file of at least ``MIN_BYTES``: the kernel's own write-back of a
+    large dirty file is slow and throttles the writer (bench/README.md, "The billion-layer step")."""
+
+    MIN_BYTES = 1 << 30
+    LAG = 8
+
+    def __init__(self, path: str, expected_bytes: int) -> None:
+        on = expected_bytes >= self.MIN_BYTES and hasattr(os, "posix_fadvise")
+        self._fd = os.open(path, os.O_RDONLY) if on else None
+        self._marks = [0]
+
+    def wrote(self) -> None:
+        """Called after each write at the end of the file."""
+        if self._fd is None:
+            return
+        end = os.fstat(self._fd).st_size
+        os.posix_fadvise(self._fd, self._marks[-1], end - self._marks[-1], os.POSIX_FADV_DONTNEED)
+        self._marks.append(end)
+        if len(self._marks) > self.LAG + 1:
+            old = self._marks.pop(0)
+            os.posix_fadvise(self._fd, old, self._marks[0] - old, os.POSIX_FADV_DONTNEED)
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def file_access() -> h5py.h5p.PropFAID:
     """A file-access property list: HDF5's defaults as h5py sets them, no chunk cache, no sieve buffer."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)

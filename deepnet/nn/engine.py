@@ -36,6 +36,10 @@ from deepnet.nn.threads import FixedThreads, ThreadChoice, default_threads
 SEGMENT_CACHE_BYTES = 256 * 1024
 # Upper bound on the memory of all saved states; deeper models get longer segments instead.
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
+# Chunks a pass is cut into at most, where MAX_CHUNK_BYTES allows: deeper models get longer chunks.
+MAX_CHUNKS = 1000
+# Rows of one chunk at most, in bytes, when lengthened for MAX_CHUNKS (a streamed store's buffers are three).
+MAX_CHUNK_BYTES = 64 << 20
 # Samples in the smallest batch block the forward kernels run (a thread's share is a multiple of it).
 MIN_SPLIT_BLOCK = 8
 
@@ -54,6 +58,16 @@ def choose_save_every(layers: int, width: int, batch: int, chunk_layers: int) ->
     return max(1, min(chunk_layers, max(for_cache, for_memory)))
 
 
+def choose_chunk_layers(requested: int, layers: int, row_size: int) -> int:
+    """Layers per chunk (kernel call, read from the file): ``requested``, lengthened so that a pass has
+    at most MAX_CHUNKS chunks as long as a chunk stays within MAX_CHUNK_BYTES (each chunk costs a kernel
+    call, the backward's thread start and a store's read, mark and write-back), at most ``layers``.
+    1B layers at width 2: 1M-layer chunks (24 MB). Results do not depend on it."""
+    for_count = -(-layers // MAX_CHUNKS)
+    for_bytes = max(requested, MAX_CHUNK_BYTES // (4 * row_size))
+    return max(1, min(layers, max(requested, min(for_count, for_bytes))))
+
+
 class CoreEngine:
     """Runs h through the L core layers and back, one kernel call per chunk."""
 
@@ -67,7 +81,7 @@ class CoreEngine:
         self.kernels = kernels
         self.width = width
         self.alpha = float(alpha)
-        self.chunk_layers = min(chunk_layers, store.layers)
+        self.chunk_layers = choose_chunk_layers(chunk_layers, store.layers, store.row_size)
         self._bounds = store.bounds(self.chunk_layers)
         self._saves: np.ndarray | None = None
         self._save_offsets: list[int] = []
