@@ -154,9 +154,10 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         hidden: the branch's hidden units (with --branch mlp).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         micro_batches: under mpiexec, cut each batch into this many micro-batches that move through the
-            ranks one behind the other (default: 2 x the ranks, at least 8 samples each).
+            ranks one behind the other (default: 1 at two ranks; from three ranks, up to 2 x the ranks,
+            of at least 16 samples each).
         rank_timeout: under mpiexec, end the job with an error naming a rank that sent nothing for this
-            many seconds (it died or hangs).
+            many seconds, as one that died or hangs would.
         progress: show progress bars on stderr.
         on_report: called with each report row (a dict).
     """
