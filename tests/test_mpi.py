@@ -222,3 +222,21 @@ def test_bad_set_ups_are_one_line(base, tmp_path, case):
     assert errors and expect in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_a_schedule_over_ranks_is_the_one_process_schedule_and_continues(base, tmp_path):
+    """Learning-rate schedules resolve, store and continue as in one process: a cosine run with warmup,
+    stopped half-way and continued with the same command, equals one process's uninterrupted run."""
+    root = split(base, tmp_path, 2)
+    schedule = ["--schedule", "cosine", "--warmup", "2", "--decay-steps", "8", "--micro-batches", "1", *RUN]
+    for until in ("4", "8"):  # the second run's flags resolve to the stored schedule: it continues
+        proc = mpiexec(2, "train", str(root), "--until-step", until, *schedule)
+        assert proc.returncode == 0, proc.stderr
+    single = tmp_path / "single.h5"
+    shutil.copy(base, single)
+    deepnet.train(single, until_step=8, schedule="cosine", warmup=2, decay_steps=8, batch=16, train_limit=2000,
+                  test_samples=0)
+    core, heads, step, _ = state(root)
+    want_core, want_heads, want_step, _ = state(single)
+    assert step == want_step == 8 and np.array_equal(core, want_core)
+    assert all(np.array_equal(heads[k], want_heads[k]) for k in heads)

@@ -34,7 +34,7 @@ from deepnet.kernels.loader import kernels_for
 from deepnet.nn import heads as _heads
 from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepClock, StepEvent, mean_rows
-from deepnet.training.options import RECIPE, TrainOptions
+from deepnet.training.options import RECIPE, RunOptions, TrainOptions
 from deepnet.training.reporting import OnReport
 from deepnet.training.signals import Interrupted, StopSignal
 
@@ -49,7 +49,7 @@ EVAL_BATCH = 1024
 
 #: Flags a run over several ranks does not take yet (each a one-line refusal before anything is written).
 UNSUPPORTED = ("ema", "ema_every", "branch", "hidden", "holdout", "eval_every", "keep_best", "patience",
-               "schedule", "warmup", "final_lr_ratio", "decay_steps", "resume_torn")
+               "resume_torn")
 
 
 class MpiLink:
@@ -204,13 +204,14 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: _Opened, ima
            on_report: OnReport) -> dict:
     """The run itself, once every rank holds its layers."""
     settings = _settings(options, opened.stored)
-    check_count("train-limit", settings["train_limit"], images.shape[0])
     first_step = opened.first_step
-    until = options.until_step
-    if until is not None and until < first_step:
-        raise ConfigError(f"--until-step {until} is before the model's step {first_step}")
-    steps = (until - first_step) if until is not None else (options.steps or RECIPE.steps)
+    steps = options.planned_steps(first_step)
     until = first_step + steps
+    # The learning-rate schedules as one process resolves, stores and continues them.
+    plan = RunOptions(options)
+    plan.plan(opened.stored, settings, train_limit=options.train_limit, default_train_limit=RECIPE.train_limit,
+              n_train=int(images.shape[0]), first_step=first_step, steps=steps)
+    check_count("train-limit", settings["train_limit"], images.shape[0])
     batch = settings["batch"]
     micro = options.micro_batches or default_micro_batches(batch, ranks.size)
     if not 1 <= micro <= batch:
@@ -234,7 +235,8 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: _Opened, ima
         started = time.perf_counter()
         part.x, part.y = x, y
         part.forward_phase(link)
-        part.backward_phase(link, settings["layer_lr"], settings["head_lr"])
+        rates = plan.lrs(first_step + t)
+        part.backward_phase(link, rates["layer_lr"], rates["head_lr"])
         # One collective a step: the last rank's figures for rank 0's report and log, and whether any
         # rank was asked to stop (so that every rank stops after the same step).
         own = [part.loss, part.correct / batch] if part.last else [0.0, 0.0]
