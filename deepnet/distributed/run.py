@@ -21,20 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from deepnet.data.loaders import check_count, load_split, mnist_inputs
+from deepnet.data.loaders import load_split, mnist_inputs
 from deepnet.distributed.mpi import Ranks
 from deepnet.distributed.pipeline import RankCore, RankStep, default_micro_batches, micro_batch_sizes
 from deepnet.errors import ConfigError, DeepnetError, ModelFileError
+from deepnet.flags import positive
 from deepnet.formats import shards
 from deepnet.formats.locking import flock
 from deepnet.formats.shard_files import shard_dir
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import heads as _heads
+from deepnet.nn.losses import softmax_cross_entropy
 from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepClock, StepEvent, mean_rows
 from deepnet.training.options import RECIPE, RunOptions, TrainOptions
+from deepnet.training.recipe import plan_settings
 from deepnet.training.reporting import OnReport
 from deepnet.training.signals import Interrupted, StopSignal
 
@@ -78,17 +80,8 @@ def check_options(options: TrainOptions, ranks: Ranks) -> None:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ConfigError(f"{flags}: not available in a run over {ranks.size} MPI ranks yet (run with one "
                           "process after `deepnet gather`)")
-    if options.steps is not None and options.until_step is not None:
-        raise ConfigError("give --steps or --until-step, not both")
-
-
-def _settings(options: TrainOptions, stored: dict | None) -> dict:
-    """batch, rates and train_limit: as given, else as the model was last trained, else the RECIPE's."""
-    stored = stored or {}
-    given = {"batch": options.batch, "layer_lr": options.layer_lr if options.layer_lr is not None else options.lr,
-             "head_lr": options.head_lr if options.head_lr is not None else options.lr,
-             "train_limit": options.train_limit}
-    return {key: value if value is not None else stored.get(key, getattr(RECIPE, key)) for key, value in given.items()}
+    options.check()  # every value as one process checks it
+    positive("rank-timeout", options.rank_timeout, float)
 
 
 def _lock_run(root: Path) -> int:
@@ -203,15 +196,12 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: _Opened, ima
            labels: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None, progress: bool,
            on_report: OnReport) -> dict:
     """The run itself, once every rank holds its layers."""
-    settings = _settings(options, opened.stored)
     first_step = opened.first_step
     steps = options.planned_steps(first_step)
     until = first_step + steps
-    # The learning-rate schedules as one process resolves, stores and continues them.
+    # Batch, rates, train_limit and schedules as one process resolves, stores and continues them.
     plan = RunOptions(options)
-    plan.plan(opened.stored, settings, train_limit=options.train_limit, default_train_limit=RECIPE.train_limit,
-              n_train=int(images.shape[0]), first_step=first_step, steps=steps)
-    check_count("train-limit", settings["train_limit"], images.shape[0])
+    settings = plan_settings(options, plan, opened.stored, first_step, int(images.shape[0]))
     batch = settings["batch"]
     micro = options.micro_batches or default_micro_batches(batch, ranks.size)
     if not 1 <= micro <= batch:
@@ -366,12 +356,10 @@ class _Commits(Hook):
 
 def _evaluate(part: RankStep, ranks: Ranks, test: tuple[np.ndarray, np.ndarray]) -> tuple[float, float] | None:
     """Loss and accuracy over the test images, forward through the ranks in batches (rank 0 returns them)."""
-    from deepnet.nn.losses import softmax_cross_entropy
-
     x, y = test
     width = part.core.width
     loss_sum, correct = 0.0, 0.0
-    for lo in tqdm(range(0, x.shape[0], EVAL_BATCH), desc="eval", disable=True):
+    for lo in range(0, x.shape[0], EVAL_BATCH):
         hi = min(x.shape[0], lo + EVAL_BATCH)
         if part.first:
             h = np.ascontiguousarray(_heads.input_head(part.heads, x[lo:hi]).T)

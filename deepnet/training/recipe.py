@@ -88,7 +88,7 @@ def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport 
     if not path.exists():
         options.planned_steps(0)
         run.check_new_model(options.new_layers, options.new_width)
-        _plan(options, run, None, 0, images.shape[0])  # a refused run creates no file
+        plan_settings(options, run, None, 0, images.shape[0])  # a refused run creates no file
         memory.check_new_model(layers=options.new_layers, width=options.new_width, input_dim=784, n_classes=10,
                                hidden=run.hidden, batch=options.batch or RECIPE.batch)
         init(path, **run.new_model_branch(), layers=options.new_layers, width=options.new_width,
@@ -113,7 +113,7 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     first_step = net.step
     steps = options.planned_steps(first_step)
     until = first_step + steps
-    settings = _plan(options, run, net.train_settings, first_step, images.shape[0])
+    settings = plan_settings(options, run, net.train_settings, first_step, images.shape[0])
     run.prepare(net, settings, images, labels)
     batch, train_limit = settings["batch"], settings["train_limit"]
     net.train_settings = settings
@@ -180,9 +180,11 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     return final
 
 
-def _plan(options: TrainOptions, run: RunOptions, stored: dict | None, first_step: int, n_train: int) -> dict:
-    """This run's training settings, checked against the model's ``stored`` ones (None: a new model)
-    and the ``n_train`` training images (see RunOptions.plan)."""
+def plan_settings(options: TrainOptions, run: RunOptions, stored: dict | None, first_step: int,
+                  n_train: int) -> dict:
+    """This run's training settings (batch, rates, train_limit, schedules), checked against the model's
+    ``stored`` ones (None: a new model) and the ``n_train`` training images (see RunOptions.plan); the
+    run over MPI ranks plans with it too."""
     layer_lr = options.lr if options.layer_lr is None else options.layer_lr
     head_lr = options.lr if options.head_lr is None else options.head_lr
     settings = _settings(stored, batch=options.batch, layer_lr=layer_lr, head_lr=head_lr,
