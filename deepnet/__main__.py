@@ -11,8 +11,10 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deepnet` console command; returns its exit status."""
     from deepnet import interrupts
+    from deepnet.distributed.launch import hold_signals
 
     restore = interrupts.install()
+    hold_signals()  # one of several MPI ranks: until MPI has started (deepnet.distributed.launch)
     try:
         from deepnet.cli import main as run
 

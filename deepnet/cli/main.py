@@ -28,6 +28,7 @@ import deepnet.cli.help as pages
 from deepnet.cli.args import did_you_mean, is_flag
 from deepnet.cli.conventions import COMMAND_ALIASES
 from deepnet.distributed import mpi
+from deepnet.distributed.launch import release_signals
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.formats.values import one_line
 
@@ -144,7 +145,8 @@ def finish_command(args: list[str], until_step: int) -> str:
             skip = "=" not in arg
             continue
         out.append(arg)
-    return shlex.join(["deepnet", *out, "--until-step", str(until_step)])
+    launcher = ["mpiexec", "-n", str(mpi.launched_size())] if mpi.launched_size() > 1 else []
+    return shlex.join([*launcher, "deepnet", *out, "--until-step", str(until_step)])
 
 
 def _stopped(exc: KeyboardInterrupt, args: list[str]) -> str:
@@ -195,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(help_text(args))
                 return 0
             prepared = prepare_args(args)
-            if mpi.launched_rank() > 0 and args[0] not in RESUMABLE[:2]:
-                return 0  # under mpiexec only training spans the ranks; rank 0 runs any other command alone
+            if args[0] not in RESUMABLE[:2]:
+                release_signals()  # held at launch for a run over MPI ranks, which this is not
+                if mpi.launched_rank() > 0:
+                    return 0  # under mpiexec only training spans the ranks; rank 0 runs any other command alone
             # An instance, not the class: fire resolves the command on it.
             fire.Fire(commands.DeepnetCLI(), command=prepared, name="deepnet")
     except DeepnetError as exc:

@@ -8,17 +8,14 @@ error naming it instead of blocking the others forever (``RankLost``).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import numpy as np
 
+from deepnet.distributed.launch import (RANK_VARIABLES, SIZE_VARIABLES, hold_signals, launched_rank,
+                                        launched_size, release_signals)
 from deepnet.errors import ConfigError, DeepnetError
-
-#: Where launchers put a process's rank and the rank count (MPICH/Hydra, Open MPI, PMIx, Slurm).
-RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
 
 #: The tags of the step's sum (gathered on rank 0, then sent back): above the pipeline's tags.
 TAG_SUM = 3 << 20
@@ -29,24 +26,6 @@ DEFAULT_TIMEOUT = 300.0
 #: The longest pause between two looks at a pending message: short against a step, long enough that a
 #: waiting rank leaves the core to the rank it waits for.
 MAX_POLL_PAUSE = 0.0005
-
-
-def _first_int(names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def launched_size() -> int:
-    """The rank count the launcher started (1 when not started by an MPI launcher)."""
-    return _first_int(SIZE_VARIABLES) or 1
-
-
-def launched_rank() -> int:
-    """This process's rank as the launcher set it (0 when not started by one)."""
-    return _first_int(RANK_VARIABLES) or 0 if launched_size() > 1 else 0
 
 
 class RankLost(DeepnetError):
@@ -174,6 +153,9 @@ class Ranks:
         self.comm.Abort(status)
 
 
+__all__ = ["RANK_VARIABLES", "SIZE_VARIABLES", "RankLost", "Ranks", "launched_rank", "launched_size", "world"]
+
+
 def world(timeout: float = DEFAULT_TIMEOUT) -> Ranks | None:
     """The job's ranks when this process is one of several started by an MPI launcher, else None.
 
@@ -183,9 +165,12 @@ def world(timeout: float = DEFAULT_TIMEOUT) -> Ranks | None:
     size = launched_size()
     if size <= 1:
         return None
+    hold_signals()  # held since launch (deepnet.__main__); here for callers of the API
     try:
         from mpi4py import MPI  # only under a launcher: a plain command never loads MPI
     except ImportError:
         raise ConfigError(f"this command runs as one of {size} MPI ranks, but mpi4py is not installed "
                           "(pip install -e \".[mpi]\")") from None
+    finally:
+        release_signals()
     return Ranks(MPI.COMM_WORLD, timeout)
