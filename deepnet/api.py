@@ -20,7 +20,7 @@ from deepnet.data.mnist import default_data_dir, fetch_mnist
 from deepnet.distributed import mpi as _mpi
 from deepnet.distributed import run as _distributed
 from deepnet.errors import ConfigError, ModelFileError
-from deepnet.flags import writable_directory
+from deepnet.flags import int_at_least, writable_directory
 from deepnet.formats import raw as _raw
 from deepnet.formats import shards as _shards
 from deepnet.formats.hdf5 import ModelFile
@@ -28,6 +28,8 @@ from deepnet.formats.layout import KIND_MLP
 from deepnet.formats.mlp_file import model_kind
 from deepnet.kernels import jit as _jit
 from deepnet.kernels.loader import kernels_for
+from deepnet.mach import run as _mach
+from deepnet.mach.evaluate import evaluate_section
 from deepnet.nn.network import DEFAULT_EVAL_BATCH
 from deepnet.tools import bench as _bench
 from deepnet.tools import info as _info
@@ -88,8 +90,12 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
           final_lr_ratio: float | None = None, decay_steps: int | None = None, ema: float | None = None,
           ema_every: int | None = None, branch: str | None = None, hidden: int | None = None,
           data_dir: PathLike | None = None, micro_batches: int | None = None, rank_timeout: float = 300.0,
+          mode: str = "exact", sections: int | None = None, mach_inputs: str | None = None,
+          local_weight: float | None = None, delayed_weight: float | None = None, max_delay: int | None = None,
+          distill_hidden: int | None = None, distill_lr: float | None = None, time_limit: float | None = None,
           progress: bool = False, on_report: OnReport | None = None) -> dict:
-    """Train a model on MNIST with exact SGD, creating the model file if it does not exist.
+    """Train a model on MNIST with exact SGD (or as asynchronous Mach sections, --mode mach), creating
+    the model file if it does not exist.
 
     An existing model continues from its committed step, exactly as if never interrupted; --layers,
     --width and --activation must then agree with the file, and --batch, --layer-lr, --head-lr and
@@ -158,20 +164,41 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
             of at least 16 samples each).
         rank_timeout: under mpiexec, end the job with an error naming a rank that sent nothing for this
             many seconds, as one that died or hangs would.
+        mode: exact (exact SGD through the whole depth) or mach: under mpiexec -n S, S sections of the
+            core train asynchronously, each with its own output head, synthetic inputs from a distilled
+            model of the sections below and delayed gradients from the section above (docs/MACH.md).
+        sections: Mach sections S (one MPI rank each; the model has S shards).
+        mach_inputs: how a Mach section takes its inputs: mixed (the newest real one when one is
+            waiting, else a synthetic one; default) or real (wait for a real one: forward-locked).
+        local_weight: weight of a Mach section's own head's loss in the gradient of its layers (default
+            1; the last section's own loss is the model's and always has weight 1).
+        delayed_weight: weight of the late gradient from the section above (default 1).
+        max_delay: a late gradient more than N of the section's steps old is dropped and counted
+            (default 8; 0: wait for it in the same step, the synchronous case).
+        distill_hidden: hidden units of each section's distilled input model (default 32).
+        distill_lr: SGD rate of the distilled input models' regression (default 0.01).
+        time_limit: end a Mach run after this many seconds (every section runs on to the furthest
+            section's step, which is saved).
         progress: show progress bars on stderr.
         on_report: called with each report row (a dict).
     """
     given = locals()
+    options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
+    options.check()
+    if mode == "mach":
+        if _mpi.launched_size() <= 1:
+            count = sections or 2
+            raise ConfigError(f"--mode mach runs one MPI rank per section: mpiexec -n {count} deepnet train "
+                              f"{os.fspath(model)} --mode mach --sections {count}")
+        return _mach.train_mach(options, progress=progress, on_report=on_report or ignore_report)
     ranks = _mpi.world(rank_timeout)
     if ranks is not None:
-        options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
         return _distributed.train_distributed(options, ranks, progress=progress,
                                               on_report=on_report or ignore_report)
     if micro_batches is not None:
         raise ConfigError("--micro-batches applies to a run over several MPI ranks (mpiexec -n P deepnet train)")
     if _kind_or_none(model) == KIND_MLP:
         return _train_mlp_file(given)
-    options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
     return _recipe.train(options, progress=progress, on_report=on_report or ignore_report)
 
 
@@ -207,7 +234,8 @@ def _kind_or_none(model: PathLike) -> str | None:
 
 def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch: int | None = None,
              chunk_layers: int = R.chunk_layers, in_memory: bool = False, use_ema: bool = False,
-             data_dir: PathLike | None = None, progress: bool = False) -> dict:
+             section: int | None = None, synthetic: bool = False, data_dir: PathLike | None = None,
+             progress: bool = False) -> dict:
     """Evaluate a model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
 
     Works on either kind of model file: a dense model runs its core (streamed, or read into RAM with
@@ -221,9 +249,23 @@ def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch:
             models to at most 1000 chunks a pass, up to 64 MiB each.
         in_memory: load the core weights into RAM first (dense).
         use_ema: evaluate the weight average stored by training with --ema (dense; read into RAM).
+        section: a model trained with --mode mach: evaluate the stack of sections 0..K with section K's
+            own output head (read into RAM).
+        synthetic: with --section K: section K alone, fed by its distilled input model instead of the
+            sections below it.
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show a progress bar on stderr.
     """
+    if synthetic and section is None:
+        raise ConfigError("--synthetic needs --section K (the section fed by its distilled input model)")
+    if section is not None:
+        if use_ema:
+            raise ConfigError("--use-ema and --section cannot be combined (a Mach model has no weight average)")
+        int_at_least("section", section, 0)
+        int_at_least("test-samples", test_samples, 1)
+        return evaluate_section(model, section, synthetic=synthetic, samples=test_samples,
+                                batch=DEFAULT_EVAL_BATCH if batch is None else batch, chunk_layers=chunk_layers,
+                                data_dir=data_dir)
     if _kind_or_none(model) == KIND_MLP:
         if use_ema:
             raise ConfigError(f"{os.fspath(model)} is an MLP model, which has no weight average (--use-ema)")

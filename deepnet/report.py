@@ -73,12 +73,15 @@ def _optional(text: str) -> Callable[[Any], str]:
 
 #: The columns of a training report table, in order: row key, header, width, cell format.
 REPORT_COLUMNS: list[tuple[str, str, int, Callable[[Any], str]]] = [
+    ("section", "section", 7, str),
     ("step", "step", 9, str),
     ("loss", "loss", 8, "{:.4f}".format),
     ("batch_acc", "batch_acc", 9, "{:.3f}".format),
     ("heldout_acc", "heldout_acc", 11, _optional("{:.4f}")),
     ("lr", "lr", 9, "{:.4g}".format),
+    ("real_share", "real", 5, "{:.2f}".format),
     ("seconds_per_step", "s/step", 8, "{:.4f}".format),
+    ("blocked_seconds", "blocked s", 9, "{:.3f}".format),
     ("layer_samples_per_s", "layer-samples/s", 15, format_rate),
     ("eta_seconds", "ETA", 8, _eta),
 ]

@@ -53,6 +53,9 @@ def show_train(final: dict, args: dict) -> None:
     if args["json"]:
         print_json(final)
         return
+    if final.get("mode") == "mach":
+        _show_mach(final)
+        return
     fields = _final_fields(final, final["model"])
     fields["layer-samples/s"] = format_rate(final["layer_samples_per_s"])
     fields.update(_test_field(final))
@@ -65,12 +68,38 @@ def show_train(final: dict, args: dict) -> None:
     print_fields(fields)
 
 
+def _show_mach(final: dict) -> None:
+    """A Mach run: the run's lines, then one line per section."""
+    s = final["settings"]
+    fields = {
+        "model": final["model"],
+        "steps": f"{final['steps']} per section (now at step {final['step']})",
+        "time": f"{format_seconds(final['seconds'])} ({final['steps_per_s_summed']:.2f} steps/s summed over "
+                f"{final['sections']} sections)",
+        "settings": (f"inputs {s['inputs']}, local weight {s['local_weight']:g}, delayed weight "
+                     f"{s['delayed_weight']:g}, max delay {s['max_delay']}, distilled hidden {s['distill_hidden']}"),
+    }
+    fields.update(_test_field(final))
+    for p in final["per_section"]:
+        test = f"; test {p['test_acc']:.4f}" if "test_acc" in p else ""
+        synthetic = f", synthetic {p['synthetic_test_acc']:.4f}" if "synthetic_test_acc" in p else ""
+        fields[f"section {p['section']}"] = (
+            f"{p['layers']:,} layers, {p['steps_per_s']:.2f} steps/s, blocked {p['blocked_seconds']:.3f} s; "
+            f"inputs {p['real_inputs']} real / {p['synthetic_inputs']} synthetic; late gradients "
+            f"{p['late_applied']} applied, {p['dropped']} dropped, {p['unanswered']} unanswered{test}{synthetic}")
+    print_fields(fields)
+
+
 def show_eval(figures: dict, args: dict) -> None:
     if args["json"]:
         print_json(figures)
         return
     correct = int(round(figures["accuracy"] * figures["samples"]))
     model = figures["model"] + (f" (mlp, hidden {figures['hidden']})" if "hidden" in figures else "")
+    if "section" in figures:
+        what = "its distilled input alone" if figures["synthetic"] else f"sections 0..{figures['section']}"
+        model += (f" (section {figures['section']} of {figures['sections']}: its head on {what}, "
+                  f"{figures['layers']:,} layers)")
     fields = {
         "model": model,
         "step": figures["step"],

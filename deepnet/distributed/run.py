@@ -98,7 +98,13 @@ def _lock_run(root: Path) -> int:
 _held_locks: list[int] = []
 
 
-def _prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
+def release_locks() -> None:
+    """Release the run's lock on its model (rank 0; at the end of the run)."""
+    while _held_locks:
+        os.close(_held_locks.pop())
+
+
+def prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
     """The root of the run's sharded model: created by rank 0 if missing; refused if it does not fit."""
     root = Path(options.model)
     problem: DeepnetError | None = None
@@ -120,18 +126,18 @@ def _prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
     if problem is not None:
         raise problem
     if said is not None:
-        raise _Quiet(said)
+        raise QuietError(said)
     return root
 
 
-class _Quiet(ConfigError):
+class QuietError(ConfigError):
     """The error rank 0 reports; the other ranks end with its status and print nothing."""
 
     quiet = True
 
 
 @dataclass
-class _Opened:
+class Opened:
     """What a rank read from the model to start the run."""
 
     core: np.ndarray
@@ -147,7 +153,7 @@ class _Opened:
     layers: int
 
 
-def _open_rank(root: Path, options: TrainOptions, ranks: Ranks) -> _Opened:
+def open_rank(root: Path, options: TrainOptions, ranks: Ranks) -> Opened:
     """This rank's layers and the model's state, checked against the job and the flags."""
     with shards.open_root(root) as model:
         f = model.file
@@ -157,7 +163,7 @@ def _open_rank(root: Path, options: TrainOptions, ranks: Ranks) -> _Opened:
         for name, want in options.expect().items():
             if getattr(f, name) != want:
                 raise ConfigError(f"{root} has {name} {getattr(f, name)} but --{name} {want} was given")
-        return _Opened(model.read_core(ranks.rank), model.shards[ranks.rank].layers,
+        return Opened(model.read_core(ranks.rank), model.shards[ranks.rank].layers,
                        {k: v.copy() for k, v in f.read_heads().items()}, f.train_settings, f.step, f.rng_state,
                        f.width, f.alpha, f.activation, f.seed, f.layers)
 
@@ -171,20 +177,26 @@ def train_distributed(options: TrainOptions, ranks: Ranks, *, progress: bool, on
     try:
         return _train_prepared(options, ranks, images, labels, test, progress, on_report)
     finally:
-        while _held_locks:
-            os.close(_held_locks.pop())
+        release_locks()
+
+
+def open_run(options: TrainOptions, ranks: Ranks) -> tuple[Path, Opened]:
+    """The run's root (created if missing, locked) and this rank's part of it; every rank starts, or none
+    does (a rank that failed says why)."""
+    root = prepare_model(options, ranks)
+    error: DeepnetError | None = None
+    try:
+        opened = open_rank(root, options, ranks)
+    except DeepnetError as exc:
+        error = exc
+    if ranks.any(error is not None, TAG_SETUP):
+        raise error if error is not None else QuietError("another rank could not start")
+    return root, opened
 
 
 def _train_prepared(options: TrainOptions, ranks: Ranks, images: np.ndarray, labels: np.ndarray,
                     test: tuple[np.ndarray, np.ndarray] | None, progress: bool, on_report: OnReport) -> dict:
-    root = _prepare_model(options, ranks)
-    error: DeepnetError | None = None
-    try:
-        opened = _open_rank(root, options, ranks)
-    except DeepnetError as exc:
-        error = exc
-    if ranks.any(error is not None, TAG_SETUP):  # all start, or none (a rank that failed says why)
-        raise error if error is not None else _Quiet("another rank could not start")
+    root, opened = open_run(options, ranks)
     try:
         return _train(options, ranks, root, opened, images, labels, test, progress, on_report)
     except DeepnetError as exc:
@@ -192,16 +204,20 @@ def _train_prepared(options: TrainOptions, ranks: Ranks, images: np.ndarray, lab
         raise
 
 
-def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: _Opened, images: np.ndarray,
+def plan_run(options: TrainOptions, opened: Opened, n_train: int) -> tuple[int, int, int, RunOptions, dict]:
+    """(first step, steps, until step, the run's options, its settings): batch, rates, train_limit and
+    schedules as one process resolves, stores and continues them."""
+    first = opened.first_step
+    steps = options.planned_steps(first)
+    plan = RunOptions(options)
+    return first, steps, first + steps, plan, plan_settings(options, plan, opened.stored, first, n_train)
+
+
+def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Opened, images: np.ndarray,
            labels: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None, progress: bool,
            on_report: OnReport) -> dict:
     """The run itself, once every rank holds its layers."""
-    first_step = opened.first_step
-    steps = options.planned_steps(first_step)
-    until = first_step + steps
-    # Batch, rates, train_limit and schedules as one process resolves, stores and continues them.
-    plan = RunOptions(options)
-    settings = plan_settings(options, plan, opened.stored, first_step, int(images.shape[0]))
+    first_step, steps, until, plan, settings = plan_run(options, opened, int(images.shape[0]))
     batch = settings["batch"]
     micro = options.micro_batches or default_micro_batches(batch, ranks.size)
     if not 1 <= micro <= batch:

@@ -105,3 +105,16 @@ def shard_file_name(index: int, count: int, step: int, shard_set: str) -> str:
 
 #: A shard file's name: index, count, step, set (see shard_file_name).
 SHARD_FILE_PATTERN = r"r(?P<index>\d+)-of-(?P<count>\d+)\.step(?P<step>\d+)\.(?P<set>[0-9a-f]+)\.h5"
+
+# -- a Mach model (docs/DESIGN.md, "Mach sections"): a sharded model whose shards train as sections ----------
+MACH_GROUP = "mach"                      # attrs: sections, step (of the state), settings (JSON)
+MACH_LOG = "mach/log"                    # every section's step figures, appended at each commit
+MACH_LOG_DTYPE = np.dtype([("section", "<i4"), ("step", "<i8"), ("loss", "<f4"), ("batch_acc", "<f4"),
+                           ("seconds", "<f4"), ("real", "u1")])
+MACH_HEAD_KEYS = ("output_weight", "output_bias")  # a section's own head (the last one's is /head/output)
+MACH_DISTILL_KEYS = ("input_weight", "input_bias", "w1", "b1", "w2", "b2")
+
+
+def mach_section_group(index: int) -> str:
+    """The group of section `index`: attrs rng_state and counters (JSON); head/, distill/ datasets."""
+    return f"{MACH_GROUP}/section{index}"

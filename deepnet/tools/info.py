@@ -17,6 +17,7 @@ from deepnet.formats import shards as _shards
 from deepnet.formats.atomic import format_bytes
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.formats.layout import EVAL_HELDOUT, EVAL_TEST
+from deepnet.formats.mach_state import mach_summary
 from deepnet.formats.mlp_file import model_kind, read_mlp_file
 from deepnet.nn import branch as _branch
 from deepnet.nn.mlp import MLP
@@ -34,6 +35,7 @@ def model_info(model: str | os.PathLike) -> dict:
         with ModelFile.open(model) as f:
             summary = f.summary()
             summary.update(_shards.shard_summary(f))
+            summary.update(mach_summary(f))
             summary.update(training_summary(f))
             summary.update(evaluation_summary(_evals.with_heldout_dataset(f.read_evaluations(), f.h5)))
     return _plain(summary)

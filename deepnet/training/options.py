@@ -60,6 +60,13 @@ class Recipe:
 
 RECIPE = Recipe()
 
+#: How the core is trained: exact SGD (one process, or pipelined over MPI ranks), or Mach sections.
+MODES = ("exact", "mach")
+
+#: The flags of --mode mach only.
+MACH_FLAGS = ("sections", "mach_inputs", "local_weight", "delayed_weight", "max_delay", "distill_hidden",
+              "distill_lr", "time_limit")
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -102,6 +109,15 @@ class TrainOptions:
     data_dir: str | Path | None = None
     micro_batches: int | None = None
     rank_timeout: float = 300.0
+    mode: str = "exact"
+    sections: int | None = None
+    mach_inputs: str | None = None
+    local_weight: float | None = None
+    delayed_weight: float | None = None
+    max_delay: int | None = None
+    distill_hidden: int | None = None
+    distill_lr: float | None = None
+    time_limit: float | None = None
 
     def check(self) -> None:
         """Refuse a bad value with one line naming its flag, before any data is read or file created."""
@@ -126,6 +142,16 @@ class TrainOptions:
             positive("alpha", self.alpha, float)
         if self.activation is not None:
             activations.get(self.activation)
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode != "mach":
+            given = [name for name in MACH_FLAGS if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} applies to --mode mach")
+        if self.sections is not None:
+            positive("sections", self.sections)
+        if self.time_limit is not None:
+            positive("time-limit", self.time_limit, float)
 
     def planned_steps(self, first_step: int) -> int:
         """The steps of a run starting at the model's ``first_step``: --steps, else up to --until-step
