@@ -279,6 +279,8 @@ def test_mach_flags_need_mach_mode_and_mach_mode_needs_mpiexec(tmp_path):
         deepnet.train(tmp_path / "m.h5", max_delay=3)
     with pytest.raises(ConfigError, match="mpiexec -n 4 deepnet train"):
         deepnet.train(tmp_path / "m.h5", mode="mach", sections=4)
+    with pytest.raises(ConfigError, match=r"--sections must be an integer >= 2 \(one section is exact SGD"):
+        deepnet.train(tmp_path / "m.h5", mode="mach", sections=1)
     with pytest.raises(ConfigError, match="--mode must be one of exact, mach"):
         deepnet.train(tmp_path / "m.h5", mode="fast")
     assert not (tmp_path / "m.h5").exists()

@@ -149,7 +149,7 @@ class TrainOptions:
             if given:
                 raise ConfigError(f"--{given[0].replace('_', '-')} applies to --mode mach")
         if self.sections is not None:
-            positive("sections", self.sections)
+            int_at_least("sections", self.sections, 2, " (one section is exact SGD: drop --mode mach)")
         if self.time_limit is not None:
             positive("time-limit", self.time_limit, float)
 
