@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from deepnet.data.mnist import default_data_dir, fetch_mnist
 from deepnet.distributed import mpi as _mpi
 from deepnet.distributed import run as _distributed
 from deepnet.errors import ConfigError, ModelFileError
-from deepnet.flags import int_at_least, writable_directory
+from deepnet.flags import writable_directory
 from deepnet.formats import raw as _raw
 from deepnet.formats import shards as _shards
 from deepnet.formats.hdf5 import ModelFile
@@ -34,7 +33,8 @@ from deepnet.nn.network import DEFAULT_EVAL_BATCH
 from deepnet.tools import bench as _bench
 from deepnet.tools import info as _info
 from deepnet.tools.check import CheckReport, check_model
-from deepnet.tools.plot import plot_training
+from deepnet.tools.diagnose import build_depth_figure, diagnose_depth
+from deepnet.tools.plot import check_image_out, parse_size, plot_training, save_figure
 from deepnet.training import mlp as _mlp_training
 from deepnet.training import recipe as _recipe
 from deepnet.training import speedrun as _speedrun
@@ -164,21 +164,17 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
             of at least 16 samples each).
         rank_timeout: under mpiexec, end the job with an error naming a rank that sent nothing for this
             many seconds, as one that died or hangs would.
-        mode: exact (exact SGD through the whole depth) or mach: under mpiexec -n S, S sections of the
-            core train asynchronously, each with its own output head, synthetic inputs from a distilled
-            model of the sections below and delayed gradients from the section above (docs/MACH.md).
+        mode: exact (exact SGD through the whole depth) or mach: under mpiexec -n S, S sections train
+            asynchronously, with own heads, synthetic inputs and late gradients (docs/MACH.md).
         sections: Mach sections S (one MPI rank each; the model has S shards).
-        mach_inputs: how a Mach section takes its inputs: mixed (the newest real one when one is
-            waiting, else a synthetic one; default) or real (wait for a real one: forward-locked).
-        local_weight: weight of a Mach section's own head's loss in the gradient of its layers (default
-            1; the last section's own loss is the model's and always has weight 1).
+        mach_inputs: mixed (a section takes the newest real input waiting, else a synthetic one;
+            default) or real (it waits for a real one: forward-locked).
+        local_weight: weight of a section's own loss in its layers' gradient (default 1).
         delayed_weight: weight of the late gradient from the section above (default 1).
-        max_delay: a late gradient more than N of the section's steps old is dropped and counted
-            (default 8; 0: wait for it in the same step, the synchronous case).
+        max_delay: drop late gradients more than N steps old (default 8; 0: wait for them).
         distill_hidden: hidden units of each section's distilled input model (default 32).
         distill_lr: SGD rate of the distilled input models' regression (default 0.01).
-        time_limit: end a Mach run after this many seconds (every section runs on to the furthest
-            section's step, which is saved).
+        time_limit: end a Mach run by this many seconds (at the step the slowest section reaches).
         progress: show progress bars on stderr.
         on_report: called with each report row (a dict).
     """
@@ -186,10 +182,6 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
     options = TrainOptions(**{f.name: given[f.name] for f in fields(TrainOptions)})
     options.check()
     if mode == "mach":
-        if _mpi.launched_size() <= 1:
-            count = sections or 2
-            raise ConfigError(f"--mode mach runs one MPI rank per section: mpiexec -n {count} deepnet train "
-                              f"{os.fspath(model)} --mode mach --sections {count}")
         return _mach.train_mach(options, progress=progress, on_report=on_report or ignore_report)
     ranks = _mpi.world(rank_timeout)
     if ranks is not None:
@@ -202,10 +194,9 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
     return _recipe.train(options, progress=progress, on_report=on_report or ignore_report)
 
 
-#: The flags of `train` that an MLP model file takes, each under train_mlp's name for it.
-_MLP_FLAGS = {"steps": "steps", "until_step": "until_step", "batch": "batch", "lr": "lr", "schedule": "schedule",
-              "seed": "seed", "train_limit": "train_limit", "report_every": "report_every",
-              "test_samples": "test_samples", "hidden": "hidden", "data_dir": "data_dir"}
+#: The flags of `train` that an MLP model file takes (train_mlp has the same names).
+_MLP_FLAGS = frozenset({"steps", "until_step", "batch", "lr", "schedule", "seed", "train_limit", "report_every",
+                        "test_samples", "hidden", "data_dir"})
 
 
 def _train_mlp_file(given: dict) -> dict:
@@ -218,9 +209,7 @@ def _train_mlp_file(given: dict) -> dict:
         flags = ", ".join("--" + name.replace("_", "-") for name in dense_only)
         raise ConfigError(f"{os.fspath(given['model'])} is an MLP model; {flags} "
                           f"{'applies' if len(dense_only) == 1 else 'apply'} to dense models only")
-    if given["schedule"] is None and given["lr"] is None and "schedule" not in changed:
-        pass  # train_mlp's own defaults
-    kwargs = {_MLP_FLAGS[name]: given[name] for name in changed}
+    kwargs = {name: given[name] for name in changed}
     return train_mlp(given["model"], progress=given["progress"], on_report=given["on_report"], **kwargs)
 
 
@@ -261,8 +250,6 @@ def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch:
     if section is not None:
         if use_ema:
             raise ConfigError("--use-ema and --section cannot be combined (a Mach model has no weight average)")
-        int_at_least("section", section, 0)
-        int_at_least("test-samples", test_samples, 1)
         return evaluate_section(model, section, synthetic=synthetic, samples=test_samples,
                                 batch=DEFAULT_EVAL_BATCH if batch is None else batch, chunk_layers=chunk_layers,
                                 data_dir=data_dir)
@@ -523,6 +510,27 @@ def gather(model: PathLike, *, out: PathLike | None = None, overwrite: bool = Fa
     return _shards.gather_model(model, out, overwrite=overwrite, progress=progress)
 
 
+def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, plot: PathLike | None = None,
+             data_dir: PathLike | None = None) -> dict:
+    """Across the depth of a model's core, band by band, for a probe batch of test images: the norms of h,
+    of an update alpha*act(hW+b), of the gradient going back, of the weights and their change since init.
+
+    Args:
+        model: HDF5 model file (dense, or a sharded root); its core is streamed in chunks.
+        bands: bands of consecutive layers (default 100).
+        probe_samples: the first N test images make the probe batch.
+        plot: also draw the figures against depth into this image (.png, .svg, .pdf; needs matplotlib).
+        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
+    """
+    if plot is not None:
+        check_image_out(os.fspath(plot), "--plot")
+    result = diagnose_depth(model, bands=bands, probe_samples=probe_samples, data_dir=data_dir)
+    if plot is not None:
+        save_figure(build_depth_figure(result), os.fspath(plot), 100)
+        result["plot"] = os.fspath(plot)
+    return result
+
+
 def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, size: str = "1200x800") -> dict:
     """Draw a model's training curves (loss and accuracy vs step, raw and moving average) into an image.
 
@@ -535,16 +543,8 @@ def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, size:
         smooth: moving-average window in steps (0: about 1/50 of the log).
         size: image size in pixels, WIDTHxHEIGHT.
     """
-    width, height = _pixels(size)
+    width, height = parse_size(size)
     return plot_training(model, out, smooth=smooth, width=width, height=height)
-
-
-def _pixels(size: str) -> tuple[int, int]:
-    """``"1200x800"`` -> (1200, 800), or a one-line ConfigError."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(size))
-    if match is None or not all(0 < int(n) <= 20_000 for n in match.groups()):
-        raise ConfigError(f"--size must be WIDTHxHEIGHT in pixels (each 1 to 20000), e.g. 1200x800; got {size!r}")
-    return int(match[1]), int(match[2])
 
 
 def fetch_data(dest: PathLike | None = None, *, progress: bool = False) -> Path:

@@ -145,6 +145,7 @@ class DeepnetCLI:
     import_raw = staticmethod(command(api.import_raw, show.show_import_raw))
     export_raw = staticmethod(command(api.export_raw, show.show_export_raw))
     plot = staticmethod(command(api.plot, show.show_plot))
+    diagnose = staticmethod(command(api.diagnose, show.show_diagnose))
     shard = staticmethod(command(api.shard, show.show_shard))
     gather = staticmethod(command(api.gather, show.show_gather))
     data = staticmethod(command(api.fetch_data, show.show_data))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from deepnet.activations.check import ActivationCheckError, failure_message, format_report
 from deepnet.errors import DeepnetError
 from deepnet.formats.hdf5 import ModelFile
-from deepnet.report import format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
+from deepnet.report import Table, format_rate, format_seconds, jsonable, print_fields, print_json, run_fields
 from deepnet.tools.check import CheckReport
 from deepnet.tools.info import format_info
 from deepnet.training.speedrun import TargetNotReached
@@ -233,6 +233,25 @@ def show_gather(result: dict, args: dict) -> None:
         return
     print(f"gathered {result['root']} ({result['ranks']} shards, step {result['step']:,}, {result['layers']:,} layers) "
           f"into {result['model']}: {result['bytes']:,} bytes in {result['seconds']:.2f}s")
+
+
+def show_diagnose(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    print_fields({"model": f"{result['model']}: {result['layers']:,} layers x width {result['width']}, "
+                           f"{result['activation']}, step {result['step']}",
+                  "probe": f"the first {result['probe_samples']} test images: loss {result['loss']:.4f}, accuracy "
+                           f"{result['accuracy']:.4f}",
+                  "time": format_seconds(result["seconds"]),
+                  **({"plot": result["plot"]} if "plot" in result else {})})
+    table = Table([("layers", 23), ("||h||", 10), ("||update||", 10), ("band adds", 10), ("||grad||", 10),
+                   ("||W||", 10), ("||W-W0||", 10)])
+    for band in result["bands"]:
+        first, n = band["first_layer"], band["layers"]
+        table.row(f"{first:,}..{first + n - 1:,}",
+                  *(f"{band[key]:.4g}" for key in ("h_norm", "update_norm", "band_change", "grad_norm",
+                                                   "weight_norm", "weight_change")))
 
 
 def show_plot(result: dict, args: dict) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from deepnet.errors import ConfigError
+from deepnet.flags import int_at_least
 from deepnet.formats import shards
 from deepnet.formats.mach_state import read_mach
 from deepnet.kernels.loader import LayerKernels, kernels_for
@@ -73,6 +74,7 @@ def evaluate_section(model: str | os.PathLike, section: int, *, synthetic: bool 
     """Section ``section`` of the Mach model ``model`` on the first ``samples`` test images: its own head on
     the stack of sections 0..section, or (``synthetic``) on its distilled input model alone."""
     root = os.fspath(model)
+    int_at_least("section", section, 0)
     if not shards.is_sharded(root):
         raise ConfigError(f"{root} is not a Mach model (--section applies to models trained with --mode mach)")
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from deepnet.data.loaders import load_split, mnist_inputs
-from deepnet.distributed.mpi import RankLost, Ranks, world
+from deepnet.distributed.mpi import RankLost, Ranks, launched_size, world
 from deepnet.distributed.run import check_options as check_distributed
 from deepnet.distributed.run import open_run, plan_run, release_locks
 from deepnet.errors import ConfigError, DeepnetError
@@ -382,6 +383,10 @@ def train_mach(options: TrainOptions, *, progress: bool, on_report: OnReport) ->
 
     Ctrl-C and SIGTERM are handled as a stop from before MPI starts: a rank signalled while the others
     are still starting (or have started) takes part in the stop instead of leaving them waiting."""
+    if launched_size() <= 1:
+        count = options.sections or 2
+        raise ConfigError(f"--mode mach runs one MPI rank per section: mpiexec -n {count} deepnet train "
+                          f"{os.fspath(options.model)} --mode mach --sections {count}")
     with StopSignal() as stop:
         stop.arm()
         ranks = world(options.rank_timeout)

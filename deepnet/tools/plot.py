@@ -17,6 +17,7 @@ API and the Agg canvas: no pyplot, no global backend switch, no display needed.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,6 +266,50 @@ def figure_facts(fig: Any) -> dict:
     return {"title": title, "axes": panels}
 
 
+def parse_size(size: str) -> tuple[int, int]:
+    """``"1200x800"`` -> (1200, 800), or a one-line ConfigError."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(size))
+    if match is None or not all(0 < int(n) <= 20_000 for n in match.groups()):
+        raise ConfigError(f"--size must be WIDTHxHEIGHT in pixels (each 1 to 20000), e.g. 1200x800; got {size!r}")
+    return int(match[1]), int(match[2])
+
+
+def check_image_out(out: str, flag: str = "--out") -> None:
+    """Refuse an image path that cannot be written (a directory, a missing directory, an unknown image
+    type, no matplotlib) in one line, before anything is computed."""
+    ext = os.path.splitext(out)[1].lower().lstrip(".")
+    directory = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise ConfigError(f"{flag} {out} is a directory")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{flag} {out}: directory {directory} does not exist")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install 'deepnet[plot]' (or matplotlib>=3.5)") from None
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if ext not in supported:
+        raise ConfigError(f"{flag} {out}: unknown image type {ext or '(no extension)'!r}; "
+                          f"use one of {', '.join(sorted(supported))}")
+
+
+def save_figure(fig: Any, out: str, dpi: int) -> None:
+    """Write ``fig`` to ``out`` (checked by check_image_out) under a temporary name, renamed into place."""
+    ext = os.path.splitext(out)[1].lower().lstrip(".")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-{os.getpid()}.{ext}")
+    try:
+        fig.savefig(tmp, format=ext, dpi=dpi)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise ConfigError(f"could not write {out}: {exc.strerror or exc}") from exc
+        raise
+
+
 def plot_training(
     model: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -287,35 +332,10 @@ def plot_training(
         raise ConfigError(f"--width and --height must be <= 20000 pixels, got {width} x {height}")
     model = os.fspath(model)
     out = os.path.splitext(model)[0] + ".png" if out is None else os.fspath(out)
-    ext = os.path.splitext(out)[1].lower().lstrip(".")
-    directory = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a directory")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"--out {out}: directory {directory} does not exist")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError:
-        raise ConfigError("plot needs matplotlib: pip install 'deepnet[plot]' (or matplotlib>=3.5)") from None
-    supported = FigureCanvasAgg.get_supported_filetypes()
-    if ext not in supported:
-        raise ConfigError(f"--out {out}: unknown image type {ext or '(no extension)'!r}; "
-                          f"use one of {', '.join(sorted(supported))}")
-
+    check_image_out(out)
     curves = read_curves(model)
     fig, drawn = build_figure(curves, name=os.path.basename(model), smooth=smooth, width=width, height=height,
                               dpi=dpi)
-    tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{os.getpid()}.{ext}")
-    try:
-        fig.savefig(tmp, format=ext, dpi=dpi)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise ConfigError(f"could not write {out}: {exc.strerror or exc}") from exc
-        raise
+    save_figure(fig, out, dpi)
     return {"event": "plot", "model": model, "out": out, "rows": int(curves.log.size), "columns": drawn["columns"],
             "evaluations": int(curves.evals.size), "smooth": drawn["smooth"], "width": width, "height": height}

@@ -1,0 +1,127 @@
+"""`deepnet diagnose M`: the figures across depth against an independent float64 reference, the initial
+weights drawn again from the seed, the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import deepnet
+from deepnet.data.loaders import load_split, mnist_inputs
+from deepnet.formats import shards
+from deepnet.formats.hdf5 import ModelFile
+from deepnet.tools.diagnose import band_bounds, diagnose_depth, initial_rows
+from helpers import MNIST_DIR, have_mnist
+from reference import assert_close, core_backward, core_forward, softmax_xent, split_row
+
+pytestmark = pytest.mark.skipif(not have_mnist(), reason=f"MNIST is not in {MNIST_DIR}")
+
+LAYERS, WIDTH, PROBE = 300, 4, 24
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("diag") / "m.h5"
+    deepnet.init(path, layers=LAYERS, width=WIDTH, activation="tanh", seed=4)
+    initial = path.with_name("initial.h5")
+    shutil.copy(path, initial)
+    deepnet.train(path, steps=15, batch=16, lr=0.2, train_limit=2000, test_samples=0)
+    return path, initial
+
+
+def test_the_initial_weights_are_drawn_again_exactly(trained):
+    _, initial = trained
+    with ModelFile.open(initial) as f:
+        core, seed, scale = f.read_core(), f.seed, float(f.init_scale)
+    for first, stop in ((0, LAYERS), (0, 1), (17, 123), (LAYERS - 5, LAYERS)):
+        assert np.array_equal(initial_rows(seed, scale, WIDTH, first, stop), core[first:stop])
+
+
+def test_band_bounds_cover_the_core_once():
+    for layers, bands in ((10, 3), (7, 100), (1_000_000, 100)):
+        bounds = band_bounds(layers, bands)
+        assert bounds[0][0] == 0 and bounds[-1][1] == layers
+        assert all(a[1] == b[0] and a[1] > a[0] for a, b in zip(bounds, bounds[1:]))
+        assert len(bounds) == min(layers, bands)
+
+
+def test_the_figures_match_a_float64_reference(trained):
+    path, initial = trained
+    result = diagnose_depth(path, bands=4, probe_samples=PROBE)
+    with ModelFile.open(path) as f:
+        core, heads, alpha = f.read_core(), f.read_heads(), float(f.alpha)
+    with ModelFile.open(initial) as f:
+        core0 = f.read_core()
+    images, labels = load_split(None, "test")
+    x, y = mnist_inputs(images[:PROBE]).astype(np.float64), labels[:PROBE]
+    h = np.tanh(x @ heads["input_weight"].astype(np.float64) + heads["input_bias"])
+    bounds = band_bounds(LAYERS, 4)
+    starts, traces = [], []
+    for (first, stop), band in zip(bounds, result["bands"]):
+        starts.append(h)
+        W, b = split_row(core[first], WIDTH)
+        assert_close(band["update_norm"], np.linalg.norm(alpha * np.tanh(h @ W + b), axis=1).mean(), rtol=1e-4,
+                     what="update")
+        h_end, trace = core_forward(h, core[first:stop], alpha, "tanh")
+        traces.append(trace)
+        assert_close(band["h_norm"], np.linalg.norm(h_end, axis=1).mean(), rtol=1e-4, what="h")
+        assert_close(band["band_change"], np.linalg.norm(h_end - h, axis=1).mean(), rtol=1e-3, what="band change")
+        rows = core[first:stop].astype(np.float64)
+        assert_close(band["weight_norm"], np.linalg.norm(rows, axis=1).mean(), rtol=1e-6, what="weights")
+        assert_close(band["weight_change"], np.linalg.norm(rows - core0[first:stop], axis=1).mean(), rtol=1e-5,
+                     what="weight change")
+        h = h_end
+    logits = h @ heads["output_weight"].astype(np.float64) + heads["output_bias"]
+    loss, dlogits = softmax_xent(logits, y)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    g = dlogits @ heads["output_weight"].astype(np.float64).T
+    for (first, stop), trace, band in reversed(list(zip(bounds, traces, result["bands"]))):
+        g, _, _ = core_backward(g, core[first:stop], trace, alpha, "tanh", 0.0)
+        assert_close(band["grad_norm"], np.linalg.norm(g, axis=1).mean(), rtol=1e-4, what="gradient")
+    assert all(band["weight_change"] > 0 for band in result["bands"])
+
+
+def test_an_untrained_model_has_not_moved_and_a_sharded_root_gives_the_same(trained, tmp_path):
+    path, initial = trained
+    assert all(b["weight_change"] == 0.0 for b in diagnose_depth(initial, bands=3, probe_samples=8)["bands"])
+    root = tmp_path / "root.h5"
+    shards.shard_model(path, 2, root)
+    assert diagnose_depth(root, bands=3, probe_samples=8)["bands"] == diagnose_depth(path, bands=3,
+                                                                                    probe_samples=8)["bands"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepnet", "diagnose", *args], capture_output=True, text=True)
+
+
+def test_the_command_prints_a_table_json_and_a_plot(trained, tmp_path):
+    path, _ = trained
+    proc = _cli(str(path), "--bands", "5", "--probe-samples", "8")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("||grad||" in line for line in lines) and lines[-1].strip().startswith("240..299")
+    proc = _cli(str(path), "--bands", "5", "--probe-samples", "8", "--json")
+    result = json.loads(proc.stdout)
+    assert len(result["bands"]) == 5 and result["layers"] == LAYERS
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "depth.png"
+    proc = _cli(str(path), "--bands", "5", "--plot", str(image))
+    assert proc.returncode == 0, proc.stderr
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bands", "0"], "--bands must be an integer >= 1"),
+    (["--probe-samples", "20000"], "--probe-samples"),
+    (["--plot", "/no/such/dir/x.png"], "--plot /no/such/dir/x.png: directory"),
+])
+def test_bad_flags_are_one_line(trained, args, message):
+    path, _ = trained
+    proc = _cli(str(path), *args)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
