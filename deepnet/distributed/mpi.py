@@ -48,23 +48,27 @@ class Ranks:
 
     # -------------------------------------------------------------- waiting
 
-    def _wait(self, test: Any, peer: int | None, what: str) -> Any:
-        """Poll ``test()`` (returns (done, value)) until done or the deadline; the time counts as waited."""
+    def wait_for(self, test: Any, peer: int | None, what: str, between: Any = None) -> Any:
+        """Poll ``test()`` (returns (done, value)) until done or the deadline, calling ``between()`` (if
+        given) between two looks; the time counts as waited, however the wait ends."""
         started = time.perf_counter()
         deadline = started + self.timeout
         pause = 1e-5
-        while True:
-            done, value = test()
-            if done:
-                self.waited += time.perf_counter() - started
-                return value
-            now = time.perf_counter()
-            if now > deadline:
-                who = "the other ranks" if peer is None else f"rank {peer}"
-                raise RankLost(f"rank {self.rank} waited {self.timeout:g} s for {what} from {who}, which died or "
-                               "hangs (see --rank-timeout)")
-            time.sleep(pause)
-            pause = min(MAX_POLL_PAUSE, pause * 2)
+        try:
+            while True:
+                done, value = test()
+                if done:
+                    return value
+                if between is not None:
+                    between()
+                if time.perf_counter() > deadline:
+                    who = "the other ranks" if peer is None else f"rank {peer}"
+                    raise RankLost(f"rank {self.rank} waited {self.timeout:g} s for {what} from {who}, which died "
+                                   "or hangs (see --rank-timeout)")
+                time.sleep(pause)
+                pause = min(MAX_POLL_PAUSE, pause * 2)
+        finally:
+            self.waited += time.perf_counter() - started
 
     # -------------------------------------------------------------- arrays
 
@@ -72,25 +76,25 @@ class Ranks:
         """Send a C-contiguous float32 array (returns once it may be reused)."""
         array = np.ascontiguousarray(array, dtype=np.float32)
         request = self.comm.Isend(array, dest=dest, tag=tag)
-        self._wait(lambda: (request.Test(), None), dest, "its receive")
+        self.wait_for(lambda: (request.Test(), None), dest, "its receive")
         self.sent_bytes += array.nbytes
 
     def recv(self, shape: tuple[int, ...], source: int, tag: int) -> np.ndarray:
         """Receive a float32 array of ``shape``."""
         out = np.empty(shape, np.float32)
         request = self.comm.Irecv(out, source=source, tag=tag)
-        self._wait(lambda: (request.Test(), None), source, "a message")
+        self.wait_for(lambda: (request.Test(), None), source, "a message")
         return out
 
     # -------------------------------------------------------------- Python objects
 
     def send_obj(self, obj: Any, dest: int, tag: int) -> None:
         request = self.comm.isend(obj, dest=dest, tag=tag)
-        self._wait(lambda: (request.test()[0], None), dest, "its receive")
+        self.wait_for(lambda: (request.test()[0], None), dest, "its receive")
 
     def recv_obj(self, source: int, tag: int) -> Any:
         request = self.comm.irecv(source=source, tag=tag)
-        return self._wait(request.test, source, "a message")
+        return self.wait_for(request.test, source, "a message")
 
     def bcast_obj(self, obj: Any, tag: int) -> Any:
         """Rank 0's ``obj`` on every rank (point to point, so each wait has its deadline)."""
@@ -115,10 +119,10 @@ class Ranks:
         send = np.ascontiguousarray(values, dtype=np.float64)
         if self.rank != 0:
             request = self.comm.Isend(send, dest=0, tag=TAG_SUM)
-            self._wait(lambda: (request.Test(), None), 0, "its receive")
+            self.wait_for(lambda: (request.Test(), None), 0, "its receive")
             out = np.empty_like(send)
             request = self.comm.Irecv(out, source=0, tag=TAG_SUM + 1)
-            self._wait(lambda: (request.Test(), None), 0, "the step's figures")
+            self.wait_for(lambda: (request.Test(), None), 0, "the step's figures")
             return out
         parts = {source: np.empty_like(send) for source in range(1, self.size)}
         pending = {source: self.comm.Irecv(buf, source=source, tag=TAG_SUM) for source, buf in parts.items()}
@@ -138,7 +142,7 @@ class Ranks:
             return not pending, None
 
         try:
-            self._wait(test, None, what)
+            self.wait_for(test, None, what)
         except RankLost:
             raise RankLost(f"rank {self.rank} waited {self.timeout:g} s for {what} from rank {min(pending)}, which "
                            "died or hangs (see --rank-timeout)") from None

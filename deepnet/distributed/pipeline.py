@@ -244,16 +244,10 @@ class RankStep:
                 link.send_down(m, g)
         self.core.apply(layer_lr)
         if self.last:
-            self._assign(_heads.stepped_output(self.heads, self.out, head_lr))
+            _heads.assign_stepped(self.heads, _heads.stepped_output(self.heads, self.out, head_lr))
         if self.first:
             g0 = bottom[0] if len(bottom) == 1 else np.concatenate(bottom, axis=1)
-            self._assign(_heads.stepped_input(self.heads, self.x, self.h0, g0, head_lr))
-
-    def _assign(self, new: dict[str, np.ndarray]) -> None:
-        for key, value in new.items():
-            if not np.isfinite(value).all():
-                raise NonFiniteError(f"the updated {key.replace('_', ' ')} is not finite")
-            self.heads[key][...] = value
+            _heads.assign_stepped(self.heads, _heads.stepped_input(self.heads, self.x, self.h0, g0, head_lr))
 
 
 class QueueLink:

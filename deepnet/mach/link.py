@@ -4,15 +4,14 @@ between steps, and the waits of the synchronous configurations (counted as block
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
-from deepnet.distributed.mpi import RankLost, Ranks
+from deepnet.distributed.mpi import Ranks
 
 #: Message tags (above the exact pipeline's): states up, gradients down, control (any rank to any rank).
 TAG_UP, TAG_DOWN, TAG_CONTROL = 4 << 20, 5 << 20, 6 << 20
 
-#: The longest pause of a rank that waits (between two looks at its messages).
+#: The longest pause of a rank that waits at the end of a run (between two looks at its messages).
 MAX_PAUSE = 0.0005
 
 
@@ -76,17 +75,14 @@ class MpiSectionLink:
         return out
 
     def _wait(self, ready: Callable[[], bool], peer: int, what: str) -> None:
-        started = time.perf_counter()
-        deadline = started + self.ranks.timeout
-        pause = 1e-5
+        """Wait for ``ready()`` with the run's deadline, answering control messages meanwhile; the time
+        counts as blocked."""
+        def between() -> None:
+            if self.while_waiting():
+                raise Abandon()
+
+        waited = self.ranks.waited
         try:
-            while not ready():
-                if self.while_waiting():
-                    raise Abandon()
-                if time.perf_counter() > deadline:
-                    raise RankLost(f"rank {self.rank} waited {self.ranks.timeout:g} s for {what} from rank {peer}, "
-                                   "which died or hangs (see --rank-timeout)")
-                time.sleep(pause)
-                pause = min(MAX_PAUSE, pause * 2)
+            self.ranks.wait_for(lambda: (ready(), None), peer, what, between)
         finally:
-            self.blocked += time.perf_counter() - started
+            self.blocked += self.ranks.waited - waited

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,11 @@ from deepnet.formats.h5io import open_h5
 from deepnet.kernels.loader import kernels_for
 from deepnet.mach.evaluate import evaluate_sections
 from deepnet.mach.link import MAX_PAUSE, TAG_CONTROL, TAG_DOWN, TAG_UP, Abandon, MpiSectionLink
-from deepnet.mach.section import MachSection, StepFigures
+from deepnet.mach.section import MachSection
 from deepnet.mach.settings import MachSettings
 from deepnet.nn.distill import DistilledInput
 from deepnet.training import loop
-from deepnet.training.loop import ProgressBar
+from deepnet.training.loop import ProgressBar, mean_rows
 from deepnet.training.options import RECIPE, RunOptions, TrainOptions
 from deepnet.training.reporting import OnReport
 from deepnet.training.signals import Interrupted, StopSignal
@@ -68,23 +67,6 @@ def _seed_rng(seed: int, index: int, state: dict | None) -> np.random.Generator:
     if state is not None:
         rng.bit_generator.state = state
     return rng
-
-
-@dataclass
-class _Window:
-    """A section's report window: means of its steps since the last report row."""
-
-    rows: list[tuple[float, float, float, bool]] = field(default_factory=list)
-
-    def add(self, figures: StepFigures, seconds: float) -> None:
-        self.rows.append((figures.loss, figures.accuracy, seconds, figures.real))
-
-    def mean(self) -> dict:
-        a = np.array([r[:3] for r in self.rows], np.float64)
-        real = sum(r[3] for r in self.rows) / len(self.rows)
-        self.rows = []
-        return {"loss": float(a[:, 0].mean()), "batch_acc": float(a[:, 1].mean()),
-                "seconds_per_step": float(a[:, 2].mean()), "real_share": real}
 
 
 class _Runner:
@@ -111,7 +93,7 @@ class _Runner:
         self.committed = first
         self.sent_from: set[int] = set()
         self.log_rows: list[tuple] = []
-        self.window = _Window()
+        self.window: list[tuple[float, float, float, bool]] = []  # the report window's steps
         self.reached_end_at: float | None = None
         self.end_wait = 0.0
         self.started = time.perf_counter()
@@ -322,10 +304,12 @@ class _Runner:
             return
         seconds = time.perf_counter() - started
         self.log_rows.append((step + 1, figures.loss, figures.accuracy, seconds, figures.real))
-        self.window.add(figures, seconds)
+        self.window.append((figures.loss, figures.accuracy, seconds, figures.real))
         bar.after_step(loop.StepEvent(s.t, None))
         if s.t % self.report_every == 0:
-            row = {"section": self.rank, "step": step + 1, **self.window.mean(),
+            means = dict(zip(("loss", "batch_acc", "seconds_per_step", "real_share"), mean_rows(self.window)))
+            self.window = []
+            row = {"section": self.rank, "step": step + 1, **means,
                    "blocked_seconds": s.link.blocked}
             self.on_report(row) if self.rank == 0 else self.control({"kind": "report", "row": row}, 0)
         if s.t == ROUND_WARMUP_STEPS:

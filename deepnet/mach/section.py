@@ -207,11 +207,7 @@ class MachSection:
         new = _heads.stepped_output(self.heads, cur.out, head_lr)
         if self.first:
             new.update(_heads.stepped_input(self.heads, cur.x, cur.h0, g, head_lr))
-        for key, value in new.items():
-            if not np.isfinite(value).all():
-                raise NonFiniteError(f"the updated {key.replace('_', ' ')} of section {self.index} is not finite")
-        for key, value in new.items():
-            self.heads[key][...] = value
+        _heads.assign_stepped(self.heads, new, f" of section {self.index}")
         self._hand_down(cur, g)
         self.counters["steps"] += 1
         self.counters["real_inputs" if cur.real else "synthetic_inputs"] += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepnet.nn.finite import stepped
+from deepnet.nn.finite import NonFiniteError, stepped
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,13 @@ def stepped_input(heads: dict[str, np.ndarray], x: np.ndarray, h0: np.ndarray, g
     grad_pre = g0.T * (1.0 - h0 * h0)                  # through tanh of the input head
     return {"input_weight": stepped(heads["input_weight"], lr * (x.T @ grad_pre)),
             "input_bias": stepped(heads["input_bias"], lr * grad_pre.sum(axis=0))}
+
+
+def assign_stepped(heads: dict[str, np.ndarray], new: dict[str, np.ndarray], where: str = "") -> None:
+    """Copy stepped head arrays into ``heads`` in place, once all of them are checked finite (else a
+    NonFiniteError naming the first that is not, ``where`` added, and nothing changed)."""
+    for key, value in new.items():
+        if not np.isfinite(value).all():
+            raise NonFiniteError(f"the updated {key.replace('_', ' ')}{where} is not finite")
+    for key, value in new.items():
+        heads[key][...] = value
