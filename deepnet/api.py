@@ -15,7 +15,7 @@ from pathlib import Path
 from deepnet import activations as _activations
 from deepnet.activations import check as _activation_check
 from deepnet.activations import plugins as _plugins
-from deepnet.data.mnist import default_data_dir, fetch_mnist
+from deepnet.api_data import diagnose, fetch_data, luckmatters, teacher  # noqa: F401  (the API's data half)
 from deepnet.distributed import mpi as _mpi
 from deepnet.distributed import run as _distributed
 from deepnet.errors import ConfigError, ModelFileError
@@ -33,8 +33,7 @@ from deepnet.nn.network import DEFAULT_EVAL_BATCH
 from deepnet.tools import bench as _bench
 from deepnet.tools import info as _info
 from deepnet.tools.check import CheckReport, check_model
-from deepnet.tools.diagnose import build_depth_figure, diagnose_depth
-from deepnet.tools.plot import check_image_out, parse_size, plot_training, save_figure
+from deepnet.tools.plot import parse_size, plot_training
 from deepnet.training import mlp as _mlp_training
 from deepnet.training import recipe as _recipe
 from deepnet.training import speedrun as _speedrun
@@ -83,19 +82,20 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
           layers: int | None = None, width: int | None = None, activation: str | None = None,
           alpha: float | None = None, seed: int = R.seed, batch: int | None = None, lr: float | None = None,
           layer_lr: float | None = None, head_lr: float | None = None, chunk_layers: int = R.chunk_layers,
-          train_limit: int | None = None, report_every: int = R.report_every, test_samples: int = R.test_samples,
-          in_memory: bool = False, checkpoint_every: int | None = None, resume_torn: bool = False,
+          train_limit: int | None = None, report_every: int = R.report_every,
+          test_samples: int | None = R.test_samples, in_memory: bool = False, checkpoint_every: int | None = None, resume_torn: bool = False,
           holdout: int | None = None, eval_every: int | None = None, keep_best: bool = False,
           patience: int | None = None, schedule: str | None = None, warmup: int | None = None,
           final_lr_ratio: float | None = None, decay_steps: int | None = None, ema: float | None = None,
           ema_every: int | None = None, branch: str | None = None, hidden: int | None = None,
-          data_dir: PathLike | None = None, micro_batches: int | None = None, rank_timeout: float = 300.0,
-          mode: str = "exact", sections: int | None = None, mach_inputs: str | None = None,
+          data: str | None = None, coarsen: int | tuple | None = None, decode: str | None = None,
+          loss: str | None = None, data_dir: PathLike | None = None, micro_batches: int | None = None,
+          rank_timeout: float = 300.0, mode: str = "exact", sections: int | None = None, mach_inputs: str | None = None,
           local_weight: float | None = None, delayed_weight: float | None = None, max_delay: int | None = None,
           distill_hidden: int | None = None, distill_lr: float | None = None, time_limit: float | None = None,
           progress: bool = False, on_report: OnReport | None = None) -> dict:
-    """Train a model on MNIST with exact SGD (or as asynchronous Mach sections, --mode mach), creating
-    the model file if it does not exist.
+    """Train a model with exact SGD (or as asynchronous Mach sections, --mode mach) on MNIST or the data
+    --data names, creating the model file if it does not exist.
 
     An existing model continues from its committed step, exactly as if never interrupted; --layers,
     --width and --activation must then agree with the file, and --batch, --layer-lr, --head-lr and
@@ -133,7 +133,7 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
             written with its pages released from the page cache (memory bounded whatever the depth).
         train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
         report_every: print a report every N steps (figures are means over those steps).
-        test_samples: test images evaluated at the end (default the whole test set, 10000; 0 skips it).
+        test_samples: test samples evaluated at the end (default the whole test set; 0 skips it).
         in_memory: hold the core weights in RAM instead of streaming them from the file.
         checkpoint_every: write the model file every N steps (in memory: an atomic replacement; streamed:
             an fsync); default every 10 minutes of training, and always at the end and on Ctrl-C.
@@ -158,6 +158,15 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
             write it back into them, instead of averaging after every step.
         branch: "mlp" gives a NEW model a residual MLP branch whose logits are added to the core's.
         hidden: the branch's hidden units (with --branch mlp).
+        data: what to learn from: mnist (default), idx:DIR (the four IDX files of a dataset laid out
+            as MNIST), npz:FILE (x, y, optional x_test, y_test) or teacher:FILE (`deepnet teacher`); an
+            existing model's default is what it was created with.
+        coarsen: a new model's inputs: each K x K cell of an image as two bytes, its max and the ratio
+            VAL2 with max*VAL2/255 ~ its average (1: the pixels; default).
+        decode: how coarse cells become inputs: ratio (max/255 and max*VAL2/255/255; default) or raw
+            (max/255 and VAL2/255).
+        loss: a new model's loss: xent (softmax cross-entropy on labels; default) or mse (mean squared
+            error on a teacher's outputs; the default with --data teacher:FILE).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         micro_batches: under mpiexec, cut each batch into this many micro-batches that move through the
             ranks one behind the other (default: 1 at two ranks; from three ranks, up to 2 x the ranks,
@@ -196,7 +205,7 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
 
 #: The flags of `train` that an MLP model file takes (train_mlp has the same names).
 _MLP_FLAGS = frozenset({"steps", "until_step", "batch", "lr", "schedule", "seed", "train_limit", "report_every",
-                        "test_samples", "hidden", "data_dir"})
+                        "test_samples", "hidden", "data", "coarsen", "decode", "data_dir"})
 
 
 def _train_mlp_file(given: dict) -> dict:
@@ -221,18 +230,19 @@ def _kind_or_none(model: PathLike) -> str | None:
         return None
 
 
-def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch: int | None = None,
+def evaluate(model: PathLike = "model.h5", *, test_samples: int | None = None, batch: int | None = None,
              chunk_layers: int = R.chunk_layers, in_memory: bool = False, use_ema: bool = False,
-             section: int | None = None, synthetic: bool = False, data_dir: PathLike | None = None,
-             progress: bool = False) -> dict:
-    """Evaluate a model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
+             section: int | None = None, synthetic: bool = False, data: str | None = None,
+             data_dir: PathLike | None = None, progress: bool = False) -> dict:
+    """Evaluate a model on the test set of its data (MNIST unless it was trained on other data), through
+    its own input transform: loss, accuracy, elapsed time (returned as a dict).
 
     Works on either kind of model file: a dense model runs its core (streamed, or read into RAM with
     --in-memory), an MLP model its two layers (``hidden`` in the result says so).
 
     Args:
         model: HDF5 model file (dense or mlp).
-        test_samples: evaluate the first N test images.
+        test_samples: evaluate the first N test samples (default all).
         batch: images per forward pass (default 1024 for a dense model, 1000 for an MLP).
         chunk_layers: layers per kernel call and per read from the file (dense); lengthened for deep
             models to at most 1000 chunks a pass, up to 64 MiB each.
@@ -242,6 +252,8 @@ def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch:
             own output head (read into RAM).
         synthetic: with --section K: section K alone, fed by its distilled input model instead of the
             sections below it.
+        data: evaluate on another source of the same inputs and classes (mnist, idx:DIR, npz:FILE,
+            teacher:FILE); default the one the model was trained on.
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show a progress bar on stderr.
     """
@@ -252,14 +264,15 @@ def evaluate(model: PathLike = "model.h5", *, test_samples: int = 10_000, batch:
             raise ConfigError("--use-ema and --section cannot be combined (a Mach model has no weight average)")
         return evaluate_section(model, section, synthetic=synthetic, samples=test_samples,
                                 batch=DEFAULT_EVAL_BATCH if batch is None else batch, chunk_layers=chunk_layers,
-                                data_dir=data_dir)
+                                data=data, data_dir=data_dir)
     if _kind_or_none(model) == KIND_MLP:
         if use_ema:
             raise ConfigError(f"{os.fspath(model)} is an MLP model, which has no weight average (--use-ema)")
-        return evaluate_mlp(model, test_samples=test_samples, batch=_MLP_EVAL_BATCH if batch is None else batch, data_dir=data_dir)
+        return evaluate_mlp(model, test_samples=test_samples, batch=_MLP_EVAL_BATCH if batch is None else batch,
+                            data=data, data_dir=data_dir)
     return _recipe.evaluate(model, samples=test_samples, batch=DEFAULT_EVAL_BATCH if batch is None else batch,
-                            chunk_layers=chunk_layers, in_memory=in_memory, use_ema=use_ema, data_dir=data_dir,
-                            progress=progress)
+                            chunk_layers=chunk_layers, in_memory=in_memory, use_ema=use_ema, data=data,
+                            data_dir=data_dir, progress=progress)
 
 
 def speedrun(model: PathLike | None = None, *, target_acc: float = _SR.target_acc, layers: int = _SR.layers, width: int = _SR.width,
@@ -268,8 +281,9 @@ def speedrun(model: PathLike | None = None, *, target_acc: float = _SR.target_ac
              final_lr_ratio: float = _SR.final_lr_ratio, eval_every: int = _SR.eval_every,
              eval_gate: float = _SR.eval_gate, holdout: int = _SR.holdout, max_steps: int = _SR.max_steps,
              seed: int = _SR.seed, in_memory: bool = _SR.in_memory, chunk_layers: int = _SR.chunk_layers,
-             test_samples: int = _SR.test_samples, report_every: int = _SR.report_every,
-             workdir: PathLike | None = None, data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
+             test_samples: int | None = _SR.test_samples, report_every: int = _SR.report_every,
+             data: str = _SR.data, coarsen: int | tuple | None = None, workdir: PathLike | None = None,
+             data_dir: PathLike | None = None, progress: bool = False, on_report: OnReport | None = None) -> dict:
     """Time to a target accuracy: train a fresh model until its held-out accuracy reaches --target-acc.
 
     Trains on the first 60000 - --holdout training images, evaluates the last --holdout every
@@ -300,8 +314,10 @@ def speedrun(model: PathLike | None = None, *, target_acc: float = _SR.target_ac
         seed: seed of the weights and minibatches.
         in_memory: hold the core in RAM (default; --noin-memory streams it from the file).
         chunk_layers: layers per kernel call.
-        test_samples: test images of the final evaluation.
+        test_samples: test images of the final evaluation (default all).
         report_every: a table row every N steps.
+        data: the training data: mnist, idx:DIR or npz:FILE (see train).
+        coarsen: K x K cells of each image as (max, VAL2) bytes (see train; 1: the pixels).
         workdir: directory of the temporary model (default the system's temporary directory).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show progress bars on stderr (no remaining time: the run stops at its target).
@@ -371,11 +387,13 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
 
 def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: int | None = None,
               until_step: int | None = None, batch: int = _MLP.batch, lr: float = _MLP.lr,
-              schedule: str = _MLP.schedule, seed: int = _MLP.seed, train_limit: int = _MLP.train_limit,
-              report_every: int = _MLP.report_every, test_samples: int = _MLP.test_samples,
-              threads: int = _MLP.threads, data_dir: PathLike | None = None, progress: bool = False,
+              schedule: str = _MLP.schedule, seed: int = _MLP.seed, train_limit: int | None = _MLP.train_limit,
+              report_every: int = _MLP.report_every, test_samples: int | None = _MLP.test_samples,
+              threads: int = _MLP.threads, data: str | None = None, coarsen: int | tuple | None = None,
+              decode: str | None = None, data_dir: PathLike | None = None, progress: bool = False,
               on_report: OnReport | None = None) -> dict:
-    """Train the baseline 784-hidden-10 ReLU MLP (NumPy, minibatch SGD), creating the file if missing.
+    """Train the baseline 784-hidden-10 ReLU MLP (NumPy, minibatch SGD), creating the file if missing
+    (inputs and classes as the data gives them: --data, --coarsen).
 
     The defaults are deepnet.training.mlp.MLP_RECIPE (hidden 512, batch 128, lr 0.2 cosine, 15000 steps).
     The original experiment's run: --hidden 128 --batch 128 --steps 5000 --lr 0.05 --schedule step:2500=0.03.
@@ -394,10 +412,13 @@ def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: i
         schedule: cosine (lr -> 0 over the run), linear, constant, or step:T1=LR1[,T2=LR2...] (lr until
             step T1 of the run, then LR1, ...).
         seed: seed of a new model's weights (He/Xavier-uniform) and minibatches.
-        train_limit: draw minibatches from the first N training images.
+        train_limit: draw minibatches from the first N training images (default all).
         report_every: print a report and save the file every N steps.
-        test_samples: test images evaluated at the end (default the whole test set, 10000; 0 skips it).
+        test_samples: test samples evaluated at the end (default the whole test set; 0 skips it).
         threads: BLAS threads while training (0: BLAS's default; 1 is robust on a shared machine).
+        data: mnist (default), idx:DIR or npz:FILE (as for train); an existing model's default is its own.
+        coarsen: a new model's inputs: K x K cells of each image as (max, VAL2) bytes (as for train).
+        decode: how coarse cells become inputs: ratio (default) or raw (as for train).
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
         progress: show a progress bar on stderr.
         on_report: called with each report row (a dict).
@@ -405,22 +426,24 @@ def train_mlp(model: PathLike = "mlp.h5", *, hidden: int | None = None, steps: i
     return _mlp_training.train_mlp(model, hidden=hidden, steps=steps, until_step=until_step, batch=batch, lr=lr,
                                    schedule=schedule, seed=seed, train_limit=train_limit,
                                    report_every=report_every, test_samples=test_samples, threads=threads,
-                                   data_dir=data_dir, progress=progress, on_report=on_report or ignore_report)
+                                   data=data, coarsen=coarsen, decode=decode, data_dir=data_dir, progress=progress,
+                                   on_report=on_report or ignore_report)
 
 
-def evaluate_mlp(model: PathLike = "mlp.h5", *, test_samples: int = 10_000, batch: int = _MLP_EVAL_BATCH,
-                 data_dir: PathLike | None = None) -> dict:
-    """Evaluate an MLP model on the MNIST test set: loss, accuracy, elapsed time (returned as a dict).
+def evaluate_mlp(model: PathLike = "mlp.h5", *, test_samples: int | None = None, batch: int = _MLP_EVAL_BATCH,
+                 data: str | None = None, data_dir: PathLike | None = None) -> dict:
+    """Evaluate an MLP model on the test set of its data: loss, accuracy, elapsed time (returned as a dict).
 
     `deepnet eval` does the same for either kind of model; this command reads MLP models only.
 
     Args:
         model: HDF5 model file of kind mlp.
-        test_samples: evaluate the first N test images.
+        test_samples: evaluate the first N test samples (default all).
         batch: images per forward pass.
+        data: evaluate on another source of the same inputs and classes; default the model's own.
         data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
     """
-    return _mlp_training.evaluate_mlp(model, samples=test_samples, batch=batch, data_dir=data_dir)
+    return _mlp_training.evaluate_mlp(model, samples=test_samples, batch=batch, data=data, data_dir=data_dir)
 
 
 def import_raw(model: PathLike | None = None, *, head: PathLike | None = None, weights: PathLike | None = None,
@@ -510,27 +533,6 @@ def gather(model: PathLike, *, out: PathLike | None = None, overwrite: bool = Fa
     return _shards.gather_model(model, out, overwrite=overwrite, progress=progress)
 
 
-def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, plot: PathLike | None = None,
-             data_dir: PathLike | None = None) -> dict:
-    """Across the depth of a model's core, band by band, for a probe batch of test images: the norms of h,
-    of an update alpha*act(hW+b), of the gradient going back, of the weights and their change since init.
-
-    Args:
-        model: HDF5 model file (dense, or a sharded root); its core is streamed in chunks.
-        bands: bands of consecutive layers (default 100).
-        probe_samples: the first N test images make the probe batch.
-        plot: also draw the figures against depth into this image (.png, .svg, .pdf; needs matplotlib).
-        data_dir: MNIST directory; default $DEEPNET_DATA, else a per-user cache (fetched if empty).
-    """
-    if plot is not None:
-        check_image_out(os.fspath(plot), "--plot")
-    result = diagnose_depth(model, bands=bands, probe_samples=probe_samples, data_dir=data_dir)
-    if plot is not None:
-        save_figure(build_depth_figure(result), os.fspath(plot), 100)
-        result["plot"] = os.fspath(plot)
-    return result
-
-
 def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, size: str = "1200x800") -> dict:
     """Draw a model's training curves (loss and accuracy vs step, raw and moving average) into an image.
 
@@ -545,16 +547,6 @@ def plot(model: PathLike, *, out: PathLike | None = None, smooth: int = 0, size:
     """
     width, height = parse_size(size)
     return plot_training(model, out, smooth=smooth, width=width, height=height)
-
-
-def fetch_data(dest: PathLike | None = None, *, progress: bool = False) -> Path:
-    """Fetch MNIST (checked against its sha256) into a directory; returns the directory.
-
-    Args:
-        dest: target directory; default $DEEPNET_DATA, else a per-user cache directory.
-        progress: show download progress on stderr.
-    """
-    return fetch_mnist(dest if dest is not None else default_data_dir(), progress=progress)
 
 
 def list_activations() -> dict:

@@ -100,7 +100,7 @@ def build_reference(setup: CrashSetup, path: Path) -> Reference:
 
     (test_crash checks that a real uninterrupted `deepnet train` ends with the same weights.)"""
     from deepnet import DeepNet, RECIPE
-    from deepnet.data.loaders import mnist_inputs
+    from deepnet.data.dataset import pixels as mnist_inputs
 
     create_model(setup, path)
     images, labels = load_mnist(setup.data_dir, "train")

@@ -80,6 +80,13 @@ def softmax_xent(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndar
     return loss, p / n
 
 
+def mse(outputs: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean squared error over every element (batch x outputs) and its gradient w.r.t. the outputs."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    diff = outputs - np.asarray(targets, dtype=np.float64)
+    return float(np.mean(diff ** 2)), 2.0 * diff / diff.size
+
+
 @dataclass
 class Model64:
     """The parameters of one model, float64."""
@@ -138,6 +145,34 @@ def train_step(m: Model64, x: np.ndarray, y: np.ndarray, layer_lr: float, head_l
     grad_out_w = hL.T @ dlogits
     grad_out_b = dlogits.sum(axis=0)
     g = dlogits @ m.output_weight.T                       # pre-step output weights
+    g0, core, core_grads = core_backward(g, m.core, trace, m.alpha, m.activation, layer_lr)
+    dpre = g0 * (1.0 - h0 ** 2)
+    grad_in_w = x.T @ dpre
+    grad_in_b = dpre.sum(axis=0)
+
+    new = Model64(m.input_weight - head_lr * grad_in_w, m.input_bias - head_lr * grad_in_b, core,
+                  m.output_weight - head_lr * grad_out_w, m.output_bias - head_lr * grad_out_b,
+                  m.alpha, m.activation)
+    grads = {"input_weight": grad_in_w, "input_bias": grad_in_b, "core": core_grads,
+             "output_weight": grad_out_w, "output_bias": grad_out_b}
+    return StepResult64(new, loss, accuracy, grads)
+
+
+def train_step_mse(m: Model64, x: np.ndarray, targets: np.ndarray, layer_lr: float,
+                   head_lr: float) -> StepResult64:
+    """``train_step`` with the mean squared error on target vectors instead of the cross-entropy; the
+    accuracy is the fraction of rows whose argmax is the targets'."""
+    x = np.asarray(x, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    h0 = np.tanh(x @ m.input_weight + m.input_bias)
+    hL, trace = core_forward(h0, m.core, m.alpha, m.activation)
+    outputs = hL @ m.output_weight + m.output_bias
+    loss, dout = mse(outputs, targets)
+    accuracy = float(np.mean(np.argmax(outputs, axis=1) == np.argmax(targets, axis=1)))
+
+    grad_out_w = hL.T @ dout
+    grad_out_b = dout.sum(axis=0)
+    g = dout @ m.output_weight.T                          # pre-step output weights
     g0, core, core_grads = core_backward(g, m.core, trace, m.alpha, m.activation, layer_lr)
     dpre = g0 * (1.0 - h0 ** 2)
     grad_in_w = x.T @ dpre

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import deepnet
-from deepnet.data.loaders import load_split, mnist_inputs
+from deepnet.data.sources import open_dataset
+from deepnet.formats.data_record import DataRecord
 from deepnet.formats import shards
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.tools.diagnose import band_bounds, diagnose_depth, initial_rows
@@ -57,8 +58,8 @@ def test_the_figures_match_a_float64_reference(trained):
         core, heads, alpha = f.read_core(), f.read_heads(), float(f.alpha)
     with ModelFile.open(initial) as f:
         core0 = f.read_core()
-    images, labels = load_split(None, "test")
-    x, y = mnist_inputs(images[:PROBE]).astype(np.float64), labels[:PROBE]
+    x, y = open_dataset(DataRecord()).test(PROBE)
+    x = x.astype(np.float64)
     h = np.tanh(x @ heads["input_weight"].astype(np.float64) + heads["input_bias"])
     bounds = band_bounds(LAYERS, 4)
     starts, traces = [], []
@@ -125,3 +126,53 @@ def test_bad_flags_are_one_line(trained, args, message):
     proc = _cli(str(path), *args)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+
+
+def test_teacher_correlations_match_a_float64_reference(tmp_path):
+    teacher, student = tmp_path / "t.h5", tmp_path / "s.h5"
+    deepnet.api.teacher(teacher, layers=20, width=3, input_dim=5, outputs=4, seed=2)
+    deepnet.train(student, data=f"teacher:{teacher}", layers=40, width=6, activation="relu", steps=30, batch=16,
+                  lr=0.01, test_samples=0)
+    result = diagnose_depth(student, bands=4, probe_samples=200, teacher=teacher)
+    assert result["teacher"]["layers"] == 20 and result["probe"].startswith("teacher:")
+    from deepnet.data.sources import parse_source
+    from deepnet.data.teacher import TeacherDataset
+    dataset = TeacherDataset(DataRecord(source=parse_source(f"teacher:{teacher}"), loss="mse"))
+    x, _ = dataset.test(200)
+    dataset.close()
+
+    def unit_acts(path, layer):
+        with ModelFile.open(path) as f:
+            core, heads, alpha, w = f.read_core(), f.read_heads(), float(f.alpha), f.width
+        h0 = np.tanh(x.astype(np.float64) @ heads["input_weight"] + heads["input_bias"])
+        h, _ = core_forward(h0, core[:layer], alpha, "relu")
+        W, b = split_row(core[layer].astype(np.float64), w)
+        return np.maximum(h @ W + b, 0.0), W
+
+    for band, (first, _) in zip(result["bands"], band_bounds(40, 4)):
+        assert band["teacher_layer"] == first * 20 // 40
+        t_acts, _ = unit_acts(teacher, band["teacher_layer"])
+        s_acts, W = unit_acts(student, first)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.corrcoef(t_acts.T, s_acts.T)[:3, 3:]
+        corr = np.where(np.isfinite(corr), corr, 0.0)        # a dead unit correlates with nothing
+        best = corr.max(axis=1)
+        assert band["corr_mean"] == pytest.approx(best.mean(), abs=1e-4)
+        assert band["corr_min"] == pytest.approx(best.min(), abs=1e-4)
+        matched = np.zeros(6, bool)
+        matched[corr.argmax(axis=1)] = True
+        norms = np.linalg.norm(W, axis=0)
+        assert band["row_norm_matched"] == pytest.approx(norms[matched].mean(), rel=1e-5)
+        assert band["row_norm_unmatched"] == pytest.approx(norms[~matched].mean(), rel=1e-5)
+
+
+def test_teacher_flag_refusals(trained, tmp_path):
+    path, _ = trained
+    plain = tmp_path / "plain.h5"
+    deepnet.init(plain, layers=5, width=4)
+    with pytest.raises(deepnet.errors.ConfigError, match="not a teacher"):
+        diagnose_depth(path, teacher=plain)
+    teacher = tmp_path / "t.h5"
+    deepnet.api.teacher(teacher, layers=5, width=4, input_dim=20, outputs=10)
+    with pytest.raises(deepnet.errors.ConfigError, match="takes 784 inputs"):
+        diagnose_depth(path, teacher=teacher)

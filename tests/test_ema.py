@@ -15,7 +15,8 @@ from deepnet import DeepNet, ModelFile
 from deepnet.training import ema
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.formats.layout import CORE_WEIGHTS, EMA_BRANCH_GROUP, EMA_CORE
-from deepnet.data.loaders import load_test_set
+from deepnet.data.sources import open_dataset
+from deepnet.formats.data_record import DataRecord
 from helpers import MNIST_DIR, have_mnist, make_model
 from reference import Model64, assert_close, softmax_xent
 
@@ -180,7 +181,7 @@ def test_train_with_ema_reports_both_and_stores_the_average(tmp_path, mnist_dir,
     capsys.readouterr()
     assert averaged["ema"] is True and averaged["ema_step"] == 30
     assert averaged["loss"] != plain["loss"]
-    x, y = load_test_set(None, 500)
+    x, y = open_dataset(DataRecord()).test(500)
     ref = rb.logits(Model64.from_arrays(heads, core, alpha, "softsign"), branch, x)
     loss, _ = softmax_xent(ref, y)
     assert averaged["loss"] == pytest.approx(loss, rel=1e-5)

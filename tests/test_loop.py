@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from deepnet.data.dataset import ArrayMinibatches
 from deepnet.training import loop
 from deepnet.training.loop import Hook, StepEvent
 
@@ -29,7 +30,7 @@ def test_draws_steps_and_calls_the_hooks_in_order():
         drawn.append(yb.tolist())
         return t
 
-    done = loop.run(step, x, y, rng=np.random.default_rng(3), batch=4, steps=3,
+    done = loop.run(step, ArrayMinibatches(x, y), rng=np.random.default_rng(3), batch=4, steps=3,
                     hooks=[Recorder("a", seen), Recorder("b", seen)])
     rng = np.random.default_rng(3)
     assert drawn == [rng.integers(0, 10, size=4).tolist() for _ in range(3)]  # the recipe's draws
@@ -41,9 +42,9 @@ def test_draws_steps_and_calls_the_hooks_in_order():
 def test_a_hook_or_a_request_stops_the_run():
     x, y = np.zeros((5, 1)), np.zeros(5, dtype=int)
     seen = []
-    done = loop.run(lambda xb, yb, t: t, x, y, rng=np.random.default_rng(0), batch=1, steps=10,
+    done = loop.run(lambda xb, yb, t: t, ArrayMinibatches(x, y), rng=np.random.default_rng(0), batch=1, steps=10,
                     hooks=[Recorder("a", seen, stop_at=2), Recorder("b", seen)])
     assert done == 2 and seen[-3:] == [("b", 2, 1), ("a", "end", None), ("b", "end", None)]
     requests = iter([False, False, True])
-    assert loop.run(lambda xb, yb, t: t, x, y, rng=np.random.default_rng(0), batch=1, steps=10,
+    assert loop.run(lambda xb, yb, t: t, ArrayMinibatches(x, y), rng=np.random.default_rng(0), batch=1, steps=10,
                     stop_requested=lambda: next(requests)) == 2

@@ -486,15 +486,15 @@ def nan_loss_at(monkeypatch, calls: int):
     """Make the `calls`-th loss (counting from 1) NaN."""
     import deepnet.nn.network as model
 
-    real = model.softmax_cross_entropy
+    real = model.loss_and_gradient
     count = [0]
 
-    def patched(logits, labels):
+    def patched(kind, logits, labels):
         count[0] += 1
-        loss, acc, d = real(logits, labels)
+        loss, acc, d = real(kind, logits, labels)
         return (float("nan") if count[0] == calls else loss), acc, d
 
-    monkeypatch.setattr(model, "softmax_cross_entropy", patched)
+    monkeypatch.setattr(model, "loss_and_gradient", patched)
 
 
 def nan_gradient_in_backward(monkeypatch, step_call: int, chunk_call: int):
@@ -540,14 +540,14 @@ def test_non_finite_gradient_is_refused_before_anything_is_written(tmp_path, mon
 
     path = new_model(tmp_path / "m.h5")
     before = path.read_bytes()
-    real = model.softmax_cross_entropy
+    real = model.loss_and_gradient
 
-    def nan_gradient(logits, labels):
-        loss, acc, d = real(logits, labels)
+    def nan_gradient(kind, logits, labels):
+        loss, acc, d = real(kind, logits, labels)
         d[0, 0] = np.nan
         return loss, acc, d
 
-    monkeypatch.setattr(model, "softmax_cross_entropy", nan_gradient)
+    monkeypatch.setattr(model, "loss_and_gradient", nan_gradient)
     for in_memory in (False, True):
         with DeepNet.open(path, writable=True, in_memory=in_memory) as net:
             x, y = batches(1)[0]

@@ -171,6 +171,9 @@ def check_values(signature: inspect.Signature, given: dict[str, Any]) -> None:
                 raise ConfigError(f"--{flag} is a switch (true or false), got {value!r}")
         elif "float" in types:
             finite_number(flag, value)
+        elif "int" in types and "tuple" in types and isinstance(value, tuple):  # several: --coarsen 2,3,4
+            for item in value:
+                integer(flag, item)
         elif "int" in types:
             if isinstance(value, float) and value.is_integer():
                 given[key] = value = int(value)

@@ -149,6 +149,8 @@ class DeepnetCLI:
     shard = staticmethod(command(api.shard, show.show_shard))
     gather = staticmethod(command(api.gather, show.show_gather))
     data = staticmethod(command(api.fetch_data, show.show_data))
+    teacher = staticmethod(command(api.teacher, show.show_teacher))
+    luckmatters = staticmethod(command(api.luckmatters, show.show_luckmatters))
     activations = Activations()
 
 

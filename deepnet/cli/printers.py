@@ -239,19 +239,31 @@ def show_diagnose(result: dict, args: dict) -> None:
     if args["json"]:
         print_json(result)
         return
+    teacher = result.get("teacher")
     print_fields({"model": f"{result['model']}: {result['layers']:,} layers x width {result['width']}, "
                            f"{result['activation']}, step {result['step']}",
-                  "probe": f"the first {result['probe_samples']} test images: loss {result['loss']:.4f}, accuracy "
-                           f"{result['accuracy']:.4f}",
+                  "probe": f"the first {result['probe_samples']} test samples of {result['probe']}: "
+                           f"{result['loss_kind']} loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}",
+                  **({"teacher": f"{teacher['path']}: {teacher['layers']:,} layers x width {teacher['width']}, "
+                                 f"{teacher['activation']}"} if teacher else {}),
                   "time": format_seconds(result["seconds"]),
                   **({"plot": result["plot"]} if "plot" in result else {})})
-    table = Table([("layers", 23), ("||h||", 10), ("||update||", 10), ("band adds", 10), ("||grad||", 10),
-                   ("||W||", 10), ("||W-W0||", 10)])
+    columns = [("layers", 23), ("||h||", 10), ("||update||", 10), ("band adds", 10), ("||grad||", 10),
+               ("||W||", 10), ("||W-W0||", 10)]
+    keys = ["h_norm", "update_norm", "band_change", "grad_norm", "weight_norm", "weight_change"]
+    if teacher:
+        columns += [("teacher layer", 13), ("corr", 7), ("corr min", 8), ("|w| matched", 11), ("|w| other", 10)]
+        keys += ["corr_mean", "corr_min", "row_norm_matched", "row_norm_unmatched"]
+    table = Table(columns)
     for band in result["bands"]:
         first, n = band["first_layer"], band["layers"]
-        table.row(f"{first:,}..{first + n - 1:,}",
-                  *(f"{band[key]:.4g}" for key in ("h_norm", "update_norm", "band_change", "grad_norm",
-                                                   "weight_norm", "weight_change")))
+        cells = [f"{first:,}..{first + n - 1:,}"]
+        for key in keys:
+            value = band[key]
+            if key == "corr_mean":
+                cells.append(f"{band['teacher_layer']:,}")
+            cells.append("-" if value is None else f"{value:.3f}" if key.startswith("corr") else f"{value:.4g}")
+        table.row(*cells)
 
 
 def show_plot(result: dict, args: dict) -> None:
@@ -261,8 +273,47 @@ def show_plot(result: dict, args: dict) -> None:
         print(f"wrote {result['out']}: {result['rows']:,} log rows, moving average of {result['smooth']}")
 
 
-def show_data(path: Path, args: dict) -> None:
-    print(f"MNIST is in {path}")
+def show_data(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    print(f"MNIST is in {result['data_dir']}")
+    if "coarse_file" in result:
+        ks = ", ".join(f"{k}x{k}" for k in result["coarse_ks"])
+        print(f"coarse cells ({ks}) are in {result['coarse_file']} ({result['coarse_bytes'] / 1e6:.1f} MB, "
+              f"sha256 {result['coarse_sha256'][:16]}...)")
+
+
+def show_luckmatters(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    settings = result["settings"]
+    print_fields({"experiment": f"{result['experiment']}: teacher {settings['data_d']}-"
+                                f"{'-'.join(map(str, settings['ks']))}-{settings['d_output']}, student widths "
+                                f"{'-'.join(map(str, settings['student_widths']))}, lr {settings['lr']:g}, "
+                                f"{result['iterations_done']:,} steps" + (" (diverged)" if result["diverged"] else ""),
+                  "time": format_seconds(result["seconds"])})
+    table = Table([("layer", 5), ("teacher units", 13), ("student units", 13), ("best corr", 9), ("min", 6),
+                   ("W_row_norm matched", 18), ("unmatched", 9), ("unmatched max", 13)])
+    for layer in result["final"]:
+        norms = layer["w_row_norm"]
+
+        def fmt(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3g}"
+
+        table.row(layer["layer"], layer["teacher_units"], layer["student_units"], f"{layer['mean_best_corr']:.4f}",
+                  f"{layer['min_best_corr']:.3f}", fmt(norms["matched"]["mean"]), fmt(norms["unmatched"]["mean"]),
+                  fmt(norms["unmatched"]["max"]))
+
+
+def show_teacher(result: dict, args: dict) -> None:
+    if args["json"]:
+        print_json(result)
+        return
+    print(f"wrote the teacher {result['teacher']}: {result['layers']:,} layers x width {result['width']}, "
+          f"{result['activation']}, {result['input_dim']} inputs of std {result['data_std']:g} -> "
+          f"{result['outputs']} outputs (init scale {result['init_scale']:g}, seed {result['seed']})")
 
 
 def show_activations(result: dict, args: dict) -> None:

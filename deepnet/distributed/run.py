@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet.data.loaders import load_split, mnist_inputs
+from deepnet.data.dataset import ArrayMinibatches, Dataset, check_count
 from deepnet.distributed.mpi import Ranks
 from deepnet.distributed.pipeline import RankCore, RankStep, default_micro_batches, micro_batch_sizes
 from deepnet.errors import ConfigError, DeepnetError, ModelFileError
 from deepnet.flags import positive
 from deepnet.formats import shards
+from deepnet.formats.data_record import write_data_record
 from deepnet.formats.locking import flock
 from deepnet.formats.shard_files import shard_dir
 from deepnet.kernels.loader import kernels_for
@@ -36,6 +37,7 @@ from deepnet.nn.losses import softmax_cross_entropy
 from deepnet.training import loop
 from deepnet.training.loop import Hook, ProgressBar, StepClock, StepEvent, mean_rows
 from deepnet.training.options import RECIPE, RunOptions, TrainOptions
+from deepnet.training.data_plan import training_data
 from deepnet.training.recipe import plan_settings
 from deepnet.training.reporting import OnReport
 from deepnet.training.signals import Interrupted, StopSignal
@@ -104,8 +106,9 @@ def release_locks() -> None:
         os.close(_held_locks.pop())
 
 
-def prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
-    """The root of the run's sharded model: created by rank 0 if missing; refused if it does not fit."""
+def prepare_model(options: TrainOptions, ranks: Ranks, dataset: Dataset) -> Path:
+    """The root of the run's sharded model: created by rank 0 if missing (for ``dataset``'s inputs and
+    classes, recording it); refused if it does not fit."""
     root = Path(options.model)
     problem: DeepnetError | None = None
     if ranks.rank == 0:
@@ -114,7 +117,9 @@ def prepare_model(options: TrainOptions, ranks: Ranks) -> Path:
                 layers = options.new_layers
                 shards.split_layers(layers, ranks.size)  # refuses more ranks than layers
                 shards.create_sharded(root, ranks.size, layers=layers, width=options.new_width,
-                                      activation=options.new_activation, alpha=options.alpha, seed=options.seed)
+                                      activation=options.new_activation, alpha=options.alpha, seed=options.seed,
+                                      input_dim=dataset.input_dim, n_classes=dataset.n_classes,
+                                      extra=lambda f: write_data_record(f, dataset.record))
             elif not shards.is_sharded(root):
                 raise ConfigError(f"{root} is a one-file model; split it for {ranks.size} ranks first: "
                                   f"deepnet shard {root} --ranks {ranks.size}")
@@ -172,21 +177,35 @@ def train_distributed(options: TrainOptions, ranks: Ranks, *, progress: bool, on
     """Train ``options.model`` over the job's ranks (see the module docstring); returns the final figures
     on rank 0 and ``{"rank": r}`` elsewhere."""
     check_options(options, ranks)
-    images, labels = load_split(options.data_dir, "train")
-    test = loop.test_set(options.data_dir, options.test_samples) if options.test_samples else None
+    dataset, test = open_data(options)
     try:
-        return _train_prepared(options, ranks, images, labels, test, progress, on_report)
+        return _train_prepared(options, ranks, dataset, test, progress, on_report)
     finally:
         release_locks()
 
 
-def open_run(options: TrainOptions, ranks: Ranks) -> tuple[Path, Opened]:
+def open_data(options: TrainOptions) -> tuple[Dataset, tuple[np.ndarray, np.ndarray] | None]:
+    """The run's dataset (every rank opens it: rank 0 needs the inputs, the last rank the labels) and its
+    test set; over MPI, only fixed training sets with labels."""
+    _, dataset = training_data(options.model, data=options.data, coarsen=options.coarsen, decode=options.decode,
+                               loss=options.loss, data_dir=options.data_dir, mode="r")
+    if dataset.generative or dataset.record.loss != "xent":
+        dataset.close()
+        raise ConfigError(f"over MPI ranks deepnet trains on fixed labelled data with --loss xent; "
+                          f"{dataset.name} with --loss {dataset.record.loss} trains in one process")
+    if options.train_limit is not None:
+        check_count("train-limit", options.train_limit, dataset.n_train)
+    return dataset, dataset.test(options.test_samples) if options.test_samples != 0 else None
+
+
+def open_run(options: TrainOptions, ranks: Ranks, dataset: Dataset) -> tuple[Path, Opened]:
     """The run's root (created if missing, locked) and this rank's part of it; every rank starts, or none
     does (a rank that failed says why)."""
-    root = prepare_model(options, ranks)
+    root = prepare_model(options, ranks, dataset)
     error: DeepnetError | None = None
     try:
         opened = open_rank(root, options, ranks)
+        dataset.fits(root, opened.heads["input_weight"].shape[0], opened.heads["output_bias"].shape[0])
     except DeepnetError as exc:
         error = exc
     if ranks.any(error is not None, TAG_SETUP):
@@ -194,11 +213,11 @@ def open_run(options: TrainOptions, ranks: Ranks) -> tuple[Path, Opened]:
     return root, opened
 
 
-def _train_prepared(options: TrainOptions, ranks: Ranks, images: np.ndarray, labels: np.ndarray,
+def _train_prepared(options: TrainOptions, ranks: Ranks, dataset: Dataset,
                     test: tuple[np.ndarray, np.ndarray] | None, progress: bool, on_report: OnReport) -> dict:
-    root, opened = open_run(options, ranks)
+    root, opened = open_run(options, ranks, dataset)
     try:
-        return _train(options, ranks, root, opened, images, labels, test, progress, on_report)
+        return _train(options, ranks, root, opened, dataset, test, progress, on_report)
     except DeepnetError as exc:
         exc.abort = ranks.abort  # the other ranks would wait for this one: the job ends
         raise
@@ -213,11 +232,10 @@ def plan_run(options: TrainOptions, opened: Opened, n_train: int) -> tuple[int, 
     return first, steps, first + steps, plan, plan_settings(options, plan, opened.stored, first, n_train)
 
 
-def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Opened, images: np.ndarray,
-           labels: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None, progress: bool,
-           on_report: OnReport) -> dict:
+def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Opened, dataset: Dataset,
+           test: tuple[np.ndarray, np.ndarray] | None, progress: bool, on_report: OnReport) -> dict:
     """The run itself, once every rank holds its layers."""
-    first_step, steps, until, plan, settings = plan_run(options, opened, int(images.shape[0]))
+    first_step, steps, until, plan, settings = plan_run(options, opened, dataset.n_train)
     batch = settings["batch"]
     micro = options.micro_batches or default_micro_batches(batch, ranks.size)
     if not 1 <= micro <= batch:
@@ -233,8 +251,9 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Opened, imag
                              f"generator state is unusable ({exc})")
     limit = settings["train_limit"]
     # Only rank 0 needs the inputs, only the last rank the labels; every rank draws the same indices.
-    x_train = mnist_inputs(images[:limit]) if ranks.rank == 0 else np.zeros((limit, 0), np.float32)
-    y_train = labels[:limit]
+    x_train, y_train = dataset.train_slice(0, limit)
+    if ranks.rank != 0:
+        x_train = np.zeros((limit, 0), np.float32)
     commit = _Commits(root, ranks, part, settings, options.checkpoint_every)
 
     def step(x: np.ndarray, y: np.ndarray, t: int) -> tuple[float, float, float]:
@@ -261,7 +280,7 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Opened, imag
         report = _Report(ranks.rank == 0, options.report_every, on_report, layers=opened.layers, batch=batch,
                          total=steps)
         stop.arm()
-        done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=[bar, report, commit],
+        done = loop.run(step, ArrayMinibatches(x_train, y_train), rng=rng, batch=batch, steps=steps, hooks=[bar, report, commit],
                         stop_requested=lambda: agreed["stop"])
     elapsed = time.perf_counter() - started
     totals = ranks.gather_obj({"rank": ranks.rank, "layers": opened.layers_here,

@@ -197,11 +197,13 @@ def create_file(
     overwrite: bool = False,
     progress: bool = True,
     core_weights: np.ndarray | None = None,
+    heads: Mapping[str, np.ndarray] | None = None,
     extra: Callable[[h5py.File], None] | None = None,
     extra_bytes: int = 0,
 ) -> str:
     """Write a new, initialised model file at `path` (see :meth:`ModelFile.create`); returns the path.
 
+    `heads` (the four arrays of layout.HEAD_KEYS) are written instead of the drawn ones (a teacher's).
     `extra_bytes` is what `extra` will add, counted in the free-space check made before anything is written."""
     path = os.fspath(path)
     layers = check_int("layers", layers, minimum=1)
@@ -238,7 +240,8 @@ def create_file(
                 rng = np.random.default_rng([seed, 0])
                 _write_core(f, os.path.basename(path), rng, layers=layers, width=width, init_scale=init_scale,
                             chunk_layers=chunk_layers, progress=progress, core_weights=core_weights)
-                heads = _draw_heads(rng, width, input_dim, n_classes)
+                drawn = _draw_heads(rng, width, input_dim, n_classes)
+                heads = drawn if heads is None else _given_heads(heads, drawn)
                 create_heads(f, heads)
                 create_commit(f, new_record(step=0, heads_crc=heads_crc32(heads, layout.HEAD_KEYS),
                                             updated=stamp))
@@ -302,6 +305,17 @@ def _write_core(f: h5py.File, name: str, rng: np.random.Generator, *, layers: in
     if core_weights is not None:
         # One 64-bit output per float64 uniform replaced.
         rng.bit_generator.advance(layers * ww)
+
+
+def _given_heads(given: Mapping[str, np.ndarray], drawn: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`given` heads as float32, checked to have the shapes of the drawn ones."""
+    out = {}
+    for key, like in drawn.items():
+        value = np.asarray(given[key], dtype=np.float32)
+        if value.shape != like.shape or not np.isfinite(value).all():
+            raise ConfigError(f"the given {key.replace('_', ' ')} must be finite of shape {like.shape}, got {value.shape}")
+        out[key] = value
+    return out
 
 
 def _draw_heads(rng: np.random.Generator, width: int, input_dim: int, n_classes: int) -> dict[str, np.ndarray]:

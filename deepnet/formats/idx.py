@@ -188,13 +188,14 @@ def read_images(path: PathLike) -> np.ndarray:
     return _read(path, IMAGES_MAGIC)
 
 
-def read_labels(path: PathLike) -> np.ndarray:
-    """Read an IDX labels file (magic 2049): a ``uint8`` array of shape (n,), every label in 0..9."""
+def read_labels(path: PathLike, max_label: int = 9) -> np.ndarray:
+    """Read an IDX labels file (magic 2049): a ``uint8`` array of shape (n,), every label in 0..max_label."""
     labels = _read(path, LABELS_MAGIC)
-    bad = np.flatnonzero(labels > 9)
+    bad = np.flatnonzero(labels > max_label)
     if bad.size:
         i = int(bad[0])
-        raise _err(path, f"label out of range: label {i} is {int(labels[i])}, expected 0..9 ({bad.size} bad labels)")
+        raise _err(path, f"label out of range: label {i} is {int(labels[i])}, expected 0..{max_label} "
+                         f"({bad.size} bad labels)")
     return labels
 
 
@@ -243,12 +244,10 @@ def mnist_file_names(split: str) -> tuple[str, str]:
     return f"{stem}-images-idx3-ubyte", f"{stem}-labels-idx1-ubyte"
 
 
-def load_mnist(data_dir: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Load an MNIST split from ``data_dir``: images uint8 (n, 28, 28) and labels uint8 (n,).
-
-    Each file may be raw or gzip-compressed (``.gz``). Raises :class:`DataError` if a file is missing or
-    malformed, the images are not 28x28, or the image and label counts differ.
-    """
+def load_idx_split(data_dir: PathLike, split: str, *, max_label: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """Load a split of any dataset laid out as MNIST is (the four files of :func:`mnist_file_names`, raw
+    or ``.gz``, in ``data_dir``): images uint8 (n, rows, cols) and labels uint8 (n,). A missing file,
+    a malformed one, or image and label counts that differ are a one-line :class:`DataError`."""
     images_name, labels_name = mnist_file_names(split)
     paths = []
     for name in (images_name, labels_name):
@@ -258,12 +257,23 @@ def load_mnist(data_dir: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
         paths.append(found)
     images_path, labels_path = paths
     images = read_images(images_path)
-    if images.shape[1:] != (28, 28):
-        raise _err(images_path, f"MNIST images must be 28x28, header says {images.shape[1]}x{images.shape[2]}")
-    labels = read_labels(labels_path)
+    labels = read_labels(labels_path, max_label)
     if len(images) != len(labels):
         raise _err(
             images_path,
             f"count mismatch: {len(images)} images but {os.fspath(labels_path)} has {len(labels)} labels",
         )
+    return images, labels
+
+
+def load_mnist(data_dir: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load an MNIST split from ``data_dir``: images uint8 (n, 28, 28) and labels uint8 (n,).
+
+    Each file may be raw or gzip-compressed (``.gz``). Raises :class:`DataError` if a file is missing or
+    malformed, the images are not 28x28, or the image and label counts differ.
+    """
+    images, labels = load_idx_split(data_dir, split, max_label=9)
+    if images.shape[1:] != (28, 28):
+        images_path = find_idx_file(data_dir, mnist_file_names(split)[0])
+        raise _err(images_path, f"MNIST images must be 28x28, header says {images.shape[1]}x{images.shape[2]}")
     return images, labels

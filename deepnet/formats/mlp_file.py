@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from deepnet.errors import ModelFileError
+from deepnet.formats.data_record import DataRecord, read_data_record, write_data_record
 from deepnet.formats import evals as _evals
 from deepnet.formats import layout
 from deepnet.formats.atomic import atomic_path
@@ -51,6 +52,7 @@ class MLPContents:
     log: np.ndarray
     created: str
     evals: np.ndarray = field(default_factory=_evals.empty)
+    data: DataRecord = field(default_factory=DataRecord)
 
 
 def mlp_shapes(hidden: int, input_dim: int, n_classes: int) -> dict[str, tuple[int, ...]]:
@@ -60,7 +62,8 @@ def mlp_shapes(hidden: int, input_dim: int, n_classes: int) -> dict[str, tuple[i
 
 def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, step: int, seed: int,
                    rng_state: dict | None, log: np.ndarray, created: str, overwrite: bool = True,
-                   lock: WriterLock | None = None, evals: np.ndarray | None = None) -> None:
+                   lock: WriterLock | None = None, evals: np.ndarray | None = None,
+                   data: DataRecord | None = None) -> None:
     """Write an MLP model file at `path` atomically (a temporary beside it, fsync, rename); without
     `overwrite` an existing `path` is refused. A run that saves again and again holds `lock` (a
     :class:`WriterLock` of `path`) for its whole length; without it the file's lock is taken for the write.
@@ -85,6 +88,8 @@ def write_mlp_file(path: str | os.PathLike, params: Mapping[str, np.ndarray], *,
                           "n_classes": np.int64(params["w2"].shape[1]), "step": np.int64(step),
                           "seed": np.int64(seed), "rng_state": rng_text(rng_state), "init": INIT,
                           "created": created, "updated": now()})
+            if data is not None:
+                write_data_record(f, data)
             for name, dset in layout.mlp_paths(layout.MLP_GROUP).items():
                 f.create_dataset(dset, data=params[name])
             f.create_dataset(layout.TRAIN_LOG, data=log, maxshape=(None,), chunks=(layout.LOG_CHUNK_ROWS,))
@@ -128,7 +133,7 @@ def append_mlp_evaluation(path: str | os.PathLike, step: int, kind: str, samples
             raise ModelFileError(f"could not read {path}: {os_reason(exc)}") from exc
         write_mlp_file(path, contents.params, step=contents.step, seed=contents.seed, rng_state=contents.rng_state,
                        log=contents.log, created=contents.created, lock=lock,
-                       evals=np.concatenate([contents.evals, row]))
+                       evals=np.concatenate([contents.evals, row]), data=contents.data)
 
 
 def read_mlp_file(path: str | os.PathLike) -> MLPContents:
@@ -189,7 +194,8 @@ def _read(f: h5py.File, path: str) -> MLPContents:
         raise ModelFileError(f"{path}: attribute rng_state is not a JSON object")
     _evals.check_dataset(f, path)
     evals = f[layout.TRAIN_EVALS][()] if layout.TRAIN_EVALS in f else _evals.empty()
-    return MLPContents(params, meta["step"], meta["seed"], rng_state, log_ds[()], decode(a["created"]), evals)
+    return MLPContents(params, meta["step"], meta["seed"], rng_state, log_ds[()], decode(a["created"]), evals,
+                       read_data_record(f, path))
 
 
 def not_a_model(path: str) -> NoReturn:

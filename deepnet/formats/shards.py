@@ -421,9 +421,12 @@ def gather_model(root: PathLike, out: PathLike, *, overwrite: bool = False, prog
 
 
 def create_sharded(root: PathLike, ranks: int, *, layers: int, width: int, activation: str,
-                   alpha: float | None = None, seed: int = 0, overwrite: bool = False, progress: bool = False) -> None:
+                   alpha: float | None = None, seed: int = 0, input_dim: int = 784, n_classes: int = 10,
+                   extra: Callable[[h5py.File], None] | None = None, overwrite: bool = False,
+                   progress: bool = False) -> None:
     """A new sharded model at `root` over `ranks` shards, its weights exactly those :meth:`ModelFile.create`
-    draws for the same arguments (it is made as an ordinary file under a temporary name, then sharded)."""
+    draws for the same arguments (it is made as an ordinary file under a temporary name, then sharded);
+    `extra` writes optional root attributes (the data record)."""
     root = os.fspath(root)
     split_layers(check_int("layers", layers, minimum=1), ranks)
     _check_out_name(root)
@@ -431,7 +434,7 @@ def create_sharded(root: PathLike, ranks: int, *, layers: int, width: int, activ
     tmp = temporary_name(root)
     try:
         ModelFile.create(tmp, layers=layers, width=width, activation=activation, alpha=alpha, seed=seed,
-                         progress=progress).close()
+                         input_dim=input_dim, n_classes=n_classes, extra=extra, progress=progress).close()
         shard_model(tmp, ranks, root, overwrite=overwrite, progress=progress)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -21,7 +21,7 @@ from deepnet.kernels.loader import LayerKernels, kernels_for
 from deepnet.nn import heads as _heads
 from deepnet.nn.distill import DistilledInput
 from deepnet.nn.losses import softmax_cross_entropy
-from deepnet.training import loop
+from deepnet.training.data_plan import model_data
 
 #: Images per forward pass.
 EVAL_BATCH = 1024
@@ -69,10 +69,12 @@ def evaluate_sections(section: Any, ranks: Any, test: tuple[np.ndarray, np.ndarr
     return {k: float(v) for k, v in out.items()}
 
 
-def evaluate_section(model: str | os.PathLike, section: int, *, synthetic: bool = False, samples: int = 10_000,
-                     batch: int = EVAL_BATCH, chunk_layers: int = 1000, data_dir: Any = None) -> dict:
-    """Section ``section`` of the Mach model ``model`` on the first ``samples`` test images: its own head on
-    the stack of sections 0..section, or (``synthetic``) on its distilled input model alone."""
+def evaluate_section(model: str | os.PathLike, section: int, *, synthetic: bool = False, samples: int | None = None,
+                     batch: int = EVAL_BATCH, chunk_layers: int = 1000, data: str | None = None,
+                     data_dir: Any = None) -> dict:
+    """Section ``section`` of the Mach model ``model`` on the first ``samples`` test images (None: all) of
+    its data (or ``data``): its own head on the stack of sections 0..section, or (``synthetic``) on its
+    distilled input model alone."""
     root = os.fspath(model)
     int_at_least("section", section, 0)
     if not shards.is_sharded(root):
@@ -96,7 +98,11 @@ def evaluate_section(model: str | os.PathLike, section: int, *, synthetic: bool 
         cores = [opened.read_core(k) for k in used]
         layers = sum(opened.shards[k].layers for k in used)
         kernels, alpha, step = kernels_for(mf.activation, mf.width), mf.alpha, mf.step
-    x, y = loop.test_set(data_dir, samples)
+        dataset = model_data(mf, data, data_dir)
+    test = dataset.test(samples)
+    if test is None:
+        raise ConfigError(f"{dataset.name} has no test split to evaluate on")
+    x, y = test
     loss_sum = correct = 0.0
     for lo in range(0, x.shape[0], batch):
         hi = min(x.shape[0], lo + batch)

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from deepnet.data.loaders import load_split, mnist_inputs
+from deepnet.data.dataset import Dataset
 from deepnet.distributed.mpi import RankLost, Ranks, launched_size, world
 from deepnet.distributed.run import check_options as check_distributed
-from deepnet.distributed.run import open_run, plan_run, release_locks
+from deepnet.distributed.run import open_data, open_run, plan_run, release_locks
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.formats import layout, shards
 from deepnet.formats.mach_state import MachState, SectionState, read_mach, write_mach
@@ -384,12 +384,11 @@ def _train_armed(options: TrainOptions, ranks: Ranks, stop: StopSignal, progress
              "delayed_weight": options.delayed_weight, "max_delay": options.max_delay,
              "distill_hidden": options.distill_hidden, "distill_lr": options.distill_lr}
     MachSettings.resolve(given, None)  # the values alone, before anything is read or written
-    images, labels = load_split(options.data_dir, "train")
-    test = loop.test_set(options.data_dir, options.test_samples) if options.test_samples else None
+    dataset, test = open_data(options)
     try:
-        root, opened = open_run(options, ranks)
+        root, opened = open_run(options, ranks, dataset)
         try:
-            return _train(options, ranks, root, opened, given, images, labels, test, stop, progress, on_report)
+            return _train(options, ranks, root, opened, given, dataset, test, stop, progress, on_report)
         except DeepnetError as exc:
             exc.abort = ranks.abort
             raise
@@ -415,10 +414,10 @@ def _new_section_state(k: int, count: int, heads: dict, seed: int, hidden: int) 
     return SectionState(head, distill)
 
 
-def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Any, given: dict, images: np.ndarray,
-           labels: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None, stop: StopSignal, progress: bool,
+def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Any, given: dict, dataset: Dataset,
+           test: tuple[np.ndarray, np.ndarray] | None, stop: StopSignal, progress: bool,
            on_report: OnReport) -> dict:
-    first, steps, until, plan, settings = plan_run(options, opened, int(images.shape[0]))
+    first, steps, until, plan, settings = plan_run(options, opened, dataset.n_train)
     batch = settings["batch"]
     state = _mach_state(root, opened)
     mach = MachSettings.resolve(given, None if state is None else state.settings)
@@ -444,11 +443,11 @@ def _train(options: TrainOptions, ranks: Ranks, root: Path, opened: Any, given: 
                           f"--distill-hidden {mach.distill_hidden} was given (it is chosen when the sections start)")
     rng = _seed_rng(opened.seed, k, opened.rng_state if k == 0 else mine.rng_state)
     limit = settings["train_limit"]
-    x_train = mnist_inputs(images[:limit])
+    x_train, y_train = dataset.train_slice(0, limit)
     link = MpiSectionLink(ranks)
     section = MachSection(k, ranks.size, opened.core, kernels_for(opened.activation, opened.width), opened.width,
                           opened.alpha, options.chunk_layers, batch, mach, heads, distill, rng, x_train,
-                          labels[:limit], link)
+                          y_train, link)
     runner = _Runner(ranks, section, root=root, first=first, until=until, plan=plan, settings=settings, state=state,
                      report_every=options.report_every, round_every=options.checkpoint_every,
                      time_limit=options.time_limit, on_report=on_report, stop=stop)

@@ -26,6 +26,7 @@ import numpy as np
 
 from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least
+from deepnet.formats.data_record import DataRecord
 from deepnet.formats.layout import FORMAT_VERSION, LOG_DTYPE, MLP_KEYS
 from deepnet.formats.layout import KIND_MLP as KIND
 from deepnet.formats.locking import WriterLock
@@ -151,8 +152,9 @@ class MLP(MLPParams):
 
     def __init__(self, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, *, step: int = 0,
                  seed: int = 0, rng_state: dict | None = None, log: np.ndarray | None = None,
-                 created: str | None = None) -> None:
+                 created: str | None = None, data: DataRecord | None = None) -> None:
         super().__init__(w1, b1, w2, b2)
+        self.data = DataRecord() if data is None else data
         self.step = int(step)
         self.seed = int(seed)
         self.rng_state = rng_state
@@ -234,7 +236,7 @@ class MLP(MLPParams):
         saves repeatedly passes the :class:`WriterLock` it holds on ``path``."""
         log = self.read_log()
         write_mlp_file(path, self.params(), step=self.step, seed=self.seed, rng_state=self.rng_state, log=log,
-                       created=self.created, lock=lock)
+                       created=self.created, lock=lock, data=self.data)
         self._log = [log] if len(log) else []
         self._pending = []
 
@@ -244,7 +246,7 @@ class MLP(MLPParams):
         c = read_mlp_file(path)
         p = c.params
         return cls(p["w1"], p["b1"], p["w2"], p["b2"], step=c.step, seed=c.seed, rng_state=c.rng_state, log=c.log,
-                   created=c.created)
+                   created=c.created, data=c.data)
 
     def summary(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """What `deepnet info` shows for an MLP file."""

@@ -41,6 +41,7 @@ import numpy as np
 
 from deepnet import activations
 from deepnet.errors import ConfigError, ModelFileError
+from deepnet.formats.data_record import read_data_record
 from deepnet.formats.hdf5 import FileState, ModelFile
 from deepnet.kernels.loader import kernels_for
 from deepnet.nn import branch as _branch
@@ -49,7 +50,7 @@ from deepnet.nn import memory
 from deepnet.nn.batches import check_batch
 from deepnet.nn.engine import CoreEngine
 from deepnet.nn.finite import NonFiniteError, all_finite, assign, quiet
-from deepnet.nn.losses import softmax_cross_entropy
+from deepnet.nn.losses import loss_and_gradient
 from deepnet.nn.stores import InMemoryStore, WeightStore, file_store
 
 
@@ -66,7 +67,8 @@ DEFAULT_EVAL_BATCH = 1024
 
 @dataclass(frozen=True)
 class StepResult:
-    """Figures of one training step, measured before the update (the loss the step descended)."""
+    """Figures of one training step, measured before the update (the loss the step descended);
+    ``batch_acc`` is, for a mean-squared-error model, the rows whose argmax is the targets'."""
 
     step: int
     loss: float
@@ -76,6 +78,9 @@ class StepResult:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Mean loss and accuracy over a data set; for a mean-squared-error model the loss is the mean
+    squared error over every output and ``accuracy`` the rows whose argmax is the targets'."""
+
     loss: float
     accuracy: float
     samples: int
@@ -100,6 +105,8 @@ class DeepNet:
         # not registered: the error names the package the file says provided it, if it says
         activations.require(model_file.activation, used_by=model_file.path, package=model_file.activation_package)
         self.kernels = kernels_for(model_file.activation, width=model_file.width)
+        #: The loss the model trains on, from its data record: "xent" (labels) or "mse" (target vectors).
+        self.loss_kind: str = read_data_record(model_file.h5, model_file.path).loss
         torn = False
         if model_file.mode == "r+":
             state = model_file.state()
@@ -203,7 +210,8 @@ class DeepNet:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, *, layer_lr: float, head_lr: float,
                    rng_state: dict | None = None) -> StepResult:
-        """One exact SGD step on the batch (x: (batch, input_dim) float32, y: integer labels).
+        """One exact SGD step on the batch (x: (batch, input_dim) float32, y: integer labels, or for a
+        mean-squared-error model (``loss_kind`` "mse") float target vectors (batch, n_classes)).
 
         ``rng_state`` is the minibatch generator's state after drawing this batch: it is committed with
         the step, so training resumes with the next batch. Raises :class:`NonFiniteError` (and changes
@@ -211,7 +219,8 @@ class DeepNet:
         """
         if self.unusable:
             raise ModelFileError(f"cannot train {self.file.path} further: {self.unusable}")
-        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes)
+        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes,
+                           targets=self.loss_kind == "mse")
         with quiet():
             return self._step(x, y, layer_lr, head_lr, rng_state)
 
@@ -227,7 +236,7 @@ class DeepNet:
         branch_pass = None if self.branch is None else self.branch.forward(x)
         if branch_pass is not None:
             logits = logits + branch_pass.logits                   # the branch's logits join the core's
-        loss, accuracy, dlogits = softmax_cross_entropy(logits, y)
+        loss, accuracy, dlogits = loss_and_gradient(self.loss_kind, logits, y)
 
         out = _heads.output_gradients(self.heads, h_last, dlogits)
         if not math.isfinite(loss):
@@ -304,7 +313,8 @@ class DeepNet:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only: logits (batch, n_classes) of x."""
-        x, _ = check_batch(x, None, input_dim=self.input_dim, n_classes=self.file.n_classes)
+        x, _ = check_batch(x, None, input_dim=self.input_dim, n_classes=self.file.n_classes,
+                           targets=self.loss_kind == "mse")
         state = np.ascontiguousarray(_heads.input_head(self.heads, x).T)
         self.engine.forward(state, for_backward=False)
         logits = _heads.output_head(self.heads, state.T)
@@ -312,15 +322,17 @@ class DeepNet:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch: int = DEFAULT_EVAL_BATCH,
                  progress: Callable[[int], None] | None = None) -> EvalResult:
-        """Mean loss and accuracy over (x, y), in batches of ``batch``; ``progress`` is called with each batch size."""
-        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes)
+        """Mean loss and accuracy over (x, y), in batches of ``batch``; ``progress`` is called with each batch size.
+        For a mean-squared-error model ``y`` holds target vectors, and the accuracy is the argmax agreement."""
+        x, y = check_batch(x, y, input_dim=self.input_dim, n_classes=self.file.n_classes,
+                           targets=self.loss_kind == "mse")
         if batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {batch}")
         started = time.perf_counter()
         total_loss, correct = 0.0, 0.0
         for lo in range(0, x.shape[0], batch):
             logits = self.logits(x[lo:lo + batch])
-            loss, accuracy, _ = softmax_cross_entropy(logits, y[lo:lo + batch])
+            loss, accuracy, _ = loss_and_gradient(self.loss_kind, logits, y[lo:lo + batch])
             n = logits.shape[0]
             total_loss += loss * n
             correct += accuracy * n

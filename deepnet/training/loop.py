@@ -14,12 +14,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from deepnet.data.loaders import check_count, load_split, mnist_inputs
 from deepnet.errors import ModelFileError
 
 #: One step on a minibatch: (inputs, labels, index of the step within this run) -> the step's result.
@@ -51,17 +50,25 @@ def never() -> bool:
     return False
 
 
-def run(step: StepFunction, x: np.ndarray, y: np.ndarray, *, rng: np.random.Generator, batch: int, steps: int,
+class Minibatches(Protocol):
+    """Where a run's minibatches come from (deepnet.data.sources.ArrayMinibatches draws rows of arrays
+    uniformly with replacement; a teacher draws fresh samples)."""
+
+    def draw(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next minibatch (inputs, labels or targets), drawn with ``rng``."""
+
+
+def run(step: StepFunction, data: Minibatches, *, rng: np.random.Generator, batch: int, steps: int,
         hooks: Sequence[Hook] = (), stop_requested: Callable[[], bool] = never) -> int:
-    """Take up to ``steps`` steps on minibatches drawn uniformly with replacement from ``x``/``y``.
+    """Take up to ``steps`` steps on minibatches of ``batch`` drawn from ``data`` with ``rng``.
 
     Stops early when ``stop_requested()`` (checked before each step) or a hook sets ``event.stop``.
     Returns the steps taken.
     """
     done = 0
     while done < steps and not stop_requested():
-        idx = rng.integers(0, x.shape[0], size=batch)
-        result = step(x[idx], y[idx], done)
+        x, y = data.draw(rng, batch)
+        result = step(x, y, done)
         done += 1
         event = StepEvent(done, result)
         for hook in hooks:
@@ -170,11 +177,3 @@ def minibatch_rng(seed: int, state: dict | None, unusable: Callable[[Exception],
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelFileError(unusable(exc)) from None
     return rng
-
-
-def test_set(data_dir: object, test_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``test_samples`` MNIST test images as inputs, and their labels (a count out of range is
-    refused naming --test-samples, the flag of every trainer)."""
-    images, labels = load_split(data_dir, "test")
-    check_count("test-samples", test_samples, images.shape[0])
-    return mnist_inputs(images[:test_samples]), labels[:test_samples]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deepnet.data.loaders import load_training_set
+from deepnet.data.dataset import ArrayMinibatches, check_count
+from deepnet.data.sources import new_record, open_dataset, run_record
 from deepnet.errors import ConfigError, ModelFileError
 from deepnet.flags import int_at_least, positive
 from deepnet.formats.locking import WriterLock
@@ -49,9 +50,9 @@ class MLPRecipe:
     lr: float = 0.2
     schedule: str = "cosine"
     seed: int = 0
-    train_limit: int = 60_000
+    train_limit: int | None = None  # None: every training sample
     report_every: int = 500
-    test_samples: int = 10_000  # test images evaluated at the end of train-mlp (0: skip)
+    test_samples: int | None = None  # test images evaluated at the end of train-mlp (None: all; 0: skip)
     # BLAS threads while training: one, because the matrices are too small for a second thread to pay
     # off reliably on a shared machine (measurements: bench/README.md).
     threads: int = 1
@@ -66,7 +67,6 @@ ORIGINAL_MLP_RECIPE = replace(MLP_RECIPE, hidden=128, batch=128, steps=5000, lr=
 
 R = MLP_RECIPE
 #: MNIST's classes: the logits of a new MLP.
-N_CLASSES = 10
 
 
 def train_mlp(
@@ -79,10 +79,13 @@ def train_mlp(
     lr: float = R.lr,
     schedule: str = R.schedule,
     seed: int = R.seed,
-    train_limit: int = R.train_limit,
+    train_limit: int | None = R.train_limit,
     report_every: int = R.report_every,
-    test_samples: int = R.test_samples,
+    test_samples: int | None = R.test_samples,
     threads: int = R.threads,
+    data: str | None = None,
+    coarsen: int | None = None,
+    decode: str | None = None,
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     on_report: OnReport = ignore_report,
@@ -93,7 +96,8 @@ def train_mlp(
     An existing model continues from its step and minibatch generator (``hidden``, if given, must
     agree; ``seed`` only seeds a new model). The lr schedule runs over this call's steps, or with
     ``until_step`` over the global steps up to it. The file is saved atomically at every report and at
-    the end; ``test_samples`` test images are evaluated at the end. Report rows (event, step, loss,
+    the end; ``test_samples`` test images are evaluated at the end. A new model records ``data``,
+    ``coarsen`` and ``decode`` (deepnet.data.sources); an existing one is fed through its own. Report rows (event, step, loss,
     batch_acc, lr, seconds_per_step) go to ``on_report``.
     """
     if steps is not None and until_step is not None:
@@ -126,13 +130,24 @@ def train_mlp(
         raise ConfigError(f"--until-step {until_step} is before the model's step {first_step}")
     run_steps = until_step - first_step if until_step is not None else R.steps if steps is None else steps
     until = first_step + run_steps
-    test = loop.test_set(data_dir, test_samples) if test_samples else None  # first: small, checks --test-samples
-    x_train, y_train = load_training_set(data_dir, train_limit)
+    record = new_record(source=data, coarsen=coarsen, decode=decode, loss=None) if net is None else \
+        run_record(net.data, path, source=data, coarsen=coarsen, decode=decode, loss=None)
+    dataset = open_dataset(record, data_dir)
+    if dataset.generative:
+        dataset.close()
+        raise ConfigError(f"train-mlp learns from a fixed training set; {dataset.name} draws fresh samples")
+    test = dataset.test(test_samples) if test_samples != 0 else None
+    limit = dataset.n_train if train_limit is None else train_limit
+    check_count("train-limit", limit, dataset.n_train)
+    x_train, y_train = dataset.train_slice(0, limit)
     if net is None:
         new_hidden = R.hidden if hidden is None else hidden
-        check_mlp_training(input_dim=x_train.shape[1], hidden=new_hidden, n_classes=N_CLASSES, batch=batch, new=True)
-        net = MLP.new(new_hidden, seed=seed, input_dim=x_train.shape[1], n_classes=N_CLASSES)
+        check_mlp_training(input_dim=dataset.input_dim, hidden=new_hidden, n_classes=dataset.n_classes, batch=batch,
+                           new=True)
+        net = MLP.new(new_hidden, seed=seed, input_dim=dataset.input_dim, n_classes=dataset.n_classes)
+        net.data = record
     else:
+        dataset.fits(path, net.input_dim, net.n_classes)
         check_mlp_training(input_dim=net.input_dim, hidden=net.hidden, n_classes=net.n_classes, batch=batch, new=False)
 
     rng = minibatch_rng(net.seed, net.rng_state, lambda exc: (
@@ -151,8 +166,8 @@ def train_mlp(
         with ProgressBar(run_steps, "train-mlp", progress) as bar, blas_threads(threads):
             stop.arm()
             try:
-                done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=run_steps, hooks=[bar, log],
-                                stop_requested=lambda: stop.count > 0)
+                done = loop.run(step, ArrayMinibatches(x_train, y_train), rng=rng, batch=batch, steps=run_steps,
+                                hooks=[bar, log], stop_requested=lambda: stop.count > 0)
                 if log.saved_step is None:  # no step taken (--until-step 0): the new model is still saved
                     log.save()
             except NonFiniteError as exc:
@@ -236,15 +251,25 @@ class _MLPLog(Hook):
 def evaluate_mlp(
     model: str | os.PathLike = "mlp.h5",
     *,
-    samples: int = 10_000,
+    samples: int | None = None,
     batch: int = 1000,
+    data: str | None = None,
     data_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Evaluate an MLP model file on the first ``samples`` MNIST test images: loss, accuracy, time."""
-    int_at_least("test-samples", samples, 1)
+    """Evaluate an MLP model file on the first ``samples`` test samples (None: all) of the data it
+    records (or ``data``), through its own input transform: loss, accuracy, time."""
+    if samples is not None:
+        int_at_least("test-samples", samples, 1)
     int_at_least("batch", batch, 1)
     net = MLP.load(model)
-    x, y = loop.test_set(data_dir, samples)
+    record = net.data if data is None else run_record(net.data, model, source=data, coarsen=None, decode=None,
+                                                      loss=None)
+    dataset = open_dataset(record, data_dir)
+    dataset.fits(model, net.input_dim, net.n_classes)
+    test = dataset.test(samples)
+    if test is None:
+        raise ConfigError(f"{dataset.name} has no test split to evaluate on")
+    x, y = test
     result = net.evaluate(x, y, batch=batch)
     return {"event": "eval", "model": os.fspath(model), "kind": KIND, "step": net.step, "hidden": net.hidden,
             **result, "samples_per_s": result["samples"] / max(result["seconds"], 1e-12)}

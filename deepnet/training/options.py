@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from deepnet import activations
-from deepnet.data.loaders import mnist_inputs
+from deepnet.data.dataset import Dataset
 from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least, non_negative_number, positive
 from deepnet.nn import branch as _branch
@@ -53,7 +53,7 @@ class Recipe:
     seed: int = 0
     train_limit: int = 60_000
     report_every: int = 100
-    test_samples: int = 10_000  # the final test evaluation (the whole MNIST test set; 0 skips it)
+    test_samples: int | None = None  # the final test evaluation (None: the whole test set; 0 skips it)
     #: In memory, the model file is replaced (atomically) this often unless --checkpoint-every is given.
     checkpoint_seconds: float = 600.0
 
@@ -90,7 +90,7 @@ class TrainOptions:
     chunk_layers: int = RECIPE.chunk_layers
     train_limit: int | None = None
     report_every: int = RECIPE.report_every
-    test_samples: int = RECIPE.test_samples
+    test_samples: int | None = RECIPE.test_samples
     in_memory: bool = False
     checkpoint_every: int | None = None
     resume_torn: bool = False
@@ -107,6 +107,10 @@ class TrainOptions:
     branch: str | None = None
     hidden: int | None = None
     data_dir: str | Path | None = None
+    data: str | None = None
+    coarsen: int | None = None
+    decode: str | None = None
+    loss: str | None = None
     micro_batches: int | None = None
     rank_timeout: float = 300.0
     mode: str = "exact"
@@ -135,7 +139,8 @@ class TrainOptions:
         for name, value in (("lr", self.lr), ("layer-lr", self.layer_lr), ("head-lr", self.head_lr)):
             if value is not None:
                 non_negative_number(name, value)
-        int_at_least("test-samples", self.test_samples, 0)
+        if self.test_samples is not None:
+            int_at_least("test-samples", self.test_samples, 0)
         _best.check_options(self.keep_best, self.patience)
         int_at_least("seed", self.seed, 0)
         if self.alpha is not None:
@@ -248,11 +253,11 @@ class RunOptions(Hook):
             settings.update(_schedule.settings(self.schedules))
         self.base = {"layer_lr": float(settings["layer_lr"]), "head_lr": float(settings["head_lr"])}
 
-    def prepare(self, net: DeepNet, settings: dict, images: np.ndarray, labels: np.ndarray) -> None:
+    def prepare(self, net: DeepNet, settings: dict, dataset: Dataset) -> None:
         """Set the run planned with ``settings`` up on the open ``net``: its branch checked, the held-out
-        slice attached, the weight average started."""
+        slice of ``dataset`` attached, the weight average started."""
         self.net = net
-        n_train = int(images.shape[0])
+        n_train = dataset.n_train
         if self.branch is not None:
             have = net.branch
             if have is None:
@@ -262,8 +267,7 @@ class RunOptions(Hook):
                 raise ConfigError(f"{net.file.path} has an MLP branch of hidden {have.hidden} but --hidden "
                                   f"{self.hidden} was given")
         if self.holdout:
-            self.heldout = _heldout.HeldOut(mnist_inputs(images[n_train - self.holdout:]),
-                                            labels[n_train - self.holdout:], self.eval_every)
+            self.heldout = _heldout.HeldOut(*dataset.train_slice(n_train - self.holdout, n_train), self.eval_every)
             self.heldout.attach(net)
             self.best = _best.Best(net, self.stored_best, keep=self.keep_best, patience=self.patience)
         net.check_step_memory(int(settings["batch"]))

@@ -18,9 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet.data.loaders import check_count, load_split, mnist_inputs
+from deepnet.data.dataset import Dataset, check_count
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import positive
+from deepnet.formats.data_record import DataRecord, write_data_record
 from deepnet.formats.hdf5 import ModelFile, remove_stale_temporaries
 from deepnet.nn import branch as _branch
 from deepnet.nn import memory
@@ -28,6 +29,7 @@ from deepnet.nn.engine import NonFiniteError
 from deepnet.nn.network import DEFAULT_EVAL_BATCH, DeepNet, EvalResult
 from deepnet.training import ema as _ema
 from deepnet.training import loop
+from deepnet.training.data_plan import model_data, refuse_generative, training_data
 from deepnet.training.loop import Hook, ProgressBar, StepEvent
 from deepnet.training.options import RECIPE, RunOptions, TrainOptions
 from deepnet.training.reporting import OnReport, StepLog, ignore_report
@@ -79,33 +81,39 @@ def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport 
     ``progress`` shows tqdm bars on stderr."""
     options.check()
     run = RunOptions(options)
-    images, labels = load_split(options.data_dir, "train")
-    if options.train_limit is not None:
-        check_count("train-limit", options.train_limit, images.shape[0])
-    test = loop.test_set(options.data_dir, options.test_samples) if options.test_samples else None
+    record, dataset = training_data(options.model, data=options.data, coarsen=options.coarsen,
+                                    decode=options.decode, loss=options.loss, data_dir=options.data_dir)
+    try:
+        refuse_generative(dataset, train_limit=options.train_limit, holdout=options.holdout)
+        if options.train_limit is not None:
+            check_count("train-limit", options.train_limit, dataset.n_train)
+        test = dataset.test(options.test_samples) if options.test_samples != 0 else None
 
-    path = Path(options.model)
-    if not path.exists():
-        options.planned_steps(0)
-        run.check_new_model(options.new_layers, options.new_width)
-        plan_settings(options, run, None, 0, images.shape[0])  # a refused run creates no file
-        memory.check_new_model(layers=options.new_layers, width=options.new_width, input_dim=784, n_classes=10,
-                               hidden=run.hidden, batch=options.batch or RECIPE.batch)
-        init(path, **run.new_model_branch(), layers=options.new_layers, width=options.new_width,
-             activation=options.new_activation, alpha=options.alpha, seed=options.seed, progress=progress)
+        path = Path(options.model)
+        if not path.exists():
+            options.planned_steps(0)
+            run.check_new_model(options.new_layers, options.new_width)
+            plan_settings(options, run, None, 0, dataset.n_train)  # a refused run creates no file
+            memory.check_new_model(layers=options.new_layers, width=options.new_width, input_dim=dataset.input_dim,
+                                   n_classes=dataset.n_classes, hidden=run.hidden, batch=options.batch or RECIPE.batch)
+            init(path, **run.new_model_branch(), layers=options.new_layers, width=options.new_width,
+                 activation=options.new_activation, alpha=options.alpha, seed=options.seed, progress=progress,
+                 input_dim=dataset.input_dim, n_classes=dataset.n_classes, data=record)
 
-    stop = StopSignal()
-    with stop, DeepNet.open(path, writable=True, in_memory=options.in_memory, chunk_layers=options.chunk_layers,
-                            expect=options.expect(), resume_torn=options.resume_torn) as net:
-        try:
-            return _train_open(net, options, run, stop, images, labels, test, progress, on_report)
-        finally:
-            run.close()
+        stop = StopSignal()
+        with stop, DeepNet.open(path, writable=True, in_memory=options.in_memory, chunk_layers=options.chunk_layers,
+                                expect=options.expect(), resume_torn=options.resume_torn) as net:
+            dataset.fits(path, net.input_dim, net.file.n_classes)
+            try:
+                return _train_open(net, options, run, stop, dataset, test, progress, on_report)
+            finally:
+                run.close()
+    finally:
+        dataset.close()
 
 
-def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: StopSignal, images: np.ndarray,
-                labels: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None, progress: bool,
-                on_report: OnReport) -> dict:
+def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: StopSignal, dataset: Dataset,
+                test: tuple[np.ndarray, np.ndarray] | None, progress: bool, on_report: OnReport) -> dict:
     """train() on the opened model."""
     path = Path(options.model)
     if options.alpha is not None and not math.isclose(options.alpha, net.file.alpha, rel_tol=1e-6):
@@ -113,12 +121,12 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
     first_step = net.step
     steps = options.planned_steps(first_step)
     until = first_step + steps
-    settings = plan_settings(options, run, net.train_settings, first_step, images.shape[0])
-    run.prepare(net, settings, images, labels)
+    settings = plan_settings(options, run, net.train_settings, first_step, dataset.n_train)
+    run.prepare(net, settings, dataset)
     batch, train_limit = settings["batch"], settings["train_limit"]
     net.train_settings = settings
     remove_stale_temporaries(path)
-    x_train, y_train = mnist_inputs(images[:train_limit]), labels[:train_limit]
+    minibatches = dataset.minibatches(train_limit)
     rng = training_rng(net)
     best = run.best
 
@@ -138,7 +146,7 @@ def _train_open(net: DeepNet, options: TrainOptions, run: RunOptions, stop: Stop
         started = time.perf_counter()
         stop.arm(net)
         try:
-            done = loop.run(step, x_train, y_train, rng=rng, batch=batch, steps=steps, hooks=hooks,
+            done = loop.run(step, minibatches, rng=rng, batch=batch, steps=steps, hooks=hooks,
                             stop_requested=lambda: stop.count > 0 or (best is not None and best.exhausted))
             stop.disarm(f"stopped after step {net.step}, which {path} holds; the final evaluation was skipped",
                         held_step=net.saved_step, until_step=until)
@@ -253,10 +261,12 @@ def init(
     progress: bool = False,
     branch: str | None = None,
     hidden: int | None = None,
+    data: DataRecord | None = None,
 ) -> ModelFile:
     """Create a new model file (core weights uniform in [-0.001, 0.001], Xavier heads); returns it closed.
 
-    ``branch="mlp", hidden=H`` adds the residual MLP branch (deepnet.nn.branch), drawn from its own stream.
+    ``branch="mlp", hidden=H`` adds the residual MLP branch (deepnet.nn.branch), drawn from its own stream;
+    ``data`` is the record of what the model learns from (deepnet.formats.data_record; None: MNIST pixels).
     """
     positive("layers", layers)
     positive("width", width)
@@ -265,11 +275,17 @@ def init(
         positive("alpha", alpha, float)
     branch, hidden = _branch.check_options(branch, hidden)
     memory.check_new_model(layers=layers, width=width, input_dim=input_dim, n_classes=n_classes, hidden=hidden)
-    extra, extra_bytes = None, 0
+    new_branch, extra_bytes = None, 0
     if branch is not None:
         new_branch = _branch.MLPBranch.new(hidden, input_dim=input_dim, n_classes=n_classes, seed=seed)
-        extra = new_branch.write_new
         extra_bytes = sum(a.nbytes for a in new_branch.params().values())  # counted in the free-space check
+
+    def extra(f: object) -> None:
+        if new_branch is not None:
+            new_branch.write_new(f)
+        if data is not None:
+            write_data_record(f, data)
+
     model_file = ModelFile.create(model, layers=layers, width=width, activation=activation, alpha=alpha,
                                   seed=seed, input_dim=input_dim, n_classes=n_classes, overwrite=overwrite,
                                   progress=progress, extra=extra, extra_bytes=extra_bytes)
@@ -280,25 +296,37 @@ def init(
 def evaluate(
     model: str | Path,
     *,
-    samples: int = 10_000,
+    samples: int | None = None,
     batch: int = DEFAULT_EVAL_BATCH,
     chunk_layers: int = RECIPE.chunk_layers,
     in_memory: bool = False,
     use_ema: bool = False,
+    data: str | None = None,
     data_dir: str | Path | None = None,
     progress: bool = False,
 ) -> dict:
-    """Evaluate a model file on the first ``samples`` MNIST test images; returns loss, accuracy, time.
+    """Evaluate a model file on the first ``samples`` test samples (None: all) of the data it records
+    (or ``data``, of the same inputs and classes), through its own input transform; returns loss,
+    accuracy, time.
 
     ``use_ema`` evaluates the weight average stored in the file (deepnet.training.ema) instead of the
     weights, reading the averaged core into RAM; it is an error if the file has none. A file that does
     not hold a committed step is evaluated with a warning (``warnings.warn``).
     """
-    positive("test-samples", samples)
+    if samples is not None:
+        positive("test-samples", samples)
     positive("batch", batch)
     positive("chunk-layers", chunk_layers)
-    x, y = loop.test_set(data_dir, samples)
     with DeepNet.open(model, in_memory=in_memory, chunk_layers=chunk_layers) as net:
+        dataset = model_data(net.file, data, data_dir)
+        try:
+            test = dataset.test(samples)
+        finally:
+            dataset.close()
+        if test is None:
+            raise ConfigError(f"{dataset.name} has no test split to evaluate on")
+        x, y = test
+        samples = int(x.shape[0])
         state = net.file.state()
         if not state.healthy:
             warnings.warn(f"{model} is not a committed step: {state.message} (see `deepnet check`)", stacklevel=2)

@@ -37,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from deepnet import activations
-from deepnet.data.loaders import load_split, mnist_inputs
+from deepnet.data.dataset import ArrayMinibatches
+from deepnet.data.sources import new_record, open_dataset
 from deepnet.errors import ConfigError, DeepnetError
 from deepnet.flags import int_at_least, non_negative_number, number_in, writable_directory
 from deepnet.nn import memory
@@ -73,8 +74,10 @@ class SpeedrunRecipe:
     seed: int = 0                     # model initialisation and minibatches
     in_memory: bool = True            # core weights in RAM (faster); False: streamed from the file
     chunk_layers: int = DEFAULT_CHUNK_LAYERS
-    test_samples: int = 10_000        # the final test evaluation (the whole MNIST test set)
+    test_samples: int | None = None   # the final test evaluation (None: the whole test set)
     report_every: int = 100           # a table row every N steps (and after every held-out evaluation)
+    data: str = "mnist"               # the source (deepnet.data.sources), recorded in the model
+    coarsen: int = 1                  # K x K cells of each image as (max, VAL2) bytes; 1: the pixels
 
 
 SPEEDRUN = SpeedrunRecipe()
@@ -116,8 +119,9 @@ def machine() -> str:
 def _check(recipe: SpeedrunRecipe) -> None:
     number_in("target-acc", recipe.target_acc, 0.0, 1.0, low_open=True)
     for name in ("layers", "width", "batch", "eval_every", "holdout", "max_steps", "chunk_layers",
-                 "test_samples", "report_every"):
-        int_at_least(name.replace("_", "-"), getattr(recipe, name), 1)
+                 "test_samples", "report_every", "coarsen"):
+        if getattr(recipe, name) is not None:
+            int_at_least(name.replace("_", "-"), getattr(recipe, name), 1)
     int_at_least("seed", recipe.seed, 0)
     activations.get(recipe.activation)
     for name in ("layer_lr", "head_lr", "eval_gate"):
@@ -147,14 +151,21 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
         raise ConfigError(f"{model} already exists: a speedrun starts from a fresh model (choose another --model)")
 
     # 1. data (not timed)
-    images, labels = load_split(data_dir, "train")
-    n = images.shape[0]
+    record = new_record(source=recipe.data, coarsen=recipe.coarsen, decode=None, loss=None)
+    dataset = open_dataset(record, data_dir)
+    if dataset.generative:
+        dataset.close()
+        raise ConfigError(f"a speedrun holds images out of a fixed training set; {dataset.name} has none")
+    n = dataset.n_train
     if recipe.holdout >= n:
         raise ConfigError(f"--holdout must be < {n}, got {recipe.holdout}")
     n_train = n - recipe.holdout
-    x_train, y_train = mnist_inputs(images[:n_train]), labels[:n_train]
-    heldout = HeldOut(mnist_inputs(images[n_train:]), labels[n_train:], recipe.eval_every)
-    x_test, y_test = loop.test_set(data_dir, recipe.test_samples)
+    x_train, y_train = dataset.train_slice(0, n_train)
+    heldout = HeldOut(*dataset.train_slice(n_train, n), recipe.eval_every)
+    test = dataset.test(recipe.test_samples)
+    if test is None:
+        raise ConfigError(f"{dataset.name} has no test split for the speedrun's final evaluation")
+    x_test, y_test = test
 
     # 2. a fresh model (not timed)
     tmpdir = None
@@ -166,10 +177,10 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     try:
         log.info(f"speedrun: {recipe.layers:,} layers x width {recipe.width}, {recipe.activation}, batch "
                  f"{recipe.batch}, target {recipe.target_acc:g} on {recipe.holdout} held-out images; {machine()}")
-        memory.check_new_model(layers=recipe.layers, width=recipe.width, input_dim=x_train.shape[1],
-                               n_classes=10, hidden=None, batch=recipe.batch)
+        memory.check_new_model(layers=recipe.layers, width=recipe.width, input_dim=dataset.input_dim,
+                               n_classes=dataset.n_classes, hidden=None, batch=recipe.batch)
         init(path, layers=recipe.layers, width=recipe.width, activation=recipe.activation, seed=recipe.seed,
-             progress=progress)
+             progress=progress, input_dim=dataset.input_dim, n_classes=dataset.n_classes, data=record)
         with DeepNet.open(path, writable=True, in_memory=recipe.in_memory, chunk_layers=recipe.chunk_layers) as net:
             report = _run(net, recipe, schedule, x_train, y_train, heldout, progress=progress, on_report=on_report)
             with tqdm(total=len(y_test), desc="test", unit="img", disable=not progress, leave=False,
@@ -244,7 +255,7 @@ def _run(net: DeepNet, recipe: SpeedrunRecipe, schedule: Schedule, x: np.ndarray
 
     with ProgressBar(recipe.max_steps, "speedrun", progress, at_most=True) as bar:
         target = _Target(recipe.target_acc, time.perf_counter())
-        loop.run(step, x, y, rng=rng, batch=recipe.batch, steps=recipe.max_steps, hooks=[gate, bar, rows, target])
+        loop.run(step, ArrayMinibatches(x, y), rng=rng, batch=recipe.batch, steps=recipe.max_steps, hooks=[gate, bar, rows, target])
     reached_at = target.reached_at
     best = gate.best
     elapsed = reached_at if reached_at is not None else time.perf_counter() - target.started
