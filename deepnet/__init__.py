@@ -6,13 +6,13 @@ and prints nothing; ``progress=True`` shows progress bars, ``on_report=`` receiv
 - ``deepnet.init(path, layers=..., width=..., activation=..., input_dim=784, seed=...)`` creates a model file;
 - ``deepnet.DeepNet.open(path, writable=True, in_memory=False)`` opens one, with
   ``net.train_step(x, y, layer_lr=..., head_lr=...)``, ``net.evaluate(x, y)``, ``net.logits(x)``, ``net.save()``;
-- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, test_samples=...)`` run the MNIST recipe
+- ``deepnet.train(path, steps=...)`` and ``deepnet.evaluate(path, test_samples=...)`` run the recipe (MNIST, or ``data=...``)
   (options: schedules, held-out evaluation, weight average, MLP branch: see deepnet.training.options);
 - ``deepnet.speedrun(target_acc=..., layers=...)`` times a run to a target accuracy (its recipe:
   ``deepnet.SPEEDRUN``); ``deepnet.train_mlp``/``evaluate_mlp`` the MLP baseline;
 - ``deepnet.info``, ``check``, ``bench``, ``plot``, ``import_raw``, ``export_raw``, ``fetch_data``,
-  ``list_activations``, ``check_activation``, ``compile_activations``, ``shard``, ``gather``: the other
-  commands;
+  ``teacher``, ``diagnose``, ``luckmatters``, ``list_activations``, ``check_activation``,
+  ``compile_activations``, ``shard``, ``gather``: the other commands;
 - ``deepnet.ModelFile`` is the HDF5 file itself; ``deepnet.activations`` the activation registry.
 """
 
@@ -31,8 +31,8 @@ _API = {
     "Schedule": "deepnet.training.schedule",
     **{name: "deepnet.api" for name in (
         "init", "train", "evaluate", "speedrun", "info", "check", "bench", "train_mlp", "evaluate_mlp",
-        "import_raw", "export_raw", "plot", "fetch_data", "list_activations", "check_activation",
-        "compile_activations", "shard", "gather")},
+        "import_raw", "export_raw", "plot", "fetch_data", "teacher", "diagnose", "luckmatters",
+        "list_activations", "check_activation", "compile_activations", "shard", "gather")},
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -11,6 +11,7 @@ Layouts follow the model file: a core row is ``[W (in, out) row-major | b]``; he
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,41 +135,34 @@ class StepResult64:
 def train_step(m: Model64, x: np.ndarray, y: np.ndarray, layer_lr: float, head_lr: float) -> StepResult64:
     """One exact SGD step, following DESIGN.md: forward through all layers, then backward layer by
     layer in reverse with in-place updates; the heads' gradients use the pre-step weights."""
-    x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y)
-    h0 = np.tanh(x @ m.input_weight + m.input_bias)
-    hL, trace = core_forward(h0, m.core, m.alpha, m.activation)
-    logits = hL @ m.output_weight + m.output_bias
-    loss, dlogits = softmax_xent(logits, y)
-    accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
 
-    grad_out_w = hL.T @ dlogits
-    grad_out_b = dlogits.sum(axis=0)
-    g = dlogits @ m.output_weight.T                       # pre-step output weights
-    g0, core, core_grads = core_backward(g, m.core, trace, m.alpha, m.activation, layer_lr)
-    dpre = g0 * (1.0 - h0 ** 2)
-    grad_in_w = x.T @ dpre
-    grad_in_b = dpre.sum(axis=0)
+    def xent(logits: np.ndarray) -> tuple[float, np.ndarray, float]:
+        loss, dlogits = softmax_xent(logits, y)
+        return loss, dlogits, float(np.mean(np.argmax(logits, axis=1) == y))
 
-    new = Model64(m.input_weight - head_lr * grad_in_w, m.input_bias - head_lr * grad_in_b, core,
-                  m.output_weight - head_lr * grad_out_w, m.output_bias - head_lr * grad_out_b,
-                  m.alpha, m.activation)
-    grads = {"input_weight": grad_in_w, "input_bias": grad_in_b, "core": core_grads,
-             "output_weight": grad_out_w, "output_bias": grad_out_b}
-    return StepResult64(new, loss, accuracy, grads)
+    return _step(m, x, xent, layer_lr, head_lr)
 
 
 def train_step_mse(m: Model64, x: np.ndarray, targets: np.ndarray, layer_lr: float,
                    head_lr: float) -> StepResult64:
     """``train_step`` with the mean squared error on target vectors instead of the cross-entropy; the
     accuracy is the fraction of rows whose argmax is the targets'."""
-    x = np.asarray(x, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64)
+
+    def squared(outputs: np.ndarray) -> tuple[float, np.ndarray, float]:
+        loss, dout = mse(outputs, targets)
+        return loss, dout, float(np.mean(np.argmax(outputs, axis=1) == np.argmax(targets, axis=1)))
+
+    return _step(m, x, squared, layer_lr, head_lr)
+
+
+def _step(m: Model64, x: np.ndarray, loss_of: Callable, layer_lr: float, head_lr: float) -> StepResult64:
+    """The step of a loss ``loss_of(outputs) -> (loss, dLoss/doutputs, accuracy)``."""
+    x = np.asarray(x, dtype=np.float64)
     h0 = np.tanh(x @ m.input_weight + m.input_bias)
     hL, trace = core_forward(h0, m.core, m.alpha, m.activation)
-    outputs = hL @ m.output_weight + m.output_bias
-    loss, dout = mse(outputs, targets)
-    accuracy = float(np.mean(np.argmax(outputs, axis=1) == np.argmax(targets, axis=1)))
+    loss, dout, accuracy = loss_of(hL @ m.output_weight + m.output_bias)
 
     grad_out_w = hL.T @ dout
     grad_out_b = dout.sum(axis=0)
@@ -184,6 +178,39 @@ def train_step_mse(m: Model64, x: np.ndarray, targets: np.ndarray, layer_lr: flo
     grads = {"input_weight": grad_in_w, "input_bias": grad_in_b, "core": core_grads,
              "output_weight": grad_out_w, "output_bias": grad_out_b}
     return StepResult64(new, loss, accuracy, grads)
+
+
+PARAMETERS = ("input_weight", "input_bias", "core", "output_weight", "output_bias")
+
+
+def finite_difference_grads(m: Model64, loss: Callable[[], float], eps: float = 1e-6) -> dict[str, np.ndarray]:
+    """Central finite differences of ``loss()`` with respect to every parameter of ``m`` (each entry moved
+    in place and restored)."""
+    grads = {}
+    for key in PARAMETERS:
+        param = getattr(m, key)
+        fd = np.zeros_like(param)
+        for idx in np.ndindex(param.shape):
+            old = param[idx]
+            param[idx] = old + eps
+            up = loss()
+            param[idx] = old - eps
+            down = loss()
+            param[idx] = old
+            fd[idx] = (up - down) / (2 * eps)
+        assert np.max(np.abs(fd)) > 1e-4, f"{key}: gradient is ~0, a check against it would be vacuous"
+        grads[key] = fd
+    return grads
+
+
+def assert_step_is_the_gradient(m: Model64, res: StepResult64, loss: Callable[[], float], layer_lr: float,
+                                head_lr: float) -> None:
+    """``res`` (a step of ``m``) took the true gradient of ``loss()`` with the right learning rates."""
+    for key, fd in finite_difference_grads(m, loss).items():
+        np.testing.assert_allclose(res.grads[key], fd, rtol=1e-5, atol=1e-7 * np.max(np.abs(fd)), err_msg=key)
+        lr = layer_lr if key == "core" else head_lr
+        np.testing.assert_allclose(getattr(res.model, key), getattr(m, key) - lr * fd, rtol=0, atol=1e-8,
+                                   err_msg=key)
 
 
 # -- the kernels' view: (width, batch) states, one chunk of rows -------------------------------------

@@ -165,6 +165,15 @@ def test_teacher_correlations_match_a_float64_reference(tmp_path):
         assert band["row_norm_matched"] == pytest.approx(norms[matched].mean(), rel=1e-5)
         assert band["row_norm_unmatched"] == pytest.approx(norms[~matched].mean(), rel=1e-5)
 
+    table = _cli(str(student), "--teacher", str(teacher), "--bands", "4", "--probe-samples", "50")
+    assert table.returncode == 0, table.stderr
+    assert "corr min" in table.stdout and "|w| matched" in table.stdout
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "teacher.png"
+    drawn = _cli(str(student), "--teacher", str(teacher), "--bands", "4", "--plot", str(image))
+    assert drawn.returncode == 0, drawn.stderr
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_teacher_flag_refusals(trained, tmp_path):
     path, _ = trained

@@ -14,7 +14,7 @@ from deepnet.formats.data_record import LOSSES, DataRecord, read_data_record, wr
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.nn.batches import check_batch
 from deepnet.nn.losses import LOSS_NAMES, loss_and_gradient, mean_squared_error, softmax_cross_entropy
-from reference import Model64, assert_close, assert_update_close, mse, train_step_mse
+from reference import Model64, assert_close, assert_step_is_the_gradient, assert_update_close, mse, train_step_mse
 
 # ---------------------------------------------------------------------------------------------------
 # the loss
@@ -160,22 +160,7 @@ def test_the_reference_step_is_the_finite_difference_gradient():
     res = train_step_mse(m, x, targets, layer_lr=0.3, head_lr=0.2)
     loss = lambda: mse(m.logits(x), targets)[0]  # noqa: E731
     assert res.loss == pytest.approx(loss(), rel=1e-12)
-    eps = 1e-6
-    for key in ("input_weight", "input_bias", "core", "output_weight", "output_bias"):
-        param = getattr(m, key)
-        fd = np.zeros_like(param)
-        for idx in np.ndindex(param.shape):
-            old = param[idx]
-            param[idx] = old + eps
-            up = loss()
-            param[idx] = old - eps
-            down = loss()
-            param[idx] = old
-            fd[idx] = (up - down) / (2 * eps)
-        assert np.max(np.abs(fd)) > 1e-4, key
-        np.testing.assert_allclose(res.grads[key], fd, rtol=1e-5, atol=1e-7 * np.max(np.abs(fd)), err_msg=key)
-        lr = 0.3 if key == "core" else 0.2
-        np.testing.assert_allclose(getattr(res.model, key), param - lr * fd, rtol=0, atol=1e-8, err_msg=key)
+    assert_step_is_the_gradient(m, res, loss, layer_lr=0.3, head_lr=0.2)
 
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])

@@ -74,6 +74,7 @@ def test_idx_dataset_trains_evaluates_and_records_its_shape(tmp_path):
     again = api.evaluate(model)                             # the recorded source, no flag needed
     assert again["samples"] == 60 and again["accuracy"] == pytest.approx(final["test_acc"])
     assert final["test_acc"] > 0.4                          # five classes: chance is 0.2
+    assert api.info(model)["data"] == f"idx:{data.resolve()}, cross-entropy on labels"
 
 
 def test_idx_inputs_are_the_pixels_over_255(tmp_path):
@@ -171,6 +172,7 @@ def test_coarsened_mnist_feeds_the_model_its_cells(tmp_path, mini_env):
         assert mf.input_dim == 98                        # 7 x 7 cells, two values each
         assert read_data_record(mf.h5, mf.path).coarsen == 4
     assert (mini_env / coarse.COARSE_MNIST_NAME).exists()  # written once into the data directory
+    assert api.info(model)["data"] == "mnist, coarsen 4x4 (ratio) inputs, cross-entropy on labels"
     # What eval feeds the model is decode(coarsen(pixels)), computed here independently of the file.
     from deepnet.formats.idx import load_mnist
     images, labels = load_mnist(mini_env, "test")
@@ -211,6 +213,14 @@ def test_coarsened_idx_and_the_raw_decoding(tmp_path):
     images, _ = load_idx_split(data, "test")
     x, _ = dataset.test(None)
     np.testing.assert_array_equal(x, coarse.decode(coarse.coarsen(images, 3), "raw"))
+
+
+def test_the_branch_takes_the_coarse_inputs_too(tmp_path, mini_env):
+    model = tmp_path / "b.h5"
+    final = api.train(model, coarsen=4, branch="mlp", hidden=8, test_samples=50, **SMALL)
+    with DeepNet.open(model) as net:
+        assert net.branch.params()["w1"].shape == (98, 8)
+    assert api.evaluate(model, test_samples=50)["accuracy"] == final["test_acc"]
 
 
 def test_mlp_and_speedrun_apply_the_recorded_transform(tmp_path, mini_env):

@@ -59,7 +59,7 @@ import numpy as np
 from deepnet.data.mnist import ensure_mnist
 from deepnet.errors import ConfigError, DataError
 from deepnet.formats.atomic import atomic_path
-from deepnet.formats.idx import IMAGES_MAGIC, load_mnist
+from deepnet.formats.idx import IMAGES_MAGIC, load_mnist, open_data_file
 from deepnet.formats.values import check_int, is_int, one_line, os_reason, show
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -271,14 +271,7 @@ def _parse_header(path: PathLike, f: BinaryIO, size: int) -> _Header:
 
 
 def _open(path: PathLike) -> BinaryIO:
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise _err(path, "missing file: no such file") from None
-    except IsADirectoryError:
-        raise _err(path, "is a directory, not a coarse-input file") from None
-    except OSError as exc:
-        raise _err(path, f"cannot open: {os_reason(exc)}") from None
+    return open_data_file(path, "a coarse-input file")
 
 
 def coarse_file_info(path: PathLike) -> dict:

@@ -141,17 +141,22 @@ def _read_gzip_payload(path: PathLike, f: BinaryIO, compressed_size: int, expect
     return out
 
 
-def _read(path: PathLike, expected_magic: int | None) -> np.ndarray:
-    """Read one IDX file, checking the magic number against ``expected_magic`` if given."""
+def open_data_file(path: PathLike, kind: str) -> BinaryIO:
+    """``path`` opened for reading, or a one-line DataError (missing, a directory, unreadable); ``kind``
+    names what it should be ("an IDX file")."""
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except FileNotFoundError:
         raise _err(path, "missing file: no such file") from None
     except IsADirectoryError:
-        raise _err(path, "is a directory, not an IDX file") from None
+        raise _err(path, f"is a directory, not {kind}") from None
     except OSError as exc:
         raise _err(path, f"cannot open: {os_reason(exc)}") from None
-    with f:
+
+
+def _read(path: PathLike, expected_magic: int | None) -> np.ndarray:
+    """Read one IDX file, checking the magic number against ``expected_magic`` if given."""
+    with open_data_file(path, "an IDX file") as f:
         try:
             compressed_size = os.fstat(f.fileno()).st_size
             is_gzip = f.read(2) == GZIP_MAGIC

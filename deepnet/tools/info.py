@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from deepnet.data.teacher import read_teacher_info
 from deepnet.errors import ConfigError
+from deepnet.formats.data_record import DataRecord, read_data_record
 from deepnet.formats import evals as _evals
 from deepnet.formats import shards as _shards
 from deepnet.formats.atomic import format_bytes
@@ -29,16 +31,30 @@ def model_info(model: str | os.PathLike) -> dict:
     """The summary of a dense or MLP model file: plain Python values (JSON-able), nested dicts for the
     parts (last_log, train_settings, last_heldout, last_test, ...)."""
     if model_kind(model) == "mlp":
-        summary = MLP.load(model).summary(model)
+        net = MLP.load(model)
+        summary = net.summary(model)
+        summary["data"] = data_summary(net.data)
         summary.update(evaluation_summary(read_mlp_file(model).evals))
     else:
         with ModelFile.open(model) as f:
             summary = f.summary()
+            teacher = read_teacher_info(f)
+            if teacher is None:
+                summary["data"] = data_summary(read_data_record(f.h5, f.path))
+            else:  # a teacher is data, and learns from none
+                summary["teacher"] = teacher
             summary.update(_shards.shard_summary(f))
             summary.update(mach_summary(f))
             summary.update(training_summary(f))
             summary.update(evaluation_summary(_evals.with_heldout_dataset(f.read_evaluations(), f.h5)))
     return _plain(summary)
+
+
+def data_summary(record: DataRecord) -> str:
+    """What a model learns from, in one line: its source, input transform and loss."""
+    loss = "cross-entropy on labels" if record.loss == "xent" else "mean squared error on targets"
+    inputs = "" if record.coarsen == 1 else f", {record.transform} inputs"
+    return f"{record.source}{inputs}, {loss}"
 
 
 def training_summary(model_file: ModelFile) -> dict:

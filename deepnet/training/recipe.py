@@ -1,4 +1,4 @@
-"""Dense training on MNIST, top to bottom: create or open a model, run the training loop, save, evaluate.
+"""Dense training, top to bottom: create or open a model, run the training loop, save, evaluate.
 
 Every hyperparameter default lives in ``RECIPE`` (deepnet.training.options); the flags arrive as one
 ``TrainOptions``. Nothing here prints: results are returned, report rows go to ``on_report``, warnings
@@ -76,7 +76,7 @@ class Saves(Hook):
 
 
 def train(options: TrainOptions, *, progress: bool = False, on_report: OnReport = ignore_report) -> dict:
-    """Train ``options.model`` on MNIST for ``options.steps`` more steps (or until ``options.until_step``),
+    """Train ``options.model`` on its data for ``options.steps`` more steps (or until ``options.until_step``),
     creating it first if it does not exist; returns the final figures (see deepnet.api.train).
     ``progress`` shows tqdm bars on stderr."""
     options.check()
