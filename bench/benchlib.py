@@ -22,7 +22,8 @@ from deepnet.nn.engine import CoreEngine, choose_save_every
 from deepnet.nn.stores import InMemoryStore
 from deepnet.errors import ActivationError
 from deepnet.kernels.loader import LayerKernels, build_label, builtin_module
-from deepnet.nn.network import DEFAULT_CHUNK_LAYERS
+from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
+from deepnet.tools.bench import warm_up
 
 # Timed rounds per benchmark: at least ROUNDS, and as many more (up to MAX_ROUNDS) as fit in BUDGET_S seconds.
 ROUNDS = max(1, int(os.environ.get("DEEPNET_BENCH_ROUNDS", "5")))
@@ -183,3 +184,20 @@ def run_kernel(benchmark, w: "Workload", kind: str) -> None:
         w.make_saves()
         run_pedantic(benchmark, w.backward, setup=w.backward_setup)
         assert np.isfinite(w.g).all()
+
+
+def time_train_steps(benchmark, net: DeepNet, batch: int):
+    """Time ``net.train_step`` on random inputs and labels as `deepnet bench` does: untimed, the first
+    step and the thread choice's trials; then ROUNDS timed rounds. Returns the last step's result."""
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, net.input_dim), dtype=np.float32)
+    y = rng.integers(0, 10, size=batch)
+    results = []
+
+    def step() -> float:
+        results.append(net.train_step(x, y, layer_lr=0.01, head_lr=0.01))  # as deepnet bench steps
+        return results[-1].seconds
+
+    warm_up(step, net)
+    run_pedantic(benchmark, step, rounds=ROUNDS, warmup_rounds=0)
+    return results[-1]

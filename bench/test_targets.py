@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchlib import ROUNDS, median_seconds, record, run_pedantic
+from benchlib import median_seconds, record, run_pedantic, time_train_steps
 from deepnet.tools.bench import warm_up
 from deepnet.nn.network import DeepNet
 from deepnet.api import init
@@ -69,20 +69,8 @@ def _bench_step(benchmark, model_file, *, activation: str, in_memory: bool, targ
     """Time DeepNet.train_step at a scaled depth; extrapolate seconds per step linearly to 10M layers."""
     layers = _layers(benchmark, STEP_LAYERS)
     path = model_file(layers, width, activation)
-    rng = np.random.default_rng(0)
     with DeepNet.open(path, writable=True, in_memory=in_memory) as net:
-        x = rng.random((batch, net.input_dim), dtype=np.float32)
-        y = rng.integers(0, 10, size=batch)
-        results = []
-
-        def step() -> float:
-            results.append(net.train_step(x, y, layer_lr=0.01, head_lr=0.01))  # as deepnet bench steps
-            return results[-1].seconds
-
-        # Untimed, as deepnet bench: the first step (page faults, buffers), then the thread choices' trials.
-        warm_up(step, net)
-        run_pedantic(benchmark, step, rounds=ROUNDS, warmup_rounds=0)
-        assert np.isfinite(results[-1].loss)
+        assert np.isfinite(time_train_steps(benchmark, net, batch).loss)
     median = record(benchmark, layer_samples=layers * batch, layers_measured=layers, width=width, batch=batch,
                     activation=activation, mode="in-memory" if in_memory else "streamed",
                     full_size_command=command, target=f"<= {target_s} s/step at 10M layers")

@@ -5,7 +5,7 @@ chunk by chunk. Every store hands the engine the same chunks, and the kernels do
 them, so all modes give bit-identical results. How many threads a pass runs on is deepnet.nn.threads'.
 
 Checkpointing: the forward pass saves the state h every ``save_every`` layers (a few hundred, chosen so a
-segment's recomputed activations fit in L2 cache). The backward pass recomputes one segment at a time
+segment's recomputed activations fit in this CPU's L2 cache, read at run time). The backward pass recomputes one segment at a time
 from its saved state and back-propagates through it. ``chunk_layers`` only sets how many layers one
 kernel call (and one read from the file) covers; the saved states depend on it only in where they
 sit, and recomputation is bit-identical to the forward pass, so results do not depend on it.
@@ -28,12 +28,14 @@ import numpy as np
 
 from deepnet.errors import ConfigError
 from deepnet.kernels.loader import LayerKernels
+from deepnet.nn.caches import l2_bytes
 from deepnet.nn.finite import NonFiniteError, finite_rows
 from deepnet.nn.stores import WeightStore
 from deepnet.nn.threads import FixedThreads, ThreadChoice, default_threads
 
-# Bytes of recomputed activations (inputs and derivatives of one segment) that should stay in L2.
-SEGMENT_CACHE_BYTES = 256 * 1024
+# The share of one core's L2 (deepnet.nn.caches) that one segment's recomputed states, derivatives and
+# weights may take: the rest is the kernels' other traffic.
+SEGMENT_L2_SHARE = 0.5
 # Upper bound on the memory of all saved states; deeper models get longer segments instead.
 MAX_SAVED_STATE_BYTES = 256 * 1024 * 1024
 # Chunks a pass is cut into at most, where MAX_CHUNK_BYTES allows: deeper models get longer chunks.
@@ -49,11 +51,12 @@ def choose_save_every(layers: int, width: int, batch: int, chunk_layers: int) ->
 
     A segment's recomputed states and derivatives and its weights are read again by the
     back-propagation right after the recomputation: all three should still be in L2 then (the weights
-    dominate at large width and small batch: 4 KiB a layer at width 32).
+    dominate at large width and small batch: 4 KiB a layer at width 32). The L2's size is this CPU's
+    (read at run time), so the same model gets longer segments on a CPU with a larger L2.
     """
     per_state = 4 * width * batch
     per_layer = 2 * per_state + 4 * (width * width + width)
-    for_cache = max(16, SEGMENT_CACHE_BYTES // per_layer)
+    for_cache = max(16, int(SEGMENT_L2_SHARE * l2_bytes()) // per_layer)
     for_memory = math.ceil(layers * per_state / MAX_SAVED_STATE_BYTES)
     return max(1, min(chunk_layers, max(for_cache, for_memory)))
 

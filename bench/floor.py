@@ -1,0 +1,110 @@
+"""The arithmetic floor of the reference step, the machine it is computed for, and the limit kernel run
+beside deepnet (../shared/limit, compiled here with gcc -O3 -march=native).
+
+The floor of one exact step through L layers of width w at batch B, on C cores of a CPU with V-lane FMA
+vectors (8: AVX2, 16: AVX-512) and two FMA pipes per core, at the clock f:
+
+    forward   a dependency chain per layer that no second core shortens: the w dependent FMAs of
+              z = h W + b, the activation, the residual FMA h + alpha act(z):
+              chain = (w + 1) x FMA_LATENCY + ACTIVATION_LATENCY[act] cycles per layer
+    backward  throughput work: recompute, propagated gradient and weight gradient, w*w*B multiply-adds
+              each, as 3 w*w*B / V FMA instructions per layer on 2 C pipes (the activation's derivative
+              and the update ride along in the gaps; they are not counted)
+
+    floor = L (chain + 3 w w B / (2 C V)) / f
+
+For the reference (L = 10M, w = 4, B = 16, softsign) on two AVX2 cores at 3 GHz: (5 x 4 + 14) = 34 cycles
+of chain and 96 / 4 = 24 cycles of backward per layer, 0.19 s (issue 23). The latencies are Zen 3's and
+Sapphire Rapids' (4-cycle FMA; activation chains from their instruction tables); the clock is measured
+with a chain of dependent adds (the limit kernel's own measurement).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from deepnet.kernels.loader import build_label, builtin_module
+from deepnet.nn.caches import cache_sizes
+
+FMA_LATENCY = 4
+#: Cycles of the activation's dependency chain in the forward (the kernels' instruction sequences).
+ACTIVATION_LATENCY = {"relu": 1, "softsign": 14, "tanh": 30}
+#: FMA lanes of a build's vectors.
+LANES = {"avx512": 16, "avx2": 8, "portable": 4}
+
+LIMIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "limit"
+_STEP_LINE = re.compile(r"median ([0-9.]+) s")
+_CLOCK = re.compile(r"clock~([0-9.]+)GHz")
+
+
+def floor_seconds(*, layers: int, width: int, batch: int, activation: str, lanes: int, cores: int,
+                  clock_hz: float) -> dict:
+    """The floor of the module docstring, and its two parts, in seconds."""
+    chain = (width + 1) * FMA_LATENCY + ACTIVATION_LATENCY[activation]
+    backward = 3 * width * width * batch / (2 * cores * lanes)
+    return {"forward_chain_cycles_per_layer": chain, "backward_cycles_per_layer": backward,
+            "floor_forward_s": layers * chain / clock_hz, "floor_backward_s": layers * backward / clock_hz,
+            "floor_s": layers * (chain + backward) / clock_hz}
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (/proc/cpuinfo: "AMD EPYC" alone does not
+    tell a Zen 3 from a Zen 5), else the platform's processor string."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or "unknown"
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def build_in_use() -> str:
+    """The kernel build deepnet runs here ("avx512", "avx2" or "portable")."""
+    name = builtin_module(None).__name__.rsplit(".", 1)[-1]
+    return name.rsplit("_", 1)[-1] if name.startswith("_kernels_") else "portable"
+
+
+def limit_source(build: str) -> Path | None:
+    """The limit kernel for a build (w4.c for AVX-512, w4_avx2.c for AVX2), None if there is none."""
+    name = {"avx512": "w4.c", "avx2": "w4_avx2.c"}.get(build)
+    path = LIMIT_DIR / name if name else None
+    return path if path is not None and path.is_file() else None
+
+
+def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dict | None:
+    """Compile and run the limit kernel's two-thread step (``step2h``) at ``layers``; its median seconds
+    and the clock it measured. None when there is no kernel for the build or no gcc."""
+    source = limit_source(build)
+    if source is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="deepnet-limit-") as tmp:
+        exe = os.path.join(tmp, "w4")
+        try:
+            subprocess.run(["gcc", "-O3", "-march=native", "-pthread", str(source), "-lm", "-o", exe],
+                           check=True, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        chunk = min(sub, layers)
+        done = subprocess.run([exe, "step2h", str(layers), str(chunk), str(chunk), str(reps)], check=True,
+                              capture_output=True, text=True, timeout=1800)
+    step = _STEP_LINE.search(done.stdout)
+    clock = _CLOCK.search(done.stdout)
+    return {"limit_kernel": source.name, "limit_s_per_step": float(step.group(1)) if step else None,
+            "clock_ghz": float(clock.group(1)) if clock else None, "limit_output": done.stdout.strip()}
+
+
+def machine_facts() -> dict:
+    """The CPU model, ISA build, cores, L1d/L2 sizes (bytes) of the machine measuring."""
+    sizes = cache_sizes()
+    return {"cpu": cpu_model(), "build": build_in_use(), "build_label": build_label(builtin_module(None)),
+            "cores": len(os.sched_getaffinity(0)),
+            "l1d_bytes": sizes.get(1), "l2_bytes": sizes.get(2)}
