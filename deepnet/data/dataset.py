@@ -70,32 +70,53 @@ class Dataset:
                               f"{'outputs' if self.record.loss == 'mse' else 'classes'}")
 
 
+Split = tuple[np.ndarray, np.ndarray]
+
+
 class ArrayDataset(Dataset):
     """A source held as arrays: samples in a stored form (pixels, coarse bytes or floats) and labels;
-    ``to_inputs`` makes the model's float32 inputs of any slice of them."""
+    ``to_inputs`` makes the model's float32 inputs of any slice of them. Either split may be given as a
+    function that loads it, called when the split is first needed (an evaluation never reads the
+    training images); ``input_dim`` is told from whichever split is loaded already."""
 
-    def __init__(self, record: DataRecord, name: str, train: tuple[np.ndarray, np.ndarray],
-                 test: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]] | None,
-                 to_inputs: Callable[[np.ndarray], np.ndarray], n_classes: int) -> None:
+    def __init__(self, record: DataRecord, name: str, train: Split | Callable[[], Split],
+                 test: Split | Callable[[], Split | None] | None, to_inputs: Callable[[np.ndarray], np.ndarray],
+                 n_classes: int) -> None:
         self.record, self.name = record, name
-        self.stored, self.labels = train
-        self._test = test
+        self._train, self._test = train, test
         self.to_inputs = to_inputs
-        self.n_train = int(self.stored.shape[0])
         self.n_classes = n_classes
-        self.input_dim = int(to_inputs(self.stored[:1]).shape[1])
 
-    def train_slice(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.to_inputs(self.stored[start:stop]), self.labels[start:stop]
+    def _train_split(self) -> Split:
+        if callable(self._train):
+            self._train = self._train()
+        return self._train
 
-    def test(self, samples: int | None, flag: str = "test-samples") -> tuple[np.ndarray, np.ndarray] | None:
+    def _test_split(self) -> Split | None:
         if callable(self._test):
             self._test = self._test()
-        if self._test is None:
+        return self._test
+
+    @property
+    def n_train(self) -> int:
+        return int(self._train_split()[0].shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        loaded = self._train if not callable(self._train) else self._test_split() or self._train_split()
+        return int(self.to_inputs(loaded[0][:1]).shape[1])
+
+    def train_slice(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        stored, labels = self._train_split()
+        return self.to_inputs(stored[start:stop]), labels[start:stop]
+
+    def test(self, samples: int | None, flag: str = "test-samples") -> tuple[np.ndarray, np.ndarray] | None:
+        split = self._test_split()
+        if split is None:
             if samples is None:
                 return None
             raise ConfigError(f"{self.name} has no test split (x_test, y_test): use --{flag} 0")
-        stored, labels = self._test
+        stored, labels = split
         n = int(stored.shape[0]) if samples is None else samples
         check_count(flag, n, int(stored.shape[0]))
         return self.to_inputs(stored[:n]), labels[:n]

@@ -132,14 +132,14 @@ def open_dataset(record: DataRecord, data_dir: str | os.PathLike | None = None) 
     if kind == "mnist":
         directory = ensure_mnist(data_dir)
         if record.coarsen == 1:
-            return ArrayDataset(record, "MNIST", load_mnist(directory, "train"),
+            return ArrayDataset(record, "MNIST", lambda: load_mnist(directory, "train"),
                                 lambda: load_mnist(directory, "test"), pixels, 10)
         path = coarse.ensure_coarse_mnist(directory, [record.coarsen], out_dir=coarse_dir(directory))
 
         def split(name: str) -> tuple[np.ndarray, np.ndarray]:
             return coarse.read_coarse(path, record.coarsen, name), load_mnist(directory, name)[1]
 
-        return ArrayDataset(record, f"MNIST coarsened {record.coarsen}x{record.coarsen}", split("train"),
+        return ArrayDataset(record, f"MNIST coarsened {record.coarsen}x{record.coarsen}", lambda: split("train"),
                             lambda: split("test"), lambda b: coarse.decode(b, decode), 10)
     if kind == "idx":
         train, test = load_idx_split(where, "train"), load_idx_split(where, "test")
