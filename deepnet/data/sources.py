@@ -32,7 +32,7 @@ from deepnet.data.mnist import ensure_mnist
 from deepnet.data.teacher import TeacherDataset
 from deepnet.errors import ConfigError, DataError
 from deepnet.formats.data_record import LOSSES, DataRecord
-from deepnet.formats.idx import load_idx_split, load_mnist
+from deepnet.formats.idx import find_idx_file, load_idx_split, load_mnist, mnist_file_names, read_labels
 
 SOURCE_KINDS = ("mnist", "idx", "npz", "teacher")
 SOURCE_FORMS = "mnist, idx:DIR, npz:FILE or teacher:FILE"
@@ -137,7 +137,10 @@ def open_dataset(record: DataRecord, data_dir: str | os.PathLike | None = None) 
         path = coarse.ensure_coarse_mnist(directory, [record.coarsen], out_dir=coarse_dir(directory))
 
         def split(name: str) -> tuple[np.ndarray, np.ndarray]:
-            return coarse.read_coarse(path, record.coarsen, name), load_mnist(directory, name)[1]
+            labels = find_idx_file(directory, mnist_file_names(name)[1])  # the labels alone: no pixels decoded
+            if labels is None:
+                raise DataError(f"{directory}: no {mnist_file_names(name)[1]} (raw or .gz)")
+            return coarse.read_coarse(path, record.coarsen, name), read_labels(labels)
 
         return ArrayDataset(record, f"MNIST coarsened {record.coarsen}x{record.coarsen}", lambda: split("train"),
                             lambda: split("test"), lambda b: coarse.decode(b, decode), 10)

@@ -99,7 +99,10 @@ def evaluate_section(model: str | os.PathLike, section: int, *, synthetic: bool 
         layers = sum(opened.shards[k].layers for k in used)
         kernels, alpha, step = kernels_for(mf.activation, mf.width), mf.alpha, mf.step
         dataset = model_data(mf, data, data_dir)
-    test = dataset.test(samples)
+    try:
+        test = dataset.test(samples)
+    finally:
+        dataset.close()
     if test is None:
         raise ConfigError(f"{dataset.name} has no test split to evaluate on")
     x, y = test
