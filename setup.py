@@ -47,7 +47,7 @@ write_if_changed(os.path.join(HERE, GENERATED_DIR, RENDERED_NAME), render_layer_
 
 BASE_ARGS = list(BASE_FLAGS) + ["-pthread"]
 KERNELS_DIR = os.path.join("deepnet", "kernels")  # the headers, found by #include "dn_runtime.h"
-HEADERS = [os.path.join(KERNELS_DIR, name) for name in ("dn_runtime.h", "dn_driver.h")]
+HEADERS = [os.path.join(KERNELS_DIR, name) for name in ("dn_runtime.h", "dn_driver.h", "dn_initial.h")]
 HEADERS.append(os.path.join(GENERATED_DIR, RENDERED_NAME))
 
 

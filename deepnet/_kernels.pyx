@@ -13,6 +13,7 @@ a chunk of parameters is ``(n_layers, width*width + width)`` float32, each row `
 import sys
 
 from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 
 from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_MAX_BLOCK, DN_TABLE_CAPSULE, dn_add_table_attributes,
@@ -33,6 +34,11 @@ cdef extern from "dn_driver.h" nogil:
                      Py_ssize_t scratch_floats, int threads)
     int dn_cpu_has_avx2_fma()
     int dn_cpu_has_avx512()
+
+cdef extern from "dn_initial.h" nogil:
+    void dn_initial_change_sums(const float* rows, Py_ssize_t n, Py_ssize_t r, Py_ssize_t m, uint64_t state_hi,
+                                uint64_t state_lo, uint64_t inc_hi, uint64_t inc_lo, double low, double range,
+                                double* norms_out, double* changes_out)
 
 # The built-in activations' loops, rendered from kernels/layer_loops.h.tp by setup.py.
 cdef extern from "_layer_loops.h":
@@ -209,3 +215,27 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     finally:
         if owned:
             free(buf)
+
+
+
+def initial_change_sums(const float[:, ::1] rows, Py_ssize_t drawn, state, increment, double low,
+                        double high) -> tuple:
+    """(sum of ||row||, sum of ||row - initial row||) over ``rows``, in float64, in one pass.
+
+    The initial rows' first ``drawn`` columns are float32(NumPy's PCG64 Generator.uniform(low, high))
+    drawn from the generator state ``state`` (its 128-bit state and increment, as Python ints), row
+    after row; their other columns are 0. Bit for bit NumPy's draws (kernels/dn_initial.h), ~4x faster.
+    """
+    cdef Py_ssize_t n = rows.shape[0], r = rows.shape[1]
+    if not 0 <= drawn <= r:
+        raise ValueError(f"drawn must be within 0..{r}, got {drawn}")
+    cdef uint64_t mask = 0xFFFFFFFFFFFFFFFF
+    cdef uint64_t s_hi = (state >> 64) & mask, s_lo = state & mask
+    cdef uint64_t i_hi = (increment >> 64) & mask, i_lo = increment & mask
+    cdef double norms = 0.0, changes = 0.0
+    if n == 0:
+        return norms, changes
+    with nogil:
+        dn_initial_change_sums(&rows[0, 0], n, r, drawn, s_hi, s_lo, i_hi, i_lo, low, high - low, &norms,
+                               &changes)
+    return norms, changes

@@ -84,8 +84,8 @@ def teacher(model: PathLike, *, layers: int = 100, width: int = 4, activation: s
                         overwrite=overwrite)
 
 
-def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, teacher: PathLike | None = None,
-             plot: PathLike | None = None, data: str | None = None, data_dir: PathLike | None = None) -> dict:
+def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, gradient: bool = True,
+             teacher: PathLike | None = None, plot: PathLike | None = None, data: str | None = None, data_dir: PathLike | None = None) -> dict:
     """Across the depth of a model's core, band by band, for a probe batch of test samples: the norms of h,
     of an update alpha*act(hW+b), of the gradient going back, of the weights and their change since init;
     with --teacher, how well the student's units match the teacher's at the same relative depth.
@@ -94,6 +94,8 @@ def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, teac
         model: HDF5 model file (dense, or a sharded root); its core is streamed in chunks.
         bands: bands of consecutive layers (default 100).
         probe_samples: the first N test samples make the probe batch.
+        gradient: send the probe's gradient back through the core for the ||grad|| column (a backward
+            pass: about three forwards' work).
         teacher: a teacher file (`deepnet teacher`): per band, each teacher unit's best correlation with a
             student unit, the student units' weight norms (W_row_norm), matched and unmatched.
         plot: also draw the figures against depth into this image (.png, .svg, .pdf; needs matplotlib).
@@ -102,8 +104,8 @@ def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, teac
     """
     if plot is not None:
         check_image_out(os.fspath(plot), "--plot")
-    result = diagnose_depth(model, bands=bands, probe_samples=probe_samples, teacher=teacher, data=data,
-                            data_dir=data_dir)
+    result = diagnose_depth(model, bands=bands, probe_samples=probe_samples, gradient=gradient, teacher=teacher,
+                            data=data, data_dir=data_dir)
     if plot is not None:
         save_figure(build_depth_figure(result), os.fspath(plot), 100)
         result["plot"] = os.fspath(plot)

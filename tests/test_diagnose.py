@@ -16,8 +16,9 @@ from deepnet.data.sources import open_dataset
 from deepnet.formats.data_record import DataRecord
 from deepnet.formats import shards
 from deepnet.formats.hdf5 import ModelFile
-from deepnet.tools.diagnose import band_bounds, diagnose_depth, initial_rows
-from helpers import MNIST_DIR, have_mnist
+from deepnet.kernels.loader import kernels_for
+from deepnet.tools.diagnose import band_bounds, diagnose_depth
+from helpers import MNIST_DIR, have_mnist, kernel_builds
 from reference import assert_close, core_backward, core_forward, softmax_xent, split_row
 
 pytestmark = pytest.mark.skipif(not have_mnist(), reason=f"MNIST is not in {MNIST_DIR}")
@@ -35,12 +36,50 @@ def trained(tmp_path_factory):
     return path, initial
 
 
+def _numpy_initial(seed, scale, width, first, stop):
+    """Rows first..stop-1 of the initial core as NumPy draws them (deepnet.formats.create's stream)."""
+    ww = width * width
+    rng = np.random.default_rng([seed, 0])
+    rng.bit_generator.advance(first * ww)
+    rows = np.zeros((stop - first, ww + width), np.float32)
+    rows[:, :ww] = rng.uniform(-scale, scale, size=(stop - first, ww))
+    return rows
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 8])
+def test_the_compiled_draws_are_numpys_in_every_build(width):
+    """initial_change_sums meets NumPy's float32-rounded draws exactly (change 0) at every width, odd
+    offsets and scales, in every build this CPU runs; perturbed rows give the float64 sums."""
+    for calls in kernel_builds():
+        for seed, scale, first, n in ((0, 1e-3, 0, 700), (7, 0.37, 12_345, 1_003), (3, 1.0, 10**9 + 7, 3)):
+            initial = _numpy_initial(seed, scale, width, first, first + n)
+            rng = np.random.default_rng([seed, 0])
+            rng.bit_generator.advance(first * width * width)
+            state = rng.bit_generator.state["state"]
+            norms, changes = calls.initial_change_sums(initial, width * width, state["state"], state["inc"],
+                                                       -scale, scale)
+            assert changes == 0.0, (calls.__name__, width, seed)
+            assert norms == pytest.approx(np.linalg.norm(initial.astype(np.float64), axis=1).sum(), rel=1e-12)
+            moved = initial + np.random.default_rng(1).normal(0, scale, initial.shape).astype(np.float32)
+            norms, changes = calls.initial_change_sums(moved, width * width, state["state"], state["inc"],
+                                                       -scale, scale)
+            delta = moved.astype(np.float64) - initial
+            assert changes == pytest.approx(np.linalg.norm(delta, axis=1).sum(), rel=1e-12)
+
+
 def test_the_initial_weights_are_drawn_again_exactly(trained):
     _, initial = trained
     with ModelFile.open(initial) as f:
         core, seed, scale = f.read_core(), f.seed, float(f.init_scale)
+    calls = kernels_for("tanh", WIDTH).calls
     for first, stop in ((0, LAYERS), (0, 1), (17, 123), (LAYERS - 5, LAYERS)):
-        assert np.array_equal(initial_rows(seed, scale, WIDTH, first, stop), core[first:stop])
+        expected = _numpy_initial(seed, scale, WIDTH, first, stop)
+        assert np.array_equal(expected, core[first:stop])
+        rng = np.random.default_rng([seed, 0])
+        rng.bit_generator.advance(first * WIDTH * WIDTH)
+        state = rng.bit_generator.state["state"]
+        assert calls.initial_change_sums(core[first:stop], WIDTH * WIDTH, state["state"], state["inc"], -scale,
+                                         scale)[1] == 0.0
 
 
 def test_band_bounds_cover_the_core_once():
@@ -94,6 +133,39 @@ def test_an_untrained_model_has_not_moved_and_a_sharded_root_gives_the_same(trai
     shards.shard_model(path, 2, root)
     assert diagnose_depth(root, bands=3, probe_samples=8)["bands"] == diagnose_depth(path, bands=3,
                                                                                     probe_samples=8)["bands"]
+
+
+def test_without_the_gradient_the_other_figures_are_the_same(trained, tmp_path):
+    path, _ = trained
+    full = diagnose_depth(path, bands=4, probe_samples=PROBE)
+    quick = diagnose_depth(path, bands=4, probe_samples=PROBE, gradient=False)
+    assert all(band["grad_norm"] is None for band in quick["bands"])
+    for a, b in zip(full["bands"], quick["bands"]):
+        assert a["grad_norm"] > 0
+        assert {k: v for k, v in a.items() if k != "grad_norm"} == {k: v for k, v in b.items() if k != "grad_norm"}
+    assert quick["loss"] == full["loss"]
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "quick.png"
+    proc = _cli(str(path), "--bands", "4", "--no-gradient", "--plot", str(image))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("0..", "75.."))]
+    assert len(rows) == 2 and all(row[4] == "-" for row in rows)
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_probe_cut_over_threads_gives_the_same_figures(trained, monkeypatch):
+    """The probe's samples are split between threads (each its own run forward and back); one thread or
+    two give the same band figures."""
+    path, _ = trained
+    monkeypatch.setenv("DEEPNET_THREADS", "1")
+    one = diagnose_depth(path, bands=3, probe_samples=PROBE)
+    monkeypatch.setenv("DEEPNET_THREADS", "2")
+    two = diagnose_depth(path, bands=3, probe_samples=PROBE)
+    for a, b in zip(one["bands"], two["bands"]):
+        for key in ("h_norm", "band_change", "grad_norm", "update_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+        for key in ("weight_norm", "weight_change"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12), key
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
