@@ -288,9 +288,17 @@ def test_a_student_learns_its_teacher_exactly_and_resumably(tmp_path):
 def test_teacher_flag_errors_are_one_line(tmp_path):
     teacher = tmp_path / "t.h5"
     api.teacher(teacher, layers=5, width=4, input_dim=8, outputs=6)
-    with pytest.raises(ConfigError) as exc:
-        api.train(tmp_path / "s.h5", data=f"teacher:{teacher}", holdout=10, **SMALL)
-    assert "fresh samples" in one_line(exc)
+    for needs_a_fixed_set, what in [
+            (lambda: api.train(tmp_path / "s.h5", data=f"teacher:{teacher}", holdout=10, **SMALL), "--holdout"),
+            (lambda: api.train(tmp_path / "s.h5", data=f"teacher:{teacher}", train_limit=10, **SMALL),
+             "--train-limit"),
+            (lambda: api.train_mlp(tmp_path / "m.h5", data=f"teacher:{teacher}", steps=1), "train-mlp"),
+            (lambda: api.speedrun(model=tmp_path / "r.h5", data=f"teacher:{teacher}", max_steps=1), "a speedrun")]:
+        with pytest.raises(ConfigError) as exc:
+            needs_a_fixed_set()
+        assert one_line(exc) == (f"{what}{' (it holds images out)' if what == 'a speedrun' else ''} needs a fixed "
+                                 f"training set; teacher:{teacher} draws fresh samples every step")
+    assert not any(tmp_path.glob("[smr].h5"))
     with pytest.raises(ConfigError) as exc:
         api.train(tmp_path / "s.h5", data=f"teacher:{teacher}", coarsen=2, **SMALL)
     assert "--coarsen" in one_line(exc)

@@ -47,7 +47,13 @@ class Dataset:
 
     def train_slice(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Training samples start..stop-1 as inputs (float32 (n, input_dim)) and labels."""
-        raise ConfigError(f"{self.name} has no fixed training set (--train-limit and --holdout do not apply)")
+        self.require_fixed("a slice of training samples")
+        raise NotImplementedError
+
+    def require_fixed(self, what: str) -> None:
+        """Refuse ``what``, which needs a fixed training set, if this source draws fresh samples."""
+        if self.generative:
+            raise ConfigError(f"{what} needs a fixed training set; {self.name} draws fresh samples every step")
 
     def minibatches(self, limit: int) -> ArrayMinibatches:
         """What a run draws its minibatches from: the first ``limit`` training samples."""

@@ -10,9 +10,6 @@ import numpy as np
 from deepnet.errors import ConfigError
 from deepnet.formats.data_record import LOSSES
 
-#: The losses ``loss_and_gradient`` knows, as a model file's data record names them.
-LOSS_NAMES = LOSSES
-
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, *,
                           loss_dtype: type[np.floating] | None = None) -> tuple[float, float, np.ndarray]:
@@ -63,4 +60,4 @@ def loss_and_gradient(kind: str, outputs: np.ndarray, y: np.ndarray, *,
         return softmax_cross_entropy(outputs, y, loss_dtype=loss_dtype)
     if kind == "mse":
         return mean_squared_error(outputs, y, loss_dtype=loss_dtype)
-    raise ConfigError(f"unknown loss {kind!r}: expected one of {', '.join(LOSS_NAMES)}")
+    raise ConfigError(f"unknown loss {kind!r}: expected one of {', '.join(LOSSES)}")

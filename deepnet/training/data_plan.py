@@ -8,7 +8,6 @@ from pathlib import Path
 
 from deepnet.data.dataset import Dataset
 from deepnet.data.sources import new_record, open_dataset, parse_source, run_record
-from deepnet.errors import ConfigError
 from deepnet.formats.data_record import DataRecord, read_data_record
 from deepnet.formats.hdf5 import ModelFile
 
@@ -48,8 +47,6 @@ def model_data(model_file: ModelFile, data: str | None, data_dir: str | os.PathL
 
 def refuse_generative(dataset: Dataset, **flags: object) -> None:
     """Refuse flags that need a fixed training set (given, i.e. not None) with a generative source."""
-    if dataset.generative:
-        for name, value in flags.items():
-            if value:
-                raise ConfigError(f"--{name.replace('_', '-')} needs a fixed training set; {dataset.name} draws "
-                                  f"fresh samples every step")
+    for name, value in flags.items():
+        if value:
+            dataset.require_fixed(f"--{name.replace('_', '-')}")

@@ -135,7 +135,7 @@ def train_mlp(
     dataset = open_dataset(record, data_dir)
     if dataset.generative:
         dataset.close()
-        raise ConfigError(f"train-mlp learns from a fixed training set; {dataset.name} draws fresh samples")
+        dataset.require_fixed("train-mlp")
     test = dataset.test(test_samples) if test_samples != 0 else None
     limit = dataset.n_train if train_limit is None else train_limit
     check_count("train-limit", limit, dataset.n_train)

@@ -155,7 +155,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     dataset = open_dataset(record, data_dir)
     if dataset.generative:
         dataset.close()
-        raise ConfigError(f"a speedrun holds images out of a fixed training set; {dataset.name} has none")
+        dataset.require_fixed("a speedrun (it holds images out)")
     n = dataset.n_train
     if recipe.holdout >= n:
         raise ConfigError(f"--holdout must be < {n}, got {recipe.holdout}")
