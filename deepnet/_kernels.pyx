@@ -217,14 +217,14 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
             free(buf)
 
 
-
 def initial_change_sums(const float[:, ::1] rows, Py_ssize_t drawn, state, increment, double low,
                         double high) -> tuple:
     """(sum of ||row||, sum of ||row - initial row||) over ``rows``, in float64, in one pass.
 
     The initial rows' first ``drawn`` columns are float32(NumPy's PCG64 Generator.uniform(low, high))
     drawn from the generator state ``state`` (its 128-bit state and increment, as Python ints), row
-    after row; their other columns are 0. Bit for bit NumPy's draws (kernels/dn_initial.h), ~4x faster.
+    after row; their other columns are 0. Bit for bit NumPy's draws (kernels/dn_initial.h), with no
+    buffer (bench/README.md has what it costs against NumPy's drawing and norms).
     """
     cdef Py_ssize_t n = rows.shape[0], r = rows.shape[1]
     if not 0 <= drawn <= r:

@@ -85,7 +85,8 @@ def teacher(model: PathLike, *, layers: int = 100, width: int = 4, activation: s
 
 
 def diagnose(model: PathLike, *, bands: int = 100, probe_samples: int = 64, gradient: bool = True,
-             teacher: PathLike | None = None, plot: PathLike | None = None, data: str | None = None, data_dir: PathLike | None = None) -> dict:
+             teacher: PathLike | None = None, plot: PathLike | None = None, data: str | None = None,
+             data_dir: PathLike | None = None) -> dict:
     """Across the depth of a model's core, band by band, for a probe batch of test samples: the norms of h,
     of an update alpha*act(hW+b), of the gradient going back, of the weights and their change since init;
     with --teacher, how well the student's units match the teacher's at the same relative depth.

@@ -62,6 +62,14 @@ def model_file_bytes(layers: int, width: int, input_dim: int, n_classes: int, ex
 # datasets shared by a new file and a rewritten one
 
 
+def core_stream(seed: int, first_layer: int = 0, width: int = 1) -> np.random.Generator:
+    """The generator a new model's core is drawn from (the heads after it), positioned before layer
+    ``first_layer``'s draws of a core of ``width``: one 64-bit output per weight, w*w per layer."""
+    rng = np.random.default_rng([seed, 0])
+    rng.bit_generator.advance(first_layer * width * width)
+    return rng
+
+
 def create_core(f: h5py.File, layers: int, row_size: int, chunk_layers: int) -> h5py.Dataset:
     """Allocate /core/weights, chunked along layers in whole rows."""
     return f.create_dataset(layout.CORE_WEIGHTS, shape=(layers, row_size), dtype="<f4",
@@ -237,7 +245,7 @@ def create_file(
             with open_h5(tmp, "w") as f:
                 stamp = _write_attributes(f, layers=layers, width=width, activation=activation, alpha=alpha,
                                   input_dim=input_dim, n_classes=n_classes, seed=seed, init_scale=init_scale)
-                rng = np.random.default_rng([seed, 0])
+                rng = core_stream(seed)
                 _write_core(f, os.path.basename(path), rng, layers=layers, width=width, init_scale=init_scale,
                             chunk_layers=chunk_layers, progress=progress, core_weights=core_weights)
                 drawn = _draw_heads(rng, width, input_dim, n_classes)

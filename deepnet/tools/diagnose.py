@@ -38,6 +38,7 @@ from deepnet import activations
 from deepnet.data.dataset import Dataset
 from deepnet.errors import ConfigError
 from deepnet.flags import int_at_least
+from deepnet.formats.create import core_stream
 from deepnet.formats.hdf5 import ModelFile
 from deepnet.kernels.loader import LayerKernels, kernels_for
 from deepnet.nn import heads as _heads
@@ -83,14 +84,12 @@ class _WeightFigures:
 
     def __init__(self, kernels: LayerKernels, seed: int, init_scale: float, width: int, threads: int) -> None:
         self.change_sums = kernels.calls.initial_change_sums
-        self.seed, self.scale, self.drawn, self.threads = int(seed), float(init_scale), width * width, threads
+        self.seed, self.scale, self.width, self.drawn = int(seed), float(init_scale), width, width * width
+        self.threads = threads
 
     def _stream_at(self, layer: int) -> tuple[int, int]:
-        """The 128-bit state and increment of the creation's stream before layer ``layer``'s draws
-        (deepnet.formats.create: ``default_rng([seed, 0])``, one 64-bit output per weight)."""
-        rng = np.random.default_rng([self.seed, 0])
-        rng.bit_generator.advance(layer * self.drawn)
-        state = rng.bit_generator.state["state"]
+        """The 128-bit state and increment of the creation's stream before layer ``layer``'s draws."""
+        state = core_stream(self.seed, layer, self.width).bit_generator.state["state"]
         return state["state"], state["inc"]
 
     def tasks(self, rows: np.ndarray, first: int) -> list:
@@ -136,8 +135,8 @@ class _ProbeParts:
             for hp in self.h:
                 every = choose_save_every(layers, width, hp.shape[1], min(longest, PIECE_LAYERS))
                 self.saves.append(_Checkpoints(pieces, every, width, hp.shape[1]))
-        self.work = [np.empty(kernels.workspace_size(width, hp.shape[1], save.every), np.float32)
-                     for hp, save in zip(self.h, self.saves)] or [None] * parts
+        self.work = [np.empty(kernels.workspace_size(width, hp.shape[1], save.every if save else 1),
+                              np.float32) for hp, save in zip(self.h, self.saves or [None] * parts)]
         row_bytes = 4 * (width * width + width)
         # a block of whole checkpoint segments, its rows within CALL_BYTES
         self.block = [save.every * max(1, _rows_within(CALL_BYTES, row_bytes) // save.every) for save in self.saves]
