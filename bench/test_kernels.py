@@ -14,6 +14,7 @@ whole file runs in well under a minute timed and in seconds with --benchmark-dis
 - backward: the chunk's backward (recompute + exact gradient + update) with lr = 0 so the weights never
   drift; the checkpoints come from one forward pass in the test's setup; ``setup`` restores g.
 - step: ``CoreEngine.forward`` then ``.backward`` (lr = 0) over the whole depth.
+- backward blocks: the backward in 8-sample and in 16-sample blocks (16-lane vectors), one thread and two.
 """
 
 from __future__ import annotations
@@ -62,6 +63,29 @@ def test_backward(benchmark, activation, width, batch, layers):
     assert np.isfinite(w.g).all()
     assert np.array_equal(w.params[-1], before)  # lr = 0: the shared weights did not move
     record(benchmark, layer_samples=w.layer_samples, kind="backward (recompute + grad, lr=0)", **w.describe())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("batch", [16, 32])
+def test_backward_blocks(benchmark, block, threads, batch):
+    """The backward's two batch layouts at width 4 (softsign, 100k layers): blocks of 8 samples (one
+    8-lane vector per unit) against 16 (one 16-lane vector: one register on AVX-512, two elsewhere),
+    the same results bit for bit; ``block16_native`` says which kind of machine ran it. Same run,
+    same chunk, so the rows compare."""
+    w = _workload("softsign", 4, batch, 100_000)
+    if block not in w.kernels.backward_blocks(4):
+        pytest.skip("this build has no 16-lane layout")
+    w.make_saves()
+    benchmark.group = f"backward blocks w4 B{batch} softsign"
+
+    def backward():
+        w.kernels.backward(w.params, w.saves, w.save_every, w.g, w.alpha, 0.0, w.work, threads, block)
+
+    run_pedantic(benchmark, backward, setup=w.backward_setup)
+    assert np.isfinite(w.g).all()
+    record(benchmark, layer_samples=w.layer_samples, kind="backward (recompute + grad, lr=0)", block=block,
+           threads=threads, block16_native=w.kernels.block16_native, **w.describe())
 
 
 def _step(w: Workload, engine):

@@ -16,8 +16,9 @@ from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 
-from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_MAX_BLOCK, DN_TABLE_CAPSULE, dn_add_table_attributes,
-                                         dn_grad_stride, dn_kernel, dn_kernel_for, dn_kernel_table)
+from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_BACKWARD_BLOCK16, DN_MAX_BLOCK, DN_TABLE_CAPSULE,
+                                         DN_V16_NATIVE, dn_add_table_attributes, dn_grad_stride, dn_kernel,
+                                         dn_kernel_for, dn_kernel_table)
 
 cdef extern from "dn_driver.h" nogil:
     const int DN_GRAD_BUFFERS
@@ -31,7 +32,7 @@ cdef extern from "dn_driver.h" nogil:
     void dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
                      Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
                      float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
-                     Py_ssize_t scratch_floats, int threads)
+                     Py_ssize_t scratch_floats, int threads, int block)
     int dn_cpu_has_avx2_fma()
     int dn_cpu_has_avx512()
 
@@ -50,6 +51,10 @@ dn_add_table_attributes(sys.modules[__name__], &dn_table)
 
 # A backward call starts a second thread from this many multiply-adds (layers x (w*w + w) x batch).
 THREAD_MIN_WORK = int(DN_THREAD_MIN_WORK)
+# Whether this build's 16-lane vectors are one register each (AVX-512): only then is the backward's
+# 16-sample layout (backward_blocks) worth measuring against the 8-sample one; elsewhere it runs, with
+# the same results, but slower.
+BLOCK16_NATIVE = bool(DN_V16_NATIVE)
 
 
 def set_spin_seconds(double seconds) -> float:
@@ -97,8 +102,8 @@ cdef Py_ssize_t _scratch_size(Py_ssize_t w) noexcept nogil:
 
 
 cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
-    # one buffer set: a segment's states (or derivatives) for one batch block
-    return save_every * w * DN_BACKWARD_BLOCK
+    # one buffer set: a segment's states (or derivatives) for one batch block of either layout
+    return save_every * w * DN_BACKWARD_BLOCK16
 
 
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
@@ -168,8 +173,20 @@ def forward(int act, const float[:, ::1] params, float[:, ::1] h, float alpha,
             free(z)
 
 
+def backward_blocks(int act, Py_ssize_t width, kernels=None) -> tuple:
+    """The batch blocks ``backward`` can run at this width, in samples: (8,), or (8, 16) where the
+    16-sample layout is compiled (one 16-lane vector per unit; the same results bit for bit)."""
+    cdef const dn_kernel_table* table = _table(kernels, act)
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    if dn_kernel_for(table, act, width).recompute_block16 != NULL:
+        return (DN_BACKWARD_BLOCK, DN_BACKWARD_BLOCK16)
+    return (DN_BACKWARD_BLOCK,)
+
+
 def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_t save_every,
-             float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1, kernels=None) -> None:
+             float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1, kernels=None,
+             int block=8) -> None:
     """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place.
 
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
@@ -177,7 +194,8 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     the gradient flowing further down uses the layer's old weights. With ``threads`` > 1 a second
     thread takes half the batch's blocks, a segment behind the first (or, at a batch of one block,
     recomputes the next segment while the first back-propagates this one): the same result, bit for bit.
-    ``kernels`` is as for ``forward``.
+    ``block`` is the samples of a batch block (``backward_blocks``: 8, or 16 in 16-lane vectors where
+    compiled), again the same result bit for bit. ``kernels`` is as for ``forward``.
     """
     cdef const dn_kernel_table* table = _table(kernels, act)
     cdef Py_ssize_t w = g.shape[0], B = g.shape[1], n = params.shape[0]
@@ -187,6 +205,8 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
         raise ValueError(f"params rows have {params.shape[1]} floats, width {w} needs {w * w + w}")
     if save_every < 1:
         raise ValueError("save_every must be >= 1")
+    if block != DN_BACKWARD_BLOCK and block != DN_BACKWARD_BLOCK16:
+        raise ValueError(f"block must be {DN_BACKWARD_BLOCK} or {DN_BACKWARD_BLOCK16}, got {block}")
     if n == 0:
         return
     if saves.shape[0] < (n + save_every - 1) // save_every or saves.shape[1] != w * B:
@@ -211,7 +231,7 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     try:
         with nogil:
             dn_backward(k, &params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf,
-                        set_floats, grad, scratch, _scratch_size(w), threads)
+                        set_floats, grad, scratch, _scratch_size(w), threads, block)
     finally:
         if owned:
             free(buf)

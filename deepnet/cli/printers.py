@@ -179,6 +179,7 @@ def show_bench(result: dict, args: dict) -> None:
         "warm-up": f"{len(result['warmup_times'])} steps, "
                    + " ".join(f"{seconds:.3f}" for seconds in result["warmup_times"]) + " s",
         "threads": "forward/backward per step: " + " ".join(f"{fwd}/{bwd}" for fwd, bwd in result["step_threads"]),
+        "backward block": "samples per step: " + " ".join(str(block) for block in result["step_backward_blocks"]),
         "layer-samples/s": format_rate(result["layer_samples_per_s"]),
         "kernels": result["kernels"],
         "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",

@@ -297,12 +297,17 @@ static inline void dn_forward(const dn_kernel* k, const float* params, Py_ssize_
 }
 
 /* The backward pass of one (activation, width) through the driver: blocks of DN_BACKWARD_BLOCK samples
-   (fused where the width has a fused loop) from batch DN_BLOCKED_MIN_BATCH, else one sample at a time. */
+   (fused where the width has a fused loop) from batch DN_BLOCKED_MIN_BATCH, or of DN_BACKWARD_BLOCK16
+   when `block` asks for them and the width has them (the same results), else one sample at a time. */
 static void dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
                         Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
                         float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
-                        Py_ssize_t scratch_floats, int threads) {
-    if (B >= DN_BLOCKED_MIN_BATCH)
+                        Py_ssize_t scratch_floats, int threads, int block) {
+    if (B >= DN_BLOCKED_MIN_BATCH && block == DN_BACKWARD_BLOCK16 && k->recompute_block16 != NULL)
+        dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, DN_BACKWARD_BLOCK16, params,
+                        n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
+                        dn_grad_stride(w), scratch, scratch_floats, threads);
+    else if (B >= DN_BLOCKED_MIN_BATCH)
         dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, DN_BACKWARD_BLOCK, params,
                         n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
                         dn_grad_stride(w), scratch, scratch_floats, threads);

@@ -37,8 +37,10 @@ typedef float dn_v8u __attribute__((vector_size(32), aligned(4)));
 /* Largest batch block of any loop, and the batch from which blocks are used. */
 #define DN_MAX_BLOCK 16
 #define DN_BLOCKED_MIN_BATCH 8
-/* Samples in one batch block of the backward pass (every width). */
+/* Samples in one batch block of the backward pass (every width), and in the 16-sample layout's
+   blocks (narrow even widths, where compiled: the kernel table's *_block16). */
 #define DN_BACKWARD_BLOCK 8
+#define DN_BACKWARD_BLOCK16 16
 
 /* What the compiler was told to target, from its predefined macros (a module's BUILT_FOR). */
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__FMA__)
@@ -130,6 +132,20 @@ static inline float dn_cosf(float x) { return dn_sincosf_q(x, 1); }
 #define DN_SIMD _Pragma("omp simd")
 
 static inline dn_v8f dn_splat(float x) { dn_v8f v = {x, x, x, x, x, x, x, x}; return v; }
+
+/* a * b + c as one fused multiply-add where the build has them (else two roundings), so that where
+   two products meet (x * y + u * v) it is written which one is fused: left to the compiler, the
+   8-lane and 16-lane layouts could contract different products and differ in the last bit. */
+#if defined(__FMA__)
+#define DN_FMA_LANES(n, a, b, c, r) DN_SIMD for (int t_ = 0; t_ < (n); t_++) (r)[t_] = __builtin_fmaf((a)[t_], (b)[t_], (c)[t_])
+#else
+#define DN_FMA_LANES(n, a, b, c, r) for (int t_ = 0; t_ < (n); t_++) (r)[t_] = (a)[t_] * (b)[t_] + (c)[t_]
+#endif
+static inline __attribute__((always_inline)) dn_v8f dn_fma(dn_v8f a, dn_v8f b, dn_v8f c) {
+    dn_v8f r;
+    DN_FMA_LANES(8, a, b, c, r);
+    return r;
+}
 
 /* The first level of the transposing reduction (dn_reduce8x8) for a pair of vectors (a, b):
    [a0+a2, b0+b2, a1+a3, b1+b3 | the same for lanes 4..7], as the sum of dn_unpacklo(a, b) and
@@ -227,6 +243,117 @@ static inline void dn_store_block(float* dst, const dn_v8f* src, int w, int nv, 
             }
 }
 
+/* The 8-sample layout's names for what the backward's loops do per layout (layer_loops.h.tp renders
+   them once per layout): one vector per unit, and a gradient row's 8 entries from a block's reduction
+   r (`two` has a meaning in the 16-sample layout only). */
+static inline void dn_load_block8(dn_v8f* dst, const float* src, int w, Py_ssize_t B, Py_ssize_t s0,
+                                  Py_ssize_t nb) {
+    dn_load_block(dst, src, w, 1, B, s0, nb);
+}
+static inline void dn_store_block8(float* dst, const dn_v8f* src, int w, Py_ssize_t B, Py_ssize_t s0,
+                                   Py_ssize_t nb) {
+    dn_store_block(dst, src, w, 1, B, s0, nb);
+}
+static inline __attribute__((always_inline)) dn_v8f dn_add_block(dn_v8f gk, dn_v8f r, int first, int two) {
+    (void)two;
+    return first ? r : gk + r;
+}
+
+/* ---- the 16-sample layout: one 16-lane vector per unit (AVX-512's registers) ----
+   A 16-lane vector is the two 8-sample vectors of two neighbouring blocks side by side, and every
+   helper below does to each 8-lane half exactly what its 8-lane namesake does to a vector: the same
+   lanes meet in the same order, so a layer, a reduction and hence a whole backward pass in this layout
+   give the 8-lane layout's results bit for bit. On AVX-512 each helper is one instruction on a zmm
+   register (the unpacks and vshufps work within 128-bit lanes, the last level of the reduction is a
+   vshuff32x4), so a batch of 16 costs about the instructions of one 8-sample block; elsewhere the
+   compiler splits the vectors in two. Needs __builtin_shufflevector (GCC 12, Clang). */
+#if (defined(__clang__) || __GNUC__ >= 12)
+#define DN_HAS_V16 1
+/* Whether a 16-lane vector is one register here (AVX-512): only then is the layout faster (elsewhere
+   its state spills: tests run it for its results, training does not). The AVX-512 build prefers
+   256-bit vectors where GCC vectorises loops itself, which would cut the activation's lane loops of a
+   16-lane vector in two; the layout's functions (DN_V16_FN) ask for 512 bits. */
+#if defined(__AVX512F__)
+#define DN_V16_NATIVE 1
+#if defined(__clang__)
+#define DN_V16_FN
+#else
+#define DN_V16_FN __attribute__((target("prefer-vector-width=512")))
+#endif
+#else
+#define DN_V16_NATIVE 0
+#define DN_V16_FN
+#endif
+typedef float dn_v16f __attribute__((vector_size(64)));
+typedef float dn_v16u __attribute__((vector_size(64), aligned(4)));
+
+static inline __attribute__((always_inline)) dn_v16f dn_splat16(float x) {
+    dn_v16f v = {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+    return v;
+}
+static inline __attribute__((always_inline)) dn_v16f dn_fma16(dn_v16f a, dn_v16f b, dn_v16f c) {
+    dn_v16f r;
+    DN_FMA_LANES(16, a, b, c, r);
+    return r;
+}
+static inline __attribute__((always_inline)) dn_v16f dn_join16(dn_v8f lo, dn_v8f hi) {
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+static inline __attribute__((always_inline)) dn_v8f dn_low8(dn_v16f v) {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+static inline __attribute__((always_inline)) dn_v8f dn_high8(dn_v16f v) {
+    return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+/* dn_unpacklo / dn_unpackhi on each half */
+static inline __attribute__((always_inline)) dn_v16f dn_unpacklo16(dn_v16f a, dn_v16f b) {
+    return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+}
+static inline __attribute__((always_inline)) dn_v16f dn_unpackhi16(dn_v16f a, dn_v16f b) {
+    return __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+}
+/* dn_reduce_pairs on each half: lanes 0..7 reduce the low halves of e, lanes 8..15 the high ones. */
+static inline __attribute__((always_inline)) dn_v16f dn_reduce_pairs16(const dn_v16f* e, const int n) {
+    const dn_v16f zero = dn_splat16(0.0f);
+    dn_v16f f0 = __builtin_shufflevector(e[0], n > 1 ? e[1] : zero, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+               + __builtin_shufflevector(e[0], n > 1 ? e[1] : zero, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    if (n <= 2)
+        return __builtin_shufflevector(f0, zero, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+             + __builtin_shufflevector(f0, zero, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    dn_v16f f1 = __builtin_shufflevector(e[2], n > 3 ? e[3] : zero, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+               + __builtin_shufflevector(e[2], n > 3 ? e[3] : zero, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    return __builtin_shufflevector(f0, f1, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+         + __builtin_shufflevector(f0, f1, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+/* One gradient row's 8 entries (gk) from a 16-lane reduction r: what the two 8-sample blocks add in
+   turn, the first block starting the sums when `first`; `two` = 0 when the high half holds padding
+   only (the 8-lane layout has no such block). */
+static inline __attribute__((always_inline)) dn_v8f dn_add_halves(dn_v8f gk, dn_v16f r, int first, int two) {
+    const dn_v8f lo = dn_low8(r), hi = dn_high8(r);
+    const dn_v8f started = first ? lo : gk + lo;
+    return two ? started + hi : started;
+}
+/* dn_load_block / dn_store_block of 16 columns, one 16-lane vector per unit. */
+static inline void dn_load_block16(dn_v16f* dst, const float* src, int w, Py_ssize_t B, Py_ssize_t s0,
+                                   Py_ssize_t nb) {
+    dn_v8f halves[2];
+    for (int i = 0; i < w; i++) {
+        dn_load_block(halves, src + i * B, 1, 2, B, s0, nb);
+        dst[i] = dn_join16(halves[0], halves[1]);
+    }
+}
+static inline void dn_store_block16(float* dst, const dn_v16f* src, int w, Py_ssize_t B, Py_ssize_t s0,
+                                    Py_ssize_t nb) {
+    for (int i = 0; i < w; i++) {
+        dn_v8f halves[2] = {dn_low8(src[i]), dn_high8(src[i])};
+        dn_store_block(dst + i * B, halves, 1, 2, B, s0, nb);
+    }
+}
+#else
+#define DN_HAS_V16 0
+#define DN_V16_NATIVE 0
+#endif
+
 /* Floats per layer in a gradient buffer: a row padded to a multiple of 8 (whole vectors). */
 static inline Py_ssize_t dn_grad_stride(Py_ssize_t w) { return (w * w + w + 7) / 8 * 8; }
 
@@ -259,6 +386,11 @@ typedef struct {
     dn_fused_fn fused_block;            /* NULL: this width recomputes, then back-propagates */
     dn_recompute_fn recompute_sample;   /* smaller batches: one sample at a time */
     dn_backprop_fn backprop_sample;
+    /* blocks of DN_BACKWARD_BLOCK16 samples in 16-lane vectors, the same results bit for bit (NULL:
+       not compiled for this width) */
+    dn_recompute_fn recompute_block16;
+    dn_backprop_fn backprop_block16;
+    dn_fused_fn fused_block16;
 } dn_kernel;
 
 /* A module's loops: kernels[a * (n_widths + 1) + v] for activation a and variant v, where variant v <
@@ -277,7 +409,7 @@ typedef struct {
     const char* const* derivative_c;
 } dn_kernel_table;
 
-#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v1"
+#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v2"
 
 /* The loops of activation `act` for width w: its own variant if it has one, else the any-width one. */
 static inline const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w) {

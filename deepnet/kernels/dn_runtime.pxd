@@ -3,13 +3,15 @@
 
 cdef extern from "dn_runtime.h" nogil:
     ctypedef struct dn_kernel:
-        pass
+        void* recompute_block16     # a function pointer in C; only compared with NULL here
     ctypedef struct dn_kernel_table:
         int n_activations
         const char* built_for
     const char* DN_TABLE_CAPSULE
     const int DN_MAX_BLOCK
     const int DN_BACKWARD_BLOCK
+    const int DN_BACKWARD_BLOCK16
+    const int DN_V16_NATIVE
     Py_ssize_t dn_grad_stride(Py_ssize_t w)
     const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w)
 

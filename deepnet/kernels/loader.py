@@ -62,10 +62,20 @@ class LayerKernels:
                            self.loops_for(h.shape[0]).KERNEL_TABLE)
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
-                 alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1) -> None:
+                 alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1,
+                 block: int = 8) -> None:
         """Back-propagate g through the chunk, updating params in place; see ``deepnet._kernels.backward``."""
         self.calls.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads,
-                            self.loops_for(g.shape[0]).KERNEL_TABLE)
+                            self.loops_for(g.shape[0]).KERNEL_TABLE, block)
+
+    def backward_blocks(self, width: int) -> tuple[int, ...]:
+        """The batch blocks (samples) the backward pass can run at ``width``: (8,) or (8, 16)."""
+        return self.calls.backward_blocks(self.index, width, self.loops_for(width).KERNEL_TABLE)
+
+    @property
+    def block16_native(self) -> bool:
+        """Whether the 16-sample blocks run in one register per unit here (AVX-512), so may be faster."""
+        return bool(self.calls.BLOCK16_NATIVE)
 
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
         """Floats of work buffer a backward call at this shape needs."""

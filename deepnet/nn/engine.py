@@ -31,7 +31,7 @@ from deepnet.kernels.loader import LayerKernels
 from deepnet.nn.caches import l2_bytes
 from deepnet.nn.finite import NonFiniteError, finite_rows
 from deepnet.nn.stores import WeightStore
-from deepnet.nn.threads import FixedThreads, ThreadChoice, default_threads
+from deepnet.nn.threads import FixedChoice, MeasuredChoice, ThreadChoice, default_threads
 
 # The share of one core's L2 (deepnet.nn.caches) that one segment's recomputed states, derivatives and
 # weights may take: the rest is the kernels' other traffic.
@@ -95,10 +95,13 @@ class CoreEngine:
         self._pending_backward = False
         self.threads = default_threads() if threads is None else threads
         self._pool: ThreadPoolExecutor | None = None
-        # Per pass kind (training forward, evaluation, backward): one thread or two, by measurement.
-        self._thread_choices: dict[tuple[str, int], ThreadChoice] = {}
+        # Per pass kind (training forward, evaluation, backward) and batch: one thread or two (and the
+        # backward's batch block), by measurement.
+        self._thread_choices: dict[tuple[str, int], MeasuredChoice] = {}
         #: threads the latest pass of each kind ran on ("forward", "evaluation", "backward"), for benchmarks
         self.threads_used: dict[str, int] = {}
+        #: samples per batch block of the latest backward pass (8, or 16 in 16-lane vectors), for benchmarks
+        self.backward_block_used = 8
         #: if set, every pass runs on this many threads (at most what the pass can use) instead of the
         #: thread choice's measured pick: for measuring one option on its own (`deepnet bench --threads`)
         self.fixed_threads: int | None = None
@@ -235,9 +238,10 @@ class CoreEngine:
         n_chunks = len(self._save_offsets)
         # Drive the store's generator to its end (not zip() with a range, which stops before resuming
         # it after the last chunk, so a streamed store never wrote the first chunk back).
-        choice = self._thread_choice("backward", self.threads)
-        threads = choice.pick()
+        choice = self._backward_choice()
+        threads, block = choice.pick()
         self.threads_used["backward"] = threads
+        self.backward_block_used = block
         started = time.perf_counter()
         chunks = self.store.backward_chunks(self._bounds, step)
         try:
@@ -245,7 +249,7 @@ class CoreEngine:
                 k = n_chunks - 1 - j
                 saves = self._saves[self._save_offsets[k]:]
                 self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
-                                      threads)
+                                      threads, block)
                 # The numerical guard: stop before the next chunk is touched, and before a streamed store
                 # writes this one back (g is only width x batch; the rows are one read of the chunk).
                 if not np.isfinite(g).all():
@@ -262,23 +266,41 @@ class CoreEngine:
             chunks.close()  # stopped mid-pass: a streamed store finishes its pending writes (not this chunk's)
             raise
         self._pending_backward = False
-        choice.record(threads, time.perf_counter() - started)
+        choice.record((threads, block), time.perf_counter() - started)
         return g
 
     @property
     def thread_choices_settled(self) -> bool:
         """Whether every kind of pass run so far has made its first choice of one thread or several
-        (a benchmark should time the passes after that, not the trials; see ThreadChoice)."""
+        (a benchmark should time the passes after that, not the trials; see MeasuredChoice)."""
         return all(choice.settled for choice in self._thread_choices.values())
 
-    def _thread_choice(self, kind: str, most: int, measured: bool = True) -> ThreadChoice | FixedThreads:
+    def _thread_choice(self, kind: str, most: int, measured: bool = True) -> MeasuredChoice | FixedChoice:
         """The thread choice for one kind of pass at the current batch size: measured, or ``most``
         threads when not, or the user's ``fixed_threads`` (at most ``most``)."""
         if self.fixed_threads or not measured:
-            return FixedThreads(min(self.fixed_threads or most, most))
+            return FixedChoice(min(self.fixed_threads or most, most))
         key = (kind, self._work_batch)
         if key not in self._thread_choices:
             self._thread_choices[key] = ThreadChoice(most)
+        return self._thread_choices[key]
+
+    def _backward_choice(self) -> MeasuredChoice | FixedChoice:
+        """(threads, batch block) for the backward pass at the current batch size, all giving the same
+        result: one thread or all, in blocks of 8 samples; where the kernels run 16-sample blocks in one
+        register per unit (AVX-512), those too (one thread, a batch of 16 as one block; or all threads).
+        With ``fixed_threads``, blocks of 16 wherever each thread gets a whole one there."""
+        batch = self._work_batch
+        wide = (self.kernels.block16_native and batch >= 16
+                and 16 in self.kernels.backward_blocks(self.width))
+        if self.fixed_threads:
+            threads = min(self.fixed_threads, self.threads)
+            return FixedChoice((threads, 16 if wide and batch >= 16 * threads else 8))
+        key = ("backward", batch)
+        if key not in self._thread_choices:
+            most = self.threads
+            options = [(most, 8), (1, 8)] if not wide else [(most, 8), (1, 16), (most, 16), (1, 8)]
+            self._thread_choices[key] = MeasuredChoice(options)
         return self._thread_choices[key]
 
     def _check_state(self, h: np.ndarray) -> np.ndarray:

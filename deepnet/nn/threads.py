@@ -1,8 +1,10 @@
-"""How many threads a pass of the core runs on: the user's setting, or one or several by measurement."""
+"""How a pass of the core runs (on how many threads, in which batch blocks): the user's setting, or the
+fastest by measurement."""
 
 from __future__ import annotations
 
 import os
+from typing import Hashable, Sequence
 
 from deepnet.errors import ConfigError
 
@@ -27,17 +29,19 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class ThreadChoice:
-    """1 or ``most`` threads for a pass that is run again and again: whichever has been faster here.
+class MeasuredChoice:
+    """One of several ways to run a pass that is run again and again: whichever has been faster here.
 
-    The second core pays only when it is free and when the kernels at hand use it well (not always:
-    bench/README.md, "nn/threads.py"), and one thread or two give the same result bit for bit. So the
-    choice is made by measurement: the first pass is not counted (it pays for first touches of new
-    buffers), then each option is tried ``TRIALS`` times (alternately) and the faster kept, trying the
-    other again after ``RECHECK_EVERY`` passes; each re-check that confirms the choice doubles the wait
-    before the next (up to ``MAX_RECHECK_EVERY``), so a much slower option costs little. An option's speed is the best of its
-    last ``KEEP`` passes: on a shared machine a pass is only ever slowed by others, so one unlucky pass
-    does not decide the choice for long.
+    The ways (``options``: thread counts, or (threads, batch block) pairs for the backward pass) give
+    the same result bit for bit, and which is fastest depends on the machine: the second core pays only
+    when it is free and when the kernels at hand use it well (not always: bench/README.md,
+    "nn/threads.py"). So the choice is made by measurement: the first pass is not counted (it pays for
+    first touches of new buffers), then each option is tried ``TRIALS`` times (in turn) and the fastest
+    kept, trying the others again (the longest unrun first) after ``RECHECK_EVERY`` passes; each
+    re-check that confirms the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``),
+    so a much slower option costs little. An option's speed is the best of its last ``KEEP`` passes: on
+    a shared machine a pass is only ever slowed by others, so one unlucky pass does not decide the
+    choice for long.
     """
 
     RECHECK_EVERY = 16
@@ -45,65 +49,80 @@ class ThreadChoice:
     KEEP = 3
     TRIALS = 2   # passes of each option before the first choice
 
-    def __init__(self, most: int) -> None:
-        self.most = max(1, most)
-        self._seconds: dict[int, list[float]] = {}   # threads -> seconds of its last KEEP passes
+    def __init__(self, options: Sequence[Hashable]) -> None:
+        if not options:
+            raise ValueError("a choice needs at least one option")
+        self.options = tuple(dict.fromkeys(options))
+        self._seconds: dict[Hashable, list[float]] = {}   # option -> seconds of its last KEEP passes
+        self._last_run: dict[Hashable, int] = {}          # option -> the count of passes when it last ran
+        self._passes = 0
         self._warmed_up = False
         self._interval = self.RECHECK_EVERY
-        self._since_check = 0                        # passes since the other option last ran
+        self._since_check = 0                        # passes since another option last ran
 
     @property
     def settled(self) -> bool:
-        """Whether the first choice is made: until then passes alternate between the options on purpose."""
-        if self.most < 2:
+        """Whether the first choice is made: until then passes go through the options on purpose."""
+        if len(self.options) < 2:
             return True
-        return (self._warmed_up and len(self._seconds) == 2
+        return (self._warmed_up and len(self._seconds) == len(self.options)
                 and min(len(seconds) for seconds in self._seconds.values()) >= self.TRIALS)
 
-    def _best(self) -> int:
-        return min(self._seconds, key=lambda threads: min(self._seconds[threads]))
+    def _best(self) -> Hashable:
+        return min(self._seconds, key=lambda option: min(self._seconds[option]))
 
-    def pick(self) -> int:
-        """The thread count for the next pass."""
-        if self.most < 2:
-            return 1
+    def pick(self) -> Hashable:
+        """The option for the next pass."""
+        if len(self.options) < 2:
+            return self.options[0]
         for trial in range(self.TRIALS):
-            for threads in (self.most, 1):
-                if len(self._seconds.get(threads, [])) <= trial:
-                    return threads
+            for option in self.options:
+                if len(self._seconds.get(option, [])) <= trial:
+                    return option
         best = self._best()
-        other = 1 if best != 1 else self.most
-        return other if self._since_check >= self._interval - 1 else best
+        if self._since_check < self._interval - 1:
+            return best
+        return min((option for option in self.options if option != best), key=lambda o: self._last_run.get(o, -1))
 
-    def record(self, threads: int, seconds: float) -> None:
-        """Note that a pass on ``threads`` threads took ``seconds``."""
-        if self.most < 2:
+    def record(self, option: Hashable, seconds: float) -> None:
+        """Note that a pass run the way ``option`` took ``seconds``."""
+        if len(self.options) < 2:
             return   # nothing to choose
+        self._passes += 1
+        self._last_run[option] = self._passes
         if not self._warmed_up:
             self._warmed_up = True
             return
         trials = not self.settled
-        rechecked = not trials and threads != self._best()
-        self._seconds[threads] = (self._seconds.get(threads, []) + [seconds])[-self.KEEP:]
+        rechecked = not trials and option != self._best()
+        self._seconds[option] = (self._seconds.get(option, []) + [seconds])[-self.KEEP:]
         if rechecked:
-            confirmed = threads != self._best()
+            confirmed = option != self._best()
             self._interval = min(2 * self._interval, self.MAX_RECHECK_EVERY) if confirmed else self.RECHECK_EVERY
             self._since_check = 0
         elif not trials:
             self._since_check += 1
 
 
-class FixedThreads:
-    """A thread count set by the user instead of measured: ThreadChoice's interface, always ``threads``."""
+class ThreadChoice(MeasuredChoice):
+    """1 or ``most`` threads for a pass: a MeasuredChoice of the two (``most`` first)."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__((most, 1) if most >= 2 else (1,))
+
+
+class FixedChoice:
+    """A way to run a pass set by the user instead of measured: MeasuredChoice's interface, always
+    ``option``."""
 
     settled = True
 
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
+    def __init__(self, option: Hashable) -> None:
+        self.option = option
 
-    def pick(self) -> int:
-        """Always ``threads``."""
-        return self.threads
+    def pick(self) -> Hashable:
+        """Always ``option``."""
+        return self.option
 
-    def record(self, threads: int, seconds: float) -> None:
+    def record(self, option: Hashable, seconds: float) -> None:
         """Nothing to learn from a pass."""

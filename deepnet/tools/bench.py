@@ -5,8 +5,9 @@ steps (in RAM or streamed from the file) and, optionally, forward-only evaluatio
 the time of a step does not depend on the data. Warm-up steps come first and are reported apart:
 the first pays for first touches of memory, and on a machine with two cores or more the next few
 alternate on purpose between one thread and several until each kind of pass has chosen the faster
-(core.ThreadChoice; four steps with its two trials of each), so timing them would mix in the slower
-option. Each timed step records the threads its passes ran on; ``threads`` pins them instead.
+(nn.threads.MeasuredChoice; four steps with its two trials of each, more where the backward pass also
+measures its 16-sample blocks), so timing them would mix in the slower option. Each timed step records
+the threads its passes ran on and the backward's batch block; ``threads`` pins the threads instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from deepnet.kernels.loader import build_label
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.training.recipe import init
 
-#: Warm-up steps at most (the first step and the thread choices' trials take 5 on two cores).
+#: Warm-up steps at most (the first step and the choices' trials take 5 on two cores, 9 where the
+#: backward also measures 16-sample blocks).
 MAX_WARMUP_STEPS = 12
 
 
@@ -124,12 +126,13 @@ def run_bench(
                 return net.train_step(x, y, layer_lr=0.01, head_lr=0.01).seconds
 
             warmup_times = warm_up(step, net)
-            step_times, step_threads = [], []
+            step_times, step_threads, step_blocks = [], [], []
             ticks_before = cpu_ticks()
             for _ in range(steps):
                 step_times.append(step())
                 used = net.engine.threads_used
                 step_threads.append([used["forward"], used["backward"]])
+                step_blocks.append(net.engine.backward_block_used)
             stolen = stolen_fraction(ticks_before, cpu_ticks())
             median = statistics.median(step_times)
             result = {
@@ -140,6 +143,8 @@ def run_bench(
                 "step_times": step_times, "warmup_times": warmup_times,
                 # [forward, backward] threads of each timed step: the thread choice follows the machine
                 "step_threads": step_threads,
+                # samples per batch block of each timed step's backward pass (8, or 16 in 16-lane vectors)
+                "step_backward_blocks": step_blocks,
                 # share of the machine's CPU time the hypervisor gave elsewhere during the timed steps
                 "cpu_stolen_fraction": stolen,
                 "layer_samples_per_s": layers * batch / median,
