@@ -222,6 +222,16 @@ def test_thread_choice_is_settled_after_its_trials():
     assert ThreadChoice(1).settled
 
 
+def _chosen_warmup_steps() -> int:
+    """deepnet bench's warm-up on two threads (reference shape): the first step, then two trials of each
+    backward option: one thread or two (5 steps), and where 16-lane vectors are native (AVX-512) also
+    16-sample blocks on one thread or two (9)."""
+    from deepnet.kernels.loader import kernels_for
+
+    kernels = kernels_for("softsign", 4)
+    return 9 if kernels.block16_native and 16 in kernels.backward_blocks(4) else 5
+
+
 def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypatch):
     """deepnet bench's timed steps come after the warm-up: the first step and the thread choices'
     trials (which alternate on purpose between one thread and two) are reported apart."""
@@ -238,8 +248,9 @@ def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "warm_up", spy)
     result = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
-    assert calls == [(5, True)]               # the first step, then two trials of each option
-    assert len(result["warmup_times"]) == 5 and len(result["step_times"]) == 2
+    warmup = _chosen_warmup_steps()
+    assert calls == [(warmup, True)]          # the first step, then two trials of each option
+    assert len(result["warmup_times"]) == warmup and len(result["step_times"]) == 2
     assert result["seconds_per_step"] == statistics.median(result["step_times"])
     # each timed step reports the threads its forward and backward passes ran on (one or the two allowed)
     assert len(result["step_threads"]) == 2
@@ -258,7 +269,7 @@ def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
     assert len(result["warmup_times"]) == 1
     assert result["step_threads"] == [[threads, threads]] * 3
     chosen = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
-    assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == 5
+    assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == _chosen_warmup_steps()
 
 
 def test_bench_reports_the_cpu_time_stolen_during_its_timed_steps(tmp_path, monkeypatch):
