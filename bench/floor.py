@@ -1,20 +1,22 @@
 """The arithmetic floor of the reference step, the machine it is computed for, and the limit kernel run
 beside deepnet (../shared/limit, compiled here with gcc -O3 -march=native).
 
-The floor of one exact step through L layers of width w at batch B, on C cores of a CPU with V-lane FMA
-vectors (8: AVX2, 16: AVX-512) and two FMA pipes per core, at the clock f:
+The floor of one exact step through L layers of width w at batch B, on C cores that each complete P FMA
+lanes a cycle (two FMA pipes of the build's vector width V, 8 for AVX2 and 16 for AVX-512, where the
+core's datapath is that wide; AMD's Zen 3 and Zen 4 have two 256-bit pipes, so P = 16 for either build),
+at the clock f:
 
     forward   a dependency chain per layer that no second core shortens: the w dependent FMAs of
               z = h W + b, the activation, the residual FMA h + alpha act(z):
               chain = (w + 1) x FMA_LATENCY + ACTIVATION_LATENCY[act] cycles per layer
     backward  throughput work: recompute, propagated gradient and weight gradient, w*w*B multiply-adds
-              each, as 3 w*w*B / V FMA instructions per layer on 2 C pipes (the activation's derivative
+              each, as 3 w*w*B FMA lanes per layer at C P lanes a cycle (the activation's derivative
               and the update ride along in the gaps; they are not counted)
 
-    floor = L (chain + 3 w w B / (2 C V)) / f
+    floor = L (chain + 3 w w B / (C P)) / f
 
 For the reference (L = 10M, w = 4, B = 16, softsign) on two AVX2 cores at 3 GHz: (5 x 4 + 14) = 34 cycles
-of chain and 96 / 4 = 24 cycles of backward per layer, 0.19 s (issue 23). The latencies are Zen 3's and
+of chain and 96 / 4 = 24 cycles of backward per layer, 0.19 s (issue 23). The latencies are Zen 3's, Zen 4's and
 Sapphire Rapids' (4-cycle FMA; activation chains from their instruction tables); the clock is measured
 with a chain of dependent adds (the limit kernel's own measurement).
 """
@@ -36,25 +38,37 @@ FMA_LATENCY = 4
 ACTIVATION_LATENCY = {"relu": 1, "softsign": 14, "tanh": 30}
 #: FMA lanes of a build's vectors.
 LANES = {"avx512": 16, "avx2": 8, "portable": 4}
+#: AMD CPU families whose FMA pipes are 256 bits wide (family 25: Zen 3 and Zen 4, the latter running a
+#: 512-bit instruction as two halves); family 26 (Zen 5) and Intel's AVX-512 cores have 512-bit pipes.
+AMD_256_BIT_FAMILIES = {23, 25}
 
 LIMIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "limit"
 _STEP_LINE = re.compile(r"median ([0-9.]+) s")
 _CLOCK = re.compile(r"clock~([0-9.]+)GHz")
 
 
-def floor_seconds(*, layers: int, width: int, batch: int, activation: str, lanes: int, cores: int,
+def fma_lanes_per_cycle(build: str, vendor: str, family: int | None) -> int:
+    """FMA lanes one core completes a cycle with the build's vectors: two pipes, each as wide as the
+    build's vectors or the core's datapath, whichever is narrower."""
+    lanes = LANES[build]
+    if vendor == "AuthenticAMD" and family in AMD_256_BIT_FAMILIES:
+        lanes = min(lanes, 8)
+    return 2 * lanes
+
+
+def floor_seconds(*, layers: int, width: int, batch: int, activation: str, lanes_per_cycle: int, cores: int,
                   clock_hz: float) -> dict:
-    """The floor of the module docstring, and its two parts, in seconds."""
+    """The floor of the module docstring, and its two parts, in seconds (``lanes_per_cycle``: P, one
+    core's FMA lanes a cycle, ``fma_lanes_per_cycle``)."""
     chain = (width + 1) * FMA_LATENCY + ACTIVATION_LATENCY[activation]
-    backward = 3 * width * width * batch / (2 * cores * lanes)
+    backward = 3 * width * width * batch / (cores * lanes_per_cycle)
     return {"forward_chain_cycles_per_layer": chain, "backward_cycles_per_layer": backward,
             "floor_forward_s": layers * chain / clock_hz, "floor_backward_s": layers * backward / clock_hz,
             "floor_s": layers * (chain + backward) / clock_hz}
 
 
-def cpu_model() -> str:
-    """The CPU's model name with its family and model numbers (/proc/cpuinfo: "AMD EPYC" alone does not
-    tell a Zen 3 from a Zen 5), else the platform's processor string."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -62,6 +76,13 @@ def cpu_model() -> str:
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (/proc/cpuinfo: "AMD EPYC" alone does not
+    tell a Zen 3 from a Zen 5), else the platform's processor string."""
+    fields = _cpuinfo()
     if "model name" not in fields:
         return platform.processor() or "unknown"
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
@@ -105,6 +126,10 @@ def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dic
 def machine_facts() -> dict:
     """The CPU model, ISA build, cores, L1d/L2 sizes (bytes) of the machine measuring."""
     sizes = cache_sizes()
-    return {"cpu": cpu_model(), "build": build_in_use(), "build_label": build_label(builtin_module(None)),
+    info = _cpuinfo()
+    family = int(info["cpu family"]) if info.get("cpu family", "").isdigit() else None
+    build = build_in_use()
+    return {"cpu": cpu_model(), "build": build, "build_label": build_label(builtin_module(None)),
+            "fma_lanes_per_cycle": fma_lanes_per_cycle(build, info.get("vendor_id", ""), family),
             "cores": len(os.sched_getaffinity(0)),
             "l1d_bytes": sizes.get(1), "l2_bytes": sizes.get(2)}

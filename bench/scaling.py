@@ -34,7 +34,7 @@ def _bench(layers: int, width: int, steps: int, workdir: str | None) -> dict:
 
 def _floor(layers: int, width: int, facts: dict, clock_ghz: float) -> float:
     return floor.floor_seconds(layers=layers, width=width, batch=BATCH, activation=ACTIVATION,
-                               lanes=floor.LANES[facts["build"]], cores=facts["cores"],
+                               lanes_per_cycle=facts["fma_lanes_per_cycle"], cores=facts["cores"],
                                clock_hz=clock_ghz * 1e9)["floor_s"]
 
 

@@ -40,7 +40,8 @@ def test_reference_step_floor_and_limit(benchmark, model_dir):
     clock = (limit or {}).get("clock_ghz")
     if clock:
         bound = floor.floor_seconds(layers=layers, width=WIDTH, batch=BATCH, activation=ACTIVATION,
-                                    lanes=floor.LANES[facts["build"]], cores=facts["cores"], clock_hz=clock * 1e9)
+                                    lanes_per_cycle=facts["fma_lanes_per_cycle"], cores=facts["cores"],
+                                    clock_hz=clock * 1e9)
         benchmark.extra_info.update(bound)
         if median is not None:
             ratios = {"deepnet_over_floor": median / bound["floor_s"]}
@@ -50,3 +51,19 @@ def test_reference_step_floor_and_limit(benchmark, model_dir):
             benchmark.extra_info.update(ratios, summary=(
                 f"deepnet {median:.3f} s, limit {limit.get('limit_s_per_step')} s, floor {bound['floor_s']:.3f} s "
                 f"at {clock:.2f} GHz ({facts['build']}, {facts['cores']} cores, L2 {facts['l2_bytes']} B)"))
+
+
+def test_floor_model():
+    """The floor's arithmetic (issue 23's figures) and the FMA datapath per kind of CPU."""
+    assert floor.fma_lanes_per_cycle("avx2", "AuthenticAMD", 25) == 16          # Zen 3
+    assert floor.fma_lanes_per_cycle("avx512", "AuthenticAMD", 25) == 16        # Zen 4: two 256-bit pipes
+    assert floor.fma_lanes_per_cycle("avx512", "AuthenticAMD", 26) == 32        # Zen 5
+    assert floor.fma_lanes_per_cycle("avx512", "GenuineIntel", 6) == 32         # Sapphire Rapids
+    assert floor.fma_lanes_per_cycle("avx2", "GenuineIntel", 6) == 16
+    zen3 = floor.floor_seconds(layers=10_000_000, width=4, batch=16, activation="softsign", lanes_per_cycle=16,
+                               cores=2, clock_hz=3e9)
+    assert zen3["forward_chain_cycles_per_layer"] == 34 and zen3["backward_cycles_per_layer"] == 24
+    assert abs(zen3["floor_s"] - 10_000_000 * 58 / 3e9) < 1e-12
+    wide = floor.floor_seconds(layers=10_000_000, width=4, batch=16, activation="softsign", lanes_per_cycle=32,
+                               cores=2, clock_hz=3e9)
+    assert wide["backward_cycles_per_layer"] == 12 and wide["floor_forward_s"] == zen3["floor_forward_s"]

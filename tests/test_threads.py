@@ -225,11 +225,11 @@ def test_thread_choice_is_settled_after_its_trials():
 def _chosen_warmup_steps() -> int:
     """deepnet bench's warm-up on two threads (reference shape): the first step, then two trials of each
     backward option: one thread or two (5 steps), and where 16-lane vectors are native (AVX-512) also
-    16-sample blocks on one thread or two (9)."""
+    16-sample blocks on one thread (7; a batch of 16 is one such block, too few for two threads)."""
     from deepnet.kernels.loader import kernels_for
 
     kernels = kernels_for("softsign", 4)
-    return 9 if kernels.block16_native and 16 in kernels.backward_blocks(4) else 5
+    return 7 if kernels.block16_native and 16 in kernels.backward_blocks(4) else 5
 
 
 def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypatch):

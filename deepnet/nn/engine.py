@@ -288,8 +288,10 @@ class CoreEngine:
     def _backward_choice(self) -> MeasuredChoice | FixedChoice:
         """(threads, batch block) for the backward pass at the current batch size, all giving the same
         result: one thread or all, in blocks of 8 samples; where the kernels run 16-sample blocks in one
-        register per unit (AVX-512), those too (one thread, a batch of 16 as one block; or all threads).
-        With ``fixed_threads``, blocks of 16 wherever each thread gets a whole one there."""
+        register per unit (AVX-512), those too: on one thread, and on all where each thread gets a
+        whole block (a batch of 16 as one block on two threads is the recomputation pipeline, 2.7-3.9x
+        slower than the other options on a Zen 4: bench/README.md). With ``fixed_threads``, blocks of
+        16 wherever each thread gets a whole one there."""
         batch = self._work_batch
         wide = (self.kernels.block16_native and batch >= 16
                 and 16 in self.kernels.backward_blocks(self.width))
@@ -299,7 +301,12 @@ class CoreEngine:
         key = ("backward", batch)
         if key not in self._thread_choices:
             most = self.threads
-            options = [(most, 8), (1, 8)] if not wide else [(most, 8), (1, 16), (most, 16), (1, 8)]
+            if not wide:
+                options = [(most, 8), (1, 8)]
+            elif batch >= 16 * most:
+                options = [(most, 8), (1, 16), (most, 16), (1, 8)]
+            else:
+                options = [(most, 8), (1, 16), (1, 8)]
             self._thread_choices[key] = MeasuredChoice(options)
         return self._thread_choices[key]
 
