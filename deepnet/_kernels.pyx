@@ -29,7 +29,7 @@ cdef extern from "dn_driver.h" nogil:
     void dn_forward(const dn_kernel* k, const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w,
                     Py_ssize_t B, float alpha, float* saves, Py_ssize_t save_every, float* scratch,
                     Py_ssize_t part, Py_ssize_t n_parts)
-    void dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
+    int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
                      Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
                      float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
                      Py_ssize_t scratch_floats, int threads, int block)
@@ -186,8 +186,9 @@ def backward_blocks(int act, Py_ssize_t width, kernels=None) -> tuple:
 
 def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_t save_every,
              float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1, kernels=None,
-             int block=8) -> None:
-    """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place.
+             int block=8) -> bool:
+    """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place; return
+    whether every updated weight is finite (each segment's rows are checked right after their update).
 
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
     return g is the gradient at the chunk's input. Each layer's gradient is summed over the batch and
@@ -208,7 +209,7 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     if block != DN_BACKWARD_BLOCK and block != DN_BACKWARD_BLOCK16:
         raise ValueError(f"block must be {DN_BACKWARD_BLOCK} or {DN_BACKWARD_BLOCK16}, got {block}")
     if n == 0:
-        return
+        return True
     if saves.shape[0] < (n + save_every - 1) // save_every or saves.shape[1] != w * B:
         raise ValueError("saves is too small for this chunk")
     cdef Py_ssize_t need = workspace_size(w, B, save_every)
@@ -228,13 +229,15 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     cdef float* grad = dbuf + 4 * set_floats
     cdef float* scratch = grad + DN_GRAD_BUFFERS * save_every * dn_grad_stride(w)
     cdef const dn_kernel* k = dn_kernel_for(table, act, w)
+    cdef int finite
     try:
         with nogil:
-            dn_backward(k, &params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf, dbuf,
-                        set_floats, grad, scratch, _scratch_size(w), threads, block)
+            finite = dn_backward(k, &params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf,
+                                 dbuf, set_floats, grad, scratch, _scratch_size(w), threads, block)
     finally:
         if owned:
             free(buf)
+    return bool(finite)
 
 
 def initial_change_sums(const float[:, ::1] rows, Py_ssize_t drawn, state, increment, double low,

@@ -114,9 +114,9 @@ class RankCore:
             if self.accumulate:
                 self._backward_blocks(k, g, m)
             else:
-                self.kernels.backward(rows, self.saves[m][k], self.save_every[m], g, self.alpha, float(lr),
-                                      self.work[m], self.threads)
-                if not finite_rows(rows):
+                rows_finite = self.kernels.backward(rows, self.saves[m][k], self.save_every[m], g, self.alpha,
+                                                    float(lr), self.work[m], self.threads)
+                if not rows_finite:
                     raise NonFiniteError(f"the updated weights of layers {start}..{stop - 1} of this rank are "
                                          "not finite", start=start, stop=stop)
             if not np.isfinite(g).all():

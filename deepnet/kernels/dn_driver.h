@@ -25,7 +25,11 @@
    result is the same bit for bit.
 
    Two threads, one block (batch 1, or 8; dn_backward_pipeline): the second core recomputes the
-   next segment while the first back-propagates this one (two buffer sets, handed over). */
+   next segment while the first back-propagates this one (two buffer sets, handed over).
+
+   The thread that applies a segment's updates then checks that its rows are finite, while they are
+   still in its cache (the numerical guard's check of the new weights, without a pass over the chunk
+   from memory); only that thread writes `nonfinite`. */
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -53,6 +57,7 @@ typedef struct {
     /* units done by each side, accessed with __atomic builtins */
     Py_ssize_t produced, consumed;
     int sleepers;
+    int nonfinite;                   /* some updated weight is inf or nan */
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } dn_job;
@@ -123,6 +128,22 @@ static inline Py_ssize_t dn_block_samples(const dn_job* J, Py_ssize_t blk) {
     return J->B - s0 < J->unit ? J->B - s0 : J->unit;
 }
 
+/* Whether n floats are all finite: a float is inf or nan when its exponent bits are all ones, and then
+   adding 1 to the exponent field carries into the sign bit; integer operations only, so it vectorises. */
+static int dn_all_finite(const float* x, Py_ssize_t n) {
+    const uint32_t* bits = (const uint32_t*)x;
+    uint32_t carry = 0;
+    for (Py_ssize_t i = 0; i < n; i++) carry |= (bits[i] & 0x7f800000u) + 0x00800000u;
+    return !(carry & 0x80000000u);
+}
+
+/* After the last block of unit u has updated its segment's rows: note whether they are all finite. */
+static void dn_check_updated(dn_job* J, Py_ssize_t u) {
+    Py_ssize_t seg, start, n;
+    dn_segment(J, u, &seg, &start, &n);
+    if (!dn_all_finite(J->params + start * J->row, n * J->row)) J->nonfinite = 1;
+}
+
 /* Recompute block blk through unit u's segment into buffer set `set`. */
 static void dn_recompute_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* scratch) {
     Py_ssize_t seg, start, n;
@@ -132,17 +153,17 @@ static void dn_recompute_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int
 }
 
 /* Back-propagate block blk through unit u's segment from buffer set `set`, into gradient buffer
-   G (started by the first block, applied to the weights by the last). */
-static void dn_backprop_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* G,
-                             float* scratch) {
+   G (started by the first block, applied to the weights by the last, which then checks them). */
+static void dn_backprop_unit(dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* G, float* scratch) {
     Py_ssize_t seg, start, n;
     dn_segment(J, u, &seg, &start, &n);
     J->backprop(J->params + start * J->row, n, J->g, J->w, J->B, blk * J->unit, dn_block_samples(J, blk),
                 J->hbuf[set], J->dbuf[set], G, scratch, J->lr, blk == 0, blk == J->n_blocks - 1);
+    if (blk == J->n_blocks - 1) dn_check_updated(J, u);
 }
 
 /* Blocks [b0, b1) through unit u's segment into gradient buffer G, on buffer set and scratch `side`. */
-static void dn_blocks_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t b0, Py_ssize_t b1, int side, float* G) {
+static void dn_blocks_unit(dn_job* J, Py_ssize_t u, Py_ssize_t b0, Py_ssize_t b1, int side, float* G) {
     for (Py_ssize_t b = b0; b < b1; b++) {
         dn_recompute_unit(J, u, b, side, J->scratch[side]);
         dn_backprop_unit(J, u, b, side, G, J->scratch[side]);
@@ -181,6 +202,7 @@ static void dn_fused_run(dn_job* J, Py_ssize_t b0, Py_ssize_t b1, int side, int 
                      J->hbuf[set], J->dbuf[set], G, J->lr, b == 0, b == J->n_blocks - 1,
                      J->params + start2 * J->row, n2, J->saves + seg2 * J->w * J->B, b2 * J->unit,
                      dn_block_samples(J, b2), J->alpha, J->hbuf[set2], J->dbuf[set2]);
+            if (b == J->n_blocks - 1) dn_check_updated(J, u);
         } else {
             dn_backprop_unit(J, u, b, set, G, scratch);
         }
@@ -252,8 +274,8 @@ static int dn_backward_pipeline(dn_job* J) {
    of `unit` samples. hbuf holds four buffer sets of 2 * set_floats (a layer's input may be kept as
    two vectors per unit: dn_recompute_step), dbuf four of set_floats, grad DN_GRAD_BUFFERS gradient
    buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. */
-static void dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, Py_ssize_t unit,
-                            float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
+static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, Py_ssize_t unit,
+                           float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
                             float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr, float* hbuf,
                             float* dbuf, Py_ssize_t set_floats, float* grad, Py_ssize_t gstride,
                             float* scratch, Py_ssize_t scratch_floats, int threads) {
@@ -273,6 +295,7 @@ static void dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, 
     for (int k = 0; k < DN_GRAD_BUFFERS; k++) J.grad[k] = grad + k * save_every * gstride;
     J.produced = J.consumed = 0;
     J.sleepers = 0;
+    J.nonfinite = 0;
     /* the pipeline needs a few units to overlap anything */
     if (threads > 1 && (double)n_layers * J.row * B >= DN_THREAD_MIN_WORK && (J.n_blocks >= 2 || J.n_seg >= 4)) {
         pthread_mutex_init(&J.mu, NULL);
@@ -287,6 +310,7 @@ static void dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, 
         dn_fused_run(&J, 0, J.n_blocks, 0, 0);
     else if (!done)
         for (Py_ssize_t u = 0; u < J.n_seg; u++) dn_blocks_unit(&J, u, 0, J.n_blocks, 0, J.grad[0]);
+    return !J.nonfinite;
 }
 
 /* The forward pass of one (activation, width): its own loop (forward passes need no driver). */
@@ -298,23 +322,24 @@ static inline void dn_forward(const dn_kernel* k, const float* params, Py_ssize_
 
 /* The backward pass of one (activation, width) through the driver: blocks of DN_BACKWARD_BLOCK samples
    (fused where the width has a fused loop) from batch DN_BLOCKED_MIN_BATCH, or of DN_BACKWARD_BLOCK16
-   when `block` asks for them and the width has them (the same results), else one sample at a time. */
-static void dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
+   when `block` asks for them and the width has them (the same results), else one sample at a time.
+   Returns whether every updated weight is finite. */
+static int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
                         Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
                         float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
                         Py_ssize_t scratch_floats, int threads, int block) {
     if (B >= DN_BLOCKED_MIN_BATCH && block == DN_BACKWARD_BLOCK16 && k->recompute_block16 != NULL)
-        dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, DN_BACKWARD_BLOCK16, params,
-                        n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
-                        dn_grad_stride(w), scratch, scratch_floats, threads);
+        return dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, DN_BACKWARD_BLOCK16,
+                               params, n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats,
+                               grad, dn_grad_stride(w), scratch, scratch_floats, threads);
     else if (B >= DN_BLOCKED_MIN_BATCH)
-        dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, DN_BACKWARD_BLOCK, params,
-                        n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
-                        dn_grad_stride(w), scratch, scratch_floats, threads);
+        return dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, DN_BACKWARD_BLOCK, params,
+                               n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
+                               dn_grad_stride(w), scratch, scratch_floats, threads);
     else
-        dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, 1, params, n_layers, saves,
-                        save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
-                        scratch, scratch_floats, threads);
+        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, 1, params, n_layers, saves,
+                               save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
+                               scratch, scratch_floats, threads);
 }
 
 /* ---- which instructions this CPU runs (a faster build is loaded only if it says so) ---- */

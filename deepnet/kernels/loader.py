@@ -63,9 +63,10 @@ class LayerKernels:
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
                  alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1,
-                 block: int = 8) -> None:
-        """Back-propagate g through the chunk, updating params in place; see ``deepnet._kernels.backward``."""
-        self.calls.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads,
+                 block: int = 8) -> bool:
+        """Back-propagate g through the chunk, updating params in place; whether every updated weight is
+        finite. See ``deepnet._kernels.backward``."""
+        return self.calls.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads,
                             self.loops_for(g.shape[0]).KERNEL_TABLE, block)
 
     def backward_blocks(self, width: int) -> tuple[int, ...]:

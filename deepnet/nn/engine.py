@@ -29,7 +29,7 @@ import numpy as np
 from deepnet.errors import ConfigError
 from deepnet.kernels.loader import LayerKernels
 from deepnet.nn.caches import l2_bytes
-from deepnet.nn.finite import NonFiniteError, finite_rows
+from deepnet.nn.finite import NonFiniteError
 from deepnet.nn.stores import WeightStore
 from deepnet.nn.threads import FixedChoice, MeasuredChoice, ThreadChoice, default_threads
 
@@ -248,15 +248,15 @@ class CoreEngine:
             for j, (start, rows) in enumerate(chunks):
                 k = n_chunks - 1 - j
                 saves = self._saves[self._save_offsets[k]:]
-                self.kernels.backward(rows, saves, self._save_every, g, self.alpha, float(layer_lr), self._work,
-                                      threads, block)
+                rows_finite = self.kernels.backward(rows, saves, self._save_every, g, self.alpha,
+                                                    float(layer_lr), self._work, threads, block)
                 # The numerical guard: stop before the next chunk is touched, and before a streamed store
-                # writes this one back (g is only width x batch; the rows are one read of the chunk).
+                # writes this one back (g is only width x batch; the kernel checked the rows as it updated them).
                 if not np.isfinite(g).all():
                     stop = start + rows.shape[0]
                     raise NonFiniteError(f"the gradient became non-finite in layers {start}..{stop - 1}",
                                          start=start, stop=stop)
-                if not finite_rows(rows):
+                if not rows_finite:
                     stop = start + rows.shape[0]
                     raise NonFiniteError(f"the updated weights of layers {start}..{stop - 1} are not finite",
                                          start=start, stop=stop)
