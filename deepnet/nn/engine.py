@@ -289,8 +289,8 @@ class CoreEngine:
         """(threads, batch block) for the backward pass at the current batch size, all giving the same
         result: one thread or all, in blocks of 8 samples; where the kernels run 16-sample blocks in one
         register per unit (AVX-512), those too: on one thread, and on all where each thread gets a
-        whole block (a batch of 16 as one block on two threads is the recomputation pipeline, 2.7-3.9x
-        slower than the other options on a Zen 4: bench/README.md). With ``fixed_threads``, blocks of
+        whole block (a batch of 16 as one block on two threads is the recomputation pipeline, 1.3-3.9x
+        slower than each other option on a Zen 4: bench/README.md). With ``fixed_threads``, blocks of
         16 wherever each thread gets a whole one there."""
         batch = self._work_batch
         wide = (self.kernels.block16_native and batch >= 16
