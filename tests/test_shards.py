@@ -437,3 +437,41 @@ def test_ranks_write_their_versions_at_once(tmp_path):
     _commit(root, 1, versions, heads)
     with S.open_root(root) as model:
         assert model.file.read_core().tobytes() == core.tobytes()
+
+
+def test_a_version_is_written_while_another_rank_commits(tmp_path, monkeypatch):
+    """Mach's sections write versions while rank 0 commits an earlier step: the commit replaces the root and
+    removes the versions it no longer names, possibly between a rank opening the root and checking its
+    shard files. The writing rank then opens the new root and writes its version against it."""
+    from deepnet.formats import shard_files
+
+    root = tmp_path / "r.h5"
+    S.create_sharded(root, 2, layers=5, width=W, activation="tanh")
+    versions, core, heads = _versions(root, 3, 0.5)
+    real_check = shard_files.check_shard_file
+    commits = []
+
+    def check_during_a_commit(*args, **kwargs):
+        if not commits:   # rank 0's commit lands after this rank opened the old root
+            commits.append(3)
+            monkeypatch.setattr(shard_files, "check_shard_file", real_check)
+            _commit(root, 3, versions, heads)
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(shard_files, "check_shard_file", check_during_a_commit)
+    version = S.write_core_version(root, 1, 5, np.zeros((2, W * W + W), np.float32))
+    assert commits == [3] and version.exists()
+    with S.open_root(root) as model:
+        assert model.step == 3 and model.file.read_core().tobytes() == core.tobytes()
+
+
+def test_a_missing_shard_file_is_still_an_error_for_a_version(tmp_path):
+    """The re-opening above is for a root replaced meanwhile only: a shard file missing from the root on
+    disk is the one-line error it always was."""
+    root = tmp_path / "r.h5"
+    S.create_sharded(root, 2, layers=5, width=W, activation="tanh")
+    with S.open_root(root) as model:
+        missing = model.shards[0].path
+    missing.unlink()
+    with pytest.raises(ModelFileError, match="cannot be read|missing|no such"):
+        S.write_core_version(root, 1, 5, np.zeros((2, W * W + W), np.float32))

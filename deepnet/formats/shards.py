@@ -138,6 +138,32 @@ def open_root(path: PathLike) -> ShardedModel:
         raise
 
 
+#: How often a rank re-opens a root that another rank's commit replaced while it was being opened.
+REOPEN_ATTEMPTS = 3
+
+
+def _open_root_beside_commits(path: str) -> ShardedModel:
+    """open_root for a rank writing its next version while rank 0 may be committing an earlier step (Mach's
+    sections do not wait for each other): a commit replaces the root by rename and then removes the versions
+    the new root no longer names, so a root opened just before may name shard files that are gone by the
+    time they are checked. Then the file at ``path`` is a new one (another inode): open that instead."""
+    for _ in range(REOPEN_ATTEMPTS - 1):
+        try:
+            before = os.stat(path).st_ino
+        except OSError:
+            break   # open_root says what is wrong with the path
+        try:
+            return open_root(path)
+        except ModelFileError:
+            try:
+                replaced = os.stat(path).st_ino != before
+            except OSError:
+                replaced = False
+            if not replaced:
+                raise
+    return open_root(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # the two-phase commit
 
@@ -154,7 +180,7 @@ def write_core_version(root: PathLike, index: int, step: int, core: np.ndarray, 
     different indices. The version's heads are `heads`, else copies of the root's (the root's are the
     model's). Nothing refers to the version until :func:`commit_root` does."""
     root = os.fspath(root)
-    with open_root(root) as model:
+    with _open_root_beside_commits(root) as model:
         spec = model._spec(index)
         step = check_int("step", step, minimum=0)
         if step <= model.step:
