@@ -79,10 +79,10 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_model() -> str:
-    """The CPU's model name with its family and model numbers (/proc/cpuinfo: "AMD EPYC" alone does not
-    tell a Zen 3 from a Zen 5), else the platform's processor string."""
-    fields = _cpuinfo()
+def cpu_model(fields: dict[str, str] | None = None) -> str:
+    """The CPU's model name with its family and model numbers (/proc/cpuinfo, or its ``fields`` already
+    read: "AMD EPYC" alone does not tell a Zen 3 from a Zen 5), else the platform's processor string."""
+    fields = _cpuinfo() if fields is None else fields
     if "model name" not in fields:
         return platform.processor() or "unknown"
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
@@ -129,7 +129,7 @@ def machine_facts() -> dict:
     info = _cpuinfo()
     family = int(info["cpu family"]) if info.get("cpu family", "").isdigit() else None
     build = build_in_use()
-    return {"cpu": cpu_model(), "build": build, "build_label": build_label(builtin_module(None)),
+    return {"cpu": cpu_model(info), "build": build, "build_label": build_label(builtin_module(None)),
             "fma_lanes_per_cycle": fma_lanes_per_cycle(build, info.get("vendor_id", ""), family),
             "cores": len(os.sched_getaffinity(0)),
             "l1d_bytes": sizes.get(1), "l2_bytes": sizes.get(2)}

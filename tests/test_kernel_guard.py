@@ -14,13 +14,19 @@ from helpers import kernel_builds
 SAVE_EVERY = 50
 
 
+def _layers(module, width: int, batch: int) -> int:
+    """Enough layers for a second thread, with a short last segment."""
+    row = width * width + width
+    return max(40 * SAVE_EVERY, int(1.5 * module.THREAD_MIN_WORK / (row * batch)) // SAVE_EVERY * SAVE_EVERY + 13)
+
+
 def _case(module, width: int, batch: int, huge_segment: int | None):
     """relu layers long enough for a second thread; the saved state of ``huge_segment`` (if any) is
     ~1e30, so only that segment's recomputed inputs, and so its weight gradients, are huge (relu passes
     them on; the gradient flowing down stays small)."""
     rng = np.random.default_rng([width, batch])
     row = width * width + width
-    layers = max(40 * SAVE_EVERY, int(1.5 * module.THREAD_MIN_WORK / (row * batch)) // SAVE_EVERY * SAVE_EVERY + 13)
+    layers = _layers(module, width, batch)
     params = (rng.uniform(-0.5, 0.5, (layers, row)) / np.sqrt(width)).astype(np.float32)
     saves = rng.standard_normal((-(-layers // SAVE_EVERY), width * batch)).astype(np.float32)
     if huge_segment is not None:
@@ -40,8 +46,7 @@ def _options(kernels: LayerKernels, width: int, batch: int):
 @pytest.mark.parametrize("where", ["top", "middle", "bottom", None])
 @pytest.mark.parametrize("fused", [True, False])
 def test_backward_reports_non_finite_updates(module, width, batch, where, fused):
-    kernels, params, saves, g0, alpha = _case(module, width, batch, None)
-    n_seg = saves.shape[0]
+    n_seg = -(-_layers(module, width, batch) // SAVE_EVERY)
     segment = {"top": n_seg - 1, "middle": n_seg // 2, "bottom": 0, None: None}[where]
     kernels, params, saves, g0, alpha = _case(module, width, batch, segment)
     previous = module.set_fused_backward(fused)

@@ -110,7 +110,9 @@ def test_the_heads_and_distilled_models_are_saved_and_evaluate_again(learned):
 def _row(line: str) -> tuple[int, int] | None:
     """(section, step) of a report row, None for any other line."""
     fields = line.split()
-    return (int(fields[0]), int(fields[1])) if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit() else None
+    if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit():
+        return int(fields[0]), int(fields[1])
+    return None
 
 
 def long_run(root: Path, *extra: str, until_step: int, section: int | None = None) -> subprocess.Popen:

@@ -301,12 +301,9 @@ class CoreEngine:
         key = ("backward", batch)
         if key not in self._thread_choices:
             most = self.threads
-            if not wide:
-                options = [(most, 8), (1, 8)]
-            elif batch >= 16 * most:
-                options = [(most, 8), (1, 16), (most, 16), (1, 8)]
-            else:
-                options = [(most, 8), (1, 16), (1, 8)]
+            options = [(most, 8), (1, 16), (most, 16), (1, 8)] if wide else [(most, 8), (1, 8)]
+            if wide and batch < 16 * most:
+                options.remove((most, 16))
             self._thread_choices[key] = MeasuredChoice(options)
         return self._thread_choices[key]
 
