@@ -65,14 +65,15 @@ def test_backward(benchmark, activation, width, batch, layers):
     record(benchmark, layer_samples=w.layer_samples, kind="backward (recompute + grad, lr=0)", **w.describe())
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads,split", [(1, "blocks"), (2, "blocks"), (2, "segments")])
 @pytest.mark.parametrize("block", [8, 16])
 @pytest.mark.parametrize("batch", [16, 32])
-def test_backward_blocks(benchmark, block, threads, batch):
+def test_backward_blocks(benchmark, block, threads, split, batch):
     """The backward's two batch layouts at width 4 (softsign, 100k layers): blocks of 8 samples (one
     8-lane vector per unit) against 16 (one 16-lane vector: one register on AVX-512, two elsewhere),
-    the same results bit for bit; ``block16_native`` says which kind of machine ran it. Same run,
-    same chunk, so the rows compare."""
+    on one thread, or two sharing the blocks or taking segments in turn (a batch of one block is
+    always split by segments), the same results bit for bit; ``block16_native`` says which kind of
+    machine ran it. Same run, same chunk, so the rows compare."""
     w = _workload("softsign", 4, batch, 100_000)
     if block not in w.kernels.backward_blocks(4):
         pytest.skip("this build has no 16-lane layout")
@@ -80,12 +81,12 @@ def test_backward_blocks(benchmark, block, threads, batch):
     benchmark.group = f"backward blocks w4 B{batch} softsign"
 
     def backward():
-        w.kernels.backward(w.params, w.saves, w.save_every, w.g, w.alpha, 0.0, w.work, threads, block)
+        w.kernels.backward(w.params, w.saves, w.save_every, w.g, w.alpha, 0.0, w.work, threads, block, split)
 
     run_pedantic(benchmark, backward, setup=w.backward_setup)
     assert np.isfinite(w.g).all()
     record(benchmark, layer_samples=w.layer_samples, kind="backward (recompute + grad, lr=0)", block=block,
-           threads=threads, block16_native=w.kernels.block16_native, **w.describe())
+           threads=threads, split=split, block16_native=w.kernels.block16_native, **w.describe())
 
 
 def _step(w: Workload, engine):

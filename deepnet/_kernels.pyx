@@ -16,9 +16,9 @@ from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 
-from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_BACKWARD_BLOCK16, DN_MAX_BLOCK, DN_TABLE_CAPSULE,
-                                         DN_V16_NATIVE, dn_add_table_attributes, dn_grad_stride, dn_kernel,
-                                         dn_kernel_for, dn_kernel_table)
+from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_BACKWARD_BLOCK16, DN_BLOCKED_MIN_BATCH, DN_MAX_BLOCK,
+                                         DN_TABLE_CAPSULE, DN_V16_NATIVE, dn_add_table_attributes, dn_grad_stride,
+                                         dn_kernel, dn_kernel_for, dn_kernel_table)
 
 cdef extern from "dn_driver.h" nogil:
     const int DN_GRAD_BUFFERS
@@ -32,7 +32,7 @@ cdef extern from "dn_driver.h" nogil:
     int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
                      Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
                      float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
-                     Py_ssize_t scratch_floats, int threads, int block)
+                     Py_ssize_t scratch_floats, int threads, int block, int by_segments)
     int dn_cpu_has_avx2_fma()
     int dn_cpu_has_avx512()
 
@@ -55,6 +55,8 @@ THREAD_MIN_WORK = int(DN_THREAD_MIN_WORK)
 # 16-sample layout (backward_blocks) worth measuring against the 8-sample one; elsewhere it runs, with
 # the same results, but slower.
 BLOCK16_NATIVE = bool(DN_V16_NATIVE)
+# How backward's threads share a call: by the batch's blocks, or by segments in turn (see backward).
+SPLITS = ("blocks", "segments")
 
 
 def set_spin_seconds(double seconds) -> float:
@@ -184,17 +186,29 @@ def backward_blocks(int act, Py_ssize_t width, kernels=None) -> tuple:
     return (DN_BACKWARD_BLOCK,)
 
 
+def backward_block_count(Py_ssize_t batch, int block) -> int:
+    """How many blocks ``backward`` cuts a batch into with ``block`` (one per sample below a batch of
+    8, where each sample runs alone), for widths that have that block."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if batch < DN_BLOCKED_MIN_BATCH:
+        return batch
+    return (batch + block - 1) // block
+
+
 def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_t save_every,
              float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1, kernels=None,
-             int block=8) -> bool:
+             int block=8, str split="blocks") -> bool:
     """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place; return
     whether every updated weight is finite (each segment's rows are checked right after their update).
 
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
     return g is the gradient at the chunk's input. Each layer's gradient is summed over the batch and
     the gradient flowing further down uses the layer's old weights. With ``threads`` > 1 a second
-    thread takes half the batch's blocks, a segment behind the first (or, at a batch of one block,
-    recomputes the next segment while the first back-propagates this one): the same result, bit for bit.
+    thread shares the work as ``split`` says (one of ``SPLITS``): "blocks", half the batch's blocks
+    each, a segment behind the first; "segments", every other segment each, with all its blocks,
+    recomputed while the other thread back-propagates the segment above (so at a batch of one block
+    whatever ``split`` says). The same result, bit for bit.
     ``block`` is the samples of a batch block (``backward_blocks``: 8, or 16 in 16-lane vectors where
     compiled), again the same result bit for bit. ``kernels`` is as for ``forward``.
     """
@@ -208,6 +222,8 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
         raise ValueError("save_every must be >= 1")
     if block != DN_BACKWARD_BLOCK and block != DN_BACKWARD_BLOCK16:
         raise ValueError(f"block must be {DN_BACKWARD_BLOCK} or {DN_BACKWARD_BLOCK16}, got {block}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if n == 0:
         return True
     if saves.shape[0] < (n + save_every - 1) // save_every or saves.shape[1] != w * B:
@@ -230,10 +246,12 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
     cdef float* scratch = grad + DN_GRAD_BUFFERS * save_every * dn_grad_stride(w)
     cdef const dn_kernel* k = dn_kernel_for(table, act, w)
     cdef int finite
+    cdef int by_segments = split == "segments"
     try:
         with nogil:
             finite = dn_backward(k, &params[0, 0], n, &saves[0, 0], save_every, &g[0, 0], w, B, alpha, lr, hbuf,
-                                 dbuf, set_floats, grad, scratch, _scratch_size(w), threads, block)
+                                 dbuf, set_floats, grad, scratch, _scratch_size(w), threads, block,
+                                 by_segments)
     finally:
         if owned:
             free(buf)

@@ -357,9 +357,10 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
     """Time exact SGD steps of the reference workload (10M layers, width 4, softsign, batch 16) here.
 
     Creates a temporary model (layers x (width*width+width) x 4 bytes on disk), runs warm-up steps
-    (the first, then until the choice of one thread or two is made: 5 on two cores; 1 with
-    --threads), times --steps steps, and reports the median seconds per step, layer-samples per
-    second, the threads each timed step's forward and backward passes ran on, and (on Linux) how much
+    (the first, then until the choices of threads and backward layout are made: 7 on two cores; 1
+    with --threads), times --steps steps, and reports the median seconds per step, layer-samples per
+    second, the threads each timed step's forward and backward passes ran on, the backward's batch
+    block and how its threads split it (by blocks or segments), and (on Linux) how much
     of the machine's CPU time a hypervisor took for others meanwhile: on a shared virtual machine,
     how disturbed the figures are. The kernels are the fastest build this CPU runs (AVX-512, AVX2 or
     portable), reported as "kernels"; $DEEPNET_KERNELS=portable|avx2|avx512 picks one.

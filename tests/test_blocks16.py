@@ -37,9 +37,9 @@ def _case(module, activation: str, width: int, batch: int, seed: int = 0):
     return kernels, params, saves, save_every, g, alpha
 
 
-def _backward(kernels, params, saves, save_every, g0, alpha, threads, block):
+def _backward(kernels, params, saves, save_every, g0, alpha, threads, block, split="blocks"):
     p, g = params.copy(), g0.copy()
-    kernels.backward(p, saves, save_every, g, alpha, 0.01, None, threads, block)
+    kernels.backward(p, saves, save_every, g, alpha, 0.01, None, threads, block, split)
     return p, g
 
 
@@ -56,10 +56,10 @@ def test_16_sample_blocks_equal_8_sample_blocks_for_every_activation(module, act
     p8, g8 = _backward(kernels, params, saves, save_every, g0, alpha, 1, 8)
     assert not np.array_equal(p8, params)   # the update really happened
     assert np.all(np.isfinite(p8)) and np.all(np.isfinite(g8))
-    for threads in (1, 2):
-        p, g = _backward(kernels, params, saves, save_every, g0, alpha, threads, 16)
-        assert np.array_equal(p, p8), threads
-        assert np.array_equal(g, g8), threads
+    for threads, split in [(1, "blocks"), (2, "blocks"), (2, "segments")]:
+        p, g = _backward(kernels, params, saves, save_every, g0, alpha, threads, 16, split)
+        assert np.array_equal(p, p8), (threads, split)
+        assert np.array_equal(g, g8), (threads, split)
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
@@ -67,21 +67,21 @@ def test_16_sample_blocks_equal_8_sample_blocks_for_every_activation(module, act
 @pytest.mark.parametrize("batch", [8, 9, 16, 20, 24, 32, 40])
 def test_16_sample_blocks_equal_8_sample_blocks_at_every_batch(module, width, batch):
     """Batches that fill a 16-sample block, leave its high half empty (8, 24, 40: the 8-sample layout
-    has no such block) or part-filled (9, 20), on one thread or two (two blocks: each thread its own;
-    one: the recomputation pipeline), the fused loop on and off."""
+    has no such block) or part-filled (9, 20), on one thread or two (sharing the blocks, or taking
+    segments in turn: always so for one block), the fused loop on and off."""
     kernels, params, saves, save_every, g0, alpha = _case(module, "softsign", width, batch)
     _needs_layout(kernels, width)
     results = {}
     try:
         for fused in (False, True):
             module.set_fused_backward(fused)
-            for threads in (1, 2):
+            for threads, split in [(1, "blocks"), (2, "blocks"), (2, "segments")]:
                 for block in (8, 16):
-                    results[fused, threads, block] = _backward(kernels, params, saves, save_every, g0, alpha,
-                                                               threads, block)
+                    results[fused, threads, split, block] = _backward(kernels, params, saves, save_every, g0,
+                                                                      alpha, threads, block, split)
     finally:
         module.set_fused_backward(True)
-    p_ref, g_ref = results[False, 1, 8]
+    p_ref, g_ref = results[False, 1, "blocks", 8]
     assert not np.array_equal(p_ref, params)
     for key, (p, g) in results.items():
         assert np.array_equal(p, p_ref), key
@@ -121,13 +121,28 @@ def test_widths_without_the_layout_run_8_sample_blocks(width):
     assert np.array_equal(p8, p16) and np.array_equal(g8, g16)
 
 
-def test_backward_rejects_other_blocks():
+def test_backward_rejects_other_blocks_and_splits():
     module = builtin_module()
     kernels, params, saves, save_every, g0, alpha = _case(module, "softsign", 4, 16)
     with pytest.raises(ValueError, match="block must be 8 or 16, got 12"):
         _backward(kernels, params, saves, save_every, g0, alpha, 1, 12)
+    with pytest.raises(ValueError, match="split must be one of blocks, segments, got 'layers'"):
+        _backward(kernels, params, saves, save_every, g0, alpha, 2, 8, "layers")
     with pytest.raises(ValueError, match="width must be >= 1"):
         kernels.backward_blocks(0)
+
+
+@pytest.mark.parametrize("batch,block,count", [(1, 8, 1), (5, 8, 5), (5, 16, 5), (8, 8, 1), (9, 8, 2),
+                                               (16, 8, 2), (16, 16, 1), (17, 16, 2), (40, 16, 3)])
+def test_backward_block_count(batch, block, count):
+    """One block per sample below a batch of 8 (each sample runs alone), else whole and part blocks."""
+    kernels = LayerKernels("softsign", builtin_module(), 0)
+    assert kernels.backward_block_count(batch, block) == count
+
+
+def test_backward_block_count_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        LayerKernels("softsign", builtin_module(), 0).backward_block_count(0, 8)
 
 
 def test_measured_choice_tries_every_option_then_keeps_the_fastest():
@@ -165,8 +180,10 @@ def _engine(weights, kernels, threads):
 
 @pytest.mark.parametrize("batch", [16, 32])
 def test_engine_measures_16_sample_blocks_where_they_are_native(monkeypatch, batch):
-    """Where 16-lane vectors are one register (AVX-512: forced here), the backward's choice also tries
-    16-sample blocks, and training comes out bit for bit as with 8-sample blocks on one thread."""
+    """Where 16-lane vectors are one register (AVX-512: forced here), the backward's choice tries
+    16-sample blocks on one thread and on two taking segments in turn, and two sharing the blocks (of
+    8 samples where a batch is one 16-sample block), and training comes out bit for bit as with
+    8-sample blocks on one thread."""
     module = builtin_module()
     kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
     if 16 not in kernels.backward_blocks(4):
@@ -185,28 +202,30 @@ def test_engine_measures_16_sample_blocks_where_they_are_native(monkeypatch, bat
     for h in x:
         measured.forward(h.copy())
         measured.backward(h.copy(), 0.01, step=1)
-        used.add((measured.threads_used["backward"], measured.backward_block_used))
-    # every option tried; 16-sample blocks on two threads only where each thread gets one
-    assert used == ({(2, 8), (1, 16), (2, 16), (1, 8)} if batch >= 32 else {(2, 8), (1, 16), (1, 8)})
+        used.add((measured.threads_used["backward"], measured.backward_block_used, measured.backward_split_used))
+    shared = (2, 16, "blocks") if batch >= 32 else (2, 8, "blocks")
+    assert used == {(2, 16, "segments"), shared, (1, 16, "blocks")}   # every option tried
     assert measured.thread_choices_settled
     assert np.array_equal(measured.store.weights, plain.store.weights)
     for engine in (plain, measured):
         engine.close()
 
 
-def test_fixed_threads_take_16_sample_blocks_where_each_thread_has_one(monkeypatch):
+def test_fixed_threads_take_16_sample_blocks_split_by_segments_where_native(monkeypatch):
     module = builtin_module()
     kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
     if 16 not in kernels.backward_blocks(4):
         pytest.skip("this build was compiled without the 16-lane layout")
     monkeypatch.setattr(LayerKernels, "block16_native", property(lambda self: True))
     weights = np.zeros((50, 20), np.float32)
-    for fixed, batch, expected in [(1, 16, (1, 16)), (2, 16, (2, 8)), (2, 32, (2, 16)), (1, 8, (1, 8))]:
+    for fixed, batch, expected in [(1, 16, (1, 16)), (2, 16, (2, 16, "segments")), (2, 32, (2, 16, "segments")),
+                                   (1, 8, (1, 8))]:
         engine = _engine(weights, kernels, 2)
         engine.fixed_threads = fixed
         engine.forward(np.zeros((4, batch), np.float32))
         engine.backward(np.zeros((4, batch), np.float32), 0.0, step=1)
-        assert (engine.threads_used["backward"], engine.backward_block_used) == expected
+        used = (engine.threads_used["backward"], engine.backward_block_used, engine.backward_split_used)
+        assert used[:len(expected)] == expected
         engine.close()
     monkeypatch.undo()
     engine = _engine(weights, kernels, 2)    # not native (this machine, unless AVX-512): never 16

@@ -1,5 +1,5 @@
 """The backward kernel's own check of the weights it updated (the numerical guard's core check): it
-returns False exactly when some updated weight is inf or nan, whichever thread, batch layout and
+returns False exactly when some updated weight is inf or nan, whichever thread, split, batch layout and
 fusion ran the segment that overflowed, and True otherwise, in every build this CPU runs.
 """
 
@@ -38,7 +38,8 @@ def _case(module, width: int, batch: int, huge_segment: int | None):
 
 def _options(kernels: LayerKernels, width: int, batch: int):
     blocks = [b for b in kernels.backward_blocks(width) if batch >= 8]
-    return [(threads, block) for threads in (1, 2) for block in (blocks or [8])]
+    return [(1, block, "blocks") for block in (blocks or [8])] + [
+        (2, block, split) for block in (blocks or [8]) for split in ("blocks", "segments")]
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
@@ -51,11 +52,11 @@ def test_backward_reports_non_finite_updates(module, width, batch, where, fused)
     kernels, params, saves, g0, alpha = _case(module, width, batch, segment)
     previous = module.set_fused_backward(fused)
     try:
-        for threads, block in _options(kernels, width, batch):
+        for threads, block, split in _options(kernels, width, batch):
             p, g = params.copy(), g0.copy()
-            finite = kernels.backward(p, saves, SAVE_EVERY, g, alpha, 1e14, None, threads, block)
+            finite = kernels.backward(p, saves, SAVE_EVERY, g, alpha, 1e14, None, threads, block, split)
             rows_finite = np.isfinite(p).all(axis=1)
-            assert finite == bool(rows_finite.all()), (threads, block)
+            assert finite == bool(rows_finite.all()), (threads, block, split)
             assert np.isfinite(g).all()
             if segment is None:
                 assert finite

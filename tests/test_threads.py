@@ -2,8 +2,8 @@
 
 Sizes are chosen above the kernels' threshold for starting a thread (``THREAD_MIN_WORK`` multiply-adds
 per call), so the threaded code paths really run: two halves of the batch's blocks (batch >= 16, and
-per sample below 8), the recomputation pipeline (one block: batch 8, or 1), the generic width, and
-both builds.
+per sample below 8), segments in turn (asked for, or a batch of one block: 8, or 1), the generic
+width, and both builds.
 """
 
 import statistics
@@ -32,12 +32,13 @@ def assert_threaded_backward_matches_one_thread(module, width: int, batch: int) 
     kernels.forward(params, h, 0.05, saves, save_every)
     g0 = rng.standard_normal((width, batch)).astype(np.float32)
     results = []
-    for threads in (1, 2):
+    for threads, split in [(1, "blocks"), (2, "blocks"), (2, "segments")]:
         p, g = params.copy(), g0.copy()
-        kernels.backward(p, saves, save_every, g, 0.05, 0.01, None, threads)
+        kernels.backward(p, saves, save_every, g, 0.05, 0.01, None, threads, 8, split)
         results.append((p, g))
-    assert np.array_equal(results[0][0], results[1][0])
-    assert np.array_equal(results[0][1], results[1][1])
+    for p, g in results[1:]:
+        assert np.array_equal(results[0][0], p)
+        assert np.array_equal(results[0][1], g)
     assert not np.array_equal(results[0][0], params)  # the update really happened
 
 
@@ -70,13 +71,13 @@ def test_fused_backward_equals_recomputing_then_back_propagating(module, activat
     try:
         for fused in (False, True):
             module.set_fused_backward(fused)
-            for threads in (1, 2):
+            for threads, split in [(1, "blocks"), (2, "blocks"), (2, "segments")]:
                 p, g = params.copy(), g0.copy()
-                kernels.backward(p, saves, save_every, g, alpha, 0.01, None, threads)
-                results[fused, threads] = (p, g)
+                kernels.backward(p, saves, save_every, g, alpha, 0.01, None, threads, 8, split)
+                results[fused, threads, split] = (p, g)
     finally:
         module.set_fused_backward(True)
-    p_ref, g_ref = results[False, 1]
+    p_ref, g_ref = results[False, 1, "blocks"]
     assert not np.array_equal(p_ref, params)  # the update really happened
     assert np.all(np.isfinite(p_ref)) and np.all(np.isfinite(g_ref))
     for key, (p, g) in results.items():
@@ -100,10 +101,11 @@ def test_threads_that_sleep_instead_of_spinning_give_the_same_result(module):
     previous = module.set_spin_seconds(0.0)
     try:
         before = module.sleep_count()
-        # two halves of the blocks, the recomputation pipeline (one block), per-sample widths
+        # two halves of the blocks or segments in turn (one block: always), per-sample widths
         for width, batch in [(4, 16), (4, 40), (4, 8), (32, 1)]:
             assert_threaded_backward_matches_one_thread(module, width, batch)
-        # the pipeline's first wait (for the second thread's first segment) always happens
+        # segments in turn: the second thread waits for the first's first segment (it recomputes
+        # one while the first thread recomputes and back-propagates one)
         assert module.sleep_count() > before
     finally:
         module.set_spin_seconds(previous)
@@ -223,13 +225,10 @@ def test_thread_choice_is_settled_after_its_trials():
 
 
 def _chosen_warmup_steps() -> int:
-    """deepnet bench's warm-up on two threads (reference shape): the first step, then two trials of each
-    backward option: one thread or two (5 steps), and where 16-lane vectors are native (AVX-512) also
-    16-sample blocks on one thread (7; a batch of 16 is one such block, too few for two threads)."""
-    from deepnet.kernels.loader import kernels_for
-
-    kernels = kernels_for("softsign", 4)
-    return 7 if kernels.block16_native and 16 in kernels.backward_blocks(4) else 5
+    """deepnet bench's warm-up on two threads (reference shape, batch 16): the first step, then two
+    trials of each backward option: two threads taking segments in turn, two sharing the batch's two
+    8-sample blocks, one thread (in 16-sample blocks where they are native, else 8)."""
+    return 7
 
 
 def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypatch):

@@ -179,7 +179,9 @@ def show_bench(result: dict, args: dict) -> None:
         "warm-up": f"{len(result['warmup_times'])} steps, "
                    + " ".join(f"{seconds:.3f}" for seconds in result["warmup_times"]) + " s",
         "threads": "forward/backward per step: " + " ".join(f"{fwd}/{bwd}" for fwd, bwd in result["step_threads"]),
-        "backward block": "samples per step: " + " ".join(str(block) for block in result["step_backward_blocks"]),
+        "backward block": "samples (and split, on two threads or more) per step: " + " ".join(
+            str(block) if threads[1] == 1 else f"{block}/{split}" for block, split, threads
+            in zip(result["step_backward_blocks"], result["step_backward_splits"], result["step_threads"])),
         "layer-samples/s": format_rate(result["layer_samples_per_s"]),
         "kernels": result["kernels"],
         "peak memory": f"{result['peak_rss_bytes'] / 2**30:.2f} GiB",

@@ -24,12 +24,16 @@
    was slower than one core alone). The blocks are summed in the same order as by one thread: the
    result is the same bit for bit.
 
-   Two threads, one block (batch 1, or 8; dn_backward_pipeline): the second core recomputes the
-   next segment while the first back-propagates this one (two buffer sets, handed over).
+   Two threads, segments in turn (dn_backward_segments; every batch of one block, and any batch when
+   asked): each core takes every other segment whole, all its blocks, and recomputes it while the
+   other core back-propagates the segment above, then back-propagates it once g has come down. Only g
+   crosses cores (width x batch floats a segment); the back-propagations run one after the other, so
+   a step takes about a back-propagation per segment when the recomputation is no slower. Each core
+   sums its segments' blocks in the one-thread order: the same result bit for bit.
 
    The thread that applies a segment's updates then checks that its rows are finite, while they are
    still in its cache (the numerical guard's check of the new weights, without a pass over the chunk
-   from memory); only that thread writes `nonfinite`. */
+   from memory), and sets `nonfinite` if not. */
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -57,7 +61,7 @@ typedef struct {
     /* units done by each side, accessed with __atomic builtins */
     Py_ssize_t produced, consumed;
     int sleepers;
-    int nonfinite;                   /* some updated weight is inf or nan */
+    int nonfinite;                   /* some updated weight is inf or nan (__atomic stores) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } dn_job;
@@ -141,7 +145,7 @@ static int dn_all_finite(const float* x, Py_ssize_t n) {
 static void dn_check_updated(dn_job* J, Py_ssize_t u) {
     Py_ssize_t seg, start, n;
     dn_segment(J, u, &seg, &start, &n);
-    if (!dn_all_finite(J->params + start * J->row, n * J->row)) J->nonfinite = 1;
+    if (!dn_all_finite(J->params + start * J->row, n * J->row)) __atomic_store_n(&J->nonfinite, 1, __ATOMIC_RELAXED);
 }
 
 /* Recompute block blk through unit u's segment into buffer set `set`. */
@@ -246,39 +250,50 @@ static int dn_backward_halves(dn_job* J) {
     return 1;
 }
 
-/* ---- one block: recomputation pipelined on the second core ---- */
+/* ---- two threads, segments in turn ---- */
 
-static void* dn_producer_main(void* arg) {
-    dn_job* J = (dn_job*)arg;
-    for (Py_ssize_t u = 0; u < J->n_seg; u++) {
-        dn_wait_at_least(J, &J->consumed, u - 1);   /* buffer set u % 2 last held unit u - 2 */
-        dn_recompute_unit(J, u, 0, (int)(u % 2), J->scratch[1]);
+/* Side 0 takes units 0, 2, 4, ..., side 1 units 1, 3, ...: a unit's blocks (as many as the side's two
+   buffer sets hold) are recomputed before its g is awaited, the rest as they come. `produced` counts
+   the units g has passed. */
+static void dn_segments_run(dn_job* J, int side) {
+    float* G = J->grad[side];
+    float* scratch = J->scratch[side];
+    const Py_ssize_t ahead = J->n_blocks < 2 ? J->n_blocks : 2;
+    for (Py_ssize_t u = side; u < J->n_seg; u += 2) {
+        for (Py_ssize_t b = 0; b < ahead; b++) dn_recompute_unit(J, u, b, 2 * side + (int)b, scratch);
+        dn_wait_at_least(J, &J->produced, u);   /* g has come down through the units above */
+        for (Py_ssize_t b = 0; b < J->n_blocks; b++) {
+            const int set = 2 * side + (int)(b % 2);
+            if (b >= ahead) dn_recompute_unit(J, u, b, set, scratch);
+            dn_backprop_unit(J, u, b, set, G, scratch);
+        }
         dn_publish(J, &J->produced, u + 1);
     }
+}
+
+static void* dn_segments_second_main(void* arg) {
+    dn_segments_run((dn_job*)arg, 1);
     return NULL;
 }
 
-static int dn_backward_pipeline(dn_job* J) {
-    pthread_t producer;
-    if (pthread_create(&producer, NULL, dn_producer_main, J) != 0) return 0;
-    for (Py_ssize_t u = 0; u < J->n_seg; u++) {
-        dn_wait_at_least(J, &J->produced, u + 1);
-        dn_backprop_unit(J, u, 0, (int)(u % 2), J->grad[0], J->scratch[0]);
-        dn_publish(J, &J->consumed, u + 1);
-    }
-    pthread_join(producer, NULL);
+static int dn_backward_segments(dn_job* J) {
+    pthread_t second;
+    if (pthread_create(&second, NULL, dn_segments_second_main, J) != 0) return 0;
+    dn_segments_run(J, 0);
+    pthread_join(second, NULL);
     return 1;
 }
 
 /* Back-propagate g through n_layers (recomputed from saves) and SGD-update every layer, in blocks
    of `unit` samples. hbuf holds four buffer sets of 2 * set_floats (a layer's input may be kept as
    two vectors per unit: dn_recompute_step), dbuf four of set_floats, grad DN_GRAD_BUFFERS gradient
-   buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. */
+   buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. Two threads
+   split the work by blocks (halves) or, with by_segments or a batch of one block, by segments. */
 static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, Py_ssize_t unit,
                            float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
-                            float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr, float* hbuf,
-                            float* dbuf, Py_ssize_t set_floats, float* grad, Py_ssize_t gstride,
-                            float* scratch, Py_ssize_t scratch_floats, int threads) {
+                           float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr, float* hbuf,
+                           float* dbuf, Py_ssize_t set_floats, float* grad, Py_ssize_t gstride,
+                           float* scratch, Py_ssize_t scratch_floats, int threads, int by_segments) {
     dn_job J;
     int done = 0;
     J.recompute = recompute; J.backprop = backprop; J.fused = dn_fuse ? fused : NULL;
@@ -287,7 +302,7 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     J.alpha = alpha; J.lr = lr;
     J.n_seg = (n_layers + save_every - 1) / save_every;
     J.n_blocks = (B + unit - 1) / unit;
-    for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run alternates them) */
+    for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run, dn_segments_run) */
         J.hbuf[k] = hbuf + 2 * k * set_floats;   /* up to two vectors per unit and layer */
         J.dbuf[k] = dbuf + k * set_floats;
     }
@@ -296,11 +311,11 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     J.produced = J.consumed = 0;
     J.sleepers = 0;
     J.nonfinite = 0;
-    /* the pipeline needs a few units to overlap anything */
-    if (threads > 1 && (double)n_layers * J.row * B >= DN_THREAD_MIN_WORK && (J.n_blocks >= 2 || J.n_seg >= 4)) {
+    by_segments = by_segments || J.n_blocks < 2;
+    if (threads > 1 && (double)n_layers * J.row * B >= DN_THREAD_MIN_WORK && (!by_segments || J.n_seg >= 2)) {
         pthread_mutex_init(&J.mu, NULL);
         pthread_cond_init(&J.cv, NULL);
-        done = J.n_blocks >= 2 ? dn_backward_halves(&J) : dn_backward_pipeline(&J);
+        done = by_segments ? dn_backward_segments(&J) : dn_backward_halves(&J);
         pthread_cond_destroy(&J.cv);
         pthread_mutex_destroy(&J.mu);
     }
@@ -322,24 +337,25 @@ static inline void dn_forward(const dn_kernel* k, const float* params, Py_ssize_
 
 /* The backward pass of one (activation, width) through the driver: blocks of DN_BACKWARD_BLOCK samples
    (fused where the width has a fused loop) from batch DN_BLOCKED_MIN_BATCH, or of DN_BACKWARD_BLOCK16
-   when `block` asks for them and the width has them (the same results), else one sample at a time.
+   when `block` asks for them and the width has them (the same results), else one sample at a time;
+   two threads or more split it by segments when `by_segments` (dn_backward_run).
    Returns whether every updated weight is finite. */
 static int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, const float* saves,
                         Py_ssize_t save_every, float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr,
                         float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
-                        Py_ssize_t scratch_floats, int threads, int block) {
+                        Py_ssize_t scratch_floats, int threads, int block, int by_segments) {
     if (B >= DN_BLOCKED_MIN_BATCH && block == DN_BACKWARD_BLOCK16 && k->recompute_block16 != NULL)
         return dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, DN_BACKWARD_BLOCK16,
                                params, n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats,
-                               grad, dn_grad_stride(w), scratch, scratch_floats, threads);
+                               grad, dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else if (B >= DN_BLOCKED_MIN_BATCH)
         return dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, DN_BACKWARD_BLOCK, params,
                                n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
-                               dn_grad_stride(w), scratch, scratch_floats, threads);
+                               dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else
         return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, 1, params, n_layers, saves,
                                save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
-                               scratch, scratch_floats, threads);
+                               scratch, scratch_floats, threads, by_segments);
 }
 
 /* ---- which instructions this CPU runs (a faster build is loaded only if it says so) ---- */

@@ -63,15 +63,19 @@ class LayerKernels:
 
     def backward(self, params: np.ndarray, saves: np.ndarray, save_every: int, g: np.ndarray,
                  alpha: float, lr: float, work: np.ndarray | None = None, threads: int = 1,
-                 block: int = 8) -> bool:
+                 block: int = 8, split: str = "blocks") -> bool:
         """Back-propagate g through the chunk, updating params in place; whether every updated weight is
         finite. See ``deepnet._kernels.backward``."""
         return self.calls.backward(self.index, params, saves, save_every, g, alpha, lr, work, threads,
-                            self.loops_for(g.shape[0]).KERNEL_TABLE, block)
+                                   self.loops_for(g.shape[0]).KERNEL_TABLE, block, split)
 
     def backward_blocks(self, width: int) -> tuple[int, ...]:
         """The batch blocks (samples) the backward pass can run at ``width``: (8,) or (8, 16)."""
         return self.calls.backward_blocks(self.index, width, self.loops_for(width).KERNEL_TABLE)
+
+    def backward_block_count(self, batch: int, block: int) -> int:
+        """How many blocks the backward pass cuts a batch into with ``block`` (one per sample below 8)."""
+        return self.calls.backward_block_count(batch, block)
 
     @property
     def block16_native(self) -> bool:

@@ -102,6 +102,8 @@ class CoreEngine:
         self.threads_used: dict[str, int] = {}
         #: samples per batch block of the latest backward pass (8, or 16 in 16-lane vectors), for benchmarks
         self.backward_block_used = 8
+        #: how the latest backward pass's threads shared it ("blocks" or "segments"; moot on one thread)
+        self.backward_split_used = "blocks"
         #: if set, every pass runs on this many threads (at most what the pass can use) instead of the
         #: thread choice's measured pick: for measuring one option on its own (`deepnet bench --threads`)
         self.fixed_threads: int | None = None
@@ -239,9 +241,9 @@ class CoreEngine:
         # Drive the store's generator to its end (not zip() with a range, which stops before resuming
         # it after the last chunk, so a streamed store never wrote the first chunk back).
         choice = self._backward_choice()
-        threads, block = choice.pick()
+        threads, block, split = choice.pick()
         self.threads_used["backward"] = threads
-        self.backward_block_used = block
+        self.backward_block_used, self.backward_split_used = block, split
         started = time.perf_counter()
         chunks = self.store.backward_chunks(self._bounds, step)
         try:
@@ -249,7 +251,7 @@ class CoreEngine:
                 k = n_chunks - 1 - j
                 saves = self._saves[self._save_offsets[k]:]
                 rows_finite = self.kernels.backward(rows, saves, self._save_every, g, self.alpha,
-                                                    float(layer_lr), self._work, threads, block)
+                                                    float(layer_lr), self._work, threads, block, split)
                 # The numerical guard: stop before the next chunk is touched, and before a streamed store
                 # writes this one back (g is only width x batch; the kernel checked the rows as it updated them).
                 if not np.isfinite(g).all():
@@ -266,7 +268,7 @@ class CoreEngine:
             chunks.close()  # stopped mid-pass: a streamed store finishes its pending writes (not this chunk's)
             raise
         self._pending_backward = False
-        choice.record((threads, block), time.perf_counter() - started)
+        choice.record((threads, block, split), time.perf_counter() - started)
         return g
 
     @property
@@ -286,24 +288,27 @@ class CoreEngine:
         return self._thread_choices[key]
 
     def _backward_choice(self) -> MeasuredChoice | FixedChoice:
-        """(threads, batch block) for the backward pass at the current batch size, all giving the same
-        result: one thread or all, in blocks of 8 samples; where the kernels run 16-sample blocks in one
-        register per unit (AVX-512), those too: on one thread, and on all where each thread gets a
-        whole block (a batch of 16 as one block on two threads is the recomputation pipeline, 1.3-3.9x
-        slower than each other option on a Zen 4: bench/README.md). With ``fixed_threads``, blocks of
-        16 wherever each thread gets a whole one there."""
+        """(threads, batch block, split) for the backward pass at the current batch size, all giving the
+        same result: one thread, or all taking segments in turn or sharing the batch's blocks (offered
+        where the batch has more than one block). Blocks of 8 samples; where the kernels run 16-sample
+        blocks in one register per unit (AVX-512), blocks of 16 instead (the same results with half the
+        instructions), and of 8 only to share a batch of 16 by blocks. With ``fixed_threads``: blocks
+        of 16 split by segments where they are native (the faster on a Zen 4, bench/README.md), else
+        blocks of 8 shared by blocks."""
         batch = self._work_batch
         wide = (self.kernels.block16_native and batch >= 16
                 and 16 in self.kernels.backward_blocks(self.width))
         if self.fixed_threads:
             threads = min(self.fixed_threads, self.threads)
-            return FixedChoice((threads, 16 if wide and batch >= 16 * threads else 8))
+            return FixedChoice((threads, 16, "segments") if wide else (threads, 8, "blocks"))
         key = ("backward", batch)
         if key not in self._thread_choices:
-            most = self.threads
-            options = [(most, 8), (1, 16), (most, 16), (1, 8)] if wide else [(most, 8), (1, 8)]
-            if wide and batch < 16 * most:
-                options.remove((most, 16))
+            most, block = self.threads, 16 if wide else 8
+            options = [(1, block, "blocks")]
+            if most > 1:
+                shared = [(most, b, "blocks") for b in dict.fromkeys((block, 8))
+                          if self.kernels.backward_block_count(batch, b) > 1]
+                options = [(most, block, "segments"), *shared[:1], *options]
             self._thread_choices[key] = MeasuredChoice(options)
         return self._thread_choices[key]
 

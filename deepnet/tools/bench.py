@@ -26,8 +26,7 @@ from deepnet.kernels.loader import build_label
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.training.recipe import init
 
-#: Warm-up steps at most (the first step and the choices' trials take 5 on two cores, 9 where the
-#: backward also measures 16-sample blocks).
+#: Warm-up steps at most (the first step and the choices' trials take 7 on two cores at batch 16).
 MAX_WARMUP_STEPS = 12
 
 
@@ -126,13 +125,14 @@ def run_bench(
                 return net.train_step(x, y, layer_lr=0.01, head_lr=0.01).seconds
 
             warmup_times = warm_up(step, net)
-            step_times, step_threads, step_blocks = [], [], []
+            step_times, step_threads, step_blocks, step_splits = [], [], [], []
             ticks_before = cpu_ticks()
             for _ in range(steps):
                 step_times.append(step())
                 used = net.engine.threads_used
                 step_threads.append([used["forward"], used["backward"]])
                 step_blocks.append(net.engine.backward_block_used)
+                step_splits.append(net.engine.backward_split_used)
             stolen = stolen_fraction(ticks_before, cpu_ticks())
             median = statistics.median(step_times)
             result = {
@@ -145,6 +145,8 @@ def run_bench(
                 "step_threads": step_threads,
                 # samples per batch block of each timed step's backward pass (8, or 16 in 16-lane vectors)
                 "step_backward_blocks": step_blocks,
+                # how each timed step's backward threads shared it: "blocks" or "segments" (moot on one)
+                "step_backward_splits": step_splits,
                 # share of the machine's CPU time the hypervisor gave elsewhere during the timed steps
                 "cpu_stolen_fraction": stolen,
                 "layer_samples_per_s": layers * batch / median,
