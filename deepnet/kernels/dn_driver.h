@@ -28,8 +28,9 @@
    asked): each core takes every other segment whole, all its blocks, and recomputes it while the
    other core back-propagates the segment above, then back-propagates it once g has come down. Only g
    crosses cores (width x batch floats a segment); the back-propagations run one after the other, so
-   a step takes about a back-propagation per segment when the recomputation is no slower. Each core
-   sums its segments' blocks in the one-thread order: the same result bit for bit.
+   a call takes about the longer of a back-propagation and half a recomputation and back-propagation
+   per segment. Each core sums its segments' blocks in the one-thread order: the same result bit for
+   bit.
 
    The thread that applies a segment's updates then checks that its rows are finite, while they are
    still in its cache (the numerical guard's check of the new weights, without a pass over the chunk
