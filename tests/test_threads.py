@@ -224,11 +224,10 @@ def test_thread_choice_is_settled_after_its_trials():
     assert ThreadChoice(1).settled
 
 
-def _chosen_warmup_steps() -> int:
-    """deepnet bench's warm-up on two threads (reference shape, batch 16): the first step, then two
-    trials of each backward option: two threads taking segments in turn, two sharing the batch's two
-    8-sample blocks, one thread (in 16-sample blocks where they are native, else 8)."""
-    return 7
+# deepnet bench's warm-up on two threads (reference shape, batch 16): the first step, then two trials
+# of each backward option: two threads taking segments in turn, two sharing the batch's two 8-sample
+# blocks, one thread (in 16-sample blocks where they are native, else 8).
+CHOSEN_WARMUP_STEPS = 7
 
 
 def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypatch):
@@ -247,7 +246,7 @@ def test_bench_times_steps_after_the_thread_choices_are_made(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "warm_up", spy)
     result = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
-    warmup = _chosen_warmup_steps()
+    warmup = CHOSEN_WARMUP_STEPS
     assert calls == [(warmup, True)]          # the first step, then two trials of each option
     assert len(result["warmup_times"]) == warmup and len(result["step_times"]) == 2
     assert result["seconds_per_step"] == statistics.median(result["step_times"])
@@ -268,7 +267,7 @@ def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
     assert len(result["warmup_times"]) == 1
     assert result["step_threads"] == [[threads, threads]] * 3
     chosen = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
-    assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == _chosen_warmup_steps()
+    assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == CHOSEN_WARMUP_STEPS
 
 
 def test_bench_reports_the_cpu_time_stolen_during_its_timed_steps(tmp_path, monkeypatch):

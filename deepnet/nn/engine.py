@@ -306,9 +306,10 @@ class CoreEngine:
             most, block = self.threads, 16 if wide else 8
             options = [(1, block, "blocks")]
             if most > 1:
-                shared = [(most, b, "blocks") for b in dict.fromkeys((block, 8))
-                          if self.kernels.backward_block_count(batch, b) > 1]
-                options = [(most, block, "segments"), *shared[:1], *options]
+                # sharing needs two blocks or more: a batch that is one 16-sample block shares 8-sample ones
+                shared = block if self.kernels.backward_block_count(batch, block) > 1 else 8
+                sharing = [(most, shared, "blocks")] if self.kernels.backward_block_count(batch, shared) > 1 else []
+                options = [(most, block, "segments"), *sharing, *options]
             self._thread_choices[key] = MeasuredChoice(options)
         return self._thread_choices[key]
 
