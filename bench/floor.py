@@ -19,6 +19,15 @@ For the reference (L = 10M, w = 4, B = 16, softsign) on two AVX2 cores at 3 GHz:
 of chain and 96 / 4 = 24 cycles of backward per layer, 0.19 s (issue 23). The latencies are Zen 3's, Zen 4's and
 Sapphire Rapids' (4-cycle FMA; activation chains from their instruction tables); the clock is measured
 with a chain of dependent adds (the limit kernel's own measurement).
+
+Evaluation (forward only, N samples, nothing saved) has as many independent chains as it has vectors of
+samples, so it is throughput work, bounded by whichever unit is busier per sample and layer: the FMA
+pipes, with w w + w FMA lanes (z = h W + b and the residual), or the divider, with w divisions per
+sample where the activation divides (softsign, tanh), at the divider's measured rate per lane
+(bench/divider_probe.c, run here: on a Zen 4 an 8-lane vdivps issues every 3 cycles, a 16-lane one
+every 6, so the divider, not the FMA pipes, bounds softsign's evaluation there):
+
+    eval floor = L N max((w w + w) / P, w D) / (C f)       D: divider cycles per lane, best vector width
 """
 
 from __future__ import annotations
@@ -42,9 +51,15 @@ LANES = {"avx512": 16, "avx2": 8, "portable": 4}
 #: 512-bit instruction as two halves); family 26 (Zen 5) and Intel's AVX-512 cores have 512-bit pipes.
 AMD_256_BIT_FAMILIES = {23, 25}
 
+#: Divisions per unit and sample in the activation's forward (dn_tanhf is a rational function: one).
+DIVISIONS = {"relu": 0, "softsign": 1, "tanh": 1}
+
 LIMIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "limit"
+DIVIDER_PROBE = Path(__file__).resolve().parent / "divider_probe.c"
 _STEP_LINE = re.compile(r"median ([0-9.]+) s")
 _CLOCK = re.compile(r"clock~([0-9.]+)GHz")
+_INFER_2T = re.compile(r"inference B=\d+ L=\d+ 2T: median ([0-9.]+) s")
+_PROBE = re.compile(r"clock_ghz ([0-9.]+) div8_cycles ([0-9.]+)(?: div16_cycles ([0-9.]+))?")
 
 
 def fma_lanes_per_cycle(build: str, vendor: str, family: int | None) -> int:
@@ -65,6 +80,52 @@ def floor_seconds(*, layers: int, width: int, batch: int, activation: str, lanes
     return {"forward_chain_cycles_per_layer": chain, "backward_cycles_per_layer": backward,
             "floor_forward_s": layers * chain / clock_hz, "floor_backward_s": layers * backward / clock_hz,
             "floor_s": layers * (chain + backward) / clock_hz}
+
+
+def eval_floor_seconds(*, layers: int, width: int, samples: int, activation: str, lanes_per_cycle: int,
+                       cores: int, clock_hz: float, division_cycles_per_lane: float) -> dict:
+    """The evaluation floor of the module docstring (``division_cycles_per_lane``: D, from
+    ``division_cycles_per_lane``), its two bounds in cycles per sample and layer on one core, and the
+    images a second it allows."""
+    fma = (width * width + width) / lanes_per_cycle
+    division = width * DIVISIONS[activation] * division_cycles_per_lane
+    seconds = layers * samples * max(fma, division) / (cores * clock_hz)
+    return {"eval_fma_cycles_per_sample_layer": fma, "eval_division_cycles_per_sample_layer": division,
+            "eval_floor_s": seconds, "eval_floor_images_per_s": samples / seconds}
+
+
+def division_cycles_per_lane(build: str, divider: dict) -> float:
+    """The divider's cycles per lane at the best vector width the build has (16 lanes only in the AVX-512
+    build), from ``measure_divider``'s figures."""
+    per_lane = [divider["div8_cycles"] / 8]
+    if build == "avx512" and divider.get("div16_cycles"):
+        per_lane.append(divider["div16_cycles"] / 16)
+    return min(per_lane)
+
+
+def _compile(source: Path, exe: str) -> bool:
+    """gcc -O3 -march=native: whether it compiled (False without gcc)."""
+    try:
+        subprocess.run(["gcc", "-O3", "-march=native", "-pthread", str(source), "-lm", "-o", exe],
+                       check=True, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+def measure_divider() -> dict | None:
+    """Run bench/divider_probe.c here: the clock (GHz) and the cycles between two independent 8-lane
+    divisions (and 16-lane ones where the CPU has AVX-512). None without gcc."""
+    with tempfile.TemporaryDirectory(prefix="deepnet-probe-") as tmp:
+        exe = os.path.join(tmp, "probe")
+        if not _compile(DIVIDER_PROBE, exe):
+            return None
+        done = subprocess.run([exe], check=True, capture_output=True, text=True, timeout=300)
+    found = _PROBE.search(done.stdout)
+    if found is None:
+        return None
+    return {"clock_ghz": float(found.group(1)), "div8_cycles": float(found.group(2)),
+            "div16_cycles": float(found.group(3)) if found.group(3) else None}
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -109,10 +170,7 @@ def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dic
         return None
     with tempfile.TemporaryDirectory(prefix="deepnet-limit-") as tmp:
         exe = os.path.join(tmp, "w4")
-        try:
-            subprocess.run(["gcc", "-O3", "-march=native", "-pthread", str(source), "-lm", "-o", exe],
-                           check=True, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.CalledProcessError):
+        if not _compile(source, exe):
             return None
         chunk = min(sub, layers)
         done = subprocess.run([exe, "step2h", str(layers), str(chunk), str(chunk), str(reps)], check=True,
@@ -121,6 +179,26 @@ def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dic
     clock = _CLOCK.search(done.stdout)
     return {"limit_kernel": source.name, "limit_s_per_step": float(step.group(1)) if step else None,
             "clock_ghz": float(clock.group(1)) if clock else None, "limit_output": done.stdout.strip()}
+
+
+def run_limit_infer(build: str, layers: int, samples: int, reps: int) -> dict | None:
+    """Compile and run the limit kernel's evaluation (``infer``, ``samples`` a multiple of 16) at
+    ``layers``: its two-thread median seconds and images a second. None when there is no kernel for the
+    build or no gcc."""
+    source = limit_source(build)
+    if source is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="deepnet-limit-") as tmp:
+        exe = os.path.join(tmp, "w4")
+        if not _compile(source, exe):
+            return None
+        chunk = min(100_000, layers)
+        done = subprocess.run([exe, "infer", str(layers), str(chunk), str(chunk), str(reps), str(samples)],
+                              check=True, capture_output=True, text=True, timeout=3600)
+    found = _INFER_2T.search(done.stdout)
+    seconds = float(found.group(1)) if found else None
+    return {"limit_kernel": source.name, "limit_eval_s": seconds,
+            "limit_eval_images_per_s": samples / seconds if seconds else None, "limit_output": done.stdout.strip()}
 
 
 def machine_facts() -> dict:

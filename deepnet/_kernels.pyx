@@ -109,11 +109,10 @@ cdef Py_ssize_t _set_size(Py_ssize_t w, Py_ssize_t save_every) noexcept nogil:
 
 
 def workspace_size(Py_ssize_t width, Py_ssize_t batch, Py_ssize_t save_every) -> int:
-    """Floats of scratch a backward call needs: four buffer sets of a segment's states (twice a set:
-    even narrow widths keep two vectors per unit) and of its derivatives (two per thread: one being
-    back-propagated, one being recomputed), DN_GRAD_BUFFERS of a segment's weight gradients (segments
-    in flight between the threads), and two threads' scratch."""
-    return (12 * _set_size(width, save_every) + DN_GRAD_BUFFERS * save_every * dn_grad_stride(width)
+    """Floats of scratch a backward call needs: four buffer sets of a segment's states and four of its
+    derivatives (two per thread: one being back-propagated, one being recomputed), DN_GRAD_BUFFERS of a
+    segment's weight gradients (segments in flight between the threads), and two threads' scratch."""
+    return (8 * _set_size(width, save_every) + DN_GRAD_BUFFERS * save_every * dn_grad_stride(width)
             + 2 * _scratch_size(width))
 
 
@@ -241,7 +240,7 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
         buf = &work[0]
     cdef Py_ssize_t set_floats = _set_size(w, save_every)
     cdef float* hbuf = buf
-    cdef float* dbuf = hbuf + 8 * set_floats   # hbuf's four sets are twice the size (dn_backward_run)
+    cdef float* dbuf = hbuf + 4 * set_floats
     cdef float* grad = dbuf + 4 * set_floats
     cdef float* scratch = grad + DN_GRAD_BUFFERS * save_every * dn_grad_stride(w)
     cdef const dn_kernel* k = dn_kernel_for(table, act, w)

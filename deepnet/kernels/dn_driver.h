@@ -286,8 +286,7 @@ static int dn_backward_segments(dn_job* J) {
 }
 
 /* Back-propagate g through n_layers (recomputed from saves) and SGD-update every layer, in blocks
-   of `unit` samples. hbuf holds four buffer sets of 2 * set_floats (a layer's input may be kept as
-   two vectors per unit: dn_recompute_step), dbuf four of set_floats, grad DN_GRAD_BUFFERS gradient
+   of `unit` samples. hbuf and dbuf hold four buffer sets of set_floats each, grad DN_GRAD_BUFFERS gradient
    buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. Two threads
    split the work by blocks (halves) or, with by_segments or a batch of one block, by segments. */
 static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, Py_ssize_t unit,
@@ -304,7 +303,7 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     J.n_seg = (n_layers + save_every - 1) / save_every;
     J.n_blocks = (B + unit - 1) / unit;
     for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run, dn_segments_run) */
-        J.hbuf[k] = hbuf + 2 * k * set_floats;   /* up to two vectors per unit and layer */
+        J.hbuf[k] = hbuf + k * set_floats;
         J.dbuf[k] = dbuf + k * set_floats;
     }
     for (int k = 0; k < 2; k++) J.scratch[k] = scratch + k * scratch_floats;

@@ -1,0 +1,75 @@
+/* How often this CPU's divider accepts a packed single-precision division (vdivps), in cycles, for 8-lane
+   (ymm) and, where the compiler targets AVX-512, 16-lane (zmm) vectors; and the clock, from a chain of
+   dependent integer adds (one a cycle). bench/floor.py compiles it with -march=native and reads its one
+   line: "clock_ghz C div8_cycles D8 [div16_cycles D16]".
+
+   Eight independent chains q = d / q (each value stays normal: it alternates between two numbers) keep
+   the divider busy, since a division's latency (~10 cycles) is shorter than eight issues. The empty asm
+   statements keep the compiler from merging the chains, which start equal. Best of several repetitions:
+   a shared machine only ever makes a run slower. */
+#include <immintrin.h>
+#include <stdio.h>
+#include <time.h>
+
+#define ITERATIONS 20000000L
+#define REPETITIONS 5
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static double clock_hz(void) {
+    long x = 0;
+    double t0 = now();
+    for (long i = 0; i < ITERATIONS; i++)
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    return 4.0 * ITERATIONS / (now() - t0);
+}
+
+#define CHAINS(OP, R) \
+    q0 = OP(d, q0); q1 = OP(d, q1); q2 = OP(d, q2); q3 = OP(d, q3); \
+    q4 = OP(d, q4); q5 = OP(d, q5); q6 = OP(d, q6); q7 = OP(d, q7); \
+    __asm__ volatile("" : "+" R(q0), "+" R(q1), "+" R(q2), "+" R(q3), "+" R(q4), "+" R(q5), "+" R(q6), "+" R(q7))
+
+static float sink;
+
+static double seconds_div8(void) {
+    __m256 d = _mm256_set1_ps(1.0001f), q0 = d, q1 = d, q2 = d, q3 = d, q4 = d, q5 = d, q6 = d, q7 = d;
+    double t0 = now();
+    for (long i = 0; i < ITERATIONS; i++) { CHAINS(_mm256_div_ps, "x"); }
+    double t = now() - t0;
+    sink += _mm256_cvtss_f32(_mm256_add_ps(q0, q7));
+    return t / (8.0 * ITERATIONS);
+}
+
+#ifdef __AVX512F__
+static double seconds_div16(void) {
+    __m512 d = _mm512_set1_ps(1.0001f), q0 = d, q1 = d, q2 = d, q3 = d, q4 = d, q5 = d, q6 = d, q7 = d;
+    double t0 = now();
+    for (long i = 0; i < ITERATIONS; i++) { CHAINS(_mm512_div_ps, "v"); }
+    double t = now() - t0;
+    sink += _mm512_cvtss_f32(_mm512_add_ps(q0, q7));
+    return t / (8.0 * ITERATIONS);
+}
+#endif
+
+int main(void) {
+    double hz = 0.0, div8 = 1e9, div16 = 1e9;
+    for (int r = 0; r < REPETITIONS; r++) {
+        double f = clock_hz(), c8 = seconds_div8() * f;
+        if (f > hz) hz = f;
+        if (c8 < div8) div8 = c8;
+#ifdef __AVX512F__
+        double c16 = seconds_div16() * f;
+        if (c16 < div16) div16 = c16;
+#endif
+    }
+    printf("clock_ghz %.3f div8_cycles %.2f", hz / 1e9, div8);
+#ifdef __AVX512F__
+    printf(" div16_cycles %.2f", div16);
+#endif
+    printf("\n");
+    return sink == 12345.0f;   /* uses the chains' results, so they are computed */
+}
