@@ -162,9 +162,9 @@ def limit_source(build: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dict | None:
-    """Compile and run the limit kernel's two-thread step (``step2h``) at ``layers``; its median seconds
-    and the clock it measured. None when there is no kernel for the build or no gcc."""
+def _run_limit(build: str, args: list[str]) -> tuple[str, str] | None:
+    """Compile the limit kernel of a build and run it with ``args``: its file name and output. None when
+    there is no kernel for the build or no gcc."""
     source = limit_source(build)
     if source is None:
         return None
@@ -172,33 +172,37 @@ def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dic
         exe = os.path.join(tmp, "w4")
         if not _compile(source, exe):
             return None
-        chunk = min(sub, layers)
-        done = subprocess.run([exe, "step2h", str(layers), str(chunk), str(chunk), str(reps)], check=True,
-                              capture_output=True, text=True, timeout=1800)
-    step = _STEP_LINE.search(done.stdout)
-    clock = _CLOCK.search(done.stdout)
-    return {"limit_kernel": source.name, "limit_s_per_step": float(step.group(1)) if step else None,
-            "clock_ghz": float(clock.group(1)) if clock else None, "limit_output": done.stdout.strip()}
+        done = subprocess.run([exe, *args], check=True, capture_output=True, text=True, timeout=3600)
+    return source.name, done.stdout.strip()
+
+
+def run_limit_kernel(build: str, layers: int, reps: int, sub: int = 1000) -> dict | None:
+    """Compile and run the limit kernel's two-thread step (``step2h``) at ``layers``; its median seconds
+    and the clock it measured. None when there is no kernel for the build or no gcc."""
+    chunk = min(sub, layers)
+    ran = _run_limit(build, ["step2h", str(layers), str(chunk), str(chunk), str(reps)])
+    if ran is None:
+        return None
+    name, output = ran
+    step = _STEP_LINE.search(output)
+    clock = _CLOCK.search(output)
+    return {"limit_kernel": name, "limit_s_per_step": float(step.group(1)) if step else None,
+            "clock_ghz": float(clock.group(1)) if clock else None, "limit_output": output}
 
 
 def run_limit_infer(build: str, layers: int, samples: int, reps: int) -> dict | None:
     """Compile and run the limit kernel's evaluation (``infer``, ``samples`` a multiple of 16) at
     ``layers``: its two-thread median seconds and images a second. None when there is no kernel for the
     build or no gcc."""
-    source = limit_source(build)
-    if source is None:
+    chunk = min(100_000, layers)
+    ran = _run_limit(build, ["infer", str(layers), str(chunk), str(chunk), str(reps), str(samples)])
+    if ran is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="deepnet-limit-") as tmp:
-        exe = os.path.join(tmp, "w4")
-        if not _compile(source, exe):
-            return None
-        chunk = min(100_000, layers)
-        done = subprocess.run([exe, "infer", str(layers), str(chunk), str(chunk), str(reps), str(samples)],
-                              check=True, capture_output=True, text=True, timeout=3600)
-    found = _INFER_2T.search(done.stdout)
+    name, output = ran
+    found = _INFER_2T.search(output)
     seconds = float(found.group(1)) if found else None
-    return {"limit_kernel": source.name, "limit_eval_s": seconds,
-            "limit_eval_images_per_s": samples / seconds if seconds else None, "limit_output": done.stdout.strip()}
+    return {"limit_kernel": name, "limit_eval_s": seconds,
+            "limit_eval_images_per_s": samples / seconds if seconds else None, "limit_output": output}
 
 
 def machine_facts() -> dict:
