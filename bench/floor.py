@@ -84,9 +84,9 @@ def floor_seconds(*, layers: int, width: int, batch: int, activation: str, lanes
 
 def eval_floor_seconds(*, layers: int, width: int, samples: int, activation: str, lanes_per_cycle: int,
                        cores: int, clock_hz: float, division_cycles_per_lane: float) -> dict:
-    """The evaluation floor of the module docstring (``division_cycles_per_lane``: D, from
-    ``division_cycles_per_lane``), its two bounds in cycles per sample and layer on one core, and the
-    images a second it allows."""
+    """The evaluation floor of the module docstring (its D given as ``division_cycles_per_lane``, what the
+    function of that name derives from the probe), its two bounds in cycles per sample and layer on one
+    core, and the images a second it allows."""
     fma = (width * width + width) / lanes_per_cycle
     division = width * DIVISIONS[activation] * division_cycles_per_lane
     seconds = layers * samples * max(fma, division) / (cores * clock_hz)

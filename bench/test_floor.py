@@ -82,10 +82,10 @@ def test_evaluation_floor_and_limit(benchmark, model_dir):
     if divider is None:
         return
     benchmark.extra_info.update(divider)
+    per_lane = floor.division_cycles_per_lane(facts["build"], divider)
     bound = floor.eval_floor_seconds(layers=layers, width=WIDTH, samples=EVAL_SAMPLES, activation=ACTIVATION,
                                      lanes_per_cycle=facts["fma_lanes_per_cycle"], cores=facts["cores"],
-                                     clock_hz=divider["clock_ghz"] * 1e9,
-                                     division_cycles_per_lane=floor.division_cycles_per_lane(facts["build"], divider))
+                                     clock_hz=divider["clock_ghz"] * 1e9, division_cycles_per_lane=per_lane)
     benchmark.extra_info.update(bound)
     if median is not None:
         limit_s = (limit or {}).get("limit_eval_s")
@@ -97,7 +97,8 @@ def test_evaluation_floor_and_limit(benchmark, model_dir):
                      f"({facts['build']}, {facts['cores']} cores; divider {divider['div8_cycles']:.1f} cycles a "
                      f"8-lane division)"))
         if limit_s:
-            benchmark.extra_info.update(deepnet_over_limit=median / limit_s, limit_over_floor=limit_s / bound["eval_floor_s"])
+            benchmark.extra_info.update(deepnet_over_limit=median / limit_s,
+                                        limit_over_floor=limit_s / bound["eval_floor_s"])
 
 
 def test_floor_model():
