@@ -10,10 +10,12 @@ from its saved state and back-propagates through it. ``chunk_layers`` only sets 
 kernel call (and one read from the file) covers; the saved states depend on it only in where they
 sit, and recomputation is bit-identical to the forward pass, so results do not depend on it.
 
-Threads: the forward pass splits its batch columns (they are independent). The backward pass gives
-each core half the batch's blocks, the second one segment behind the first, adding its blocks to the
-gradient sums the first left (they cross cores once per segment of hundreds of layers, not per layer);
-at a batch of one block the second core recomputes the next segment instead. Bit-identical either way.
+Threads: the forward pass splits its batch columns (they are independent). The backward pass's
+threads either share the batch's blocks (each core half of them, the second one segment behind the
+first, adding its blocks to the gradient sums the first left: they cross cores once per segment of
+hundreds of layers, not per layer) or take segments in turn (each core every other segment whole, only
+g crossing cores; always so at a batch of one block); ``_backward_choice`` measures which. Bit-identical
+either way.
 """
 
 from __future__ import annotations
