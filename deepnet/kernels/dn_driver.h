@@ -158,13 +158,13 @@ static void dn_recompute_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int
 }
 
 /* Back-propagate block blk through unit u's segment from buffer set `set`, into gradient buffer
-   G (started by the first block, applied to the weights by the last, which then checks them). */
+   G (started by the first block, applied to the weights by the last; the caller then checks them,
+   dn_check_updated, once it has handed g on where another thread waits for it). */
 static void dn_backprop_unit(dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* G, float* scratch) {
     Py_ssize_t seg, start, n;
     dn_segment(J, u, &seg, &start, &n);
     J->backprop(J->params + start * J->row, n, J->g, J->w, J->B, blk * J->unit, dn_block_samples(J, blk),
                 J->hbuf[set], J->dbuf[set], G, scratch, J->lr, blk == 0, blk == J->n_blocks - 1);
-    if (blk == J->n_blocks - 1) dn_check_updated(J, u);
 }
 
 /* Blocks [b0, b1) through unit u's segment into gradient buffer G, on buffer set and scratch `side`. */
@@ -173,6 +173,7 @@ static void dn_blocks_unit(dn_job* J, Py_ssize_t u, Py_ssize_t b0, Py_ssize_t b1
         dn_recompute_unit(J, u, b, side, J->scratch[side]);
         dn_backprop_unit(J, u, b, side, G, J->scratch[side]);
     }
+    if (b1 == J->n_blocks) dn_check_updated(J, u);
 }
 
 /* ---- recomputation in the shadow of back-propagation ----
@@ -210,6 +211,7 @@ static void dn_fused_run(dn_job* J, Py_ssize_t b0, Py_ssize_t b1, int side, int 
             if (b == J->n_blocks - 1) dn_check_updated(J, u);
         } else {
             dn_backprop_unit(J, u, b, set, G, scratch);
+            if (b == J->n_blocks - 1) dn_check_updated(J, u);
         }
         if (b == b1 - 1 && role == 1) dn_publish(J, &J->produced, u + 1);
         else if (b == b1 - 1 && role == 2) dn_publish(J, &J->consumed, u + 1);
@@ -268,7 +270,8 @@ static void dn_segments_run(dn_job* J, int side) {
             if (b >= ahead) dn_recompute_unit(J, u, b, set, scratch);
             dn_backprop_unit(J, u, b, set, G, scratch);
         }
-        dn_publish(J, &J->produced, u + 1);
+        dn_publish(J, &J->produced, u + 1);   /* g first: the other thread waits for it, not for the check */
+        dn_check_updated(J, u);
     }
 }
 

@@ -131,6 +131,15 @@ static inline float dn_cosf(float x) { return dn_sincosf_q(x, 1); }
    -fopenmp-simd: no OpenMP runtime) makes it, with selects for ?:. */
 #define DN_SIMD _Pragma("omp simd")
 
+/* A chain that reads a layer's weights only when it reaches the layer waits for them when they stream
+   from memory (the out-of-order window holds about two layers of a narrow chain, too few to hide a
+   miss); so the narrow loops ask for the row DN_PREFETCH_BYTES ahead, every line of it. */
+#define DN_PREFETCH_BYTES 2048
+static inline __attribute__((always_inline)) void dn_prefetch_row(const float* row, const int row_floats) {
+    for (int c = 0; c < (row_floats * 4 + 63) / 64; c++)
+        __builtin_prefetch((const char*)row + DN_PREFETCH_BYTES + 64 * c, 0, 3);
+}
+
 static inline dn_v8f dn_splat(float x) { dn_v8f v = {x, x, x, x, x, x, x, x}; return v; }
 
 /* a * b + c as one fused multiply-add where the build has them (else two roundings), so that where
