@@ -211,7 +211,7 @@ def run_kernels(kern, activation, params, h, g, alpha, lr, save_every):
     return h_out, saves, g_in, p
 
 
-WIDTHS = [1, 2, 3, 4, 5, 7, 8, 16, 32, 33]  # 5, 7, 33: the generic (any-width) path; the rest specialised
+WIDTHS = [1, 2, 3, 4, 5, 7, 8, 16, 24, 32, 33]  # 5, 7, 24, 33: the generic (any-width) path; the rest specialised
 BATCHES = [1, 7, 8, 9, 17]              # around the 8-lane batch sums
 
 
@@ -232,6 +232,41 @@ def test_kernels_match_reference(kern, activation, width, batch):
     assert_close(g_in, ref_g, what="backward g")
     assert_close(p, ref_params, what="updated params")
     assert_update_close(p, params, ref_params, what="params update")
+
+
+def batch_sum_tree(x: np.ndarray) -> np.ndarray:
+    """A layer's gradient over the batch as the kernels add it, in float32: each block of 8 samples in
+    the tree ((x0 + x2) + (x1 + x3)) + ((x4 + x6) + (x5 + x7)), the blocks' sums added in turn."""
+    total = None
+    for b in range(0, x.shape[-1], 8):
+        s = [x[..., b + k] for k in range(8)]
+        block = ((s[0] + s[2]) + (s[1] + s[3])) + ((s[4] + s[6]) + (s[5] + s[7]))
+        total = block if total is None else total + block
+    return total
+
+
+@pytest.mark.parametrize("batch", [8, 16, 24])
+@pytest.mark.parametrize("width", [3, 5, 16, 24, 32])   # the shuffled tree (3, 5) and the column sums (16-32)
+def test_weight_gradients_are_summed_in_the_fixed_tree(kern, width, batch):
+    """Every path sums a gradient over the batch in one fixed order of float32 additions of rounded
+    products: with zero weights (so dz = g alpha exactly and g passes unchanged) and lr = 1, the
+    updated row is minus that sum, bit for bit."""
+    rng = np.random.default_rng([width, batch])
+    params = np.zeros((1, width * width + width), np.float32)
+    h = rng.uniform(-1, 1, size=(width, batch)).astype(np.float32)
+    g = rng.uniform(-1, 1, size=(width, batch)).astype(np.float32)
+    alpha = np.float32(0.75)
+    idx = kern.activation_index("softsign")   # softsign'(0) = 1: dk = alpha exactly
+    saves = h.reshape(1, -1).copy()
+    work = np.empty(kern.workspace_size(width, batch, 1), np.float32)
+    g_in = g.copy()
+    kern.backward(idx, params, saves, 1, g_in, float(alpha), 1.0, work)
+    dz = g * alpha
+    dw = batch_sum_tree(h[:, None, :] * dz[None, :, :])          # [i, j]
+    db = batch_sum_tree(dz)
+    want = -np.concatenate([dw.reshape(-1), db]) + np.float32(0)  # 0 - gk: no negative zeros
+    assert np.array_equal(params[0] + np.float32(0), want)
+    assert np.array_equal(g_in, g)
 
 
 @pytest.mark.parametrize("width, batch", [(4, 9), (5, 16), (2, 1), (32, 1), (16, 7)])

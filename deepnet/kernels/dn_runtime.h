@@ -213,6 +213,57 @@ static inline __attribute__((always_inline)) dn_v8f dn_reduce8x8(const dn_v8f* v
     return dn_reduce_pairs(e, 4);
 }
 
+/* Wide layers (width a multiple of 8, from 16) sum a layer's weight gradients down the columns
+   instead: with dz transposed (t[s] = dz_j(s) for 8 neighbouring j), the products of sample s for 8
+   gradients dW[i][j..j+7] are one vector, x[s] t[s], and the 8 samples' products are added in the
+   tree dn_reduce8x8 uses, ((p0 + p2) + (p1 + p3)) + ((p4 + p6) + (p5 + p7)): the same sums bit for
+   bit, without a shuffle per gradient. DN_ROUNDED keeps each product rounded on its own (a compiler
+   that contracts a * b + c would otherwise fuse it into the add, as the shuffles prevent it doing in
+   dn_reduce8x8). */
+#if defined(__AVX512F__)
+#define DN_ROUNDED(v) __asm__("" : "+v"(v))
+#elif defined(__FMA__)
+#define DN_ROUNDED(v) __asm__("" : "+x"(v))
+#else
+#define DN_ROUNDED(v) ((void)0)
+#endif
+static inline __attribute__((always_inline)) dn_v8f dn_column_sum8(const float* x, const dn_v8f* t) {
+    dn_v8f p[8];
+    for (int s = 0; s < 8; s++) {
+        p[s] = x[s] * t[s];
+        DN_ROUNDED(p[s]);
+    }
+    return ((p[0] + p[2]) + (p[1] + p[3])) + ((p[4] + p[6]) + (p[5] + p[7]));
+}
+/* The same tree over the vectors themselves (the bias gradients: the products are dz). */
+static inline __attribute__((always_inline)) dn_v8f dn_column_sum8_plain(const dn_v8f* t) {
+    return ((t[0] + t[2]) + (t[1] + t[3])) + ((t[4] + t[6]) + (t[5] + t[7]));
+}
+/* t[s][j] = r[j][s]: an 8 x 8 transpose (24 shuffles; element by element where the compiler has no
+   __builtin_shufflevector). */
+static inline __attribute__((always_inline)) void dn_transpose8x8(const dn_v8f* r, dn_v8f* t) {
+#if (defined(__clang__) || __GNUC__ >= 12)
+    dn_v8f a[8], b[8];
+    for (int k = 0; k < 4; k++) {
+        a[2 * k] = dn_unpacklo(r[2 * k], r[2 * k + 1]);
+        a[2 * k + 1] = dn_unpackhi(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        b[k] = __builtin_shufflevector(a[k], a[k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        b[k + 1] = __builtin_shufflevector(a[k], a[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        b[k + 2] = __builtin_shufflevector(a[k + 1], a[k + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        b[k + 3] = __builtin_shufflevector(a[k + 1], a[k + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int s = 0; s < 4; s++) {
+        t[s] = __builtin_shufflevector(b[s], b[s + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        t[s + 4] = __builtin_shufflevector(b[s], b[s + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+#else
+    for (int s = 0; s < 8; s++)
+        for (int j = 0; j < 8; j++) t[s][j] = r[j][s];
+#endif
+}
+
 /* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 8, one
    of 4 (width 4's row is 20 floats), then single floats. Always inlined, so that n is a constant at
    every call and the loops unroll (an out-of-line copy with n unknown is slow). */
