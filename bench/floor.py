@@ -8,12 +8,14 @@ at the clock f:
 
     forward   a dependency chain per layer that no second core shortens: the w dependent FMAs of
               z = h W + b, the activation, the residual FMA h + alpha act(z):
-              chain = (w + 1) x FMA_LATENCY + ACTIVATION_LATENCY[act] cycles per layer
+              chain = (w + 1) x FMA_LATENCY + ACTIVATION_LATENCY[act] cycles per layer,
+              or, where the layer's w*w*B FMA lanes take the cores longer than that (from width 16
+              at batch 16), those: forward = max(chain, w w B / (C P))
     backward  throughput work: recompute, propagated gradient and weight gradient, w*w*B multiply-adds
               each, as 3 w*w*B FMA lanes per layer at C P lanes a cycle (the activation's derivative
               and the update ride along in the gaps; they are not counted)
 
-    floor = L (chain + 3 w w B / (C P)) / f
+    floor = L (forward + 3 w w B / (C P)) / f
 
 For the reference (L = 10M, w = 4, B = 16, softsign) on two AVX2 cores at 3 GHz: (5 x 4 + 14) = 34 cycles
 of chain and 96 / 4 = 24 cycles of backward per layer, 0.19 s (issue 23). The latencies are Zen 3's, Zen 4's and
@@ -76,10 +78,12 @@ def floor_seconds(*, layers: int, width: int, batch: int, activation: str, lanes
     """The floor of the module docstring, and its two parts, in seconds (``lanes_per_cycle``: P, one
     core's FMA lanes a cycle, ``fma_lanes_per_cycle``)."""
     chain = (width + 1) * FMA_LATENCY + ACTIVATION_LATENCY[activation]
+    forward = max(chain, width * width * batch / (cores * lanes_per_cycle))
     backward = 3 * width * width * batch / (cores * lanes_per_cycle)
-    return {"forward_chain_cycles_per_layer": chain, "backward_cycles_per_layer": backward,
-            "floor_forward_s": layers * chain / clock_hz, "floor_backward_s": layers * backward / clock_hz,
-            "floor_s": layers * (chain + backward) / clock_hz}
+    return {"forward_chain_cycles_per_layer": chain, "forward_cycles_per_layer": forward,
+            "backward_cycles_per_layer": backward,
+            "floor_forward_s": layers * forward / clock_hz, "floor_backward_s": layers * backward / clock_hz,
+            "floor_s": layers * (forward + backward) / clock_hz}
 
 
 def eval_floor_seconds(*, layers: int, width: int, samples: int, activation: str, lanes_per_cycle: int,

@@ -115,6 +115,11 @@ def test_floor_model():
     wide = floor.floor_seconds(layers=10_000_000, width=4, batch=16, activation="softsign", lanes_per_cycle=32,
                                cores=2, clock_hz=3e9)
     assert wide["backward_cycles_per_layer"] == 12 and wide["floor_forward_s"] == zen3["floor_forward_s"]
+    # from width 16 at batch 16 the forward's FMA lanes outlast its chain (82 cycles at width 16)
+    w32 = floor.floor_seconds(layers=1, width=32, batch=16, activation="softsign", lanes_per_cycle=16,
+                              cores=2, clock_hz=1.0)
+    assert w32["forward_chain_cycles_per_layer"] == 146 and w32["forward_cycles_per_layer"] == 512
+    assert w32["floor_s"] == 512 + 1536
 
 
 def test_eval_floor_model():

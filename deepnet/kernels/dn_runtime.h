@@ -227,13 +227,15 @@ static inline __attribute__((always_inline)) dn_v8f dn_reduce8x8(const dn_v8f* v
 #else
 #define DN_ROUNDED(v) ((void)0)
 #endif
+static inline __attribute__((always_inline)) dn_v8f dn_column_pair(const float* x, const dn_v8f* t, int s) {
+    dn_v8f a = x[s] * t[s], b = x[s + 2] * t[s + 2];   /* (products made in the tree's order: few live) */
+    DN_ROUNDED(a);
+    DN_ROUNDED(b);
+    return a + b;
+}
 static inline __attribute__((always_inline)) dn_v8f dn_column_sum8(const float* x, const dn_v8f* t) {
-    dn_v8f p[8];
-    for (int s = 0; s < 8; s++) {
-        p[s] = x[s] * t[s];
-        DN_ROUNDED(p[s]);
-    }
-    return ((p[0] + p[2]) + (p[1] + p[3])) + ((p[4] + p[6]) + (p[5] + p[7]));
+    const dn_v8f lo = dn_column_pair(x, t, 0) + dn_column_pair(x, t, 1);
+    return lo + (dn_column_pair(x, t, 4) + dn_column_pair(x, t, 5));
 }
 /* The same tree over the vectors themselves (the bias gradients: the products are dz). */
 static inline __attribute__((always_inline)) dn_v8f dn_column_sum8_plain(const dn_v8f* t) {
