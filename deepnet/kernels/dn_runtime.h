@@ -266,6 +266,59 @@ static inline __attribute__((always_inline)) void dn_transpose8x8(const dn_v8f* 
 #endif
 }
 
+/* The three w*w loops of a wide layer (w a multiple of 8, from 16; the specialised widths call these
+   with w a constant, the any-width loops with w known at run time). A compiler keeps an array of w
+   accumulators in memory, so every FMA would load and store its sum: these hold 8 units' sums in
+   registers through all the inputs instead, each sum in the same order as one unit at a time. */
+/* z = b + h W (z and h one vector per unit). */
+static inline __attribute__((always_inline)) void dn_wide_z(const float* p, const dn_v8f* h, dn_v8f* z, const int w) {
+    for (int jb = 0; jb < w; jb += 8) {
+        dn_v8f acc[8];
+        DN_UNROLL_FULL
+        for (int j = 0; j < 8; j++) acc[j] = dn_splat(p[w * w + jb + j]);
+        for (int i = 0; i < w; i++) {
+            const dn_v8f hi = h[i];
+            const float* pr = p + i * w + jb;
+            DN_UNROLL_FULL
+            for (int j = 0; j < 8; j++) acc[j] += hi * pr[j];
+        }
+        DN_UNROLL_FULL
+        for (int j = 0; j < 8; j++) z[jb + j] = acc[j];
+    }
+}
+/* g[i] += W[i] . dz: g through the layer's (old) weights. */
+static inline __attribute__((always_inline)) void dn_wide_g(const float* p, dn_v8f* g, const dn_v8f* dz, const int w) {
+    for (int ib = 0; ib < w; ib += 8) {
+        dn_v8f acc[8];
+        DN_UNROLL_FULL
+        for (int i = 0; i < 8; i++) acc[i] = g[ib + i];
+        for (int j = 0; j < w; j++) {
+            const dn_v8f dj = dz[j];
+            DN_UNROLL_FULL
+            for (int i = 0; i < 8; i++) acc[i] += p[(ib + i) * w + j] * dj;
+        }
+        DN_UNROLL_FULL
+        for (int i = 0; i < 8; i++) g[ib + i] = acc[i];
+    }
+}
+/* The layer's gradient row [dW (i, j) | db] into gk, 8 entries a vector (started when `first`), summed
+   down the columns (dn_column_sum8) from the layer inputs hk and dz. */
+static inline __attribute__((always_inline)) void dn_wide_gradients(const dn_v8u* hk, const dn_v8f* dz, dn_v8u* gk,
+                                                                    const int w, const int first) {
+    for (int jb = 0; jb < w; jb += 8) {
+        dn_v8f t[8];
+        dn_transpose8x8(dz + jb, t);
+        for (int i = 0; i < w; i++) {
+            const int q = (i * w + jb) / 8;
+            const dn_v8f sum = dn_column_sum8((const float*)(hk + i), t);
+            gk[q] = first ? sum : gk[q] + sum;
+        }
+        const int qb = (w * w + jb) / 8;
+        const dn_v8f bsum = dn_column_sum8_plain(t);
+        gk[qb] = first ? bsum : gk[qb] + bsum;
+    }
+}
+
 /* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 8, one
    of 4 (width 4's row is 20 floats), then single floats. Always inlined, so that n is a constant at
    every call and the loops unroll (an out-of-line copy with n unknown is slow). */
