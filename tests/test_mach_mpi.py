@@ -115,18 +115,28 @@ def _row(line: str) -> tuple[int, int] | None:
     return None
 
 
-def long_run(root: Path, *extra: str, until_step: int, section: int | None = None) -> subprocess.Popen:
+def long_run(root: Path, *extra: str, until_step: int, section: int | None = None,
+             every_section: bool = False) -> subprocess.Popen:
     """A long 3-section run of ``root`` in the background, returned once a report row shows ``until_step``
-    (of ``section``, or of any section). The sections run at different speeds (on a Zen 4 the top one
-    reported step 300 before the bottom one's first checkpoint), so one's step says nothing of another's."""
+    (of ``section``, of any section, or, with ``every_section``, once every section's rows have). The
+    sections run at different speeds (on a Zen 4 the top one reported step 300 before the bottom one's
+    first checkpoint, and in another run section 0 reached 300 before the root held a round), so one's
+    step says nothing of another's."""
     proc = subprocess.Popen(command(3, "train", str(root), "--mode", "mach", "--sections", "3", "--layers", "30000",
                                     "--steps", "1000000", "--test-samples", "0", "--rank-timeout", "60", *extra,
                                     *RUN),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
+    reached: dict[int, int] = {}
     while time.monotonic() < deadline:
         row = _row(proc.stdout.readline())
-        if row is not None and row[1] >= until_step and section in (None, row[0]):
+        if row is None:
+            continue
+        reached[row[0]] = max(reached.get(row[0], 0), row[1])
+        if every_section:
+            if len(reached) == 3 and min(reached.values()) >= until_step:
+                break
+        elif row[1] >= until_step and section in (None, row[0]):
             break
     return proc
 
@@ -152,7 +162,8 @@ def test_ctrl_c_saves_every_section_at_one_step_and_the_run_resumes(tmp_path):
 
 def test_a_killed_section_leaves_the_last_round_and_the_run_resumes(tmp_path):
     root = tmp_path / "k.h5"
-    proc = long_run(root, "--checkpoint-every", "100", until_step=300, section=0)   # its third checkpoint
+    # every section past its second checkpoint: the round of step 100 is complete in the root
+    proc = long_run(root, "--checkpoint-every", "100", until_step=200, every_section=True)
     victims = subprocess.run(["pgrep", "-f", f"deepnet train {root}"], capture_output=True, text=True).stdout.split()
     os.kill(int(victims[-1]), signal.SIGKILL)
     proc.communicate(timeout=120)
