@@ -16,6 +16,7 @@ whole file runs in well under a minute timed and in seconds with --benchmark-dis
   drift; the checkpoints come from one forward pass in the test's setup; ``setup`` restores g.
 - step: ``CoreEngine.forward`` then ``.backward`` (lr = 0) over the whole depth.
 - backward blocks: the backward in 8-sample and in 16-sample blocks (16-lane vectors), one thread and two.
+- backward two-pass: the segments split of widths 8-32 back-propagating in one pass or two.
 """
 
 from __future__ import annotations
@@ -90,6 +91,33 @@ def test_backward_blocks(benchmark, block, threads, split, batch):
     assert np.isfinite(w.g).all()
     record(benchmark, layer_samples=w.layer_samples, kind="backward (recompute + grad, lr=0)", block=block,
            threads=threads, split=split, block16_native=w.kernels.block16_native, **w.describe())
+
+
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("width,block,layers", [(8, 16, 50_000), (8, 8, 50_000), (16, 8, 20_000), (32, 8, 5_000)],
+                         ids=["w8-b16", "w8-b8", "w16-b8", "w32-b8"])
+def test_backward_two_pass(benchmark, width, block, layers, two_pass):
+    """The segments split of wide layers (softsign, batch 16, two threads) back-propagating in one pass
+    or in two (g carried down and handed on first, then the weight gradients), the same results bit
+    for bit. Same run, same chunk, so the rows compare."""
+    w = _workload("softsign", width, 16, layers)
+    if block not in w.kernels.backward_blocks(width):
+        pytest.skip("this build has no 16-lane layout")
+    w.make_saves()
+    benchmark.group = f"backward two-pass w{width} B16 block {block}"
+    module = w.kernels.calls   # the build module whose driver runs the backward
+
+    def backward():
+        w.kernels.backward(w.params, w.saves, w.save_every, w.g, w.alpha, 0.0, w.work, 2, block, "segments")
+
+    previous = module.set_two_pass_backward(two_pass)
+    try:
+        run_pedantic(benchmark, backward, setup=w.backward_setup)
+    finally:
+        module.set_two_pass_backward(previous)
+    assert np.isfinite(w.g).all()
+    record(benchmark, layer_samples=w.layer_samples, kind="backward (recompute + grad, lr=0)", block=block,
+           threads=2, split="segments", two_pass=two_pass, **w.describe())
 
 
 def _step(w: Workload, engine):

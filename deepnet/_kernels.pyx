@@ -26,6 +26,7 @@ cdef extern from "dn_driver.h" nogil:
     double dn_spin_seconds
     long dn_sleeps
     int dn_fuse
+    int dn_two_pass
     void dn_forward(const dn_kernel* k, const float* params, Py_ssize_t n_layers, float* h, Py_ssize_t w,
                     Py_ssize_t B, float alpha, float* saves, Py_ssize_t save_every, float* scratch,
                     Py_ssize_t part, Py_ssize_t n_parts)
@@ -79,6 +80,17 @@ def set_fused_backward(bint enabled) -> bool:
     global dn_fuse
     previous = dn_fuse != 0
     dn_fuse = 1 if enabled else 0
+    return previous
+
+
+def set_two_pass_backward(bint enabled) -> bool:
+    """Whether the segments split of wide layers (width 8 and up) carries g down a segment in a pass of
+    its own and makes the weight gradients after handing g on (the default), or back-propagates in one
+    pass; returns the previous setting. Results never depend on it (tests compare the two bit for
+    bit). Set it only while no backward call runs."""
+    global dn_two_pass
+    previous = dn_two_pass != 0
+    dn_two_pass = 1 if enabled else 0
     return previous
 
 

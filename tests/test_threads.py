@@ -85,6 +85,52 @@ def test_fused_backward_equals_recomputing_then_back_propagating(module, activat
         assert np.array_equal(g, g_ref), key
 
 
+@pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("activation", ["softsign", "relu"])
+@pytest.mark.parametrize("width,batch", [(8, 16), (8, 12), (8, 32), (8, 40), (16, 16), (16, 8), (32, 13), (4, 16)])
+def test_two_pass_backward_equals_one_pass(module, activation, width, batch):
+    """Under the segments split, wide layers carry g down a segment first and make the weight gradients
+    after handing it on: the weights and g come out bit for bit as with one pass, in blocks of 8 and
+    of 16, with partial blocks (batch 12, 13), with more blocks than a thread holds at once (batch 40:
+    one pass), a last segment shorter than the rest, and at a width without two passes (4)."""
+    rng = np.random.default_rng([width, batch, len(activation), 2])
+    save_every = 48
+    layers = layers_to_thread(module, width, batch, 400) // save_every * save_every + 29
+    kernels = LayerKernels(activation, module, module.activation_index(activation))
+    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
+    h = rng.standard_normal((width, batch)).astype(np.float32)
+    saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
+    alpha = 2.0 / layers
+    kernels.forward(params, h, alpha, saves, save_every)
+    g0 = rng.standard_normal((width, batch)).astype(np.float32)
+    runs = [(1, 8, "blocks", True)] + [(2, block, "segments", two_pass) for block in kernels.backward_blocks(width)
+                                       for two_pass in (False, True)]
+    results = {}
+    try:
+        for threads, block, split, two_pass in runs:
+            module.set_two_pass_backward(two_pass)
+            p, g = params.copy(), g0.copy()
+            kernels.backward(p, saves, save_every, g, alpha, 0.01, None, threads, block, split)
+            results[threads, block, split, two_pass] = (p, g)
+    finally:
+        module.set_two_pass_backward(True)
+    p_ref, g_ref = results[runs[0]]
+    assert not np.array_equal(p_ref, params)  # the update really happened
+    assert np.all(np.isfinite(p_ref)) and np.all(np.isfinite(g_ref))
+    for key, (p, g) in results.items():
+        assert np.array_equal(p, p_ref), key
+        assert np.array_equal(g, g_ref), key
+
+
+def test_two_pass_backward_switch_reports_its_previous_setting():
+    module = kernel_builds()[-1]
+    try:
+        assert module.set_two_pass_backward(False) is True   # on by default
+        assert module.set_two_pass_backward(True) is False
+    finally:
+        module.set_two_pass_backward(True)
+
+
 def test_fused_backward_switch_reports_its_previous_setting():
     module = kernel_builds()[-1]
     try:

@@ -30,7 +30,10 @@
    crosses cores (width x batch floats a segment); the back-propagations run one after the other, so
    a call takes about the longer of a back-propagation and half a recomputation and back-propagation
    per segment. Each core sums its segments' blocks in the one-thread order: the same result bit for
-   bit.
+   bit. Where the width has two-pass loops (J->carry: layers whose back-propagation costs well over
+   their recomputation) and the side holds all of a segment's blocks at once, a side carries g down
+   its segment first, hands it on, and only then makes and applies the weight gradients: the serial
+   path is g's own arithmetic, and the call takes about half of all the work per segment instead.
 
    The thread that applies a segment's updates then checks that its rows are finite, while they are
    still in its cache (the numerical guard's check of the new weights, without a pass over the chunk
@@ -54,6 +57,8 @@ typedef struct {
     dn_recompute_fn recompute;
     dn_backprop_fn backprop;
     dn_fused_fn fused;               /* NULL: recompute, then back-propagate, one after the other */
+    dn_carry_fn carry;               /* NULL: the segments split back-propagates in one pass */
+    dn_update_fn update;
     float* params; Py_ssize_t n_layers; const float* saves; Py_ssize_t save_every;
     float* g; Py_ssize_t w, B, unit, n_seg, n_blocks, row;
     float alpha, lr;
@@ -81,6 +86,8 @@ static double dn_spin_seconds = DN_SPIN_SECONDS;
 static long dn_sleeps = 0;
 /* 0: never fuse (set_fused_backward; tests compare the two ways bit for bit) */
 static int dn_fuse = 1;
+/* 0: never back-propagate in two passes (set_two_pass_backward; likewise) */
+static int dn_two_pass = 1;
 
 static double dn_seconds(void) {
     struct timespec t;
@@ -262,9 +269,23 @@ static void dn_segments_run(dn_job* J, int side) {
     float* G = J->grad[side];
     float* scratch = J->scratch[side];
     const Py_ssize_t ahead = J->n_blocks < 2 ? J->n_blocks : 2;
+    const int two_pass = J->carry != NULL && J->n_blocks <= ahead;
     for (Py_ssize_t u = side; u < J->n_seg; u += 2) {
         for (Py_ssize_t b = 0; b < ahead; b++) dn_recompute_unit(J, u, b, 2 * side + (int)b, scratch);
         dn_wait_at_least(J, &J->produced, u);   /* g has come down through the units above */
+        if (two_pass) {
+            Py_ssize_t seg, start, n;
+            dn_segment(J, u, &seg, &start, &n);
+            float* p = J->params + start * J->row;
+            for (Py_ssize_t b = 0; b < J->n_blocks; b++)
+                J->carry(p, n, J->g, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[2 * side + (int)b]);
+            dn_publish(J, &J->produced, u + 1);
+            for (Py_ssize_t b = 0; b < J->n_blocks; b++)
+                J->update(p, n, dn_block_samples(J, b), J->hbuf[2 * side + (int)b], J->dbuf[2 * side + (int)b], G,
+                          J->lr, b == 0, b == J->n_blocks - 1);
+            dn_check_updated(J, u);
+            continue;
+        }
         for (Py_ssize_t b = 0; b < J->n_blocks; b++) {
             const int set = 2 * side + (int)(b % 2);
             if (b >= ahead) dn_recompute_unit(J, u, b, set, scratch);
@@ -292,7 +313,8 @@ static int dn_backward_segments(dn_job* J) {
    of `unit` samples. hbuf and dbuf hold four buffer sets of set_floats each, grad DN_GRAD_BUFFERS gradient
    buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. Two threads
    split the work by blocks (halves) or, with by_segments or a batch of one block, by segments. */
-static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, Py_ssize_t unit,
+static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, dn_carry_fn carry,
+                           dn_update_fn update, Py_ssize_t unit,
                            float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
                            float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr, float* hbuf,
                            float* dbuf, Py_ssize_t set_floats, float* grad, Py_ssize_t gstride,
@@ -300,6 +322,7 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     dn_job J;
     int done = 0;
     J.recompute = recompute; J.backprop = backprop; J.fused = dn_fuse ? fused : NULL;
+    J.carry = dn_two_pass && update != NULL ? carry : NULL; J.update = update;
     J.params = params; J.n_layers = n_layers; J.saves = saves; J.save_every = save_every;
     J.g = g; J.w = w; J.B = B; J.unit = unit; J.row = w * w + w;
     J.alpha = alpha; J.lr = lr;
@@ -348,15 +371,17 @@ static int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, c
                         float* hbuf, float* dbuf, Py_ssize_t set_floats, float* grad, float* scratch,
                         Py_ssize_t scratch_floats, int threads, int block, int by_segments) {
     if (B >= DN_BLOCKED_MIN_BATCH && block == DN_BACKWARD_BLOCK16 && k->recompute_block16 != NULL)
-        return dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, DN_BACKWARD_BLOCK16,
+        return dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, k->carry_block16,
+                               k->update_block16, DN_BACKWARD_BLOCK16,
                                params, n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats,
                                grad, dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else if (B >= DN_BLOCKED_MIN_BATCH)
-        return dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, DN_BACKWARD_BLOCK, params,
+        return dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, k->carry_block,
+                               k->update_block, DN_BACKWARD_BLOCK, params,
                                n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
                                dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else
-        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, 1, params, n_layers, saves,
+        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, NULL, NULL, 1, params, n_layers, saves,
                                save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
                                scratch, scratch_floats, threads, by_segments);
 }

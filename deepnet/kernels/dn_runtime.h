@@ -493,12 +493,21 @@ typedef void (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssiz
                             int first, int last, const float* rc_params, Py_ssize_t rc_n, const float* rc_sv,
                             Py_ssize_t rc_s0, Py_ssize_t rc_nb, float alpha, float* rc_hbuf, float* rc_dbuf);
 
+/* The back-propagation of one block through a recomputed segment in two passes, the same results as one
+   dn_backprop_fn: carry g down (each layer's dz left in dbuf), then make and apply the weight gradients. */
+typedef void (*dn_carry_fn)(const float* params, Py_ssize_t seg_n, float* g, Py_ssize_t B, Py_ssize_t s0,
+                            Py_ssize_t nb, float* dbuf);
+typedef void (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t nb, const float* hbuf, const float* dbuf,
+                             float* grad, float lr, int first, int last);
+
 /* The loops of one (activation, width variant). */
 typedef struct {
     dn_forward_fn forward;
     dn_recompute_fn recompute_block;    /* batch >= DN_BLOCKED_MIN_BATCH: blocks of DN_BACKWARD_BLOCK */
     dn_backprop_fn backprop_block;
     dn_fused_fn fused_block;            /* NULL: this width recomputes, then back-propagates */
+    dn_carry_fn carry_block;            /* NULL: no two-pass back-propagation at this width */
+    dn_update_fn update_block;
     dn_recompute_fn recompute_sample;   /* smaller batches: one sample at a time */
     dn_backprop_fn backprop_sample;
     /* blocks of DN_BACKWARD_BLOCK16 samples in 16-lane vectors, the same results bit for bit (NULL:
@@ -506,6 +515,8 @@ typedef struct {
     dn_recompute_fn recompute_block16;
     dn_backprop_fn backprop_block16;
     dn_fused_fn fused_block16;
+    dn_carry_fn carry_block16;
+    dn_update_fn update_block16;
 } dn_kernel;
 
 /* A module's loops: kernels[a * (n_widths + 1) + v] for activation a and variant v, where variant v <
@@ -524,7 +535,7 @@ typedef struct {
     const char* const* derivative_c;
 } dn_kernel_table;
 
-#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v2"
+#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v3"
 
 /* The loops of activation `act` for width w: its own variant if it has one, else the any-width one. */
 static inline const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w) {
