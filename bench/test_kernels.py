@@ -94,11 +94,12 @@ def test_backward_blocks(benchmark, block, threads, split, batch):
 
 
 @pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
-@pytest.mark.parametrize("width,block,layers", [(8, 16, 50_000), (8, 8, 50_000), (16, 8, 20_000), (32, 8, 5_000)],
-                         ids=["w8-b16", "w8-b8", "w16-b8", "w32-b8"])
+@pytest.mark.parametrize("width,block,layers", [(8, 16, 50_000), (8, 8, 50_000), (16, 8, 20_000), (24, 8, 8_000),
+                                                (32, 8, 5_000)],
+                         ids=["w8-b16", "w8-b8", "w16-b8", "w24-b8", "w32-b8"])
 def test_backward_two_pass(benchmark, width, block, layers, two_pass):
-    """The segments split of wide layers (softsign, batch 16, two threads) back-propagating in one pass
-    or in two (g carried down and handed on first, then the weight gradients), the same results bit
+    """The segments split of widths 8-32 (softsign, batch 16, two threads; 24 in the any-width loops)
+    back-propagating in one pass or in two (g carried down and handed on first, then the weight gradients), the same results bit
     for bit. Same run, same chunk, so the rows compare."""
     w = _workload("softsign", width, 16, layers)
     if block not in w.kernels.backward_blocks(width):

@@ -84,8 +84,8 @@ def set_fused_backward(bint enabled) -> bool:
 
 
 def set_two_pass_backward(bint enabled) -> bool:
-    """Whether the segments split of wide layers (width 8 and up) carries g down a segment in a pass of
-    its own and makes the weight gradients after handing g on (the default), or back-propagates in one
+    """Whether the segments split of widths 8, 16, 24, 32, ... carries g down a segment in a pass of its
+    own and makes the weight gradients after handing g on (the default), or back-propagates in one
     pass; returns the previous setting. Results never depend on it (tests compare the two bit for
     bit). Set it only while no backward call runs."""
     global dn_two_pass

@@ -87,12 +87,14 @@ def test_fused_backward_equals_recomputing_then_back_propagating(module, activat
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("activation", ["softsign", "relu"])
-@pytest.mark.parametrize("width,batch", [(8, 16), (8, 12), (8, 32), (8, 40), (16, 16), (16, 8), (32, 13), (4, 16)])
+@pytest.mark.parametrize("width,batch", [(8, 16), (8, 12), (8, 32), (8, 40), (16, 16), (16, 8), (32, 13), (24, 16),
+                                         (12, 16), (4, 16), (6, 16)])
 def test_two_pass_backward_equals_one_pass(module, activation, width, batch):
-    """Under the segments split, wide layers carry g down a segment first and make the weight gradients
-    after handing it on: the weights and g come out bit for bit as with one pass, in blocks of 8 and
-    of 16, with partial blocks (batch 12, 13), with more blocks than a thread holds at once (batch 40:
-    one pass), a last segment shorter than the rest, and at a width without two passes (4)."""
+    """Under the segments split, layers of widths 8, 16, 24, 32, ... carry g down a segment first and
+    make the weight gradients after handing it on: the weights and g come out bit for bit as with one
+    pass, in blocks of 8 and of 16, with partial blocks (batch 12, 13), with more blocks than a thread
+    holds at once (batch 40: one pass), a last segment shorter than the rest, in the any-width loops
+    (24), and at widths that stay in one pass (4, 6, 12)."""
     rng = np.random.default_rng([width, batch, len(activation), 2])
     save_every = 48
     layers = layers_to_thread(module, width, batch, 400) // save_every * save_every + 29

@@ -30,8 +30,8 @@
    crosses cores (width x batch floats a segment); the back-propagations run one after the other, so
    a call takes about the longer of a back-propagation and half a recomputation and back-propagation
    per segment. Each core sums its segments' blocks in the one-thread order: the same result bit for
-   bit. Where the width has two-pass loops (J->carry: layers whose back-propagation costs well over
-   their recomputation) and the side holds all of a segment's blocks at once, a side carries g down
+   bit. At the widths DN_TWO_PASS_WIDTH takes (layers whose back-propagation costs well over their
+   recomputation), where the side holds all of a segment's blocks at once, a side carries g down
    its segment first, hands it on, and only then makes and applies the weight gradients: the serial
    path is g's own arithmetic, and the call takes about half of all the work per segment instead.
 
@@ -52,6 +52,11 @@
 /* Multiply-adds (layers x row x batch) of one call from which a second thread is started: a
    thread's start-up costs ~20 us. */
 #define DN_THREAD_MIN_WORK 2000000.0
+/* The widths whose segments split back-propagates in two passes: multiples of 8 from 8, where a
+   layer's back-propagation costs ~1.5x its recomputation or more, so g's serial path is worth
+   shortening; at width 4 the two cost about the same, and the any-width loops of other widths (12)
+   ran slower in two passes (bench/README.md). */
+#define DN_TWO_PASS_WIDTH(w) ((w) >= 8 && (w) % 8 == 0)
 
 typedef struct {
     dn_recompute_fn recompute;
@@ -269,7 +274,7 @@ static void dn_segments_run(dn_job* J, int side) {
     float* G = J->grad[side];
     float* scratch = J->scratch[side];
     const Py_ssize_t ahead = J->n_blocks < 2 ? J->n_blocks : 2;
-    const int two_pass = J->carry != NULL && J->n_blocks <= ahead;
+    const int two_pass = J->carry != NULL && DN_TWO_PASS_WIDTH(J->w) && J->n_blocks <= ahead;
     for (Py_ssize_t u = side; u < J->n_seg; u += 2) {
         for (Py_ssize_t b = 0; b < ahead; b++) dn_recompute_unit(J, u, b, 2 * side + (int)b, scratch);
         dn_wait_at_least(J, &J->produced, u);   /* g has come down through the units above */
@@ -278,11 +283,12 @@ static void dn_segments_run(dn_job* J, int side) {
             dn_segment(J, u, &seg, &start, &n);
             float* p = J->params + start * J->row;
             for (Py_ssize_t b = 0; b < J->n_blocks; b++)
-                J->carry(p, n, J->g, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[2 * side + (int)b]);
+                J->carry(p, n, J->g, J->w, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[2 * side + (int)b],
+                         scratch);
             dn_publish(J, &J->produced, u + 1);
             for (Py_ssize_t b = 0; b < J->n_blocks; b++)
-                J->update(p, n, dn_block_samples(J, b), J->hbuf[2 * side + (int)b], J->dbuf[2 * side + (int)b], G,
-                          J->lr, b == 0, b == J->n_blocks - 1);
+                J->update(p, n, J->w, dn_block_samples(J, b), J->hbuf[2 * side + (int)b], J->dbuf[2 * side + (int)b],
+                          G, scratch, J->lr, b == 0, b == J->n_blocks - 1);
             dn_check_updated(J, u);
             continue;
         }

@@ -495,10 +495,10 @@ typedef void (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssiz
 
 /* The back-propagation of one block through a recomputed segment in two passes, the same results as one
    dn_backprop_fn: carry g down (each layer's dz left in dbuf), then make and apply the weight gradients. */
-typedef void (*dn_carry_fn)(const float* params, Py_ssize_t seg_n, float* g, Py_ssize_t B, Py_ssize_t s0,
-                            Py_ssize_t nb, float* dbuf);
-typedef void (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t nb, const float* hbuf, const float* dbuf,
-                             float* grad, float lr, int first, int last);
+typedef void (*dn_carry_fn)(const float* params, Py_ssize_t seg_n, float* g, Py_ssize_t w, Py_ssize_t B,
+                            Py_ssize_t s0, Py_ssize_t nb, float* dbuf, float* scratch);
+typedef void (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t w, Py_ssize_t nb, const float* hbuf,
+                             const float* dbuf, float* grad, float* scratch, float lr, int first, int last);
 
 /* The loops of one (activation, width variant). */
 typedef struct {
@@ -506,7 +506,7 @@ typedef struct {
     dn_recompute_fn recompute_block;    /* batch >= DN_BLOCKED_MIN_BATCH: blocks of DN_BACKWARD_BLOCK */
     dn_backprop_fn backprop_block;
     dn_fused_fn fused_block;            /* NULL: this width recomputes, then back-propagates */
-    dn_carry_fn carry_block;            /* NULL: no two-pass back-propagation at this width */
+    dn_carry_fn carry_block;            /* the same back-propagation in two passes (dn_driver.h) */
     dn_update_fn update_block;
     dn_recompute_fn recompute_sample;   /* smaller batches: one sample at a time */
     dn_backprop_fn backprop_sample;
