@@ -48,6 +48,32 @@ def test_threaded_backward_matches_one_thread(module, width, batch):
     assert_threaded_backward_matches_one_thread(module, width, batch)
 
 
+def recorded_chunk(module, activation: str, width: int, batch: int, save_every: int, at_least: int,
+                   seed: list[int]):
+    """A chunk big enough to thread, whose last segment is shorter than the rest, forwarded with its
+    checkpoints saved: (kernels, params, saves, alpha, g0)."""
+    rng = np.random.default_rng(seed)
+    layers = layers_to_thread(module, width, batch, at_least) // save_every * save_every + 29
+    kernels = LayerKernels(activation, module, module.activation_index(activation))
+    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
+    h = rng.standard_normal((width, batch)).astype(np.float32)
+    saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
+    alpha = 2.0 / layers  # relu's states grow by up to (1 + alpha |W|) a layer: stay finite at any depth
+    kernels.forward(params, h, alpha, saves, save_every)
+    assert np.all(np.isfinite(h))
+    return kernels, params, saves, alpha, rng.standard_normal((width, batch)).astype(np.float32)
+
+
+def assert_all_equal(results: dict, reference, params: np.ndarray) -> None:
+    """Every (weights, g) in ``results`` equals ``results[reference]`` bit for bit, which did update."""
+    p_ref, g_ref = results[reference]
+    assert not np.array_equal(p_ref, params)  # the update really happened
+    assert np.all(np.isfinite(p_ref)) and np.all(np.isfinite(g_ref))
+    for key, (p, g) in results.items():
+        assert np.array_equal(p, p_ref), key
+        assert np.array_equal(g, g_ref), key
+
+
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("activation", ["softsign", "tanh", "relu"])
 @pytest.mark.parametrize("width,batch", [(4, 16), (4, 40), (4, 8), (4, 9), (3, 16), (2, 24), (1, 16), (8, 16)])
@@ -56,17 +82,9 @@ def test_fused_backward_equals_recomputing_then_back_propagating(module, activat
     block or segment; two: each its own half): the weights and g come out bit for bit as with the
     recomputation and back-propagation one after the other, on one thread or two. A last segment
     shorter than the rest makes the two parts of a fused loop differ in length."""
-    rng = np.random.default_rng([width, batch, len(activation)])
     save_every = 64
-    layers = layers_to_thread(module, width, batch, 600) // save_every * save_every + 37
-    kernels = LayerKernels(activation, module, module.activation_index(activation))
-    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
-    h = rng.standard_normal((width, batch)).astype(np.float32)
-    saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
-    alpha = 2.0 / layers  # relu's states grow by up to (1 + alpha |W|) a layer: stay finite at any depth
-    kernels.forward(params, h, alpha, saves, save_every)
-    assert np.all(np.isfinite(h))
-    g0 = rng.standard_normal((width, batch)).astype(np.float32)
+    kernels, params, saves, alpha, g0 = recorded_chunk(module, activation, width, batch, save_every, 600,
+                                                       [width, batch, len(activation)])
     results = {}
     try:
         for fused in (False, True):
@@ -77,12 +95,7 @@ def test_fused_backward_equals_recomputing_then_back_propagating(module, activat
                 results[fused, threads, split] = (p, g)
     finally:
         module.set_fused_backward(True)
-    p_ref, g_ref = results[False, 1, "blocks"]
-    assert not np.array_equal(p_ref, params)  # the update really happened
-    assert np.all(np.isfinite(p_ref)) and np.all(np.isfinite(g_ref))
-    for key, (p, g) in results.items():
-        assert np.array_equal(p, p_ref), key
-        assert np.array_equal(g, g_ref), key
+    assert_all_equal(results, (False, 1, "blocks"), params)
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
@@ -95,16 +108,9 @@ def test_two_pass_backward_equals_one_pass(module, activation, width, batch):
     pass, in blocks of 8 and of 16, with partial blocks (batch 12, 13), with more blocks than a thread
     holds at once (batch 40: one pass), a last segment shorter than the rest, in the any-width loops
     (24), and at widths that stay in one pass (4, 6, 12)."""
-    rng = np.random.default_rng([width, batch, len(activation), 2])
     save_every = 48
-    layers = layers_to_thread(module, width, batch, 400) // save_every * save_every + 29
-    kernels = LayerKernels(activation, module, module.activation_index(activation))
-    params = (rng.uniform(-0.5, 0.5, (layers, width * width + width)) / np.sqrt(width)).astype(np.float32)
-    h = rng.standard_normal((width, batch)).astype(np.float32)
-    saves = np.zeros((-(-layers // save_every), width * batch), np.float32)
-    alpha = 2.0 / layers
-    kernels.forward(params, h, alpha, saves, save_every)
-    g0 = rng.standard_normal((width, batch)).astype(np.float32)
+    kernels, params, saves, alpha, g0 = recorded_chunk(module, activation, width, batch, save_every, 400,
+                                                       [width, batch, len(activation), 2])
     runs = [(1, 8, "blocks", True)] + [(2, block, "segments", two_pass) for block in kernels.backward_blocks(width)
                                        for two_pass in (False, True)]
     results = {}
@@ -116,30 +122,17 @@ def test_two_pass_backward_equals_one_pass(module, activation, width, batch):
             results[threads, block, split, two_pass] = (p, g)
     finally:
         module.set_two_pass_backward(True)
-    p_ref, g_ref = results[runs[0]]
-    assert not np.array_equal(p_ref, params)  # the update really happened
-    assert np.all(np.isfinite(p_ref)) and np.all(np.isfinite(g_ref))
-    for key, (p, g) in results.items():
-        assert np.array_equal(p, p_ref), key
-        assert np.array_equal(g, g_ref), key
+    assert_all_equal(results, runs[0], params)
 
 
-def test_two_pass_backward_switch_reports_its_previous_setting():
-    module = kernel_builds()[-1]
+@pytest.mark.parametrize("switch", ["set_fused_backward", "set_two_pass_backward"])
+def test_backward_switches_report_their_previous_setting(switch):
+    toggle = getattr(kernel_builds()[-1], switch)
     try:
-        assert module.set_two_pass_backward(False) is True   # on by default
-        assert module.set_two_pass_backward(True) is False
+        assert toggle(False) is True   # on by default
+        assert toggle(True) is False
     finally:
-        module.set_two_pass_backward(True)
-
-
-def test_fused_backward_switch_reports_its_previous_setting():
-    module = kernel_builds()[-1]
-    try:
-        assert module.set_fused_backward(False) is True   # on by default
-        assert module.set_fused_backward(True) is False
-    finally:
-        module.set_fused_backward(True)
+        toggle(True)
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
