@@ -36,7 +36,7 @@ from deepnet.kernels.loader import kernels_for
 COPY = "softsign_copy"
 SHAPES = [
     (4, 16, 200_000),   # the reference shape
-    (5, 16, 50_000),    # the generic-width loops
+    (12, 16, 20_000),   # the generic-width loops
     (32, 1, 10_000),    # the per-sample path
 ]
 SHAPE_IDS = [f"w{w}-B{b}-L{layers // 1000}k" for w, b, layers in SHAPES]

@@ -76,7 +76,7 @@ def _snapshot(net: DeepNet) -> tuple[dict, np.ndarray]:
 
 @pytest.mark.parametrize("chunk_layers", [100_000, 7], ids=["one-chunk", "chunks-of-7"])
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
-@pytest.mark.parametrize("width", [3, 4, 5])  # 3, 4: width-specialised kernels; 5: the generic one
+@pytest.mark.parametrize("width", [3, 4, 5, 9])  # 3, 4, 5: width-specialised kernels; 9: the generic one
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_train_step_matches_reference(tmp_path, activation, width, in_memory, chunk_layers):
     layers, batch, layer_lr, head_lr = 50, 5, 0.5, 0.2
@@ -211,7 +211,7 @@ def run_kernels(kern, activation, params, h, g, alpha, lr, save_every):
     return h_out, saves, g_in, p
 
 
-WIDTHS = [1, 2, 3, 4, 5, 7, 8, 16, 24, 32, 33]  # 5, 7, 24, 33: the generic (any-width) path; the rest specialised
+WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 16, 24, 32, 33]  # 9, 24, 33: the generic (any-width) path; the rest specialised
 BATCHES = [1, 7, 8, 9, 17]              # around the 8-lane batch sums
 
 

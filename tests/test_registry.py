@@ -466,7 +466,7 @@ def test_an_exact_comparison_names_no_point():
     assert "-1000" not in text.split("\n", 1)[1] and text.count("exact at every point") == 3
 
 
-@pytest.mark.parametrize("width,batch", [(4, 5), (5, 9)])  # specialised per-sample; generic width blocked
+@pytest.mark.parametrize("width,batch", [(4, 5), (9, 9)])  # specialised per-sample; generic width blocked
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_builtin_train_step_matches_float64_reference(tmp_path, name, width, batch):
     builtin_kernels(name)  # skip if this build predates it

@@ -43,7 +43,7 @@ def assert_threaded_backward_matches_one_thread(module, width: int, batch: int) 
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
-@pytest.mark.parametrize("width,batch", [(4, 16), (4, 24), (4, 40), (4, 8), (2, 3), (5, 16), (32, 1), (32, 4)])
+@pytest.mark.parametrize("width,batch", [(4, 16), (4, 24), (4, 40), (4, 8), (2, 3), (5, 16), (9, 16), (32, 1), (32, 4)])
 def test_threaded_backward_matches_one_thread(module, width, batch):
     assert_threaded_backward_matches_one_thread(module, width, batch)
 
