@@ -211,7 +211,7 @@ def run_kernels(kern, activation, params, h, g, alpha, lr, save_every):
     return h_out, saves, g_in, p
 
 
-WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 16, 24, 32, 33]  # 9, 24, 33: the generic (any-width) path; the rest specialised
+WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 24, 32, 33]  # 9, 12, 15, 24, 33: the generic (any-width) path; the rest specialised
 BATCHES = [1, 7, 8, 9, 17]              # around the 8-lane batch sums
 
 
@@ -246,7 +246,7 @@ def batch_sum_tree(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("batch", [8, 16, 24])
-@pytest.mark.parametrize("width", [3, 5, 16, 24, 32])   # the shuffled tree (3, 5) and the column sums (16-32)
+@pytest.mark.parametrize("width", [3, 5, 12, 16, 24, 32])   # the shuffled tree (3, 5) and the column sums (12-32)
 def test_weight_gradients_are_summed_in_the_fixed_tree(kern, width, batch):
     """Every path sums a gradient over the batch in one fixed order of float32 additions of rounded
     products: with zero weights (so dz = g alpha exactly and g passes unchanged) and lr = 1, the

@@ -266,57 +266,92 @@ static inline __attribute__((always_inline)) void dn_transpose8x8(const dn_v8f* 
 #endif
 }
 
-/* The three w*w loops of a wide layer (w a multiple of 8, from 16; the specialised widths call these
-   with w a constant, the any-width loops with w known at run time). A compiler keeps an array of w
-   accumulators in memory, so every FMA would load and store its sum: these hold 8 units' sums in
-   registers through all the inputs instead, each sum in the same order as one unit at a time. */
+/* The three w*w loops of a wide layer (w from 8; the specialised widths 16 and 32 call these with w a
+   constant, the any-width loops with w known at run time). A compiler keeps an array of w accumulators
+   in memory, so every FMA would load and store its sum: these hold the sums of a group of 8 units (the
+   last group of a width that is not a multiple of 8: fewer) in registers through all the inputs
+   instead, each sum in the same order as one unit at a time. */
+
+/* Call f(args..., n) with n a constant, for a last group of n = 1..7 units (nothing for 0). */
+#define DN_LAST_GROUP(n, f, ...) do { switch (n) {                                                         \
+    case 1: f(__VA_ARGS__, 1); break; case 2: f(__VA_ARGS__, 2); break; case 3: f(__VA_ARGS__, 3); break; \
+    case 4: f(__VA_ARGS__, 4); break; case 5: f(__VA_ARGS__, 5); break; case 6: f(__VA_ARGS__, 6); break; \
+    case 7: f(__VA_ARGS__, 7); break; default: break; } } while (0)
+
+/* z_j = b_j + sum_i h_i W_ij for units jb .. jb + n - 1. */
+static inline __attribute__((always_inline)) void dn_wide_z_group(const float* p, const dn_v8f* h, dn_v8f* z,
+                                                                  const int w, const int jb, const int n) {
+    dn_v8f acc[8];
+    DN_UNROLL_FULL
+    for (int j = 0; j < n; j++) acc[j] = dn_splat(p[w * w + jb + j]);
+    for (int i = 0; i < w; i++) {
+        const dn_v8f hi = h[i];
+        const float* pr = p + i * w + jb;
+        DN_UNROLL_FULL
+        for (int j = 0; j < n; j++) acc[j] += hi * pr[j];
+    }
+    DN_UNROLL_FULL
+    for (int j = 0; j < n; j++) z[jb + j] = acc[j];
+}
 /* z = b + h W (z and h one vector per unit). */
 static inline __attribute__((always_inline)) void dn_wide_z(const float* p, const dn_v8f* h, dn_v8f* z, const int w) {
-    for (int jb = 0; jb < w; jb += 8) {
-        dn_v8f acc[8];
+    int jb = 0;
+    for (; jb + 8 <= w; jb += 8) dn_wide_z_group(p, h, z, w, jb, 8);
+    DN_LAST_GROUP(w - jb, dn_wide_z_group, p, h, z, w, jb);
+}
+
+/* g_i += W[i] . dz for inputs ib .. ib + n - 1, j ascending. */
+static inline __attribute__((always_inline)) void dn_wide_g_group(const float* p, dn_v8f* g, const dn_v8f* dz,
+                                                                  const int w, const int ib, const int n) {
+    dn_v8f acc[8];
+    DN_UNROLL_FULL
+    for (int i = 0; i < n; i++) acc[i] = g[ib + i];
+    for (int j = 0; j < w; j++) {
+        const dn_v8f dj = dz[j];
         DN_UNROLL_FULL
-        for (int j = 0; j < 8; j++) acc[j] = dn_splat(p[w * w + jb + j]);
-        for (int i = 0; i < w; i++) {
-            const dn_v8f hi = h[i];
-            const float* pr = p + i * w + jb;
-            DN_UNROLL_FULL
-            for (int j = 0; j < 8; j++) acc[j] += hi * pr[j];
-        }
-        DN_UNROLL_FULL
-        for (int j = 0; j < 8; j++) z[jb + j] = acc[j];
+        for (int i = 0; i < n; i++) acc[i] += p[(ib + i) * w + j] * dj;
     }
+    DN_UNROLL_FULL
+    for (int i = 0; i < n; i++) g[ib + i] = acc[i];
 }
 /* g[i] += W[i] . dz: g through the layer's (old) weights. */
 static inline __attribute__((always_inline)) void dn_wide_g(const float* p, dn_v8f* g, const dn_v8f* dz, const int w) {
-    for (int ib = 0; ib < w; ib += 8) {
-        dn_v8f acc[8];
-        DN_UNROLL_FULL
-        for (int i = 0; i < 8; i++) acc[i] = g[ib + i];
-        for (int j = 0; j < w; j++) {
-            const dn_v8f dj = dz[j];
-            DN_UNROLL_FULL
-            for (int i = 0; i < 8; i++) acc[i] += p[(ib + i) * w + j] * dj;
-        }
-        DN_UNROLL_FULL
-        for (int i = 0; i < 8; i++) g[ib + i] = acc[i];
-    }
+    int ib = 0;
+    for (; ib + 8 <= w; ib += 8) dn_wide_g_group(p, g, dz, w, ib, 8);
+    DN_LAST_GROUP(w - ib, dn_wide_g_group, p, g, dz, w, ib);
 }
-/* The layer's gradient row [dW (i, j) | db] into gk, 8 entries a vector (started when `first`), summed
-   down the columns (dn_column_sum8) from the layer inputs hk and dz. */
+
+/* n <= 8 gradient entries from v at e (started when `first`); a whole vector where n is 8. */
+static inline __attribute__((always_inline)) void dn_add_entries(float* e, const dn_v8f v, const int n,
+                                                                 const int first) {
+    if (n == 8) {
+        dn_v8u* q = (dn_v8u*)e;
+        *q = first ? v : *q + v;
+        return;
+    }
+    for (int j = 0; j < n; j++) e[j] = first ? v[j] : e[j] + v[j];
+}
+/* The gradients of units jb .. jb + n - 1: dz transposed (missing units as zeros) and each input's n
+   gradients summed down the columns (dn_column_sum8), then the n bias gradients. */
+static inline __attribute__((always_inline)) void dn_wide_gradients_group(const dn_v8u* hk, const dn_v8f* dz,
+                                                                          float* gk, const int w, const int first,
+                                                                          const int jb, const int n) {
+    dn_v8f r[8], t[8];
+    DN_UNROLL_FULL
+    for (int j = 0; j < 8; j++) r[j] = j < n ? dz[jb + j] : dn_splat(0.0f);
+    dn_transpose8x8(r, t);
+    for (int i = 0; i < w; i++)
+        dn_add_entries(gk + i * w + jb, dn_column_sum8((const float*)(hk + i), t), n, first);
+    dn_add_entries(gk + w * w + jb, dn_column_sum8_plain(t), n, first);
+}
+/* The layer's gradient row [dW (i, j) | db] into gk (started when `first`), from the layer inputs hk
+   and dz. */
 static inline __attribute__((always_inline)) void dn_wide_gradients(const dn_v8u* hk, const dn_v8f* dz, dn_v8u* gk,
                                                                     const int w, const int first) {
-    for (int jb = 0; jb < w; jb += 8) {
-        dn_v8f t[8];
-        dn_transpose8x8(dz + jb, t);
-        for (int i = 0; i < w; i++) {
-            const int q = (i * w + jb) / 8;
-            const dn_v8f sum = dn_column_sum8((const float*)(hk + i), t);
-            gk[q] = first ? sum : gk[q] + sum;
-        }
-        const int qb = (w * w + jb) / 8;
-        const dn_v8f bsum = dn_column_sum8_plain(t);
-        gk[qb] = first ? bsum : gk[qb] + bsum;
-    }
+    float* row = (float*)gk;
+    int jb = 0;
+    for (; jb + 8 <= w; jb += 8) dn_wide_gradients_group(hk, dz, row, w, first, jb, 8);
+    DN_LAST_GROUP(w - jb, dn_wide_gradients_group, hk, dz, row, w, first, jb);
 }
 
 /* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 8, one
