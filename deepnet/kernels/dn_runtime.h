@@ -213,10 +213,10 @@ static inline __attribute__((always_inline)) dn_v8f dn_reduce8x8(const dn_v8f* v
     return dn_reduce_pairs(e, 4);
 }
 
-/* Wide layers (width a multiple of 8, from 16) sum a layer's weight gradients down the columns
-   instead: with dz transposed (t[s] = dz_j(s) for 8 neighbouring j), the products of sample s for 8
-   gradients dW[i][j..j+7] are one vector, x[s] t[s], and the 8 samples' products are added in the
-   tree dn_reduce8x8 uses, ((p0 + p2) + (p1 + p3)) + ((p4 + p6) + (p5 + p7)): the same sums bit for
+/* Wide layers (the specialised widths 16 and 32, and every width from 8 in the any-width loops) sum a
+   layer's weight gradients down the columns instead: with dz transposed (t[s] = dz_j(s) for 8
+   neighbouring j), the products of sample s for 8 gradients dW[i][j..j+7] are one vector, x[s] t[s],
+   and the 8 samples' products are added in the tree dn_reduce8x8 uses, ((p0 + p2) + (p1 + p3)) + ((p4 + p6) + (p5 + p7)): the same sums bit for
    bit, without a shuffle per gradient. DN_ROUNDED keeps each product rounded on its own (a compiler
    that contracts a * b + c would otherwise fuse it into the add, as the shuffles prevent it doing in
    dn_reduce8x8). */
