@@ -274,7 +274,7 @@ static void dn_segments_run(dn_job* J, int side) {
     float* G = J->grad[side];
     float* scratch = J->scratch[side];
     const Py_ssize_t ahead = J->n_blocks < 2 ? J->n_blocks : 2;
-    const int two_pass = J->carry != NULL && DN_TWO_PASS_WIDTH(J->w) && J->n_blocks <= ahead;
+    const int two_pass = J->carry != NULL && J->n_blocks <= ahead;
     for (Py_ssize_t u = side; u < J->n_seg; u += 2) {
         for (Py_ssize_t b = 0; b < ahead; b++) dn_recompute_unit(J, u, b, 2 * side + (int)b, scratch);
         dn_wait_at_least(J, &J->produced, u);   /* g has come down through the units above */
@@ -328,7 +328,7 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     dn_job J;
     int done = 0;
     J.recompute = recompute; J.backprop = backprop; J.fused = dn_fuse ? fused : NULL;
-    J.carry = dn_two_pass && update != NULL ? carry : NULL; J.update = update;
+    J.carry = dn_two_pass && DN_TWO_PASS_WIDTH(w) ? carry : NULL; J.update = update;
     J.params = params; J.n_layers = n_layers; J.saves = saves; J.save_every = save_every;
     J.g = g; J.w = w; J.B = B; J.unit = unit; J.row = w * w + w;
     J.alpha = alpha; J.lr = lr;

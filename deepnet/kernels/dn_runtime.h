@@ -213,7 +213,7 @@ static inline __attribute__((always_inline)) dn_v8f dn_reduce8x8(const dn_v8f* v
     return dn_reduce_pairs(e, 4);
 }
 
-/* Wide layers (the specialised widths 16 and 32, and every width from 8 in the any-width loops) sum a
+/* Wide layers (the specialised widths 16 and 32, and every width in the any-width loops) sum a
    layer's weight gradients down the columns instead: with dz transposed (t[s] = dz_j(s) for 8
    neighbouring j), the products of sample s for 8 gradients dW[i][j..j+7] are one vector, x[s] t[s],
    and the 8 samples' products are added in the tree dn_reduce8x8 uses, ((p0 + p2) + (p1 + p3)) + ((p4 + p6) + (p5 + p7)): the same sums bit for
@@ -266,8 +266,8 @@ static inline __attribute__((always_inline)) void dn_transpose8x8(const dn_v8f* 
 #endif
 }
 
-/* The three w*w loops of a wide layer (w from 8; the specialised widths 16 and 32 call these with w a
-   constant, the any-width loops with w known at run time). A compiler keeps an array of w accumulators
+/* The three w*w loops of a wide layer (the specialised widths 16 and 32 call these with w a constant,
+   the any-width loops, widths from 9, with w known at run time). A compiler keeps an array of w accumulators
    in memory, so every FMA would load and store its sum: these hold the sums of a group of 8 units (the
    last group of a width that is not a multiple of 8: fewer) in registers through all the inputs
    instead, each sum in the same order as one unit at a time. */
@@ -541,7 +541,8 @@ typedef struct {
     dn_recompute_fn recompute_block;    /* batch >= DN_BLOCKED_MIN_BATCH: blocks of DN_BACKWARD_BLOCK */
     dn_backprop_fn backprop_block;
     dn_fused_fn fused_block;            /* NULL: this width recomputes, then back-propagates */
-    dn_carry_fn carry_block;            /* the same back-propagation in two passes (dn_driver.h) */
+    dn_carry_fn carry_block;            /* the same back-propagation in two passes (dn_driver.h; NULL: not
+                                           compiled for this width) */
     dn_update_fn update_block;
     dn_recompute_fn recompute_sample;   /* smaller batches: one sample at a time */
     dn_backprop_fn backprop_sample;
