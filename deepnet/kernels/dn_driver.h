@@ -54,8 +54,8 @@
 #define DN_THREAD_MIN_WORK 2000000.0
 /* The widths whose segments split back-propagates in two passes: multiples of 8 from 8, where a
    layer's back-propagation costs ~1.5x its recomputation or more, so g's serial path is worth
-   shortening; at width 4 the two cost about the same, and the any-width loops of other widths (12)
-   ran slower in two passes (bench/README.md). */
+   shortening; at width 4 the two cost about the same, and at widths 10-20 that are not multiples of 8
+   two passes gained nothing clear (bench/README.md). */
 #define DN_TWO_PASS_WIDTH(w) ((w) >= 8 && (w) % 8 == 0)
 
 typedef struct {
