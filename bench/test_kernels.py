@@ -95,13 +95,14 @@ def test_backward_blocks(benchmark, block, threads, split, batch):
 
 
 @pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
-@pytest.mark.parametrize("width,block,layers", [(8, 16, 50_000), (8, 8, 50_000), (16, 8, 20_000), (24, 8, 8_000),
-                                                (32, 8, 5_000)],
-                         ids=["w8-b16", "w8-b8", "w16-b8", "w24-b8", "w32-b8"])
+@pytest.mark.parametrize("width,block,layers", [(4, 16, 200_000), (8, 16, 50_000), (8, 8, 50_000), (16, 8, 20_000),
+                                                (24, 8, 8_000), (32, 8, 5_000)],
+                         ids=["w4-b16", "w8-b16", "w8-b8", "w16-b8", "w24-b8", "w32-b8"])
 def test_backward_two_pass(benchmark, width, block, layers, two_pass):
-    """The segments split of widths 8-32 (softsign, batch 16, two threads; 24 in the any-width loops)
-    back-propagating in one pass or in two (g carried down and handed on first, then the weight gradients), the same results bit
-    for bit. Same run, same chunk, so the rows compare."""
+    """The segments split of widths 4-32 (softsign, batch 16, two threads; 24 in the any-width loops)
+    back-propagating in one pass or in two (g carried down and handed on first, then the weight
+    gradients; at width 4 in one 16-sample block with two segments recomputed in one loop before), the
+    same results bit for bit. Same run, same chunk, so the rows compare."""
     w = _workload("softsign", width, 16, layers)
     if block not in w.kernels.backward_blocks(width):
         pytest.skip("this build has no 16-lane layout")

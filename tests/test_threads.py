@@ -101,13 +101,15 @@ def test_fused_backward_equals_recomputing_then_back_propagating(module, activat
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("activation", ["softsign", "relu"])
 @pytest.mark.parametrize("width,batch", [(8, 16), (8, 12), (8, 32), (8, 40), (16, 16), (16, 8), (32, 13), (24, 16),
-                                         (12, 16), (4, 16), (6, 16)])
+                                         (12, 16), (4, 16), (4, 12), (4, 24), (2, 16), (6, 16)])
 def test_two_pass_backward_equals_one_pass(module, activation, width, batch):
     """Under the segments split, layers of widths 8, 16, 24, 32, ... carry g down a segment first and
-    make the weight gradients after handing it on: the weights and g come out bit for bit as with one
+    make the weight gradients after handing it on, and widths 2 and 4 in one 16-sample block recompute
+    two segments in one loop before doing the same: the weights and g come out bit for bit as with one
     pass, in blocks of 8 and of 16, with partial blocks (batch 12, 13), with more blocks than a thread
-    holds at once (batch 40: one pass), a last segment shorter than the rest, in the any-width loops
-    (24), and at widths that stay in one pass (4, 6, 12)."""
+    holds at once (batch 40: one pass), a last segment shorter than the rest (paired with a full one),
+    an odd number of segments, in the any-width loops (24), and at widths and batches that stay in one
+    pass (4 in two blocks, 6, 12)."""
     save_every = 48
     kernels, params, saves, alpha, g0 = recorded_chunk(module, activation, width, batch, save_every, 400,
                                                        [width, batch, len(activation), 2])

@@ -34,6 +34,11 @@
    recomputation), where the side holds all of a segment's blocks at once, a side carries g down
    its segment first, hands it on, and only then makes and applies the weight gradients: the serial
    path is g's own arithmetic, and the call takes about half of all the work per segment instead.
+   At the narrow widths whose 16-sample layout has a paired recomputation (recompute2, widths 2 and
+   4) a batch of one block goes the same way, each side recomputing two of its segments in one loop
+   first (dn_segments_run_paired): one narrow recomputation is a dependency chain, two fill each
+   other's gaps, and the short serial path keeps the split steady when the host slows the cores'
+   traffic (bench/README.md).
 
    The thread that applies a segment's updates then checks that its rows are finite, while they are
    still in its cache (the numerical guard's check of the new weights, without a pass over the chunk
@@ -52,10 +57,11 @@
 /* Multiply-adds (layers x row x batch) of one call from which a second thread is started: a
    thread's start-up costs ~20 us. */
 #define DN_THREAD_MIN_WORK 2000000.0
-/* The widths whose segments split back-propagates in two passes: multiples of 8 from 8, where a
-   layer's back-propagation costs ~1.5x its recomputation or more, so g's serial path is worth
-   shortening; at width 4 the two cost about the same, and at widths 10-20 that are not multiples of 8
-   two passes gained nothing clear (bench/README.md). */
+/* The widths whose segments split back-propagates in two passes on their own: multiples of 8 from 8,
+   where a layer's back-propagation costs ~1.5x its recomputation or more, so g's serial path is worth
+   shortening; at width 4 the two cost about the same (two passes alone were slower there, with the
+   paired recomputation not: dn_backward_run), and at widths 10-20 that are not multiples of 8 two
+   passes gained nothing clear (bench/README.md). */
 #define DN_TWO_PASS_WIDTH(w) ((w) >= 8 && (w) % 8 == 0)
 
 typedef struct {
@@ -64,6 +70,7 @@ typedef struct {
     dn_fused_fn fused;               /* NULL: recompute, then back-propagate, one after the other */
     dn_carry_fn carry;               /* NULL: the segments split back-propagates in one pass */
     dn_update_fn update;
+    dn_recompute2_fn recompute2;     /* non-NULL: the segments split recomputes two segments at once */
     float* params; Py_ssize_t n_layers; const float* saves; Py_ssize_t save_every;
     float* g; Py_ssize_t w, B, unit, n_seg, n_blocks, row;
     float alpha, lr;
@@ -267,31 +274,65 @@ static int dn_backward_halves(dn_job* J) {
 
 /* ---- two threads, segments in turn ---- */
 
+/* Unit u's back-propagation in two passes, all its blocks recomputed (block b in buffer set set0 + b):
+   once g has come down, carry it through every block and hand it on, then make and apply the weight
+   gradients. */
+static void dn_two_pass_unit(dn_job* J, Py_ssize_t u, int set0, float* G, float* scratch) {
+    Py_ssize_t seg, start, n;
+    dn_segment(J, u, &seg, &start, &n);
+    float* p = J->params + start * J->row;
+    dn_wait_at_least(J, &J->produced, u);
+    for (Py_ssize_t b = 0; b < J->n_blocks; b++)
+        J->carry(p, n, J->g, J->w, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[set0 + b], scratch);
+    dn_publish(J, &J->produced, u + 1);
+    for (Py_ssize_t b = 0; b < J->n_blocks; b++)
+        J->update(p, n, J->w, dn_block_samples(J, b), J->hbuf[set0 + b], J->dbuf[set0 + b], G, scratch, J->lr,
+                  b == 0, b == J->n_blocks - 1);
+    dn_check_updated(J, u);
+}
+
+/* The segments split of a batch of one block at the narrow widths (J->recompute2): a side recomputes
+   two of its units (u, u + 2) in one loop, into its two buffer sets, then back-propagates each in two
+   passes. One narrow layer's recomputation is a chain that leaves the core idle a third of the time;
+   two chains fill it, and only g's own arithmetic (the carry) runs in series across the cores. */
+static void dn_segments_run_paired(dn_job* J, int side) {
+    float* G = J->grad[side];
+    float* scratch = J->scratch[side];
+    for (Py_ssize_t u = side; u < J->n_seg; u += 4) {
+        Py_ssize_t seg, start, n, seg2, start2, n2;
+        const int pair = u + 2 < J->n_seg;
+        if (pair) {
+            dn_segment(J, u, &seg, &start, &n);
+            dn_segment(J, u + 2, &seg2, &start2, &n2);
+            J->recompute2(J->params + start * J->row, n, J->saves + seg * J->w * J->B, J->hbuf[2 * side],
+                          J->dbuf[2 * side], J->params + start2 * J->row, n2, J->saves + seg2 * J->w * J->B,
+                          J->hbuf[2 * side + 1], J->dbuf[2 * side + 1], J->w, J->B, 0, J->B, J->alpha);
+        } else
+            dn_recompute_unit(J, u, 0, 2 * side, scratch);
+        dn_two_pass_unit(J, u, 2 * side, G, scratch);
+        if (pair) dn_two_pass_unit(J, u + 2, 2 * side + 1, G, scratch);
+    }
+}
+
 /* Side 0 takes units 0, 2, 4, ..., side 1 units 1, 3, ...: a unit's blocks (as many as the side's two
    buffer sets hold) are recomputed before its g is awaited, the rest as they come. `produced` counts
    the units g has passed. */
 static void dn_segments_run(dn_job* J, int side) {
+    if (J->recompute2 != NULL) {
+        dn_segments_run_paired(J, side);
+        return;
+    }
     float* G = J->grad[side];
     float* scratch = J->scratch[side];
     const Py_ssize_t ahead = J->n_blocks < 2 ? J->n_blocks : 2;
     const int two_pass = J->carry != NULL && J->n_blocks <= ahead;
     for (Py_ssize_t u = side; u < J->n_seg; u += 2) {
         for (Py_ssize_t b = 0; b < ahead; b++) dn_recompute_unit(J, u, b, 2 * side + (int)b, scratch);
-        dn_wait_at_least(J, &J->produced, u);   /* g has come down through the units above */
         if (two_pass) {
-            Py_ssize_t seg, start, n;
-            dn_segment(J, u, &seg, &start, &n);
-            float* p = J->params + start * J->row;
-            for (Py_ssize_t b = 0; b < J->n_blocks; b++)
-                J->carry(p, n, J->g, J->w, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[2 * side + (int)b],
-                         scratch);
-            dn_publish(J, &J->produced, u + 1);
-            for (Py_ssize_t b = 0; b < J->n_blocks; b++)
-                J->update(p, n, J->w, dn_block_samples(J, b), J->hbuf[2 * side + (int)b], J->dbuf[2 * side + (int)b],
-                          G, scratch, J->lr, b == 0, b == J->n_blocks - 1);
-            dn_check_updated(J, u);
+            dn_two_pass_unit(J, u, 2 * side, G, scratch);
             continue;
         }
+        dn_wait_at_least(J, &J->produced, u);   /* g has come down through the units above */
         for (Py_ssize_t b = 0; b < J->n_blocks; b++) {
             const int set = 2 * side + (int)(b % 2);
             if (b >= ahead) dn_recompute_unit(J, u, b, set, scratch);
@@ -320,7 +361,7 @@ static int dn_backward_segments(dn_job* J) {
    buffers of save_every * gstride floats, scratch two scratch areas of scratch_floats. Two threads
    split the work by blocks (halves) or, with by_segments or a batch of one block, by segments. */
 static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, dn_fused_fn fused, dn_carry_fn carry,
-                           dn_update_fn update, Py_ssize_t unit,
+                           dn_update_fn update, dn_recompute2_fn recompute2, Py_ssize_t unit,
                            float* params, Py_ssize_t n_layers, const float* saves, Py_ssize_t save_every,
                            float* g, Py_ssize_t w, Py_ssize_t B, float alpha, float lr, float* hbuf,
                            float* dbuf, Py_ssize_t set_floats, float* grad, Py_ssize_t gstride,
@@ -328,12 +369,16 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     dn_job J;
     int done = 0;
     J.recompute = recompute; J.backprop = backprop; J.fused = dn_fuse ? fused : NULL;
-    J.carry = dn_two_pass && DN_TWO_PASS_WIDTH(w) ? carry : NULL; J.update = update;
     J.params = params; J.n_layers = n_layers; J.saves = saves; J.save_every = save_every;
     J.g = g; J.w = w; J.B = B; J.unit = unit; J.row = w * w + w;
     J.alpha = alpha; J.lr = lr;
     J.n_seg = (n_layers + save_every - 1) / save_every;
     J.n_blocks = (B + unit - 1) / unit;
+    /* two passes at the widths that gain by them alone, and with two recomputations at once where the
+       width has that loop and the batch is one block */
+    J.recompute2 = dn_two_pass && J.n_blocks == 1 ? recompute2 : NULL;
+    J.carry = dn_two_pass && (DN_TWO_PASS_WIDTH(w) || J.recompute2 != NULL) ? carry : NULL; J.update = update;
+    if (J.carry == NULL) J.recompute2 = NULL;
     for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run, dn_segments_run) */
         J.hbuf[k] = hbuf + k * set_floats;
         J.dbuf[k] = dbuf + k * set_floats;
@@ -378,16 +423,16 @@ static int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, c
                         Py_ssize_t scratch_floats, int threads, int block, int by_segments) {
     if (B >= DN_BLOCKED_MIN_BATCH && block == DN_BACKWARD_BLOCK16 && k->recompute_block16 != NULL)
         return dn_backward_run(k->recompute_block16, k->backprop_block16, k->fused_block16, k->carry_block16,
-                               k->update_block16, DN_BACKWARD_BLOCK16,
+                               k->update_block16, k->recompute2_block16, DN_BACKWARD_BLOCK16,
                                params, n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats,
                                grad, dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else if (B >= DN_BLOCKED_MIN_BATCH)
         return dn_backward_run(k->recompute_block, k->backprop_block, k->fused_block, k->carry_block,
-                               k->update_block, DN_BACKWARD_BLOCK, params,
+                               k->update_block, NULL, DN_BACKWARD_BLOCK, params,
                                n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
                                dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else
-        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, NULL, NULL, 1, params, n_layers, saves,
+        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, NULL, NULL, NULL, 1, params, n_layers, saves,
                                save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
                                scratch, scratch_floats, threads, by_segments);
 }

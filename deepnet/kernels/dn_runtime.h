@@ -534,6 +534,12 @@ typedef void (*dn_carry_fn)(const float* params, Py_ssize_t seg_n, float* g, Py_
                             Py_ssize_t s0, Py_ssize_t nb, float* dbuf, float* scratch);
 typedef void (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t w, Py_ssize_t nb, const float* hbuf,
                              const float* dbuf, float* grad, float* scratch, float lr, int first, int last);
+/* Two recomputations (of the same block through two segments, a and b) in one loop: each is one
+   dependency chain a layer long, and one chain leaves the core idle part of the time (dn_driver.h). */
+typedef void (*dn_recompute2_fn)(const float* params_a, Py_ssize_t n_a, const float* sv_a, float* hbuf_a,
+                                 float* dbuf_a, const float* params_b, Py_ssize_t n_b, const float* sv_b,
+                                 float* hbuf_b, float* dbuf_b, Py_ssize_t w, Py_ssize_t B, Py_ssize_t s0,
+                                 Py_ssize_t nb, float alpha);
 
 /* The loops of one (activation, width variant). */
 typedef struct {
@@ -553,6 +559,7 @@ typedef struct {
     dn_fused_fn fused_block16;
     dn_carry_fn carry_block16;
     dn_update_fn update_block16;
+    dn_recompute2_fn recompute2_block16;    /* NULL: not compiled for this width */
 } dn_kernel;
 
 /* A module's loops: kernels[a * (n_widths + 1) + v] for activation a and variant v, where variant v <
@@ -571,7 +578,7 @@ typedef struct {
     const char* const* derivative_c;
 } dn_kernel_table;
 
-#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v3"
+#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v4"
 
 /* The loops of activation `act` for width w: its own variant if it has one, else the any-width one. */
 static inline const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w) {
