@@ -293,8 +293,8 @@ static void dn_two_pass_unit(dn_job* J, Py_ssize_t u, int set0, float* G, float*
 
 /* The segments split of a batch of one block at the narrow widths (J->recompute2): a side recomputes
    two of its units (u, u + 2) in one loop, into its two buffer sets, then back-propagates each in two
-   passes. One narrow layer's recomputation is a chain that leaves the core idle a third of the time;
-   two chains fill it, and only g's own arithmetic (the carry) runs in series across the cores. */
+   passes. One narrow layer's recomputation is a chain that leaves the core idle about a quarter of
+   the time; two chains fill it, and only g's own arithmetic (the carry) runs in series across the cores. */
 static void dn_segments_run_paired(dn_job* J, int side) {
     float* G = J->grad[side];
     float* scratch = J->scratch[side];
@@ -376,9 +376,9 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     J.n_blocks = (B + unit - 1) / unit;
     /* two passes at the widths that gain by them alone, and with two recomputations at once where the
        width has that loop and the batch is one block */
-    J.recompute2 = dn_two_pass && J.n_blocks == 1 ? recompute2 : NULL;
-    J.carry = dn_two_pass && (DN_TWO_PASS_WIDTH(w) || J.recompute2 != NULL) ? carry : NULL; J.update = update;
-    if (J.carry == NULL) J.recompute2 = NULL;
+    const int paired = dn_two_pass && J.n_blocks == 1 && recompute2 != NULL && carry != NULL;
+    J.carry = dn_two_pass && (DN_TWO_PASS_WIDTH(w) || paired) ? carry : NULL; J.update = update;
+    J.recompute2 = paired ? recompute2 : NULL;
     for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run, dn_segments_run) */
         J.hbuf[k] = hbuf + k * set_floats;
         J.dbuf[k] = dbuf + k * set_floats;
