@@ -1,7 +1,7 @@
 /* How often this CPU's divider accepts a packed single-precision division (vdivps), in cycles, for 8-lane
-   (ymm) and, where the compiler targets AVX-512, 16-lane (zmm) vectors; and the clock, from a chain of
-   dependent integer adds (one a cycle). bench/floor.py compiles it with -march=native and reads its one
-   line: "clock_ghz C div8_cycles D8 [div16_cycles D16]".
+   (ymm) and, where the compiler targets AVX-512, 16-lane (zmm) vectors; and the clock (probe_clock.h).
+   bench/floor.py compiles it with -march=native and reads its one line:
+   "clock_ghz C div8_cycles D8 [div16_cycles D16]".
 
    Eight independent chains q = d / q (each value stays normal: it alternates between two numbers) keep
    the divider busy, since a division's latency (~10 cycles) is shorter than eight issues. The empty asm
@@ -9,24 +9,11 @@
    (the fastest clock, the shortest time a division): a shared machine only ever makes a run slower. */
 #include <immintrin.h>
 #include <stdio.h>
-#include <time.h>
+
+#include "probe_clock.h"
 
 #define ITERATIONS 20000000L
 #define REPETITIONS 5
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static double clock_hz(void) {
-    long x = 0;
-    double t0 = now();
-    for (long i = 0; i < ITERATIONS; i++)
-        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
-    return 4.0 * ITERATIONS / (now() - t0);
-}
 
 #define CHAINS(OP, R) \
     q0 = OP(d, q0); q1 = OP(d, q1); q2 = OP(d, q2); q3 = OP(d, q3); \
