@@ -129,7 +129,7 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         head_lr: SGD learning rate of the input and output heads (default 0.05, or the model's last).
         chunk_layers: layers per kernel call and per read from the file (does not change results);
             lengthened for deep models to at most 1000 chunks a pass, up to 64 MiB each (1B layers at
-            width 2: 1M-layer chunks). A streamed core larger than 1/16 of the RAM is read and
+            width 2: 1M-layer chunks); in RAM (--in-memory) at least 1M. A streamed core larger than 1/16 of the RAM is read and
             written with its pages released from the page cache (memory bounded whatever the depth).
         train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
         report_every: print a report every N steps (figures are means over those steps).
@@ -245,7 +245,7 @@ def evaluate(model: PathLike = "model.h5", *, test_samples: int | None = None, b
         test_samples: evaluate the first N test samples (default all).
         batch: images per forward pass (default 1024 for a dense model, 1000 for an MLP).
         chunk_layers: layers per kernel call and per read from the file (dense); lengthened for deep
-            models to at most 1000 chunks a pass, up to 64 MiB each.
+            models to at most 1000 chunks a pass, up to 64 MiB each; in RAM at least 1M.
         in_memory: load the core weights into RAM first (dense).
         use_ema: evaluate the weight average stored by training with --ema (dense; read into RAM).
         section: a model trained with --mode mach: evaluate the stack of sections 0..K with section K's
@@ -313,7 +313,7 @@ def speedrun(model: PathLike | None = None, *, target_acc: float = _SR.target_ac
         max_steps: give up after this many steps.
         seed: seed of the weights and minibatches.
         in_memory: hold the core in RAM (default; --noin-memory streams it from the file).
-        chunk_layers: layers per kernel call.
+        chunk_layers: layers per kernel call (in RAM at least 1M).
         test_samples: test images of the final evaluation (default all).
         report_every: a table row every N steps.
         data: the training data: mnist, idx:DIR or npz:FILE (see train).
@@ -373,7 +373,7 @@ def bench(*, layers: int = 10_000_000, width: int = 4, activation: str = "softsi
         steps: timed steps (after the warm-up steps, reported apart); the median is reported.
         streamed: stream the weights from the file instead of holding them in RAM.
         chunk_layers: layers per kernel call and per read (lengthened for deep models to at most 1000
-            chunks a pass, up to 64 MiB each).
+            chunks a pass, up to 64 MiB each; in RAM at least 1M).
         eval_samples: also time forward-only evaluation of this many test images (0: skip).
         eval_batch: images per evaluation forward pass.
         workdir: directory for the temporary model (default: the system temp dir).

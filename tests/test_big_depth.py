@@ -45,6 +45,18 @@ def test_chunk_length_for_a_billion_layers_at_width_2():
         assert n == 1_000 or 4 * row * n <= engine_mod.MAX_CHUNK_BYTES
 
 
+def test_chunks_in_ram_cover_a_million_layers_or_the_whole_core():
+    """In RAM a chunk is a view, so a kernel call covers at least IN_MEMORY_CHUNK_LAYERS whatever is asked
+    (each backward call costs its threads' start and finish); a store that reads chunks keeps the ask."""
+    kernels = kernels_for("softsign", 2)
+    in_ram = stores.InMemoryStore(np.zeros((3_000_000, 6), np.float32))
+    assert CoreEngine(in_ram, kernels, 2, 1e-3, 100_000, threads=1).chunk_layers == stores.IN_MEMORY_CHUNK_LAYERS
+    assert CoreEngine(in_ram, kernels, 2, 1e-3, 2_500_000, threads=1).chunk_layers == 2_500_000
+    small = CoreEngine(stores.InMemoryStore(np.zeros((200, 6), np.float32)), kernels, 2, 1e-3, 50, threads=1)
+    assert small.chunk_layers == 200 and small._bounds == [(0, 200)]
+    assert CoreEngine(Shape(3_000_000, 2), kernels, 2, 1e-3, 100_000, threads=1).chunk_layers == 100_000
+
+
 def test_engine_memory_at_a_billion_layers_is_bounded():
     kernels = kernels_for("softsign", 2)
     engine = CoreEngine(Shape(BILLION, 2), kernels, 2, 1e-3, 100_000, threads=2)

@@ -7,8 +7,9 @@ them, so all modes give bit-identical results. How many threads a pass runs on i
 Checkpointing: the forward pass saves the state h every ``save_every`` layers (a few hundred, chosen so a
 segment's recomputed activations fit in this CPU's L2 cache, read at run time). The backward pass recomputes one segment at a time
 from its saved state and back-propagates through it. ``chunk_layers`` only sets how many layers one
-kernel call (and one read from the file) covers; the saved states depend on it only in where they
-sit, and recomputation is bit-identical to the forward pass, so results do not depend on it.
+kernel call (and one read from the file) covers, at least the store's ``min_chunk_layers`` (1M in RAM);
+the saved states depend on it only in where they sit, and recomputation is bit-identical to the
+forward pass, so results do not depend on it.
 
 Threads: the forward pass splits its batch columns (they are independent). The backward pass's
 threads either share the batch's blocks (each core half of them, the second one segment behind the
@@ -86,7 +87,8 @@ class CoreEngine:
         self.kernels = kernels
         self.width = width
         self.alpha = float(alpha)
-        self.chunk_layers = choose_chunk_layers(chunk_layers, store.layers, store.row_size)
+        self.chunk_layers = choose_chunk_layers(max(chunk_layers, store.min_chunk_layers), store.layers,
+                                                store.row_size)
         self._bounds = store.bounds(self.chunk_layers)
         self._saves: np.ndarray | None = None
         self._save_offsets: list[int] = []

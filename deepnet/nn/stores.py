@@ -29,6 +29,9 @@ class WeightStore:
     #: Whether the chunks a pass yields stay valid together (views of the weights), so threads may each
     #: run their share of the batch through all of them; a store that reuses buffers is False.
     random_access = False
+    #: Layers a chunk (one kernel call) covers at least, whatever is asked: a store that reads and
+    #: writes chunks takes the requested length, which sets its buffers and what one write-back covers.
+    min_chunk_layers = 1
 
     def bounds(self, chunk_layers: int) -> list[tuple[int, int]]:
         """(start, stop) of the chunks, first to last: one kernel call each."""
@@ -56,10 +59,17 @@ def chunk_bounds(layers: int, chunk_layers: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_layers, layers)) for s in range(0, layers, chunk_layers)]
 
 
+#: Layers an in-memory chunk covers at least: its chunks are views, so a longer one costs no memory, while
+#: each backward call costs its two threads' start and finish (~80 us: 2-3% of the 10M-layer step at
+#: 100k-layer chunks, bench/README.md).
+IN_MEMORY_CHUNK_LAYERS = 1_000_000
+
+
 class InMemoryStore(WeightStore):
     """All core weights in one array in RAM; chunks are views, updated in place."""
 
     random_access = True
+    min_chunk_layers = IN_MEMORY_CHUNK_LAYERS
 
     def __init__(self, weights: np.ndarray) -> None:
         if weights.dtype != np.float32 or weights.ndim != 2 or not weights.flags.c_contiguous:
