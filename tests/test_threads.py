@@ -254,6 +254,29 @@ def test_thread_choice_is_not_decided_by_one_slow_pass():
     assert picks[5:] == [2] * 15   # its other trial (0.3 s) outweighs the spike
 
 
+def test_a_slower_machine_does_not_send_the_choice_back_to_old_times():
+    """The backward's choice once ran a 5x slower option three passes in a row after the host slowed
+    down: that option's times from before still beat the chosen one's times from then. Old times
+    count only until fresher ones exist: one pass of the other option, then the fresh times decide."""
+    from deepnet.nn.threads import MeasuredChoice
+
+    choice = MeasuredChoice(["segments", "blocks"])
+    seconds = {"segments": 0.16, "blocks": 0.18}
+    for _ in range(12):
+        option = choice.pick()
+        choice.record(option, seconds[option])
+    assert choice.pick() == "segments"
+    seconds = {"segments": 0.21, "blocks": 1.4}     # the host slows both, the blocks split far more
+    picks = []
+    for _ in range(40):
+        option = choice.pick()
+        picks.append(option)
+        choice.record(option, seconds[option])
+    runs = [i for i, option in enumerate(picks) if option == "blocks"]
+    assert runs[0] < 5 and all(later - earlier >= 4 for earlier, later in zip(runs, runs[1:]))
+    assert len(runs) <= 3 and picks[-1] == "segments"    # the rest are the re-checks due anyway
+
+
 def test_thread_choice_is_settled_after_its_trials():
     from deepnet.nn.threads import ThreadChoice
 

@@ -41,19 +41,24 @@ class MeasuredChoice:
     re-check that confirms the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``),
     so a much slower option costs little. An option's speed is the best of its last ``KEEP`` passes: on
     a shared machine a pass is only ever slowed by others, so one unlucky pass does not decide the
-    choice for long.
+    choice for long. Those passes count only while they are fresh (among the choice's last
+    ``STALE_AFTER`` passes, which hold the chosen option's last ``KEEP`` even across a re-check), else
+    the option's latest pass alone: when the machine slows down, an option's times from before do not
+    outweigh the chosen one's times from now (they once sent the backward to a 5x slower option for
+    three passes in a row, bench/README.md); one pass of it gives its time from now.
     """
 
     RECHECK_EVERY = 16
     MAX_RECHECK_EVERY = 256
     KEEP = 3
     TRIALS = 2   # passes of each option before the first choice
+    STALE_AFTER = KEEP + 1
 
     def __init__(self, options: Sequence[Hashable]) -> None:
         if not options:
             raise ValueError("a choice needs at least one option")
         self.options = tuple(dict.fromkeys(options))
-        self._seconds: dict[Hashable, list[float]] = {}   # option -> seconds of its last KEEP passes
+        self._seconds: dict[Hashable, list[tuple[int, float]]] = {}   # option -> (pass, seconds), last KEEP
         self._last_run: dict[Hashable, int] = {}          # option -> the count of passes when it last ran
         self._passes = 0
         self._warmed_up = False
@@ -68,8 +73,14 @@ class MeasuredChoice:
         return (self._warmed_up and len(self._seconds) == len(self.options)
                 and min(len(seconds) for seconds in self._seconds.values()) >= self.TRIALS)
 
+    def _speed(self, option: Hashable) -> float:
+        """The best of the option's fresh passes, else its latest pass."""
+        kept = self._seconds[option]
+        fresh = [seconds for done, seconds in kept if done > self._passes - self.STALE_AFTER]
+        return min(fresh) if fresh else kept[-1][1]
+
     def _best(self) -> Hashable:
-        return min(self._seconds, key=lambda option: min(self._seconds[option]))
+        return min(self._seconds, key=self._speed)
 
     def pick(self) -> Hashable:
         """The option for the next pass."""
@@ -95,7 +106,7 @@ class MeasuredChoice:
             return
         trials = not self.settled
         rechecked = not trials and option != self._best()
-        self._seconds[option] = (self._seconds.get(option, []) + [seconds])[-self.KEEP:]
+        self._seconds[option] = (self._seconds.get(option, []) + [(self._passes, seconds)])[-self.KEEP:]
         if rechecked:
             confirmed = option != self._best()
             self._interval = min(2 * self._interval, self.MAX_RECHECK_EVERY) if confirmed else self.RECHECK_EVERY
