@@ -129,8 +129,9 @@ def train(model: PathLike = "model.h5", *, steps: int | None = None, until_step:
         head_lr: SGD learning rate of the input and output heads (default 0.05, or the model's last).
         chunk_layers: layers per kernel call and per read from the file (does not change results);
             lengthened for deep models to at most 1000 chunks a pass, up to 64 MiB each (1B layers at
-            width 2: 1M-layer chunks); in RAM (--in-memory) at least 1M. A streamed core larger than 1/16 of the RAM is read and
-            written with its pages released from the page cache (memory bounded whatever the depth).
+            width 2: 1M-layer chunks); in RAM (--in-memory) at least 1M. A streamed core larger than
+            1/16 of the RAM is read and written with its pages released from the page cache (memory
+            bounded whatever the depth).
         train_limit: draw minibatches from the first N training images (default 60000, or the model's last).
         report_every: print a report every N steps (figures are means over those steps).
         test_samples: test samples evaluated at the end (default the whole test set; 0 skips it).

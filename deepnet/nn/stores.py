@@ -60,8 +60,7 @@ def chunk_bounds(layers: int, chunk_layers: int) -> list[tuple[int, int]]:
 
 
 #: Layers an in-memory chunk covers at least: its chunks are views, so a longer one costs no memory, while
-#: each backward call costs its two threads' start and finish (~80 us: 2-3% of the 10M-layer step at
-#: 100k-layer chunks, bench/README.md).
+#: each backward call costs its two threads' start and finish (measured in bench/README.md).
 IN_MEMORY_CHUNK_LAYERS = 1_000_000
 
 

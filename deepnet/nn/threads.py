@@ -44,8 +44,8 @@ class MeasuredChoice:
     choice for long. Those passes count only while they are fresh (among the choice's last
     ``STALE_AFTER`` passes, which hold the chosen option's last ``KEEP`` even across a re-check), else
     the option's latest pass alone: when the machine slows down, an option's times from before do not
-    outweigh the chosen one's times from now (they once sent the backward to a 5x slower option for
-    three passes in a row, bench/README.md); one pass of it gives its time from now.
+    outweigh the chosen one's times from now (bench/README.md has the run that showed it); one pass of
+    it gives its time from now.
     """
 
     RECHECK_EVERY = 16
