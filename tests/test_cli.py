@@ -140,6 +140,9 @@ def test_text_output(tmp_path):
     # how much CPU time the hypervisor took meanwhile (not measurable when the steps fit in a clock tick)
     assert re.search(r"cpu stolen +(\d+\.\d% of the machine's CPU time during the timed steps|not measured)",
                      proc.stdout), proc.stdout
+    # each CPU's time at the backward's loops, around the timed steps (one CPU: not measured)
+    assert re.search(r"vCPU probe +(ns a layer of a one-thread backward on each CPU: before the timed steps "
+                     r"[0-9.]+( / [0-9.]+)+, after [0-9.]+( / [0-9.]+)+ |not measured)", proc.stdout), proc.stdout
 
 
 def test_aliases_take_the_original_flag_names(tmp_path):

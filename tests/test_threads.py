@@ -254,6 +254,25 @@ def test_thread_choice_is_not_decided_by_one_slow_pass():
     assert picks[5:] == [2] * 15   # its other trial (0.3 s) outweighs the spike
 
 
+def test_every_trial_counts_with_three_options():
+    """The backward's three options: one unlucky trial of the first does not hand the choice to the last
+    (the trials are all fresh when the first choice is made)."""
+    from deepnet.nn.threads import MeasuredChoice
+
+    choice = MeasuredChoice(["segments", "blocks", "one"])
+    spiked = iter([5.0])
+    picks = []
+    for _ in range(12):
+        option = choice.pick()
+        picks.append(option)
+        seconds = {"segments": 0.16, "blocks": 0.25, "one": 0.28}[option]
+        if option == "segments" and len(picks) == 5:
+            seconds = next(spiked)              # its second trial, slowed by another job
+        choice.record(option, seconds)
+    assert picks[:7] == ["segments", "segments", "blocks", "one", "segments", "blocks", "one"]
+    assert picks[7:] == ["segments"] * 5
+
+
 def test_a_slower_machine_does_not_send_the_choice_back_to_old_times():
     """The backward's choice once ran a 5x slower option three passes in a row after the host slowed
     down: that option's times from before still beat the chosen one's times from then. Old times
@@ -334,6 +353,38 @@ def test_bench_can_fix_the_threads(tmp_path, monkeypatch, threads):
     assert result["step_threads"] == [[threads, threads]] * 3
     chosen = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
     assert chosen["threads"] == "chosen" and len(chosen["warmup_times"]) == CHOSEN_WARMUP_STEPS
+
+
+def test_bench_probes_each_cpu_at_the_backwards_loops(tmp_path, monkeypatch):
+    """The vCPU probe: ns a layer of a one-thread backward on a thread bound to each CPU in turn (on a
+    shared machine one vCPU can run throughput-bound loops far slower than the other); None with one
+    CPU or where threads cannot be bound."""
+    import os
+
+    from deepnet.kernels.loader import kernels_for
+    from deepnet.tools import bench
+
+    kernels = kernels_for("softsign", 4)
+    cpus = sorted(os.sched_getaffinity(0))
+    probe = bench.vcpu_probe(kernels, seconds=0.01)
+    if len(cpus) < 2:
+        assert probe is None
+    else:
+        assert sorted(probe) == cpus and all(0.0 < ns < 1e6 for ns in probe.values())
+        seen = []
+        real = os.sched_setaffinity
+        monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mask: (seen.append(set(mask)), real(pid, mask)))
+        bench.vcpu_probe(kernels, seconds=0.001)
+        assert seen == [{cpu} for cpu in cpus]            # each probe thread bound to one CPU, in turn
+        monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mask: (_ for _ in ()).throw(OSError("no")))
+        assert bench.vcpu_probe(kernels, seconds=0.001) is None
+        assert os.sched_getaffinity(0) == set(cpus)      # the calling thread was never bound
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert bench.vcpu_probe(kernels, seconds=0.001) is None
+    monkeypatch.undo()
+    result = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
+    probed = result["vcpu_probe_ns_per_layer"]
+    assert probed is None if len(cpus) < 2 else sorted(probed["before"]) == sorted(probed["after"]) == cpus
 
 
 def test_bench_reports_the_cpu_time_stolen_during_its_timed_steps(tmp_path, monkeypatch):

@@ -190,6 +190,12 @@ def show_bench(result: dict, args: dict) -> None:
     fields["cpu stolen"] = ("not measured (no steal count from the kernel, or timed steps too short to count)"
                             if stolen is None else f"{100 * stolen:.1f}% of the machine's CPU time during the "
                             "timed steps (run by the hypervisor for others)")
+    probe = result["vcpu_probe_ns_per_layer"]
+    fields["vCPU probe"] = ("not measured (one CPU, or threads cannot be bound to CPUs here)" if probe is None
+                            else "ns a layer of a one-thread backward on each CPU: before the timed steps "
+                            + " / ".join(f"{ns:.2f}" for ns in probe["before"].values()) + ", after "
+                            + " / ".join(f"{ns:.2f}" for ns in probe["after"].values())
+                            + " (a slow CPU slows every pass that shares it)")
     if args["eval_samples"]:
         fields["eval"] = f"{result['eval_images_per_s']:.1f} images/s over {args['eval_samples']} images"
     print_fields(fields)

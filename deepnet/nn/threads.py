@@ -41,9 +41,10 @@ class MeasuredChoice:
     re-check that confirms the choice doubles the wait before the next (up to ``MAX_RECHECK_EVERY``),
     so a much slower option costs little. An option's speed is the best of its last ``KEEP`` passes: on
     a shared machine a pass is only ever slowed by others, so one unlucky pass does not decide the
-    choice for long. Those passes count only while they are fresh (among the choice's last
-    ``STALE_AFTER`` passes, which hold the chosen option's last ``KEEP`` even across a re-check), else
-    the option's latest pass alone: when the machine slows down, an option's times from before do not
+    choice for long. Those passes count only while they are fresh (among the choice's last passes of
+    one round of trials, ``TRIALS`` of each option, or the last ``KEEP`` + 1 if more: every trial
+    counts, and the chosen option's last ``KEEP`` do even across a re-check), else the option's latest
+    pass alone: when the machine slows down, an option's times from before do not
     outweigh the chosen one's times from now (bench/README.md has the run that showed it); one pass of
     it gives its time from now.
     """
@@ -52,12 +53,12 @@ class MeasuredChoice:
     MAX_RECHECK_EVERY = 256
     KEEP = 3
     TRIALS = 2   # passes of each option before the first choice
-    STALE_AFTER = KEEP + 1
 
     def __init__(self, options: Sequence[Hashable]) -> None:
         if not options:
             raise ValueError("a choice needs at least one option")
         self.options = tuple(dict.fromkeys(options))
+        self._fresh_passes = max(self.KEEP, self.TRIALS * len(self.options)) + 1
         self._seconds: dict[Hashable, list[tuple[int, float]]] = {}   # option -> (pass, seconds), last KEEP
         self._last_run: dict[Hashable, int] = {}          # option -> the count of passes when it last ran
         self._passes = 0
@@ -76,7 +77,7 @@ class MeasuredChoice:
     def _speed(self, option: Hashable) -> float:
         """The best of the option's fresh passes, else its latest pass."""
         kept = self._seconds[option]
-        fresh = [seconds for done, seconds in kept if done > self._passes - self.STALE_AFTER]
+        fresh = [seconds for done, seconds in kept if done > self._passes - self._fresh_passes]
         return min(fresh) if fresh else kept[-1][1]
 
     def _best(self) -> Hashable:

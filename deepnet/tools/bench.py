@@ -12,9 +12,12 @@ the threads its passes ran on and the backward's batch block; ``threads`` pins t
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from deepnet.flags import int_at_least, positive
-from deepnet.kernels.loader import build_label
+from deepnet.kernels.loader import LayerKernels, build_label
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.training.recipe import init
 
@@ -71,6 +74,68 @@ def stolen_fraction(before: tuple[int, int] | None, after: tuple[int, int] | Non
     if before is None or after is None or after[1] - before[1] < MIN_STEAL_TICKS:
         return None
     return (after[0] - before[0]) / (after[1] - before[1])
+
+
+#: The vCPU probe's work: a chunk of the reference shape whose segments stay in L2, so it times the core.
+PROBE_LAYERS, PROBE_WIDTH, PROBE_BATCH, PROBE_SAVE_EVERY = 2000, 4, 16, 500
+#: Seconds the probe runs on each vCPU (the best of its calls counts).
+PROBE_SECONDS = 0.05
+
+
+def _best_seconds_pinned(cpu: int, call: Callable[[], None], seconds: float) -> float | None:
+    """The shortest of ``call()``'s runs in ``seconds`` on a thread bound to ``cpu`` (None if it cannot be)."""
+    found: dict[str, float] = {}
+
+    def run() -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})   # Linux: 0 is the calling thread
+        except OSError:
+            return
+        best, end = math.inf, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - started)
+        found["best"] = best
+
+    thread = threading.Thread(target=run, name=f"deepnet-probe-cpu{cpu}")
+    thread.start()
+    thread.join()
+    return found.get("best")
+
+
+def vcpu_probe(kernels: LayerKernels, seconds: float = PROBE_SECONDS) -> dict[int, float] | None:
+    """Each CPU's time at the backward's own throughput-bound loops: nanoseconds a layer of the
+    one-thread backward of ``kernels`` through a small chunk (16 samples), on a thread bound to each CPU
+    in turn, the best of its calls in ``seconds``.
+
+    On a shared virtual machine a vCPU whose physical core another tenant is using runs such loops a
+    quarter slower or more, for seconds at a time, while a chain of dependent instructions (the
+    forward pass) barely notices; two threads that share a pass then run at the slower one's pace
+    (bench/README.md). None with one CPU, or where threads cannot be bound to CPUs (not Linux).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    rng = np.random.default_rng(0)
+    row = PROBE_WIDTH * PROBE_WIDTH + PROBE_WIDTH
+    params = (rng.uniform(-0.5, 0.5, (PROBE_LAYERS, row)) / PROBE_WIDTH).astype(np.float32)
+    saves = np.empty((-(-PROBE_LAYERS // PROBE_SAVE_EVERY), PROBE_WIDTH * PROBE_BATCH), np.float32)
+    kernels.forward(params, rng.standard_normal((PROBE_WIDTH, PROBE_BATCH)).astype(np.float32), 1e-3, saves,
+                    PROBE_SAVE_EVERY)
+    g = np.zeros((PROBE_WIDTH, PROBE_BATCH), np.float32)
+    work = np.empty(kernels.workspace_size(PROBE_WIDTH, PROBE_BATCH, PROBE_SAVE_EVERY), np.float32)
+    block = max(kernels.backward_blocks(PROBE_WIDTH)) if kernels.block16_native else 8
+
+    def call() -> None:   # lr 0 and g 0: the weights never change, so every call does the same work
+        kernels.backward(params, saves, PROBE_SAVE_EVERY, g, 1e-3, 0.0, work, 1, block)
+
+    best = {cpu: _best_seconds_pinned(cpu, call, seconds) for cpu in cpus}
+    if any(value is None for value in best.values()):
+        return None
+    return {cpu: 1e9 * value / PROBE_LAYERS for cpu, value in best.items()}
 
 
 def peak_rss_bytes() -> int:
@@ -126,6 +191,7 @@ def run_bench(
 
             warmup_times = warm_up(step, net)
             step_times, step_threads, step_blocks, step_splits = [], [], [], []
+            probe_before = vcpu_probe(net.kernels)
             ticks_before = cpu_ticks()
             for _ in range(steps):
                 step_times.append(step())
@@ -134,6 +200,7 @@ def run_bench(
                 step_blocks.append(net.engine.backward_block_used)
                 step_splits.append(net.engine.backward_split_used)
             stolen = stolen_fraction(ticks_before, cpu_ticks())
+            probe_after = vcpu_probe(net.kernels)
             median = statistics.median(step_times)
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
@@ -149,6 +216,10 @@ def run_bench(
                 "step_backward_splits": step_splits,
                 # share of the machine's CPU time the hypervisor gave elsewhere during the timed steps
                 "cpu_stolen_fraction": stolen,
+                # ns a layer of the probe's backward on each CPU, just before and after the timed steps
+                # (None: one CPU, or threads cannot be bound to CPUs here)
+                "vcpu_probe_ns_per_layer": None if probe_before is None or probe_after is None else {
+                    "before": probe_before, "after": probe_after},
                 "layer_samples_per_s": layers * batch / median,
                 # the compiled build that ran ($DEEPNET_KERNELS, else the fastest this CPU runs)
                 "kernels": build_label(net.kernels.module),
