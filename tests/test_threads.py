@@ -361,12 +361,10 @@ def test_bench_probes_each_cpu_at_the_backwards_loops(tmp_path, monkeypatch):
     CPU or where threads cannot be bound."""
     import os
 
-    from deepnet.kernels.loader import kernels_for
     from deepnet.tools import bench
 
-    kernels = kernels_for("softsign", 4)
     cpus = sorted(os.sched_getaffinity(0))
-    probe = bench.vcpu_probe(kernels, seconds=0.01)
+    probe = bench.vcpu_probe(seconds=0.01)
     if len(cpus) < 2:
         assert probe is None
     else:
@@ -374,13 +372,13 @@ def test_bench_probes_each_cpu_at_the_backwards_loops(tmp_path, monkeypatch):
         seen = []
         real = os.sched_setaffinity
         monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mask: (seen.append(set(mask)), real(pid, mask)))
-        bench.vcpu_probe(kernels, seconds=0.001)
+        bench.vcpu_probe(seconds=0.001)
         assert seen == [{cpu} for cpu in cpus]            # each probe thread bound to one CPU, in turn
         monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mask: (_ for _ in ()).throw(OSError("no")))
-        assert bench.vcpu_probe(kernels, seconds=0.001) is None
+        assert bench.vcpu_probe(seconds=0.001) is None
         assert os.sched_getaffinity(0) == set(cpus)      # the calling thread was never bound
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert bench.vcpu_probe(kernels, seconds=0.001) is None
+    assert bench.vcpu_probe(seconds=0.001) is None
     monkeypatch.undo()
     result = bench.run_bench(layers=3000, steps=2, workdir=tmp_path)
     probed = result["vcpu_probe_ns_per_layer"]

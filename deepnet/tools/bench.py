@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from deepnet.flags import int_at_least, positive
-from deepnet.kernels.loader import LayerKernels, build_label
+from deepnet.kernels.loader import build_label, kernels_for
 from deepnet.nn.network import DEFAULT_CHUNK_LAYERS, DeepNet
 from deepnet.training.recipe import init
 
@@ -104,10 +104,11 @@ def _best_seconds_pinned(cpu: int, call: Callable[[], None], seconds: float) -> 
     return found.get("best")
 
 
-def vcpu_probe(kernels: LayerKernels, seconds: float = PROBE_SECONDS) -> dict[int, float] | None:
+def vcpu_probe(seconds: float = PROBE_SECONDS) -> dict[int, float] | None:
     """Each CPU's time at the backward's own throughput-bound loops: nanoseconds a layer of the
-    one-thread backward of ``kernels`` through a small chunk (16 samples), on a thread bound to each CPU
-    in turn, the best of its calls in ``seconds``.
+    one-thread softsign backward (the build in use) through a small chunk of 16 samples, on a thread
+    bound to each CPU in turn, the best of its calls in ``seconds``. The same work whatever is being
+    benchmarked, so figures compare across runs.
 
     On a shared virtual machine a vCPU whose physical core another tenant is using runs such loops a
     quarter slower or more, for seconds at a time, while a chain of dependent instructions (the
@@ -119,6 +120,7 @@ def vcpu_probe(kernels: LayerKernels, seconds: float = PROBE_SECONDS) -> dict[in
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None
+    kernels = kernels_for("softsign", PROBE_WIDTH)
     rng = np.random.default_rng(0)
     row = PROBE_WIDTH * PROBE_WIDTH + PROBE_WIDTH
     params = (rng.uniform(-0.5, 0.5, (PROBE_LAYERS, row)) / PROBE_WIDTH).astype(np.float32)
@@ -191,7 +193,7 @@ def run_bench(
 
             warmup_times = warm_up(step, net)
             step_times, step_threads, step_blocks, step_splits = [], [], [], []
-            probe_before = vcpu_probe(net.kernels)
+            probe_before = vcpu_probe()
             ticks_before = cpu_ticks()
             for _ in range(steps):
                 step_times.append(step())
@@ -200,7 +202,7 @@ def run_bench(
                 step_blocks.append(net.engine.backward_block_used)
                 step_splits.append(net.engine.backward_split_used)
             stolen = stolen_fraction(ticks_before, cpu_ticks())
-            probe_after = vcpu_probe(net.kernels)
+            probe_after = vcpu_probe()
             median = statistics.median(step_times)
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
