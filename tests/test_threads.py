@@ -274,7 +274,7 @@ def test_every_trial_counts_with_three_options():
 
 
 def test_a_slower_machine_does_not_send_the_choice_back_to_old_times():
-    """The backward's choice once ran a 5x slower option three passes in a row after the host slowed
+    """The backward's choice once ran a 6-7x slower option three passes in a row after the host slowed
     down: that option's times from before still beat the chosen one's times from then. Old times
     count only until fresher ones exist: one pass of the other option, then the fresh times decide."""
     from deepnet.nn.threads import MeasuredChoice

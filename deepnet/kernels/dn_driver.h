@@ -432,9 +432,9 @@ static int dn_backward(const dn_kernel* k, float* params, Py_ssize_t n_layers, c
                                n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
                                dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
     else
-        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, NULL, NULL, NULL, 1, params, n_layers, saves,
-                               save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad, dn_grad_stride(w),
-                               scratch, scratch_floats, threads, by_segments);
+        return dn_backward_run(k->recompute_sample, k->backprop_sample, NULL, NULL, NULL, NULL, 1, params,
+                               n_layers, saves, save_every, g, w, B, alpha, lr, hbuf, dbuf, set_floats, grad,
+                               dn_grad_stride(w), scratch, scratch_floats, threads, by_segments);
 }
 
 /* ---- which instructions this CPU runs (a faster build is loaded only if it says so) ---- */

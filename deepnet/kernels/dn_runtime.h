@@ -216,8 +216,9 @@ static inline __attribute__((always_inline)) dn_v8f dn_reduce8x8(const dn_v8f* v
 /* Wide layers (the specialised widths 16 and 32, and every width in the any-width loops) sum a
    layer's weight gradients down the columns instead: with dz transposed (t[s] = dz_j(s) for 8
    neighbouring j), the products of sample s for 8 gradients dW[i][j..j+7] are one vector, x[s] t[s],
-   and the 8 samples' products are added in the tree dn_reduce8x8 uses, ((p0 + p2) + (p1 + p3)) + ((p4 + p6) + (p5 + p7)): the same sums bit for
-   bit, without a shuffle per gradient. DN_ROUNDED keeps each product rounded on its own (a compiler
+   and the 8 samples' products are added in the tree dn_reduce8x8 uses,
+   ((p0 + p2) + (p1 + p3)) + ((p4 + p6) + (p5 + p7)): the same sums bit for bit, without a shuffle per
+   gradient. DN_ROUNDED keeps each product rounded on its own (a compiler
    that contracts a * b + c would otherwise fuse it into the add, as the shuffles prevent it doing in
    dn_reduce8x8). */
 #if defined(__AVX512F__)

@@ -110,8 +110,8 @@ def vcpu_probe(seconds: float = PROBE_SECONDS) -> dict[int, float] | None:
     bound to each CPU in turn, the best of its calls in ``seconds``. The same work whatever is being
     benchmarked, so figures compare across runs.
 
-    On a shared virtual machine a vCPU whose physical core another tenant is using runs such loops a
-    quarter slower or more, for seconds at a time, while a chain of dependent instructions (the
+    On a shared virtual machine one vCPU (likely one whose physical core another tenant shares) can
+    run such loops a quarter slower or more for seconds at a time, while a chain of dependent instructions (the
     forward pass) barely notices; two threads that share a pass then run at the slower one's pace
     (bench/README.md). None with one CPU, or where threads cannot be bound to CPUs (not Linux).
     """
