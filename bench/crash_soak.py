@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from crash_harness import CrashSetup, build_reference, crash_campaign, create_model, make_small_mnist  # noqa: E402
 from helpers import MNIST_DIR, have_mnist  # noqa: E402
 
-import fire  # noqa: E402
+import devcli  # noqa: E402  (bench/, the script's directory)
 
-from deepnet.errors import ConfigError, DeepnetError  # noqa: E402
+from deepnet.errors import ConfigError  # noqa: E402
 from deepnet.flags import positive  # noqa: E402
 
 MODES = ("streamed", "in-memory")
@@ -73,8 +73,4 @@ def soak(kills: int = 200, modes: str = "streamed,in-memory", layers: int = 6000
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(soak)
-    except DeepnetError as exc:  # a bad flag or no MNIST: one line, no traceback
-        print(f"crash_soak: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    devcli.run(soak, "crash_soak")

@@ -27,9 +27,9 @@ import test_idx as t  # noqa: E402  (the strategies and checks of the test suite
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import fire  # noqa: E402
+import devcli  # noqa: E402  (bench/, the script's directory)
 
-from deepnet.errors import DataError, DeepnetError  # noqa: E402
+from deepnet.errors import DataError  # noqa: E402
 from deepnet.flags import positive  # noqa: E402
 from deepnet.formats.idx import read_idx  # noqa: E402
 
@@ -115,8 +115,4 @@ def fuzz(examples: int = 20_000, seed: int = None, atheris: bool = False, atheri
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(fuzz)
-    except DeepnetError as exc:  # a bad flag: one line, no traceback
-        print(f"fuzz_idx: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    devcli.run(fuzz, "fuzz_idx")
