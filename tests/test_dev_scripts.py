@@ -3,7 +3,9 @@ report, and refuse a bad flag in one line. Tiny runs here; the long runs are wha
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +39,28 @@ def test_crash_soak_kills_and_checks(tmp_path):
     assert "streamed:" not in proc.stdout
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+def test_loop_counts_follow_the_activations(tmp_path):
+    """The counts of the build in use: relu's recomputation has no division and the fewest multiplies,
+    tanh's the most; the carry and the update do not depend on the activation."""
+    proc = run_script("loop_counts.py", "--json-out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout)["counts"]
+    if counts["softsign"]["recompute2"] is None:
+        pytest.skip("this build has no 16-lane loops")
+    recompute = {name: counts[name]["recompute2"] for name in ("softsign", "relu", "tanh")}
+    assert recompute["relu"]["div"] == 0 < recompute["softsign"]["div"] == recompute["tanh"]["div"]
+    assert recompute["relu"]["fma_mul"] < recompute["softsign"]["fma_mul"] < recompute["tanh"]["fma_mul"]
+    for piece in ("carry", "update"):
+        assert counts["relu"][piece] == counts["softsign"][piece] == counts["tanh"][piece]
+        assert counts["softsign"][piece]["fma_mul"] > 0
+
+
 @pytest.mark.parametrize("name, args, message", [
     ("crash_soak.py", ["--modes", "streamed,bogus"], "--modes must be streamed, in-memory or both"),
     ("crash_soak.py", ["--kills", "0"], "--kills must be > 0"),
     ("fuzz_idx.py", ["--examples", "-5"], "--examples must be > 0"),
+    ("loop_counts.py", ["--activations", "softsign,bogus"], "--activations must name built-in activations"),
 ])
 def test_a_bad_flag_is_one_line(tmp_path, name, args, message):
     proc = run_script(name, *args, cwd=tmp_path)

@@ -1,0 +1,106 @@
+"""The instruction counts behind issue 23's "within the distance their counts predict": the hottest loop of
+each width-4 16-lane backward piece (two segments recomputed at once, the carry of g, the weight update)
+of each activation, read with objdump from the kernel module of the build in use.
+
+    python bench/loop_counts.py [--activations softsign,relu,tanh] [--json-out]
+
+FMA-pipe cycles a layer are the loop's multiplies and FMAs, plus two issues for each 16-lane division
+(bench/README.md, "What a 16-lane instruction costs here"), over the layers one pass of the loop covers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import devcli  # bench/, the script's directory
+from deepnet.activations import registry
+from deepnet.errors import ConfigError
+from deepnet.kernels.loader import builtin_module
+
+# Layers one pass of each piece's hottest loop covers (the paired recomputation runs a layer of each of its
+# two segments), and the function that holds the loop.
+PIECES = {"recompute2": ("dn_recompute2_block16_{act}_w4", 2), "carry": ("dn_carry_block16_{act}_w4", 1),
+          "update": ("dn_update_block16_{act}_w4", 1)}
+FMA_PIPE = re.compile(r"v(f(n)?m(add|sub)\d*ps|mulps)$")
+_LINE = re.compile(r"\s+([0-9a-f]+):\s+(\S+)\s*(.*)")
+
+
+def _disassemble(so: Path, name: str) -> list[tuple[int, str, str]]:
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so), f"--disassemble={name}"],
+                         capture_output=True, text=True, check=True).stdout
+    body = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_LINE.match, out.splitlines()) if m]
+    # Identical functions are folded into one: a body that is one jump is the other function's.
+    if len(body) == 1 and body[0][1] == "jmp":
+        target = re.search(r"<([^>+]+)>", body[0][2])
+        return _disassemble(so, target.group(1)) if target else body
+    return body
+
+
+def _fma_pipe_ops(loop: list[tuple[int, str, str]]) -> int:
+    return sum(1 for _, op, _ in loop if FMA_PIPE.match(op))
+
+
+def hottest_loop(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """The loop (a backward conditional jump's target to the jump) with the most multiplies and FMAs: the
+    layer loop, not the loads' and stores' loops around it."""
+    best: list[tuple[int, str, str]] = []
+    for address, op, args in body:
+        target = re.match(r"([0-9a-f]+)", args)
+        if op.startswith("j") and op != "jmp" and target and int(target.group(1), 16) < address:
+            loop = [x for x in body if int(target.group(1), 16) <= x[0] <= address]
+            best = loop if (_fma_pipe_ops(loop), len(loop)) > (_fma_pipe_ops(best), len(best)) else best
+    return best
+
+
+def counts(so: Path, activation: str) -> dict:
+    """Each piece's hottest loop, counted: instructions, FMAs and multiplies, divisions, and FMA-pipe cycles
+    a layer (None for a piece this build does not have)."""
+    result: dict[str, dict | None] = {}
+    for piece, (pattern, layers) in PIECES.items():
+        loop = hottest_loop(_disassemble(so, pattern.format(act=activation)))
+        if not loop:
+            result[piece] = None
+            continue
+        ops = [op for _, op, _ in loop]
+        fma = sum(1 for op in ops if FMA_PIPE.match(op))
+        div = sum(1 for op in ops if op == "vdivps")
+        result[piece] = {"instructions": len(ops), "fma_mul": fma, "div": div,
+                         "fma_pipe_cycles_per_layer": (fma + 2 * div) / layers}
+    return result
+
+
+def loop_counts(names: list[str]) -> tuple[Path, dict]:
+    """The kernel module of the build in use, and each activation's counts (``counts``)."""
+    so = Path(builtin_module(None).__file__)
+    return so, {name: counts(so, name) for name in names}
+
+
+def main(activations: str | tuple = ("softsign", "relu", "tanh"), json_out: bool = False) -> None:
+    """Count the loops of the build in use for each built-in activation named; print a table, or JSON with
+    --json-out."""
+    names = activations.split(",") if isinstance(activations, str) else [str(a) for a in activations]
+    found = [registry.lookup(name) for name in names]
+    if not names or any(a is None or not registry.is_builtin(a) for a in found):
+        raise ConfigError(f"--activations must name built-in activations ({', '.join(registry.names())}), "
+                          f"got {','.join(names)!r}")
+    if shutil.which("objdump") is None:
+        raise ConfigError("objdump not found: install binutils")
+    so, table = loop_counts(names)
+    if json_out:
+        print(json.dumps({"module": so.name, "counts": table}))
+    else:
+        print(f"{so.name}: per piece, instructions / FMAs and multiplies / divisions in its hottest loop, "
+              "and FMA-pipe cycles a layer")
+        for name, pieces in table.items():
+            cells = [f"{p} " + (f"{c['instructions']}/{c['fma_mul']}/{c['div']} ({c['fma_pipe_cycles_per_layer']:.0f})"
+                                if c else "none") for p, c in pieces.items()]
+            total = sum(c["fma_pipe_cycles_per_layer"] for c in pieces.values() if c)
+            print(f"  {name:<9} " + "  ".join(cells) + f"  total {total:.0f}")
+
+
+if __name__ == "__main__":
+    devcli.run(main, "loop_counts")
