@@ -104,22 +104,10 @@ def _best_seconds_pinned(cpu: int, call: Callable[[], None], seconds: float) -> 
     return found.get("best")
 
 
-def vcpu_probe(seconds: float = PROBE_SECONDS) -> dict[int, float] | None:
-    """Each CPU's time at the backward's own throughput-bound loops: nanoseconds a layer of the
-    one-thread softsign backward (the build in use) through a small chunk of 16 samples, on a thread
-    bound to each CPU in turn, the best of its calls in ``seconds``. The same work whatever is being
-    benchmarked, so figures compare across runs.
-
-    On a shared virtual machine one vCPU (likely one whose physical core another tenant shares) can
-    run such loops a quarter slower or more for seconds at a time, while a chain of dependent instructions (the
-    forward pass) barely notices; two threads that share a pass then run at the slower one's pace
-    (bench/README.md). None with one CPU, or where threads cannot be bound to CPUs (not Linux).
-    """
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
+def probe_backward() -> Callable[[], None]:
+    """The vCPU probe's work, made once: one call of the one-thread softsign backward (the build in use)
+    through a small chunk of 16 samples. lr 0 and g 0: the weights never change, so every call does the
+    same work, whatever is being benchmarked."""
     kernels = kernels_for("softsign", PROBE_WIDTH)
     rng = np.random.default_rng(0)
     row = PROBE_WIDTH * PROBE_WIDTH + PROBE_WIDTH
@@ -131,9 +119,29 @@ def vcpu_probe(seconds: float = PROBE_SECONDS) -> dict[int, float] | None:
     work = np.empty(kernels.workspace_size(PROBE_WIDTH, PROBE_BATCH, PROBE_SAVE_EVERY), np.float32)
     block = max(kernels.backward_blocks(PROBE_WIDTH)) if kernels.block16_native else 8
 
-    def call() -> None:   # lr 0 and g 0: the weights never change, so every call does the same work
+    def call() -> None:
         kernels.backward(params, saves, PROBE_SAVE_EVERY, g, 1e-3, 0.0, work, 1, block)
 
+    return call
+
+
+def vcpu_probe(seconds: float = PROBE_SECONDS, call: Callable[[], None] | None = None) -> dict[int, float] | None:
+    """Each CPU's time at the backward's own throughput-bound loops: nanoseconds a layer of
+    ``call`` (``probe_backward()``, made here if not given) on a thread bound to each CPU in turn, the
+    best of its calls in ``seconds``. The same work whatever is being benchmarked, so figures compare
+    across runs.
+
+    On a shared virtual machine one vCPU (likely one whose physical core another tenant shares) can
+    run such loops a quarter slower or more for seconds at a time, while a chain of dependent instructions (the
+    forward pass) barely notices; two threads that share a pass then run at the slower one's pace
+    (bench/README.md). None with one CPU, or where threads cannot be bound to CPUs (not Linux).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    call = probe_backward() if call is None else call
     best = {cpu: _best_seconds_pinned(cpu, call, seconds) for cpu in cpus}
     if any(value is None for value in best.values()):
         return None
@@ -193,7 +201,8 @@ def run_bench(
 
             warmup_times = warm_up(step, net)
             step_times, step_threads, step_blocks, step_splits = [], [], [], []
-            probe_before = vcpu_probe()
+            probe = probe_backward()
+            probe_before = vcpu_probe(call=probe)
             ticks_before = cpu_ticks()
             for _ in range(steps):
                 step_times.append(step())
@@ -202,7 +211,7 @@ def run_bench(
                 step_blocks.append(net.engine.backward_block_used)
                 step_splits.append(net.engine.backward_split_used)
             stolen = stolen_fraction(ticks_before, cpu_ticks())
-            probe_after = vcpu_probe()
+            probe_after = vcpu_probe(call=probe)
             median = statistics.median(step_times)
             result = {
                 "layers": layers, "width": width, "activation": activation, "batch": batch,
