@@ -54,14 +54,19 @@ def _fma_pipe_cycles(loop: list[tuple[int, str, str]]) -> float:
 
 
 def hottest_loop(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    """The loop (a backward conditional jump's target to the jump) with the most multiplies and FMAs: the
-    layer loop, not the loads' and stores' loops around it."""
+    """The loop (a backward conditional jump's target to the jump, with no return inside: an early exit's
+    jump back to a shared epilogue is not a loop) with the most multiplies and FMAs: the layer loop, not
+    the loads' and stores' loops around it. Of equal ones the first: the update has a copy of its loop
+    for each of its flags (DN_CONSTANT_FLAGS), and the first is the one a one-block step runs (first
+    block, applied, 16 samples)."""
     best: list[tuple[int, str, str]] = []
     for address, op, args in body:
         target = re.match(r"([0-9a-f]+)", args)
         if op.startswith("j") and op != "jmp" and target and int(target.group(1), 16) < address:
             loop = [x for x in body if int(target.group(1), 16) <= x[0] <= address]
-            best = loop if (_fma_pipe_ops(loop), len(loop)) > (_fma_pipe_ops(best), len(best)) else best
+            if any(x[1].startswith("ret") for x in loop):
+                continue
+            best = loop if _fma_pipe_ops(loop) > _fma_pipe_ops(best) else best
     return best
 
 

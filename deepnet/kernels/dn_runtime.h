@@ -355,16 +355,34 @@ static inline __attribute__((always_inline)) void dn_wide_gradients(const dn_v8u
     DN_LAST_GROUP(w - jb, dn_wide_gradients_group, hk, dz, row, w, first, jb);
 }
 
-/* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 8, one
-   of 4 (width 4's row is 20 floats), then single floats. Always inlined, so that n is a constant at
-   every call and the loops unroll (an out-of-line copy with n unknown is slow). */
+/* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 16 (one
+   register on AVX-512, two elsewhere), of 8, one of 4 (width 4's row is 20 floats), then single
+   floats. Always inlined, so that n is a constant at every call and the loops unroll (an out-of-line
+   copy with n unknown is slow). */
+typedef float dn_v4f __attribute__((vector_size(16)));
 typedef float dn_v4u __attribute__((vector_size(16), aligned(4)));
+typedef float dn_v16f __attribute__((vector_size(64)));
+typedef float dn_v16u __attribute__((vector_size(64), aligned(4)));
 static inline __attribute__((always_inline)) void dn_sgd_row(float* p, const float* gk, float lr, const int n) {
     int m = 0;
+    for (; m + 16 <= n; m += 16) *(dn_v16u*)(p + m) -= lr * *(const dn_v16u*)(gk + m);
     for (; m + 8 <= n; m += 8) *(dn_v8u*)(p + m) -= lr * *(const dn_v8u*)(gk + m);
     for (; m + 4 <= n; m += 4) *(dn_v4u*)(p + m) -= lr * *(const dn_v4u*)(gk + m);
     for (; m < n; m++) p[m] -= lr * gk[m];
 }
+
+/* f(args..., a, b, c) with each flag a constant in its own call: an always-inlined loop then tests no
+   flag per iteration (GCC does not unswitch them). */
+#define DN_CONSTANT_FLAGS(f, a, b, c, ...)                                                                 \
+    do {                                                                                                  \
+        if (a) {                                                                                          \
+            if (b) { if (c) f(__VA_ARGS__, 1, 1, 1); else f(__VA_ARGS__, 1, 1, 0); }                      \
+            else { if (c) f(__VA_ARGS__, 1, 0, 1); else f(__VA_ARGS__, 1, 0, 0); }                        \
+        } else {                                                                                          \
+            if (b) { if (c) f(__VA_ARGS__, 0, 1, 1); else f(__VA_ARGS__, 0, 1, 0); }                      \
+            else { if (c) f(__VA_ARGS__, 0, 0, 1); else f(__VA_ARGS__, 0, 0, 0); }                        \
+        }                                                                                                 \
+    } while (0)
 
 /* The first 32-byte boundary in a scratch area (_scratch_size leaves 8 floats of slack for it):
    vectors of the any-width path live there, since a work buffer from NumPy or malloc is only
@@ -435,8 +453,6 @@ static inline __attribute__((always_inline)) dn_v8f dn_add_block(dn_v8f gk, dn_v
 #define DN_V16_NATIVE 0
 #define DN_V16_FN
 #endif
-typedef float dn_v16f __attribute__((vector_size(64)));
-typedef float dn_v16u __attribute__((vector_size(64), aligned(4)));
 
 static inline __attribute__((always_inline)) dn_v16f dn_splat16(float x) {
     dn_v16f v = {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
@@ -463,26 +479,62 @@ static inline __attribute__((always_inline)) dn_v16f dn_unpacklo16(dn_v16f a, dn
 static inline __attribute__((always_inline)) dn_v16f dn_unpackhi16(dn_v16f a, dn_v16f b) {
     return __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
 }
-/* dn_reduce_pairs on each half: lanes 0..7 reduce the low halves of e, lanes 8..15 the high ones. */
-static inline __attribute__((always_inline)) dn_v16f dn_reduce_pairs16(const dn_v16f* e, const int n) {
-    const dn_v16f zero = dn_splat16(0.0f);
-    dn_v16f f0 = __builtin_shufflevector(e[0], n > 1 ? e[1] : zero, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
-               + __builtin_shufflevector(e[0], n > 1 ? e[1] : zero, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    if (n <= 2)
-        return __builtin_shufflevector(f0, zero, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
-             + __builtin_shufflevector(f0, zero, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    dn_v16f f1 = __builtin_shufflevector(e[2], n > 3 ? e[3] : zero, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
-               + __builtin_shufflevector(e[2], n > 3 ? e[3] : zero, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    return __builtin_shufflevector(f0, f1, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
-         + __builtin_shufflevector(f0, f1, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+/* The 16-sample layout's reduction past its first level (the pair sums e, made as in dn_reduce8x8):
+   each 128-bit lane holds 4 samples, so the rest of the tree works on whole lanes. dn_quad16 is the
+   second level: pair sums p and q (two gradients each) to 4 gradients' sums over each lane's 4 samples
+   ([p's two, q's two] a lane, as dn_reduce_pairs's first step does for each half). */
+static inline __attribute__((always_inline)) dn_v16f dn_quad16(dn_v16f p, dn_v16f q) {
+    return __builtin_shufflevector(p, q, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+         + __builtin_shufflevector(p, q, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
 }
-/* One gradient row's 8 entries (gk) from a 16-lane reduction r: what the two 8-sample blocks add in
-   turn, the first block starting the sums when `first`; `two` = 0 when the high half holds padding
-   only (the 8-lane layout has no such block). */
-static inline __attribute__((always_inline)) dn_v8f dn_add_halves(dn_v8f gk, dn_v16f r, int first, int two) {
-    const dn_v8f lo = dn_low8(r), hi = dn_high8(r);
-    const dn_v8f started = first ? lo : gk + lo;
-    return two ? started + hi : started;
+/* [a's lane odd, a's lane 2 + odd, b's lane odd, b's lane 2 + odd] (one vshuff32x4) */
+static inline __attribute__((always_inline)) dn_v16f dn_lanes16(dn_v16f a, dn_v16f b, const int odd) {
+    return odd ? __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
+               : __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+}
+/* The last two levels for n <= 4 quads f: lo[4k..4k+3] = quad k's sums over samples 0..7 (its lanes
+   0 + 1), hi over samples 8..15 (lanes 2 + 3); what dn_reduce_pairs gives each 8-lane half, with 4
+   shuffles of whole lanes for 16 gradients instead of 4 two-source permutes and 2 extractions. */
+static inline __attribute__((always_inline)) void dn_reduce_quads16(const dn_v16f* f, const int n, dn_v16f* lo,
+                                                                    dn_v16f* hi) {
+    if (n == 1) {   /* lanes (0 + 1, 1 + 0, 2 + 3, 3 + 2): the adds commute, so both halves are whole */
+        const dn_v16f t = f[0] + __builtin_shufflevector(f[0], f[0], 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8,
+                                                         9, 10, 11);
+        *lo = t;
+        *hi = __builtin_shufflevector(t, t, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+        return;
+    }
+    const dn_v16f zero = dn_splat16(0.0f);
+    /* [f0 over 0..7, f0 over 8..15, f1 over 0..7, f1 over 8..15], and the same for f2, f3 */
+    const dn_v16f s0 = dn_lanes16(f[0], f[1], 0) + dn_lanes16(f[0], f[1], 1);
+    const dn_v16f s1 = n > 2 ? dn_lanes16(f[2], n > 3 ? f[3] : zero, 0) + dn_lanes16(f[2], n > 3 ? f[3] : zero, 1)
+                             : s0;
+    *lo = dn_lanes16(s0, s1, 0);
+    *hi = dn_lanes16(s0, s1, 1);
+}
+/* count (4, 8, 12 or 16) gradients of a row from dn_reduce_quads16's halves: what two 8-sample blocks
+   add in turn, the first block starting the sums when `first`; `two` = 0 when the high half holds
+   padding only. */
+static inline __attribute__((always_inline)) void dn_add_quads16(float* gk, dn_v16f lo, dn_v16f hi, const int count,
+                                                                 int first, int two) {
+    if (count == 16) {
+        const dn_v16f started = first ? lo : *(const dn_v16u*)gk + lo;
+        *(dn_v16u*)gk = two ? started + hi : started;
+        return;
+    }
+    if (count >= 8) {
+        const dn_v8f l = dn_low8(lo), started = first ? l : *(const dn_v8u*)gk + l;
+        *(dn_v8u*)gk = two ? started + dn_low8(hi) : started;
+    }
+    if (count % 8) {
+        const int o = count - 4;
+        const dn_v4f l = o ? __builtin_shufflevector(lo, lo, 8, 9, 10, 11)
+                           : __builtin_shufflevector(lo, lo, 0, 1, 2, 3);
+        const dn_v4f h = o ? __builtin_shufflevector(hi, hi, 8, 9, 10, 11)
+                           : __builtin_shufflevector(hi, hi, 0, 1, 2, 3);
+        const dn_v4f started = first ? l : *(const dn_v4u*)(gk + o) + l;
+        *(dn_v4u*)(gk + o) = two ? started + h : started;
+    }
 }
 /* dn_load_block / dn_store_block of 16 columns, one 16-lane vector per unit. */
 static inline void dn_load_block16(dn_v16f* dst, const float* src, int w, Py_ssize_t B, Py_ssize_t s0,
