@@ -283,7 +283,8 @@ static void dn_two_pass_unit(dn_job* J, Py_ssize_t u, int set0, float* G, float*
     float* p = J->params + start * J->row;
     dn_wait_at_least(J, &J->produced, u);
     for (Py_ssize_t b = 0; b < J->n_blocks; b++)
-        J->carry(p, n, J->g, J->w, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[set0 + b], scratch);
+        J->carry(p, n, J->g, J->w, J->B, b * J->unit, dn_block_samples(J, b), J->dbuf[set0 + b], G, b == 0,
+                 scratch);
     dn_publish(J, &J->produced, u + 1);
     for (Py_ssize_t b = 0; b < J->n_blocks; b++)
         J->update(p, n, J->w, dn_block_samples(J, b), J->hbuf[set0 + b], J->dbuf[set0 + b], G, scratch, J->lr,

@@ -582,9 +582,11 @@ typedef void (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssiz
                             Py_ssize_t rc_s0, Py_ssize_t rc_nb, float alpha, float* rc_hbuf, float* rc_dbuf);
 
 /* The back-propagation of one block through a recomputed segment in two passes, the same results as one
-   dn_backprop_fn: carry g down (each layer's dz left in dbuf), then make and apply the weight gradients. */
+   dn_backprop_fn: carry g down (each layer's dz left in dbuf; a loop may start the gradient rows in grad
+   there, started when `first`, as the 16-sample layout's carry does with db), then make and apply the
+   rest of the weight gradients. */
 typedef void (*dn_carry_fn)(const float* params, Py_ssize_t seg_n, float* g, Py_ssize_t w, Py_ssize_t B,
-                            Py_ssize_t s0, Py_ssize_t nb, float* dbuf, float* scratch);
+                            Py_ssize_t s0, Py_ssize_t nb, float* dbuf, float* grad, int first, float* scratch);
 typedef void (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t w, Py_ssize_t nb, const float* hbuf,
                              const float* dbuf, float* grad, float* scratch, float lr, int first, int last);
 /* Two recomputations (of the same block through two segments, a and b) in one loop: each is one
