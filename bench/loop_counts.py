@@ -7,7 +7,10 @@ of each activation, read with objdump from the kernel module of the build in use
 FMA-pipe cycles a layer are for two 256-bit FMA pipes (Zen 3 and Zen 4): a 16-lane multiply or FMA takes
 both for a cycle and an 8-lane one one of them; a 16-lane division takes two of their issues and an 8-lane
 one one (bench/README.md, "What a 16-lane instruction costs here"); over the layers one pass of the loop
-covers.
+covers. Issue cycles a layer count every vector instruction but moves (shuffles, adds, broadcasts, ...) at
+Zen 4's two 16-lane FP instructions a cycle, an 8-lane or narrower one as half, a division or a
+two-source permute as two: the bound of a loop whose shuffles, not its multiplies, fill the core (the
+update's).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ def _fma_pipe_cycles(loop: list[tuple[int, str, str]]) -> float:
     return sum(wide) + sum(divisions)
 
 
+def _issue_cycles(loop: list[tuple[int, str, str]]) -> float:
+    """Cycles of FP issue the loop's vector instructions other than moves take (module docstring)."""
+    ops = [(op, args) for _, op, args in loop if op.startswith("v") and not op.startswith(("vmov", "vzero"))]
+    return sum((2.0 if op in ("vdivps", "vpermt2ps") else 1.0) * (1.0 if "zmm" in args else 0.5)
+               for op, args in ops) / 2
+
+
 def hottest_loop(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     """The loop (a backward conditional jump's target to the jump, with no return inside: an early exit's
     jump back to a shared epilogue is not a loop) with the most multiplies and FMAs: the layer loop, not
@@ -71,8 +81,8 @@ def hottest_loop(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]
 
 
 def counts(so: Path, activation: str) -> dict:
-    """Each piece's hottest loop, counted: instructions, FMAs and multiplies, divisions, and FMA-pipe cycles
-    a layer (None for a piece this build does not have)."""
+    """Each piece's hottest loop, counted: instructions, FMAs and multiplies, divisions, FMA-pipe cycles and
+    issue cycles a layer (None for a piece this build does not have)."""
     result: dict[str, dict | None] = {}
     for piece, (pattern, layers) in PIECES.items():
         loop = hottest_loop(_disassemble(so, pattern.format(act=activation)))
@@ -81,7 +91,8 @@ def counts(so: Path, activation: str) -> dict:
             continue
         result[piece] = {"instructions": len(loop), "fma_mul": _fma_pipe_ops(loop),
                          "div": sum(1 for _, op, _ in loop if op == "vdivps"),
-                         "fma_pipe_cycles_per_layer": _fma_pipe_cycles(loop) / layers}
+                         "fma_pipe_cycles_per_layer": _fma_pipe_cycles(loop) / layers,
+                         "issue_cycles_per_layer": _issue_cycles(loop) / layers}
     return result
 
 
@@ -106,12 +117,14 @@ def main(activations: str | tuple = ("softsign", "relu", "tanh"), json_out: bool
         print(json.dumps({"module": so.name, "counts": table}))
     else:
         print(f"{so.name}: per piece, instructions / FMAs and multiplies / divisions in its hottest loop, "
-              "and FMA-pipe cycles a layer")
+              "and (FMA-pipe, issue) cycles a layer")
         for name, pieces in table.items():
-            cells = [f"{p} " + (f"{c['instructions']}/{c['fma_mul']}/{c['div']} ({c['fma_pipe_cycles_per_layer']:.0f})"
+            cells = [f"{p} " + (f"{c['instructions']}/{c['fma_mul']}/{c['div']} "
+                                f"({c['fma_pipe_cycles_per_layer']:.0f}, {c['issue_cycles_per_layer']:.1f})"
                                 if c else "none") for p, c in pieces.items()]
-            total = sum(c["fma_pipe_cycles_per_layer"] for c in pieces.values() if c)
-            print(f"  {name:<9} " + "  ".join(cells) + f"  total {total:.0f}")
+            fma = sum(c["fma_pipe_cycles_per_layer"] for c in pieces.values() if c)
+            issue = sum(c["issue_cycles_per_layer"] for c in pieces.values() if c)
+            print(f"  {name:<9} " + "  ".join(cells) + f"  total ({fma:.0f}, {issue:.1f})")
 
 
 if __name__ == "__main__":
