@@ -355,17 +355,19 @@ static inline __attribute__((always_inline)) void dn_wide_gradients(const dn_v8u
     DN_LAST_GROUP(w - jb, dn_wide_gradients_group, hk, dz, row, w, first, jb);
 }
 
-/* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 16 (one
-   register on AVX-512, two elsewhere), of 8, one of 4 (width 4's row is 20 floats), then single
-   floats. Always inlined, so that n is a constant at every call and the loops unroll (an out-of-line
-   copy with n unknown is slow). */
+/* p[m] -= lr * gk[m] for one layer's row of n floats (neither need be aligned): vectors of 16 on
+   AVX-512 (one register; elsewhere GCC moves such a vector in pieces), of 8, one of 4 (width 4's row is
+   20 floats), then single floats. Always inlined, so that n is a constant at every call and the loops
+   unroll (an out-of-line copy with n unknown is slow). */
 typedef float dn_v4f __attribute__((vector_size(16)));
 typedef float dn_v4u __attribute__((vector_size(16), aligned(4)));
 typedef float dn_v16f __attribute__((vector_size(64)));
 typedef float dn_v16u __attribute__((vector_size(64), aligned(4)));
 static inline __attribute__((always_inline)) void dn_sgd_row(float* p, const float* gk, float lr, const int n) {
     int m = 0;
+#if defined(__AVX512F__)
     for (; m + 16 <= n; m += 16) *(dn_v16u*)(p + m) -= lr * *(const dn_v16u*)(gk + m);
+#endif
     for (; m + 8 <= n; m += 8) *(dn_v8u*)(p + m) -= lr * *(const dn_v8u*)(gk + m);
     for (; m + 4 <= n; m += 4) *(dn_v4u*)(p + m) -= lr * *(const dn_v4u*)(gk + m);
     for (; m < n; m++) p[m] -= lr * gk[m];
