@@ -495,8 +495,9 @@ static inline __attribute__((always_inline)) dn_v16f dn_lanes16(dn_v16f a, dn_v1
                : __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
 }
 /* The last two levels for n <= 4 quads f: lo[4k..4k+3] = quad k's sums over samples 0..7 (its lanes
-   0 + 1), hi over samples 8..15 (lanes 2 + 3); what dn_reduce_pairs gives each 8-lane half, with 4
-   shuffles of whole lanes for 16 gradients instead of 4 two-source permutes and 2 extractions. */
+   0 + 1), hi over samples 8..15 (lanes 2 + 3); what dn_reduce_pairs gives each 8-lane half, with 6
+   whole-lane shuffles (one issue each) for 16 gradients instead of 4 two-source permutes (two each)
+   and 2 extractions. */
 static inline __attribute__((always_inline)) void dn_reduce_quads16(const dn_v16f* f, const int n, dn_v16f* lo,
                                                                     dn_v16f* hi) {
     if (n == 1) {   /* lanes (0 + 1, 1 + 0, 2 + 3, 3 + 2): the adds commute, so both halves are whole */
