@@ -1,6 +1,8 @@
 """The backward kernel's own check of the weights it updated (the numerical guard's core check): it
 returns False exactly when some updated weight is inf or nan, whichever thread, split, batch layout and
-fusion ran the segment that overflowed, and True otherwise, in every build this CPU runs.
+fusion ran the segment that overflowed, and True otherwise, in every build this CPU runs. The loops note
+it as they write the weights (dn_finite): the any-width loops (widths 12 and 24) as well as the
+specialised ones.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _options(kernels: LayerKernels, width: int, batch: int):
 
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
-@pytest.mark.parametrize("width,batch", [(4, 16), (4, 32), (4, 4), (3, 16), (8, 16)])
+@pytest.mark.parametrize("width,batch", [(4, 16), (4, 32), (4, 4), (3, 16), (8, 16), (12, 16), (24, 16)])
 @pytest.mark.parametrize("where", ["top", "middle", "bottom", None])
 @pytest.mark.parametrize("fused", [True, False])
 def test_backward_reports_non_finite_updates(module, width, batch, where, fused):

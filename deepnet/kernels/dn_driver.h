@@ -40,9 +40,9 @@
    other's gaps, and the short serial path keeps the split steady when the host slows the cores'
    traffic (bench/README.md).
 
-   The thread that applies a segment's updates then checks that its rows are finite, while they are
-   still in its cache (the numerical guard's check of the new weights, without a pass over the chunk
-   from memory), and sets `nonfinite` if not. */
+   The loops that apply a segment's updates note whether every weight they wrote is finite as they
+   write it (dn_finite: the numerical guard's check of the new weights, without a pass over the rows
+   afterwards), and the driver sets `nonfinite` if one was not. */
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -152,20 +152,9 @@ static inline Py_ssize_t dn_block_samples(const dn_job* J, Py_ssize_t blk) {
     return J->B - s0 < J->unit ? J->B - s0 : J->unit;
 }
 
-/* Whether n floats are all finite: a float is inf or nan when its exponent bits are all ones, and then
-   adding 1 to the exponent field carries into the sign bit; integer operations only, so it vectorises. */
-static int dn_all_finite(const float* x, Py_ssize_t n) {
-    const uint32_t* bits = (const uint32_t*)x;
-    uint32_t carry = 0;
-    for (Py_ssize_t i = 0; i < n; i++) carry |= (bits[i] & 0x7f800000u) + 0x00800000u;
-    return !(carry & 0x80000000u);
-}
-
-/* After the last block of unit u has updated its segment's rows: note whether they are all finite. */
-static void dn_check_updated(dn_job* J, Py_ssize_t u) {
-    Py_ssize_t seg, start, n;
-    dn_segment(J, u, &seg, &start, &n);
-    if (!dn_all_finite(J->params + start * J->row, n * J->row)) __atomic_store_n(&J->nonfinite, 1, __ATOMIC_RELAXED);
+/* A loop that applied updates found a weight it wrote not finite (`finite` is its result). */
+static inline void dn_note_finite(dn_job* J, int finite) {
+    if (!finite) __atomic_store_n(&J->nonfinite, 1, __ATOMIC_RELAXED);
 }
 
 /* Recompute block blk through unit u's segment into buffer set `set`. */
@@ -177,13 +166,13 @@ static void dn_recompute_unit(const dn_job* J, Py_ssize_t u, Py_ssize_t blk, int
 }
 
 /* Back-propagate block blk through unit u's segment from buffer set `set`, into gradient buffer
-   G (started by the first block, applied to the weights by the last; the caller then checks them,
-   dn_check_updated, once it has handed g on where another thread waits for it). */
+   G (started by the first block, applied to the weights by the last). */
 static void dn_backprop_unit(dn_job* J, Py_ssize_t u, Py_ssize_t blk, int set, float* G, float* scratch) {
     Py_ssize_t seg, start, n;
     dn_segment(J, u, &seg, &start, &n);
-    J->backprop(J->params + start * J->row, n, J->g, J->w, J->B, blk * J->unit, dn_block_samples(J, blk),
-                J->hbuf[set], J->dbuf[set], G, scratch, J->lr, blk == 0, blk == J->n_blocks - 1);
+    dn_note_finite(J, J->backprop(J->params + start * J->row, n, J->g, J->w, J->B, blk * J->unit,
+                                  dn_block_samples(J, blk), J->hbuf[set], J->dbuf[set], G, scratch, J->lr,
+                                  blk == 0, blk == J->n_blocks - 1));
 }
 
 /* Blocks [b0, b1) through unit u's segment into gradient buffer G, on buffer set and scratch `side`. */
@@ -192,7 +181,6 @@ static void dn_blocks_unit(dn_job* J, Py_ssize_t u, Py_ssize_t b0, Py_ssize_t b1
         dn_recompute_unit(J, u, b, side, J->scratch[side]);
         dn_backprop_unit(J, u, b, side, G, J->scratch[side]);
     }
-    if (b1 == J->n_blocks) dn_check_updated(J, u);
 }
 
 /* ---- recomputation in the shadow of back-propagation ----
@@ -223,15 +211,13 @@ static void dn_fused_run(dn_job* J, Py_ssize_t b0, Py_ssize_t b1, int side, int 
             Py_ssize_t seg, start, n, seg2, start2, n2;
             dn_segment(J, u, &seg, &start, &n);
             dn_segment(J, u2, &seg2, &start2, &n2);
-            J->fused(J->params + start * J->row, n, J->g, J->B, b * J->unit, dn_block_samples(J, b),
-                     J->hbuf[set], J->dbuf[set], G, J->lr, b == 0, b == J->n_blocks - 1,
-                     J->params + start2 * J->row, n2, J->saves + seg2 * J->w * J->B, b2 * J->unit,
-                     dn_block_samples(J, b2), J->alpha, J->hbuf[set2], J->dbuf[set2]);
-            if (b == J->n_blocks - 1) dn_check_updated(J, u);
-        } else {
+            dn_note_finite(J, J->fused(J->params + start * J->row, n, J->g, J->B, b * J->unit,
+                                       dn_block_samples(J, b), J->hbuf[set], J->dbuf[set], G, J->lr, b == 0,
+                                       b == J->n_blocks - 1, J->params + start2 * J->row, n2,
+                                       J->saves + seg2 * J->w * J->B, b2 * J->unit, dn_block_samples(J, b2),
+                                       J->alpha, J->hbuf[set2], J->dbuf[set2]));
+        } else
             dn_backprop_unit(J, u, b, set, G, scratch);
-            if (b == J->n_blocks - 1) dn_check_updated(J, u);
-        }
         if (b == b1 - 1 && role == 1) dn_publish(J, &J->produced, u + 1);
         else if (b == b1 - 1 && role == 2) dn_publish(J, &J->consumed, u + 1);
     }
@@ -287,9 +273,8 @@ static void dn_two_pass_unit(dn_job* J, Py_ssize_t u, int set0, float* G, float*
                  scratch);
     dn_publish(J, &J->produced, u + 1);
     for (Py_ssize_t b = 0; b < J->n_blocks; b++)
-        J->update(p, n, J->w, dn_block_samples(J, b), J->hbuf[set0 + b], J->dbuf[set0 + b], G, scratch, J->lr,
-                  b == 0, b == J->n_blocks - 1);
-    dn_check_updated(J, u);
+        dn_note_finite(J, J->update(p, n, J->w, dn_block_samples(J, b), J->hbuf[set0 + b], J->dbuf[set0 + b], G,
+                                    scratch, J->lr, b == 0, b == J->n_blocks - 1));
 }
 
 /* The segments split of a batch of one block at the narrow widths (J->recompute2): a side recomputes
@@ -339,8 +324,7 @@ static void dn_segments_run(dn_job* J, int side) {
             if (b >= ahead) dn_recompute_unit(J, u, b, set, scratch);
             dn_backprop_unit(J, u, b, set, G, scratch);
         }
-        dn_publish(J, &J->produced, u + 1);   /* g first: the other thread waits for it, not for the check */
-        dn_check_updated(J, u);
+        dn_publish(J, &J->produced, u + 1);
     }
 }
 

@@ -363,28 +363,66 @@ typedef float dn_v4f __attribute__((vector_size(16)));
 typedef float dn_v4u __attribute__((vector_size(16), aligned(4)));
 typedef float dn_v16f __attribute__((vector_size(64)));
 typedef float dn_v16u __attribute__((vector_size(64), aligned(4)));
-static inline __attribute__((always_inline)) void dn_sgd_row(float* p, const float* gk, float lr, const int n) {
-    int m = 0;
+/* Whether the weights an SGD pass wrote are all finite, summed as it writes them: x * 0 is 0 for a
+   finite x and NaN for an infinite or NaN one, so these sums are NaN exactly when some x was not. One
+   multiply-add per vector on values already in registers, instead of a pass over the rows afterwards;
+   a loop keeps one in registers and returns dn_finite_ok of it. */
+typedef struct {
 #if defined(__AVX512F__)
-    for (; m + 16 <= n; m += 16) *(dn_v16u*)(p + m) -= lr * *(const dn_v16u*)(gk + m);
+    dn_v16f v16;
 #endif
-    for (; m + 8 <= n; m += 8) *(dn_v8u*)(p + m) -= lr * *(const dn_v8u*)(gk + m);
-    for (; m + 4 <= n; m += 4) *(dn_v4u*)(p + m) -= lr * *(const dn_v4u*)(gk + m);
-    for (; m < n; m++) p[m] -= lr * gk[m];
+    dn_v8f v8;
+    dn_v4f v4;
+    float v1;
+} dn_finite;
+static inline dn_finite dn_finite_start(void) {
+    dn_finite f;
+    memset(&f, 0, sizeof(f));
+    return f;
+}
+static inline int dn_finite_ok(const dn_finite* f) {
+    float sum = f->v1;
+    for (int t = 0; t < 8; t++) sum += f->v8[t] + (t < 4 ? f->v4[t] : 0.0f);
+#if defined(__AVX512F__)
+    for (int t = 0; t < 16; t++) sum += f->v16[t];
+#endif
+    return sum == sum;
 }
 
-/* f(args..., a, b, c) with each flag a constant in its own call: an always-inlined loop then tests no
-   flag per iteration (GCC does not unswitch them). */
+/* p -= lr * gk over a row of n floats, noting in f whether the new values are finite. */
+static inline __attribute__((always_inline)) void dn_sgd_row(float* p, const float* gk, float lr, const int n,
+                                                             dn_finite* f) {
+    int m = 0;
+#if defined(__AVX512F__)
+    for (; m + 16 <= n; m += 16) {
+        const dn_v16f x = *(dn_v16u*)(p + m) - lr * *(const dn_v16u*)(gk + m);
+        *(dn_v16u*)(p + m) = x;
+        f->v16 += x * 0.0f;
+    }
+#endif
+    for (; m + 8 <= n; m += 8) {
+        const dn_v8f x = *(dn_v8u*)(p + m) - lr * *(const dn_v8u*)(gk + m);
+        *(dn_v8u*)(p + m) = x;
+        f->v8 += x * 0.0f;
+    }
+    for (; m + 4 <= n; m += 4) {
+        const dn_v4f x = *(dn_v4u*)(p + m) - lr * *(const dn_v4u*)(gk + m);
+        *(dn_v4u*)(p + m) = x;
+        f->v4 += x * 0.0f;
+    }
+    for (; m < n; m++) {
+        p[m] -= lr * gk[m];
+        f->v1 += p[m] * 0.0f;
+    }
+}
+
+/* f(args..., a, b, c), its value, with each flag a constant in its own call: an always-inlined loop then
+   tests no flag per iteration (GCC does not unswitch them). */
 #define DN_CONSTANT_FLAGS(f, a, b, c, ...)                                                                 \
-    do {                                                                                                  \
-        if (a) {                                                                                          \
-            if (b) { if (c) f(__VA_ARGS__, 1, 1, 1); else f(__VA_ARGS__, 1, 1, 0); }                      \
-            else { if (c) f(__VA_ARGS__, 1, 0, 1); else f(__VA_ARGS__, 1, 0, 0); }                        \
-        } else {                                                                                          \
-            if (b) { if (c) f(__VA_ARGS__, 0, 1, 1); else f(__VA_ARGS__, 0, 1, 0); }                      \
-            else { if (c) f(__VA_ARGS__, 0, 0, 1); else f(__VA_ARGS__, 0, 0, 0); }                        \
-        }                                                                                                 \
-    } while (0)
+    ((a) ? ((b) ? ((c) ? f(__VA_ARGS__, 1, 1, 1) : f(__VA_ARGS__, 1, 1, 0))                               \
+                : ((c) ? f(__VA_ARGS__, 1, 0, 1) : f(__VA_ARGS__, 1, 0, 0)))                              \
+         : ((b) ? ((c) ? f(__VA_ARGS__, 0, 1, 1) : f(__VA_ARGS__, 0, 1, 0))                               \
+                : ((c) ? f(__VA_ARGS__, 0, 0, 1) : f(__VA_ARGS__, 0, 0, 0))))
 
 /* The first 32-byte boundary in a scratch area (_scratch_size leaves 8 floats of slack for it):
    vectors of the any-width path live there, since a work buffer from NumPy or malloc is only
@@ -574,15 +612,16 @@ typedef void (*dn_recompute_fn)(const float* params, Py_ssize_t seg_n, const flo
                                 Py_ssize_t B, Py_ssize_t s0, Py_ssize_t nb, float alpha, float* hbuf,
                                 float* dbuf, float* scratch);
 /* Back-propagate one block (or sample) through a recomputed segment (gradients started when `first`,
-   applied when `last`). */
-typedef void (*dn_backprop_fn)(float* params, Py_ssize_t seg_n, float* g, Py_ssize_t w, Py_ssize_t B,
-                               Py_ssize_t s0, Py_ssize_t nb, const float* hbuf, const float* dbuf, float* grad,
-                               float* scratch, float lr, int first, int last);
+   applied when `last`). Loops that apply weight updates return whether every weight they wrote is
+   finite (dn_finite); the others return 1. */
+typedef int (*dn_backprop_fn)(float* params, Py_ssize_t seg_n, float* g, Py_ssize_t w, Py_ssize_t B,
+                              Py_ssize_t s0, Py_ssize_t nb, const float* hbuf, const float* dbuf, float* grad,
+                              float* scratch, float lr, int first, int last);
 /* Back-propagation of one (segment, block) (bp_*) and recomputation of the next (rc_*) in one loop. */
-typedef void (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssize_t B, Py_ssize_t bp_s0,
-                            Py_ssize_t bp_nb, const float* bp_hbuf, const float* bp_dbuf, float* grad, float lr,
-                            int first, int last, const float* rc_params, Py_ssize_t rc_n, const float* rc_sv,
-                            Py_ssize_t rc_s0, Py_ssize_t rc_nb, float alpha, float* rc_hbuf, float* rc_dbuf);
+typedef int (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssize_t B, Py_ssize_t bp_s0,
+                           Py_ssize_t bp_nb, const float* bp_hbuf, const float* bp_dbuf, float* grad, float lr,
+                           int first, int last, const float* rc_params, Py_ssize_t rc_n, const float* rc_sv,
+                           Py_ssize_t rc_s0, Py_ssize_t rc_nb, float alpha, float* rc_hbuf, float* rc_dbuf);
 
 /* The back-propagation of one block through a recomputed segment in two passes, the same results as one
    dn_backprop_fn: carry g down (each layer's dz left in dbuf; a loop may start the gradient rows in grad
@@ -590,8 +629,8 @@ typedef void (*dn_fused_fn)(float* bp_params, Py_ssize_t bp_n, float* g, Py_ssiz
    rest of the weight gradients. */
 typedef void (*dn_carry_fn)(const float* params, Py_ssize_t seg_n, float* g, Py_ssize_t w, Py_ssize_t B,
                             Py_ssize_t s0, Py_ssize_t nb, float* dbuf, float* grad, int first, float* scratch);
-typedef void (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t w, Py_ssize_t nb, const float* hbuf,
-                             const float* dbuf, float* grad, float* scratch, float lr, int first, int last);
+typedef int (*dn_update_fn)(float* params, Py_ssize_t seg_n, Py_ssize_t w, Py_ssize_t nb, const float* hbuf,
+                            const float* dbuf, float* grad, float* scratch, float lr, int first, int last);
 /* Two recomputations (of the same block through two segments, a and b) in one loop: each is one
    dependency chain a layer long, and one chain leaves the core idle part of the time (dn_driver.h). */
 typedef void (*dn_recompute2_fn)(const float* params_a, Py_ssize_t n_a, const float* sv_a, float* hbuf_a,
@@ -636,7 +675,7 @@ typedef struct {
     const char* const* derivative_c;
 } dn_kernel_table;
 
-#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v4"
+#define DN_TABLE_CAPSULE "deepnet.kernels.dn_kernel_table.v5"
 
 /* The loops of activation `act` for width w: its own variant if it has one, else the any-width one. */
 static inline const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w) {
