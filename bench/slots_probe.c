@@ -8,7 +8,9 @@
    probe_clock.h); a kind that shares no pipe with FMAs adds nothing to the FMAs' 8 cycles of a Zen 4
    (one 16-lane FMA a cycle on its two 256-bit pipes). The divisions' row puts four vdivps beside
    16, 24 and 32 FMAs (how many FMA issues a division takes from the pipes it shares), 32 shuffles
-   and 32 adds. Best of three
+   and 32 adds. The stores' rows put eight 64-byte stores (vmovups, or vextractf64x4 of both halves)
+   beside 32 FMAs that read three registers and beside 32 with a {1to16} memory operand, as the
+   kernels' are. Best of three
    repetitions (a shared machine only ever makes a run slower). Needs AVX-512. */
 #include <stdio.h>
 
@@ -19,7 +21,7 @@
 #define ITERATIONS 2000000L
 #define REPETITIONS 3
 
-static float memory[64] __attribute__((aligned(64)));
+static float memory[256] __attribute__((aligned(64)));
 
 /* Cycles per iteration of one asm body, which may read `memory` through operand 0. */
 #define PROBE(NAME, BODY) \
@@ -79,6 +81,21 @@ PROBE(div4_fma32, DIV4 FMA8 FMA8 FMA8 FMA8)
 PROBE(div4_shuf32, DIV4 SHUF8 SHUF8 SHUF8 SHUF8)
 PROBE(div4_add32, DIV4 ADD8 ADD8 ADD8 ADD8)
 
+/* Eight 64-byte stores to memory[64..191] (the loads and broadcasts read below 64), and eight FMAs
+   with a broadcast memory operand. */
+#define ST(I) "vmovups %%zmm20, " #I "(%0)\n\t"
+#define STORE8 ST(256) ST(320) ST(384) ST(448) ST(512) ST(576) ST(640) ST(704)
+#define XST(I) "vextractf64x4 $0, %%zmm20, " #I "(%0)\n\t vextractf64x4 $1, %%zmm20, 32+" #I "(%0)\n\t"
+#define XSTORE8 XST(256) XST(320) XST(384) XST(448) XST(512) XST(576) XST(640) XST(704)
+#define FMAB8 X8("vfmadd231ps 4(%0)%{1to16%}, %%zmm21, ")
+PROBE(store_alone, STORE8)
+PROBE(store_fma, FMA8 STORE8 FMA8 FMA8 FMA8)
+PROBE(store_fmab, FMAB8 STORE8 FMAB8 FMAB8 FMAB8)
+PROBE(fmab_alone, FMAB8 FMAB8 FMAB8 FMAB8)
+PROBE(xstore_alone, XSTORE8)
+PROBE(xstore_fma, FMA8 XSTORE8 FMA8 FMA8 FMA8)
+PROBE(xstore_fmab, FMAB8 XSTORE8 FMAB8 FMAB8 FMAB8)
+
 #define ROW(NAME, LABEL) \
     printf("%-38s %6.1f %6.1f %6.1f %6.1f\n", LABEL, NAME##_alone(hz), NAME##_fma(hz), NAME##_add(hz), \
            NAME##_both(hz));
@@ -109,6 +126,11 @@ int main(void) {
     ROW(fma_bcast, "vfmadd231ps with {1to16} operand")
     printf("4 vdivps: alone %.1f, +16 FMA %.1f, +24 FMA %.1f, +32 FMA %.1f, +32 vshufps %.1f, +32 vaddps %.1f\n",
            div4_alone(hz), div4_fma16(hz), div4_fma24(hz), div4_fma32(hz), div4_shuf32(hz), div4_add32(hz));
+    printf("32 FMAs with {1to16} operands alone: %.1f\n", fmab_alone(hz));
+    printf("8 vmovups stores: alone %.1f, +32 FMA %.1f, +32 FMA with {1to16} operands %.1f\n", store_alone(hz),
+           store_fma(hz), store_fmab(hz));
+    printf("8 stores as vextractf64x4 halves: alone %.1f, +32 FMA %.1f, +32 FMA with {1to16} operands %.1f\n",
+           xstore_alone(hz), xstore_fma(hz), xstore_fmab(hz));
     return 0;
 }
 

@@ -221,7 +221,7 @@ def backward(int act, float[:, ::1] params, const float[:, ::1] saves, Py_ssize_
              float[:, ::1] g, float alpha, float lr, float[::1] work=None, int threads=1, kernels=None,
              int block=8, str split="blocks") -> bool:
     """Back-propagate g (width, batch) through the chunk and SGD-update every layer in place; return
-    whether every updated weight is finite (each segment's rows are checked right after their update).
+    whether every updated weight is finite (the loops note it as they write each weight).
 
     ``saves`` holds the states the forward pass saved for this chunk every ``save_every`` layers; on
     return g is the gradient at the chunk's input. Each layer's gradient is summed over the batch and
