@@ -424,6 +424,15 @@ static inline __attribute__((always_inline)) void dn_sgd_row(float* p, const flo
          : ((b) ? ((c) ? f(__VA_ARGS__, 0, 1, 1) : f(__VA_ARGS__, 0, 1, 0))                               \
                 : ((c) ? f(__VA_ARGS__, 0, 0, 1) : f(__VA_ARGS__, 0, 0, 0))))
 
+/* The end of the run of layers a forward pass takes from `layer` before its next save (the rest of the
+   chunk when it saves nothing; save_every >= 1 when it does). Each pass saves its state before a run and
+   then runs the run's layers in a loop with no test of its own for the saves, so that the loop keeps
+   the state in registers instead of storing it every layer for the save's sake. */
+static inline Py_ssize_t dn_run_end(Py_ssize_t layer, Py_ssize_t n_layers, const float* saves,
+                                    Py_ssize_t save_every) {
+    return saves != NULL && n_layers - layer > save_every ? layer + save_every : n_layers;
+}
+
 /* The first 32-byte boundary in a scratch area (_scratch_size leaves 8 floats of slack for it):
    vectors of the any-width path live there, since a work buffer from NumPy or malloc is only
    16-byte aligned. */
