@@ -72,10 +72,15 @@ def test_backward_reports_non_finite_updates(module, width, batch, where, fused)
 
 @pytest.mark.parametrize("module", kernel_builds(), ids=lambda m: m.__name__)
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
-def test_backward_reports_a_weight_that_was_already_non_finite(module, value):
-    """A non-finite weight stays non-finite through its update (lr = 0), and the check says so."""
+@pytest.mark.parametrize("column", [7, 17], ids=["weight", "bias"])
+def test_backward_reports_a_weight_that_was_already_non_finite(module, value, column):
+    """A non-finite weight or bias stays non-finite through its update (lr = 0), and the check says so, on
+    every thread count, split and batch layout."""
     kernels, params, saves, g0, alpha = _case(module, 4, 16, None)
     finite = params.copy()
-    params[-1, 7] = value    # the top layer's: the first segment back-propagated
-    assert not kernels.backward(params, saves, SAVE_EVERY, g0.copy(), alpha, 0.0)
-    assert kernels.backward(finite, saves, SAVE_EVERY, g0.copy(), alpha, 0.0)
+    params[-1, column] = value    # the top layer's: the first segment back-propagated
+    for threads, block, split in _options(kernels, 4, 16):
+        assert not kernels.backward(params.copy(), saves, SAVE_EVERY, g0.copy(), alpha, 0.0, None, threads, block,
+                                    split), (threads, block, split)
+        assert kernels.backward(finite.copy(), saves, SAVE_EVERY, g0.copy(), alpha, 0.0, None, threads, block,
+                                split), (threads, block, split)
