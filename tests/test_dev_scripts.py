@@ -61,7 +61,26 @@ def test_loop_counts_follow_the_activations(tmp_path):
     assert carry["issue_cycles_per_layer"] < carry["fma_pipe_cycles_per_layer"]
 
 
+def test_ab_builds_times_two_trees_in_turn(tmp_path):
+    """This tree against itself (its module copied and loaded a second time): both sides timed every round,
+    the ratios their quotients, and the settings as given."""
+    tree = str(BENCH.parent)
+    proc = run_script("ab_builds.py", tree, "--build", "portable", "--layers", "3000", "--rounds", "3", "--threads",
+                      "1", "--block", "8", "--split", "blocks", "--json-out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["build"], result["layers"], result["threads"], result["block"]) == ("portable", 3000, 1, 8)
+    this, other = result["seconds"]["this"], result["seconds"]["other"]
+    assert len(this) == len(other) == 3 and min(this + other) > 0
+    ratios = sorted(o / t for o, t in zip(other, this))
+    assert result["ratio_other_over_this"]["median"] == pytest.approx(ratios[1])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name, args, message", [
+    ("ab_builds.py", ["."], "is not a deepnet source tree"),
+    ("ab_builds.py", [str(BENCH.parent), "--rounds", "1"], "--rounds must be an integer >= 2"),
+    ("ab_builds.py", [str(BENCH.parent), "--kind", "sideways"], "--kind must be backward or forward"),
     ("crash_soak.py", ["--modes", "streamed,bogus"], "--modes must be streamed, in-memory or both"),
     ("crash_soak.py", ["--kills", "0"], "--kills must be > 0"),
     ("fuzz_idx.py", ["--examples", "-5"], "--examples must be > 0"),
