@@ -44,6 +44,12 @@ def is_light(activation) -> bool:
     return set(calls) <= _LIGHT_CALLS and "?" not in text
 
 
+def defers_derivatives(activation) -> bool:
+    """True if an activation's derivative reads only ``a`` (not ``z``): the paired recomputation then makes
+    each layer's derivatives in the next layer's pass, off the layer's chain."""
+    return re.search(r"\bz\b", activation.derivative_c) is None
+
+
 def c_string(text: str) -> str:
     """``text`` as a C string literal (its UTF-8 bytes; quotes, backslashes and the unprintable escaped)."""
     out = []
@@ -71,4 +77,4 @@ def render_layer_loops(activations: Sequence, widths: Sequence[int] = SPECIALISE
     template = Tempita.Template(TEMPLATE_PATH.read_text(), name=str(TEMPLATE_PATH))
     header = "/* Generated from kernels/layer_loops.h.tp by deepnet/kernels/template.py: do not edit. */\n"
     return header + template.substitute(activations=list(activations), widths=list(widths), is_light=is_light,
-                                        c_strings=c_strings)
+                                        defers_derivatives=defers_derivatives, c_strings=c_strings)
