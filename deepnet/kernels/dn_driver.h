@@ -35,10 +35,11 @@
    its segment first, hands it on, and only then makes and applies the weight gradients: the serial
    path is g's own arithmetic, and the call takes about half of all the work per segment instead.
    At the narrow widths whose 16-sample layout has a paired recomputation (recompute2, widths 2 and
-   4) a batch of one block goes the same way, each side recomputing two of its segments in one loop
-   first (dn_segments_run_paired): one narrow recomputation is a dependency chain, two fill each
-   other's gaps, and the short serial path keeps the split steady when the host slows the cores'
-   traffic (bench/README.md).
+   4) a batch of one block goes the same way, a side taking the next two segments no side has taken
+   yet and recomputing both in one loop first (dn_segments_run_paired): one narrow recomputation is
+   a dependency chain, two fill each other's gaps, the short serial path keeps the split steady when
+   the host slows the cores' traffic, and a core the host slows for a while takes fewer segments
+   instead of holding the other back (bench/README.md).
 
    The loops that apply a segment's updates note whether every weight they wrote is finite as they
    write it (dn_finite: the numerical guard's check of the new weights, without a pass over the rows
@@ -76,8 +77,9 @@ typedef struct {
     float alpha, lr;
     float* hbuf[4]; float* dbuf[4]; float* grad[DN_GRAD_BUFFERS]; float* scratch[2];
     Py_ssize_t half;                 /* the second core's first block */
-    /* units done by each side, accessed with __atomic builtins */
-    Py_ssize_t produced, consumed;
+    /* units done by each side, and pairs of units taken (dn_segments_run_paired), accessed with
+       __atomic builtins */
+    Py_ssize_t produced, consumed, claimed;
     int sleepers;
     int nonfinite;                   /* some updated weight is inf or nan (__atomic stores) */
     pthread_mutex_t mu;
@@ -277,32 +279,37 @@ static void dn_two_pass_unit(dn_job* J, Py_ssize_t u, int set0, float* G, float*
                                     scratch, J->lr, b == 0, b == J->n_blocks - 1));
 }
 
-/* The segments split of a batch of one block at the narrow widths (J->recompute2): a side recomputes
-   two of its units (u, u + 2) in one loop, into its two buffer sets, then back-propagates each in two
-   passes. One narrow layer's recomputation is a chain that leaves the core idle about a quarter of
-   the time; two chains fill it, and only g's own arithmetic (the carry) runs in series across the cores. */
+/* The segments split of a batch of one block at the narrow widths (J->recompute2): a side takes the
+   next two units no side has taken (u, u + 1: `claimed` counts the pairs taken), recomputes both in one
+   loop into its two buffer sets, then back-propagates each in two passes. One narrow layer's
+   recomputation is a chain that leaves the core idle about a quarter of the time; two chains fill
+   it, and only g's own arithmetic (the carry) runs in series across the cores. Taking pairs as they
+   come (not every other one) lets a core the host slows take fewer; a unit's arithmetic is the same
+   whichever core runs it. */
 static void dn_segments_run_paired(dn_job* J, int side) {
     float* G = J->grad[side];
     float* scratch = J->scratch[side];
-    for (Py_ssize_t u = side; u < J->n_seg; u += 4) {
-        Py_ssize_t seg, start, n, seg2, start2, n2;
-        const int pair = u + 2 < J->n_seg;
+    for (;;) {
+        const Py_ssize_t u = 2 * __atomic_fetch_add(&J->claimed, 1, __ATOMIC_SEQ_CST);
+        if (u >= J->n_seg) break;
+        const int pair = u + 1 < J->n_seg;
         if (pair) {
+            Py_ssize_t seg, start, n, seg2, start2, n2;
             dn_segment(J, u, &seg, &start, &n);
-            dn_segment(J, u + 2, &seg2, &start2, &n2);
+            dn_segment(J, u + 1, &seg2, &start2, &n2);
             J->recompute2(J->params + start * J->row, n, J->saves + seg * J->w * J->B, J->hbuf[2 * side],
                           J->dbuf[2 * side], J->params + start2 * J->row, n2, J->saves + seg2 * J->w * J->B,
                           J->hbuf[2 * side + 1], J->dbuf[2 * side + 1], J->w, J->B, 0, J->B, J->alpha);
         } else
             dn_recompute_unit(J, u, 0, 2 * side, scratch);
         dn_two_pass_unit(J, u, 2 * side, G, scratch);
-        if (pair) dn_two_pass_unit(J, u + 2, 2 * side + 1, G, scratch);
+        if (pair) dn_two_pass_unit(J, u + 1, 2 * side + 1, G, scratch);
     }
 }
 
-/* Side 0 takes units 0, 2, 4, ..., side 1 units 1, 3, ...: a unit's blocks (as many as the side's two
-   buffer sets hold) are recomputed before its g is awaited, the rest as they come. `produced` counts
-   the units g has passed. */
+/* Side 0 takes units 0, 2, 4, ..., side 1 units 1, 3, ... (the paired split takes them as they come):
+   a unit's blocks (as many as the side's two buffer sets hold) are recomputed before its g is awaited,
+   the rest as they come. `produced` counts the units g has passed. */
 static void dn_segments_run(dn_job* J, int side) {
     if (J->recompute2 != NULL) {
         dn_segments_run_paired(J, side);
@@ -370,7 +377,7 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     }
     for (int k = 0; k < 2; k++) J.scratch[k] = scratch + k * scratch_floats;
     for (int k = 0; k < DN_GRAD_BUFFERS; k++) J.grad[k] = grad + k * save_every * gstride;
-    J.produced = J.consumed = 0;
+    J.produced = J.consumed = J.claimed = 0;
     J.sleepers = 0;
     J.nonfinite = 0;
     by_segments = by_segments || J.n_blocks < 2;
