@@ -9,8 +9,8 @@ other / this (their median and quartiles), or JSON with --json-out.
 The other tree's module is copied to a temporary directory and loaded under its own name, so both run in
 this process through the same Python code (deepnet.kernels.loader); only their compiled loops differ. The
 weights are random and unchanged (lr = 0), the chunks are the engine's in RAM (1M layers a call), and the
-segment length is the engine's for this CPU's L2. Separate processes in turn (bench/README.md) drift apart
-by more than a few percent here; two copies of one build run this way agree to ~1% (the A/A check).
+segment length is the engine's for this CPU's L2. Separate processes in turn drift apart on a shared
+machine; how closely two copies of one build agree this way is in bench/README.md (the A/A check).
 """
 
 from __future__ import annotations
