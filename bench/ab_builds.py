@@ -123,12 +123,11 @@ def compare(other: str | Path, build: str = "avx512", kind: str = "backward", ac
     seconds: dict[str, list[float]] = {"this": [], "other": []}
     for r in range(rounds + 1):   # round 0 warms both up and is not kept
         for label in (("this", "other") if r % 2 else ("other", "this")):
-            took = _run(sides[label], kind, params, h0, g0, saves.copy() if kind == "forward" else saves,
-                        save_every, alpha, threads, block, split)
+            took = _run(sides[label], kind, params, h0, g0, saves, save_every, alpha, threads, block, split)
             if r:
                 seconds[label].append(took)
     ratios = [o / t for o, t in zip(seconds["other"], seconds["this"])]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    quartiles = statistics.quantiles(ratios, n=4)   # rounds >= 2
     return {"kind": kind, "build": build, "activation": activation, "layers": layers, "width": width,
             "batch": batch, "threads": threads, "block": block, "split": split, "save_every": save_every,
             "other": str(tree), "seconds": seconds,
