@@ -5,12 +5,15 @@ other / this (their median and quartiles), or JSON with --json-out.
 
     git worktree add /tmp/before HEAD~1 && (cd /tmp/before && python setup.py build_ext --inplace)
     python bench/ab_builds.py /tmp/before [--build avx512] [--kind backward] [--rounds 12] [--layers 10_000_000]
+    python bench/ab_builds.py . --build avx2 --block 8 --split blocks --other-block 16 --other-split segments
 
 The other tree's module is copied to a temporary directory and loaded under its own name, so both run in
 this process through the same Python code (deepnet.kernels.loader); only their compiled loops differ. The
 weights are random and unchanged (lr = 0), the chunks are the engine's in RAM (1M layers a call), and the
-segment length is the engine's for this CPU's L2. Separate processes in turn drift apart on a shared
-machine; how closely two copies of one build agree this way is in bench/README.md (the A/A check).
+segment length is the engine's for this CPU's L2. The other side may run its own batch block and split
+(--other-block, --other-split), so that one tree's two ways of running a backward can be timed in turn
+(OTHER "."). Separate processes in turn drift apart on a shared machine; how closely two copies of one
+build agree this way is in bench/README.md (the A/A check).
 """
 
 from __future__ import annotations
@@ -86,13 +89,17 @@ def _run(kernels: LayerKernels, kind: str, params: np.ndarray, h0: np.ndarray, g
 
 def compare(other: str | Path, build: str = "avx512", kind: str = "backward", activation: str = "softsign",
             layers: int = 10_000_000, width: int = 4, batch: int = 16, rounds: int = 12, threads: int = 2,
-            block: int = 16, split: str = "segments") -> dict:
+            block: int = 16, split: str = "segments", other_block: int | None = None,
+            other_split: str | None = None) -> dict:
     """Both trees' timings, round by round (validated first; nothing is loaded before the arguments pass)."""
     tree = Path(other)
+    other_block = block if other_block is None else other_block
+    other_split = split if other_split is None else other_split
     if kind not in KINDS:
         raise ConfigError(f"--kind must be {' or '.join(KINDS)}, got {kind!r}")
-    if split not in SPLITS:
-        raise ConfigError(f"--split must be {' or '.join(SPLITS)}, got {split!r}")
+    for flag, value in (("--split", split), ("--other-split", other_split)):
+        if value not in SPLITS:
+            raise ConfigError(f"{flag} must be {' or '.join(SPLITS)}, got {value!r}")
     for flag, value, least in (("--layers", layers, 1), ("--width", width, 1), ("--batch", batch, 1),
                                ("--rounds", rounds, 2), ("--threads", threads, 1)):
         if not isinstance(value, int) or value < least:
@@ -109,8 +116,11 @@ def compare(other: str | Path, build: str = "avx512", kind: str = "backward", ac
         if activation not in module.ACTIVATION_NAMES:
             raise ConfigError(f"--activation must be a built-in of both trees, got {activation!r}")
         sides[label] = LayerKernels(activation, module, module.activation_index(activation))
-    if block not in sides["this"].backward_blocks(width) or block not in sides["other"].backward_blocks(width):
-        raise ConfigError(f"--block {block} is not a batch block both builds run at width {width}")
+    if block not in sides["this"].backward_blocks(width):
+        raise ConfigError(f"--block {block} is not a batch block this build runs at width {width}")
+    if other_block not in sides["other"].backward_blocks(width):
+        raise ConfigError(f"--other-block {other_block} is not a batch block the other build runs at width {width}")
+    ways = {"this": (block, split), "other": (other_block, other_split)}
 
     rng = np.random.default_rng(0)
     params = rng.uniform(-1e-3, 1e-3, (layers, width * width + width)).astype(np.float32)
@@ -123,13 +133,14 @@ def compare(other: str | Path, build: str = "avx512", kind: str = "backward", ac
     seconds: dict[str, list[float]] = {"this": [], "other": []}
     for r in range(rounds + 1):   # round 0 warms both up and is not kept
         for label in (("this", "other") if r % 2 else ("other", "this")):
-            took = _run(sides[label], kind, params, h0, g0, saves, save_every, alpha, threads, block, split)
+            took = _run(sides[label], kind, params, h0, g0, saves, save_every, alpha, threads, *ways[label])
             if r:
                 seconds[label].append(took)
     ratios = [o / t for o, t in zip(seconds["other"], seconds["this"])]
     quartiles = statistics.quantiles(ratios, n=4)   # rounds >= 2
     return {"kind": kind, "build": build, "activation": activation, "layers": layers, "width": width,
-            "batch": batch, "threads": threads, "block": block, "split": split, "save_every": save_every,
+            "batch": batch, "threads": threads, "block": block, "split": split, "other_block": other_block,
+            "other_split": other_split, "save_every": save_every,
             "other": str(tree), "seconds": seconds,
             "median": {k: statistics.median(v) for k, v in seconds.items()},
             "fastest": {k: min(v) for k, v in seconds.items()},
@@ -138,17 +149,22 @@ def compare(other: str | Path, build: str = "avx512", kind: str = "backward", ac
 
 def main(other: str, build: str = "avx512", kind: str = "backward", activation: str = "softsign",
          layers: int = 10_000_000, width: int = 4, batch: int = 16, rounds: int = 12, threads: int = 2,
-         block: int = 16, split: str = "segments", json_out: bool = False) -> None:
+         block: int = 16, split: str = "segments", other_block: int | None = None, other_split: str | None = None,
+         json_out: bool = False) -> None:
     """Time this tree's build against OTHER's (a deepnet source tree with its modules built in place) in
-    alternating rounds; print the medians, the fastest rounds and the pairwise ratios other / this."""
-    result = compare(other, build, kind, activation, layers, width, batch, rounds, threads, block, split)
+    alternating rounds, the other with its own block and split if given; print the medians, the fastest
+    rounds and the pairwise ratios other / this."""
+    result = compare(other, build, kind, activation, layers, width, batch, rounds, threads, block, split,
+                     other_block, other_split)
     if json_out:
         print(json.dumps(result))
         return
     print(f"{kind}, {build} build, {activation}, {layers} layers x width {width}, batch {batch}, "
-          f"{threads} thread(s), block {block}, {split}, segments of {result['save_every']}, {rounds} rounds")
-    for label, name in (("this", "this tree"), ("other", str(other))):
-        print(f"  {name:<30} median {result['median'][label]:.4f} s  fastest {result['fastest'][label]:.4f} s")
+          f"{threads} thread(s), segments of {result['save_every']}, {rounds} rounds")
+    for label, name, way in (("this", "this tree", (block, split)),
+                             ("other", str(other), (result["other_block"], result["other_split"]))):
+        print(f"  {name:<30} block {way[0]:>2}, {way[1]:<8}  median {result['median'][label]:.4f} s  "
+              f"fastest {result['fastest'][label]:.4f} s")
     ratio = result["ratio_other_over_this"]
     print(f"  other / this, pairwise: median {ratio['median']:.3f} (quartiles {ratio['q1']:.3f}-{ratio['q3']:.3f})")
 

@@ -27,9 +27,12 @@ from deepnet.errors import ConfigError
 from deepnet.kernels.loader import builtin_module
 
 # Layers one pass of each piece's hottest loop covers (the paired recomputation runs a layer of each of its
-# two segments), and the function that holds the loop.
+# two segments), and the function that holds the loop; where the build runs the pieces on two 8-lane halves
+# (the AVX2 build, BLOCK16_HALVES_WIDTH), those, whose recompute2 recomputes its segments in turn.
 PIECES = {"recompute2": ("dn_recompute2_block16_{act}_w4", 2), "carry": ("dn_carry_block16_{act}_w4", 1),
           "update": ("dn_update_block16_{act}_w4", 1)}
+HALVES_PIECES = {"recompute2": ("dn_recompute_halves_{act}_w4", 1), "carry": ("dn_carry_halves_{act}_w4", 1),
+                 "update": ("dn_update_halves_{act}_w4", 1)}
 FMA_PIPE = re.compile(r"v(f(n)?m(add|sub)\d*ps|mulps)$")
 _LINE = re.compile(r"\s+([0-9a-f]+):\s+(\S+)\s*(.*)")
 
@@ -80,11 +83,11 @@ def hottest_loop(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]
     return best
 
 
-def counts(so: Path, activation: str) -> dict:
+def counts(so: Path, activation: str, pieces: dict = PIECES) -> dict:
     """Each piece's hottest loop, counted: instructions, FMAs and multiplies, divisions, FMA-pipe cycles and
     issue cycles a layer (None for a piece this build does not have)."""
     result: dict[str, dict | None] = {}
-    for piece, (pattern, layers) in PIECES.items():
+    for piece, (pattern, layers) in pieces.items():
         loop = hottest_loop(_disassemble(so, pattern.format(act=activation)))
         if not loop:
             result[piece] = None
@@ -98,8 +101,10 @@ def counts(so: Path, activation: str) -> dict:
 
 def loop_counts(names: list[str]) -> tuple[Path, dict]:
     """The kernel module of the build in use, and each activation's counts (``counts``)."""
-    so = Path(builtin_module(None).__file__)
-    return so, {name: counts(so, name) for name in names}
+    module = builtin_module(None)
+    pieces = HALVES_PIECES if module.BLOCK16_HALVES_WIDTH == 4 and not module.BLOCK16_NATIVE else PIECES
+    so = Path(module.__file__)
+    return so, {name: counts(so, name, pieces) for name in names}
 
 
 def main(activations: str | tuple = ("softsign", "relu", "tanh"), json_out: bool = False) -> None:

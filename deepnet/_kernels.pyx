@@ -17,8 +17,8 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 
 from deepnet.kernels.dn_runtime cimport (DN_BACKWARD_BLOCK, DN_BACKWARD_BLOCK16, DN_BLOCKED_MIN_BATCH, DN_MAX_BLOCK,
-                                         DN_TABLE_CAPSULE, DN_V16_NATIVE, dn_add_table_attributes, dn_grad_stride,
-                                         dn_kernel, dn_kernel_for, dn_kernel_table)
+                                         DN_TABLE_CAPSULE, DN_V16_HALVES_WIDTH, DN_V16_NATIVE, dn_add_table_attributes,
+                                         dn_grad_stride, dn_kernel, dn_kernel_for, dn_kernel_table)
 
 cdef extern from "dn_driver.h" nogil:
     const int DN_GRAD_BUFFERS
@@ -53,9 +53,12 @@ dn_add_table_attributes(sys.modules[__name__], &dn_table)
 # A backward call starts a second thread from this many multiply-adds (layers x (w*w + w) x batch).
 THREAD_MIN_WORK = int(DN_THREAD_MIN_WORK)
 # Whether this build's 16-lane vectors are one register each (AVX-512): only then is the backward's
-# 16-sample layout (backward_blocks) worth measuring against the 8-sample one; elsewhere it runs, with
-# the same results, but slower.
+# 16-sample layout (backward_blocks) worth measuring against the 8-sample one at every batch; elsewhere
+# it runs, with the same results, but slower (except as BLOCK16_HALVES_WIDTH says).
 BLOCK16_NATIVE = bool(DN_V16_NATIVE)
+# The width at which, where they are not native, the 16-sample blocks of a one-block batch still run
+# well split by segments (their paired pieces on two 8-lane halves: AVX2's registers hold them); 0: none.
+BLOCK16_HALVES_WIDTH = int(DN_V16_HALVES_WIDTH)
 # How backward's threads share a call: by the batch's blocks, or by segments in turn (see backward).
 SPLITS = ("blocks", "segments")
 

@@ -234,3 +234,71 @@ def test_fixed_threads_take_16_sample_blocks_split_by_segments_where_native(monk
     engine.backward(np.zeros((4, 16), np.float32), 0.0, step=1)
     assert engine.backward_block_used == (16 if kernels.block16_native else 8)
     engine.close()
+
+
+def _builds_with_halves() -> list:
+    """The builds this CPU runs whose 16-sample blocks at width 4 are two 8-lane halves (AVX2)."""
+    return [m for m in kernel_builds() if m.BLOCK16_HALVES_WIDTH == 4 and not m.BLOCK16_NATIVE]
+
+
+def test_halves_are_a_build_fact_of_width_4_only():
+    """The AVX2 build (where the CPU has it) runs the paired split's 16-sample pieces on 8-lane halves at
+    width 4; the portable build has none, and AVX-512's are native."""
+    for module in kernel_builds():
+        kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
+        avx2 = module.BUILT_FOR == "avx2+fma"
+        assert module.BLOCK16_HALVES_WIDTH == (4 if avx2 else 0), module.__name__
+        assert [w for w in (2, 3, 4, 8, 16) if kernels.block16_halves(w)] == ([4] if avx2 else [])
+
+
+@pytest.mark.parametrize("batch", [9, 16])
+def test_engine_measures_the_halves_where_the_build_has_them(batch):
+    """Where a one-block batch's 16-sample blocks run on halves (AVX2, width 4), the backward's choice
+    tries them on one thread and on two split by segments, beside 8-sample blocks shared by two threads,
+    and training comes out bit for bit as on one thread; a batch of two 16-sample blocks is not offered
+    them."""
+    modules = _builds_with_halves()
+    if not modules:
+        pytest.skip("no build with 16-sample halves runs on this CPU (needs AVX2 without AVX-512's own)")
+    module = modules[0]
+    kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
+    rng = np.random.default_rng(batch)
+    layers = int(1.5 * module.THREAD_MIN_WORK) // (20 * batch) + 301
+    weights = rng.uniform(-0.3, 0.3, (layers, 20)).astype(np.float32)
+    x = [rng.standard_normal((4, batch)).astype(np.float32) for _ in range(12)]
+    plain = _engine(weights, kernels, 1)
+    measured = _engine(weights, kernels, 2)
+    used = set()
+    for h in x:
+        plain.forward(h.copy())
+        plain.backward(h.copy(), 0.01, step=1)
+        measured.forward(h.copy())
+        measured.backward(h.copy(), 0.01, step=1)
+        used.add((measured.threads_used["backward"], measured.backward_block_used, measured.backward_split_used))
+    assert used == {(2, 16, "segments"), (2, 8, "blocks"), (1, 16, "blocks")}
+    assert np.array_equal(measured.store.weights, plain.store.weights)
+    wide = _engine(weights, kernels, 2)
+    for h in [rng.standard_normal((4, 32)).astype(np.float32) for _ in range(8)]:
+        wide.forward(h.copy())
+        wide.backward(h.copy(), 0.01, step=1)
+        assert wide.backward_block_used == 8
+    for engine in (plain, measured, wide):
+        engine.close()
+
+
+def test_fixed_threads_take_the_halves():
+    modules = _builds_with_halves()
+    if not modules:
+        pytest.skip("no build with 16-sample halves runs on this CPU (needs AVX2 without AVX-512's own)")
+    module = modules[0]
+    kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
+    weights = np.zeros((50, 20), np.float32)
+    for fixed, batch, expected in [(2, 16, (2, 16, "segments")), (1, 16, (1, 16)), (2, 12, (2, 16, "segments")),
+                                   (2, 32, (2, 8, "blocks")), (2, 8, (2, 8))]:
+        engine = _engine(weights, kernels, 2)
+        engine.fixed_threads = fixed
+        engine.forward(np.zeros((4, batch), np.float32))
+        engine.backward(np.zeros((4, batch), np.float32), 0.0, step=1)
+        used = (engine.threads_used["backward"], engine.backward_block_used, engine.backward_split_used)
+        assert used[:len(expected)] == expected, (fixed, batch)
+        engine.close()

@@ -39,7 +39,9 @@
    yet and recomputing both in one loop first (dn_segments_run_paired): one narrow recomputation is
    a dependency chain, two fill each other's gaps, the short serial path keeps the split steady when
    the host slows the cores' traffic, and a core the host slows for a while takes fewer segments
-   instead of holding the other back (bench/README.md).
+   instead of holding the other back (bench/README.md). One thread runs the same pieces in turn. The
+   AVX2 build runs these pieces of width 4 on two 8-lane halves of the 16-sample layout
+   (DN_V16_HALVES_WIDTH): the same buffers and results.
 
    The loops that apply a segment's updates note whether every weight they wrote is finite as they
    write it (dn_finite: the numerical guard's check of the new weights, without a pass over the rows
@@ -389,8 +391,11 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
         pthread_mutex_destroy(&J.mu);
     }
     /* one thread (or no thread could start): the same arithmetic in the same order, with one
-       gradient buffer (a segment's gradients stay in cache: 0.25 MB at width 32) */
-    if (!done && J.fused)
+       gradient buffer (a segment's gradients stay in cache: 0.25 MB at width 32); the paired pieces
+       where the batch is one block that has them (every wait is already met) */
+    if (!done && J.recompute2 != NULL)
+        dn_segments_run_paired(&J, 0);
+    else if (!done && J.fused)
         dn_fused_run(&J, 0, J.n_blocks, 0, 0);
     else if (!done)
         for (Py_ssize_t u = 0; u < J.n_seg; u++) dn_blocks_unit(&J, u, 0, J.n_blocks, 0, J.grad[0]);

@@ -487,10 +487,11 @@ static inline __attribute__((always_inline)) dn_v8f dn_add_block(dn_v8f gk, dn_v
    compiler splits the vectors in two. Needs __builtin_shufflevector (GCC 12, Clang). */
 #if (defined(__clang__) || __GNUC__ >= 12)
 #define DN_HAS_V16 1
-/* Whether a 16-lane vector is one register here (AVX-512): only then is the layout faster (elsewhere
-   its state spills: tests run it for its results, training does not). The AVX-512 build prefers
-   256-bit vectors where GCC vectorises loops itself, which would cut the activation's lane loops of a
-   16-lane vector in two; the layout's functions (DN_V16_FN) ask for 512 bits. */
+/* Whether a 16-lane vector is one register here (AVX-512): only then are the layout's loops fast
+   (elsewhere their state spills: tests run them for their results, and training only the halves of
+   DN_V16_HALVES_WIDTH below). The AVX-512 build prefers 256-bit vectors where GCC vectorises loops
+   itself, which would cut the activation's lane loops of a 16-lane vector in two; the layout's
+   functions (DN_V16_FN) ask for 512 bits. */
 #if defined(__AVX512F__)
 #define DN_V16_NATIVE 1
 #if defined(__clang__)
@@ -500,7 +501,17 @@ static inline __attribute__((always_inline)) dn_v8f dn_add_block(dn_v8f gk, dn_v
 #endif
 #else
 #define DN_V16_NATIVE 0
-#define DN_V16_FN
+/* (the halves below take the place of some of them, which then go unused) */
+#define DN_V16_FN __attribute__((unused))
+#endif
+/* The width whose paired segments split (recompute2, carry, update) runs the 16-sample layout as two
+   8-lane halves where a 16-lane vector is not one register but AVX2's sixteen hold a unit's halves
+   (layer_loops.h.tp, "halves"); 0: none. GCC keeps a 64-byte vector it has no register for in memory,
+   so the layout's own loops spill there. */
+#if !DN_V16_NATIVE && defined(__AVX2__) && defined(__FMA__)
+#define DN_V16_HALVES_WIDTH 4
+#else
+#define DN_V16_HALVES_WIDTH 0
 #endif
 
 static inline __attribute__((always_inline)) dn_v16f dn_splat16(float x) {
@@ -605,6 +616,7 @@ static inline void dn_store_block16(float* dst, const dn_v16f* src, int w, Py_ss
 #else
 #define DN_HAS_V16 0
 #define DN_V16_NATIVE 0
+#define DN_V16_HALVES_WIDTH 0
 #endif
 
 /* Floats per layer in a gradient buffer: a row padded to a multiple of 8 (whole vectors). */

@@ -13,6 +13,7 @@ cdef extern from "dn_runtime.h" nogil:
     const int DN_BACKWARD_BLOCK16
     const int DN_BLOCKED_MIN_BATCH
     const int DN_V16_NATIVE
+    const int DN_V16_HALVES_WIDTH
     Py_ssize_t dn_grad_stride(Py_ssize_t w)
     const dn_kernel* dn_kernel_for(const dn_kernel_table* t, int act, Py_ssize_t w)
 

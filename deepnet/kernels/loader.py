@@ -82,6 +82,11 @@ class LayerKernels:
         """Whether the 16-sample blocks run in one register per unit here (AVX-512), so may be faster."""
         return bool(self.calls.BLOCK16_NATIVE)
 
+    def block16_halves(self, width: int) -> bool:
+        """Whether, not native, a one-block batch's 16-sample blocks split by segments still run well at
+        ``width`` (their pieces on two 8-lane halves, AVX2), so may be faster than 8-sample blocks."""
+        return width == self.calls.BLOCK16_HALVES_WIDTH and 16 in self.backward_blocks(width)
+
     def workspace_size(self, width: int, batch: int, save_every: int) -> int:
         """Floats of work buffer a backward call at this shape needs."""
         return self.calls.workspace_size(width, batch, save_every)

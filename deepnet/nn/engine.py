@@ -294,20 +294,22 @@ class CoreEngine:
     def _backward_choice(self) -> MeasuredChoice | FixedChoice:
         """(threads, batch block, split) for the backward pass at the current batch size, all giving the
         same result: one thread, or all taking segments in turn or sharing the batch's blocks (offered
-        where the batch has more than one block). Blocks of 8 samples; where the kernels run 16-sample
-        blocks in one register per unit (AVX-512), blocks of 16 instead (the same results with half the
-        instructions), and of 8 only to share a batch of 16 by blocks. With ``fixed_threads``: blocks
-        of 16 split by segments where they are native (the faster on a Zen 4, bench/README.md), else
-        blocks of 8 shared by blocks."""
+        where the batch has more than one block). Blocks of 8 samples; blocks of 16 instead where the
+        kernels run them in one register per unit (AVX-512: the same results with half the instructions),
+        or a one-block batch's on two 8-lane halves (AVX2 at width 4), and of 8 only to share a batch of
+        16 by blocks. With ``fixed_threads``: blocks of 16 split by segments where they are offered (the
+        faster on a Zen 4, bench/README.md), else blocks of 8 shared by blocks."""
         batch = self._work_batch
         wide = (self.kernels.block16_native and batch >= 16
                 and 16 in self.kernels.backward_blocks(self.width))
+        halves = (not wide and batch > 8 and self.kernels.block16_halves(self.width)
+                  and self.kernels.backward_block_count(batch, 16) == 1)
         if self.fixed_threads:
             threads = min(self.fixed_threads, self.threads)
-            return FixedChoice((threads, 16, "segments") if wide else (threads, 8, "blocks"))
+            return FixedChoice((threads, 16, "segments") if wide or halves else (threads, 8, "blocks"))
         key = ("backward", batch)
         if key not in self._thread_choices:
-            most, block = self.threads, 16 if wide else 8
+            most, block = self.threads, 16 if wide or halves else 8
             options = [(1, block, "blocks")]
             if most > 1:
                 # sharing needs two blocks or more: a batch that is one 16-sample block shares 8-sample ones
