@@ -251,12 +251,12 @@ def test_halves_are_a_build_fact_of_width_4_only():
         assert [w for w in (2, 3, 4, 8, 16) if kernels.block16_halves(w)] == ([4] if avx2 else [])
 
 
-@pytest.mark.parametrize("batch", [9, 16])
+@pytest.mark.parametrize("batch", [9, 16, 24, 32])
 def test_engine_measures_the_halves_where_the_build_has_them(batch):
-    """Where a one-block batch's 16-sample blocks run on halves (AVX2, width 4), the backward's choice
-    tries them on one thread and on two split by segments, beside 8-sample blocks shared by two threads,
-    and training comes out bit for bit as on one thread; a batch of two 16-sample blocks is not offered
-    them."""
+    """Where the segments split's 16-sample blocks run on halves (AVX2, width 4), the backward's choice
+    tries them split by segments beside 8-sample blocks shared by two threads and one thread's blocks
+    (of 16 for a one-block batch, else 8), and training comes out bit for bit as on one thread; a batch
+    of three 16-sample blocks is not offered them."""
     modules = _builds_with_halves()
     if not modules:
         pytest.skip("no build with 16-sample halves runs on this CPU (needs AVX2 without AVX-512's own)")
@@ -275,10 +275,11 @@ def test_engine_measures_the_halves_where_the_build_has_them(batch):
         measured.forward(h.copy())
         measured.backward(h.copy(), 0.01, step=1)
         used.add((measured.threads_used["backward"], measured.backward_block_used, measured.backward_split_used))
-    assert used == {(2, 16, "segments"), (2, 8, "blocks"), (1, 16, "blocks")}
+    alone = 16 if batch <= 16 else 8
+    assert used == {(2, 16, "segments"), (2, 8, "blocks"), (1, alone, "blocks")}
     assert np.array_equal(measured.store.weights, plain.store.weights)
     wide = _engine(weights, kernels, 2)
-    for h in [rng.standard_normal((4, 32)).astype(np.float32) for _ in range(8)]:
+    for h in [rng.standard_normal((4, 40)).astype(np.float32) for _ in range(8)]:
         wide.forward(h.copy())
         wide.backward(h.copy(), 0.01, step=1)
         assert wide.backward_block_used == 8
@@ -294,7 +295,8 @@ def test_fixed_threads_take_the_halves():
     kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
     weights = np.zeros((50, 20), np.float32)
     for fixed, batch, expected in [(2, 16, (2, 16, "segments")), (1, 16, (1, 16)), (2, 12, (2, 16, "segments")),
-                                   (2, 32, (2, 8, "blocks")), (2, 8, (2, 8))]:
+                                   (2, 32, (2, 16, "segments")), (1, 32, (1, 8)), (2, 40, (2, 8, "blocks")),
+                                   (2, 8, (2, 8))]:
         engine = _engine(weights, kernels, 2)
         engine.fixed_threads = fixed
         engine.forward(np.zeros((4, batch), np.float32))

@@ -39,9 +39,10 @@
    yet and recomputing both in one loop first (dn_segments_run_paired): one narrow recomputation is
    a dependency chain, two fill each other's gaps, the short serial path keeps the split steady when
    the host slows the cores' traffic, and a core the host slows for a while takes fewer segments
-   instead of holding the other back (bench/README.md). One thread runs the same pieces in turn. The
-   AVX2 build runs these pieces of width 4 on two 8-lane halves of the 16-sample layout
-   (DN_V16_HALVES_WIDTH): the same buffers and results.
+   instead of holding the other back (bench/README.md). One thread runs the same pieces in turn; a
+   batch of two such blocks goes in two passes without the pairing. The AVX2 build runs these pieces
+   of width 4 on two 8-lane halves of the 16-sample layout (DN_V16_HALVES_WIDTH): the same buffers and
+   results.
 
    The loops that apply a segment's updates note whether every weight they wrote is finite as they
    write it (dn_finite: the numerical guard's check of the new weights, without a pass over the rows
@@ -368,10 +369,11 @@ static int dn_backward_run(dn_recompute_fn recompute, dn_backprop_fn backprop, d
     J.alpha = alpha; J.lr = lr;
     J.n_seg = (n_layers + save_every - 1) / save_every;
     J.n_blocks = (B + unit - 1) / unit;
-    /* two passes at the widths that gain by them alone, and with two recomputations at once where the
-       width has that loop and the batch is one block */
+    /* two passes at the widths that gain by them alone, with two recomputations at once where the
+       width has that loop and the batch is one block, and without at those widths for two blocks */
     const int paired = dn_two_pass && J.n_blocks == 1 && recompute2 != NULL && carry != NULL;
-    J.carry = dn_two_pass && (DN_TWO_PASS_WIDTH(w) || paired) ? carry : NULL; J.update = update;
+    const int narrow = recompute2 != NULL && J.n_blocks <= 2;
+    J.carry = dn_two_pass && (DN_TWO_PASS_WIDTH(w) || narrow) ? carry : NULL; J.update = update;
     J.recompute2 = paired ? recompute2 : NULL;
     for (int k = 0; k < 4; k++) {            /* two sets per thread (dn_fused_run, dn_segments_run) */
         J.hbuf[k] = hbuf + k * set_floats;

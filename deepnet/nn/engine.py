@@ -296,26 +296,30 @@ class CoreEngine:
         same result: one thread, or all taking segments in turn or sharing the batch's blocks (offered
         where the batch has more than one block). Blocks of 8 samples; blocks of 16 instead where the
         kernels run them in one register per unit (AVX-512: the same results with half the instructions),
-        or a one-block batch's on two 8-lane halves (AVX2 at width 4), and of 8 only to share a batch of
-        16 by blocks. With ``fixed_threads``: blocks of 16 split by segments where they are offered (the
-        faster on a Zen 4, bench/README.md), else blocks of 8 shared by blocks."""
+        and of 8 only to share a batch of 16 by blocks; where they run the segments split's pieces of one
+        or two 16-sample blocks on two 8-lane halves (AVX2 at width 4), blocks of 16 split by segments as
+        well (and on one thread, a batch of one such block). With ``fixed_threads``: blocks of 16 split by
+        segments where they are offered (the faster on a Zen 4, bench/README.md), else blocks of 8 shared
+        by blocks."""
         batch = self._work_batch
+        blocks16 = self.kernels.backward_block_count(batch, 16)
         wide = (self.kernels.block16_native and batch >= 16
                 and 16 in self.kernels.backward_blocks(self.width))
-        halves = (not wide and batch > 8 and self.kernels.block16_halves(self.width)
-                  and self.kernels.backward_block_count(batch, 16) == 1)
+        halves = not wide and batch > 8 and blocks16 <= 2 and self.kernels.block16_halves(self.width)
         if self.fixed_threads:
             threads = min(self.fixed_threads, self.threads)
-            return FixedChoice((threads, 16, "segments") if wide or halves else (threads, 8, "blocks"))
+            paired = wide or (halves and (threads > 1 or blocks16 == 1))
+            return FixedChoice((threads, 16, "segments") if paired else (threads, 8, "blocks"))
         key = ("backward", batch)
         if key not in self._thread_choices:
-            most, block = self.threads, 16 if wide or halves else 8
-            options = [(1, block, "blocks")]
+            most = self.threads
+            alone = 16 if wide or (halves and blocks16 == 1) else 8    # one thread's block
+            options = [(1, alone, "blocks")]
             if most > 1:
                 # sharing needs two blocks or more: a batch that is one 16-sample block shares 8-sample ones
-                shared = block if self.kernels.backward_block_count(batch, block) > 1 else 8
+                shared = 16 if wide and blocks16 > 1 else 8
                 sharing = [(most, shared, "blocks")] if self.kernels.backward_block_count(batch, shared) > 1 else []
-                options = [(most, block, "segments"), *sharing, *options]
+                options = [(most, 16 if wide or halves else 8, "segments"), *sharing, *options]
             self._thread_choices[key] = MeasuredChoice(options)
         return self._thread_choices[key]
 
