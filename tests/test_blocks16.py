@@ -217,23 +217,26 @@ def test_fixed_threads_take_16_sample_blocks_split_by_segments_where_native(monk
     if 16 not in kernels.backward_blocks(4):
         pytest.skip("this build was compiled without the 16-lane layout")
     monkeypatch.setattr(LayerKernels, "block16_native", property(lambda self: True))
+    _assert_fixed_choices(kernels, [(1, 16, (1, 16)), (2, 16, (2, 16, "segments")), (2, 32, (2, 16, "segments")),
+                                    (1, 8, (1, 8))])
+    monkeypatch.undo()
+    # neither native nor halves (the portable build): never 16
+    plain = next(m for m in kernel_builds() if not m.BLOCK16_NATIVE and not m.BLOCK16_HALVES_WIDTH)
+    _assert_fixed_choices(LayerKernels("softsign", plain, plain.activation_index("softsign")),
+                          [(1, 16, (1, 8)), (2, 16, (2, 8, "blocks"))])
+
+
+def _assert_fixed_choices(kernels: LayerKernels, cases) -> None:
+    """Each (fixed threads, batch, expected (threads, block[, split])) at width 4."""
     weights = np.zeros((50, 20), np.float32)
-    for fixed, batch, expected in [(1, 16, (1, 16)), (2, 16, (2, 16, "segments")), (2, 32, (2, 16, "segments")),
-                                   (1, 8, (1, 8))]:
+    for fixed, batch, expected in cases:
         engine = _engine(weights, kernels, 2)
         engine.fixed_threads = fixed
         engine.forward(np.zeros((4, batch), np.float32))
         engine.backward(np.zeros((4, batch), np.float32), 0.0, step=1)
         used = (engine.threads_used["backward"], engine.backward_block_used, engine.backward_split_used)
-        assert used[:len(expected)] == expected
+        assert used[:len(expected)] == expected, (fixed, batch)
         engine.close()
-    monkeypatch.undo()
-    engine = _engine(weights, kernels, 2)    # not native (this machine, unless AVX-512): never 16
-    engine.fixed_threads = 1
-    engine.forward(np.zeros((4, 16), np.float32))
-    engine.backward(np.zeros((4, 16), np.float32), 0.0, step=1)
-    assert engine.backward_block_used == (16 if kernels.block16_native else 8)
-    engine.close()
 
 
 def _builds_with_halves() -> list:
@@ -292,15 +295,6 @@ def test_fixed_threads_take_the_halves():
     if not modules:
         pytest.skip("no build with 16-sample halves runs on this CPU (needs AVX2 without AVX-512's own)")
     module = modules[0]
-    kernels = LayerKernels("softsign", module, module.activation_index("softsign"))
-    weights = np.zeros((50, 20), np.float32)
-    for fixed, batch, expected in [(2, 16, (2, 16, "segments")), (1, 16, (1, 16)), (2, 12, (2, 16, "segments")),
-                                   (2, 32, (2, 16, "segments")), (1, 32, (1, 8)), (2, 40, (2, 8, "blocks")),
-                                   (2, 8, (2, 8))]:
-        engine = _engine(weights, kernels, 2)
-        engine.fixed_threads = fixed
-        engine.forward(np.zeros((4, batch), np.float32))
-        engine.backward(np.zeros((4, batch), np.float32), 0.0, step=1)
-        used = (engine.threads_used["backward"], engine.backward_block_used, engine.backward_split_used)
-        assert used[:len(expected)] == expected, (fixed, batch)
-        engine.close()
+    _assert_fixed_choices(LayerKernels("softsign", module, module.activation_index("softsign")),
+                          [(2, 16, (2, 16, "segments")), (1, 16, (1, 16)), (2, 12, (2, 16, "segments")),
+                           (2, 32, (2, 16, "segments")), (1, 32, (1, 8)), (2, 40, (2, 8, "blocks")), (2, 8, (2, 8))])
