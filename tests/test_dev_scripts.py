@@ -91,6 +91,34 @@ def test_ab_builds_times_two_ways_of_one_tree(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_targets_runs_each_figure_per_build_in_rounds(tmp_path):
+    """Every figure on both builds named, once a round; figures with one command share its runs (the
+    peak memory is the softsign step's), and at another depth than 10M only width 32 is judged."""
+    work = tmp_path / "models"
+    work.mkdir()
+    proc = run_script("targets.py", "--layers", "3000", "--rounds", "2", "--builds", "portable,auto", "--figures",
+                      "softsign,memory,width32", "--workdir", str(work), "--json-out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = {(r["figure"], r["build"]): r for r in result["rows"]}
+    assert set(rows) == {(f, b) for f in ("softsign", "memory", "width32") for b in ("portable", "auto")}
+    assert len(result["runs"]) == 4 and all(len(r["results"]) == 2 for r in result["runs"])
+    for build in ("portable", "auto"):
+        softsign, memory, wide = rows[("softsign", build)], rows[("memory", build)], rows[("width32", build)]
+        step_run = next(r for r in result["runs"] if r["build"] == build and "--width" not in r["command"])
+        assert step_run["command"][:2] == ["--layers", "3000"]
+        assert softsign["values"] == [run["seconds_per_step"] for run in step_run["results"]]
+        assert memory["values"] == [run["peak_rss_bytes"] / 1e9 for run in step_run["results"]]
+        assert softsign["met"] is None and memory["met"] is None
+        assert wide["values"] == [1.0 / run["seconds_per_step"] for run in next(
+            r for r in result["runs"] if r["build"] == build and "--width" in r["command"])["results"]]
+        assert wide["met"] == (wide["median"] >= 100.0)
+        for row in (softsign, wide):   # each run's threads counted once, e.g. "2/2 in 1, 1/2 in 1"
+            assert sum(int(part.split(" in ")[1]) for part in row["threads"].split(", ")) == 2
+    assert rows[("softsign", "portable")]["kernels"].startswith("_kernels ")
+    assert list(work.iterdir()) == []
+
+
 @pytest.mark.parametrize("name, args, message", [
     ("ab_builds.py", ["."], "is not a deepnet source tree"),
     ("ab_builds.py", [str(BENCH.parent), "--other-split", "diagonal"], "--other-split must be blocks or segments"),
@@ -100,6 +128,10 @@ def test_ab_builds_times_two_ways_of_one_tree(tmp_path):
     ("crash_soak.py", ["--kills", "0"], "--kills must be > 0"),
     ("fuzz_idx.py", ["--examples", "-5"], "--examples must be > 0"),
     ("loop_counts.py", ["--activations", "softsign,bogus"], "--activations must name built-in activations"),
+    ("targets.py", ["--figures", "softsign,bogus"], "--figures takes names among softsign"),
+    ("targets.py", ["--builds", "avx2,avx2"], "--builds must name distinct builds"),
+    ("targets.py", ["--builds", "sse9"], "--builds: DEEPNET_KERNELS must be one of"),
+    ("targets.py", ["--rounds", "0"], "--rounds must be an integer >= 1"),
 ])
 def test_a_bad_flag_is_one_line(tmp_path, name, args, message):
     proc = run_script(name, *args, cwd=tmp_path)
