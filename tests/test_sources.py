@@ -132,6 +132,25 @@ def test_npz_without_a_test_split_skips_the_test_unless_asked(tmp_path):
     assert "no test split" in one_line(exc)
 
 
+def test_every_evaluation_says_what_it_needed_a_missing_test_split_for(tmp_path):
+    """A source without a test split: each command that needs one refuses in one line naming its purpose,
+    before it writes anything (the speedrun creates no model)."""
+    path = make_npz(tmp_path / "d.npz", test=False)
+    api.train(tmp_path / "m.h5", data=f"npz:{path}", **SMALL)
+    api.train_mlp(tmp_path / "mlp.h5", data=f"npz:{path}", hidden=8, steps=5, batch=8, report_every=5)
+    cases = [
+        (lambda: api.evaluate(tmp_path / "m.h5"), "has no test split to evaluate on"),
+        (lambda: api.evaluate(tmp_path / "mlp.h5"), "has no test split to evaluate on"),
+        (lambda: api.speedrun(tmp_path / "sr.h5", data=f"npz:{path}", layers=40, holdout=20, max_steps=5),
+         "has no test split for the speedrun's final evaluation"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError) as exc:
+            call()
+        assert message in one_line(exc)
+    assert not (tmp_path / "sr.h5").exists()
+
+
 @pytest.mark.parametrize("arrays, needle", [
     ({"x": np.zeros((5, 3))}, "no array 'y'"),
     ({"x": np.zeros((5, 3)), "y": np.zeros(4, int)}, "one label per sample"),

@@ -64,6 +64,14 @@ class Dataset:
         none were asked for); a count out of range is refused naming ``--flag``."""
         raise NotImplementedError
 
+    def required_test(self, samples: int | None, purpose: str,
+                      flag: str = "test-samples") -> tuple[np.ndarray, np.ndarray]:
+        """``test``'s split, refused in one line naming ``purpose`` ("to evaluate on") if there is none."""
+        test = self.test(samples, flag)
+        if test is None:
+            raise ConfigError(f"{self.name} has no test split {purpose}")
+        return test
+
     def close(self) -> None:
         """Release what the source holds open (a teacher's network)."""
 

@@ -100,12 +100,9 @@ def evaluate_section(model: str | os.PathLike, section: int, *, synthetic: bool 
         kernels, alpha, step = kernels_for(mf.activation, mf.width), mf.alpha, mf.step
         dataset = model_data(mf, data, data_dir)
     try:
-        test = dataset.test(samples)
+        x, y = dataset.required_test(samples, "to evaluate on")
     finally:
         dataset.close()
-    if test is None:
-        raise ConfigError(f"{dataset.name} has no test split to evaluate on")
-    x, y = test
     loss_sum = correct = 0.0
     for lo in range(0, x.shape[0], batch):
         hi = min(x.shape[0], lo + batch)

@@ -262,10 +262,7 @@ def _backward(probe: _ProbeParts, pool: ThreadPoolExecutor, store: WeightStore, 
 
 def _probe(dataset: Dataset, samples: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``samples`` test samples of ``dataset`` (refused if it has none)."""
-    test = dataset.test(samples, "probe-samples")
-    if test is None:
-        raise ConfigError(f"{dataset.name} has no test split to take the probe batch from")
-    return test
+    return dataset.required_test(samples, "to take the probe batch from", "probe-samples")
 
 
 def build_depth_figure(result: dict, *, width: int = 1200, height: int = 800, dpi: int = 100) -> Any:

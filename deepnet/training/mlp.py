@@ -266,10 +266,7 @@ def evaluate_mlp(
                                                       loss=None)
     dataset = open_dataset(record, data_dir)
     dataset.fits(model, net.input_dim, net.n_classes)
-    test = dataset.test(samples)
-    if test is None:
-        raise ConfigError(f"{dataset.name} has no test split to evaluate on")
-    x, y = test
+    x, y = dataset.required_test(samples, "to evaluate on")
     result = net.evaluate(x, y, batch=batch)
     return {"event": "eval", "model": os.fspath(model), "kind": KIND, "step": net.step, "hidden": net.hidden,
             **result, "samples_per_s": result["samples"] / max(result["seconds"], 1e-12)}

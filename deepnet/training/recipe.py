@@ -320,12 +320,9 @@ def evaluate(
     with DeepNet.open(model, in_memory=in_memory, chunk_layers=chunk_layers) as net:
         dataset = model_data(net.file, data, data_dir)
         try:
-            test = dataset.test(samples)
+            x, y = dataset.required_test(samples, "to evaluate on")
         finally:
             dataset.close()
-        if test is None:
-            raise ConfigError(f"{dataset.name} has no test split to evaluate on")
-        x, y = test
         samples = int(x.shape[0])
         state = net.file.state()
         if not state.healthy:

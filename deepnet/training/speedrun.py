@@ -162,10 +162,7 @@ def speedrun(*, model: str | Path | None = None, workdir: str | Path | None = No
     n_train = n - recipe.holdout
     x_train, y_train = dataset.train_slice(0, n_train)
     heldout = HeldOut(*dataset.train_slice(n_train, n), recipe.eval_every)
-    test = dataset.test(recipe.test_samples)
-    if test is None:
-        raise ConfigError(f"{dataset.name} has no test split for the speedrun's final evaluation")
-    x_test, y_test = test
+    x_test, y_test = dataset.required_test(recipe.test_samples, "for the speedrun's final evaluation")
 
     # 2. a fresh model (not timed)
     tmpdir = None
