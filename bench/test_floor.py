@@ -40,9 +40,12 @@ def test_reference_step_floor_and_limit(benchmark, model_dir):
     with DeepNet.open(path, writable=True, in_memory=True) as net:
         assert np.isfinite(time_train_steps(benchmark, net, BATCH).loss)
         threads = net.engine.threads
+        # what the last timed step ran, as `deepnet bench` reports it
+        used = {"threads_used": dict(net.engine.threads_used), "backward_block": net.engine.backward_block_used,
+                "backward_split": net.engine.backward_split_used}
     facts = floor.machine_facts()
     median = record(benchmark, layer_samples=layers * BATCH, layers=layers, width=WIDTH, batch=BATCH,
-                    activation=ACTIVATION, threads=threads, **facts)
+                    activation=ACTIVATION, threads=threads, **used, **facts)
     limit = floor.run_limit_kernel(facts["build"], layers, reps=1 if benchmark.disabled else 5)
     if limit is not None:
         benchmark.extra_info.update({k: v for k, v in limit.items() if k != "limit_output"})
