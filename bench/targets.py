@@ -30,6 +30,7 @@ from deepnet.errors import ConfigError, DeepnetError
 from deepnet.kernels.builtin import KERNELS_ENV, build_label, builtin_module
 
 FULL_LAYERS = 10_000_000
+WIDE_LAYERS = 10_000          # the width-32 figure's depth
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class Figure:
     def meets(self, value: float) -> bool:
         return value >= self.target if self.at_least else value <= self.target
 
+    @property
+    def command(self) -> str:
+        """The full-size command, as bench/README.md ("Full-size commands") writes it."""
+        return f"deepnet bench --layers {FULL_LAYERS if self.deep else WIDE_LAYERS:_} {' '.join(self.flags)}"
+
 
 _STEP = ("--steps", "5")
 FIGURES: tuple[Figure, ...] = (
@@ -68,10 +74,11 @@ FIGURES: tuple[Figure, ...] = (
            "seconds_per_step", "steps/s", 100.0, True, deep=False),
     Figure("memory", "peak memory, 10M in-memory training", _STEP, "peak_rss_bytes", "GB", 1.3, False),
 )
+TARGETS: dict[str, Figure] = {f.name: f for f in FIGURES}
 
 
 def _command(figure: Figure, layers: int) -> tuple[str, ...]:
-    depth = layers if figure.deep else 10_000
+    depth = layers if figure.deep else WIDE_LAYERS
     return ("--layers", str(depth)) + figure.flags
 
 
@@ -160,10 +167,9 @@ def main(rounds: int = 3, builds: str = "auto", figures: str = ",".join(f.name f
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise ConfigError(f"--layers must be a positive integer, not {layers!r}")
     names = _names(figures)
-    known = {f.name: f for f in FIGURES}
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
-        raise ConfigError(f"--figures takes names among {', '.join(known)}, not {','.join(names)!r}")
+        raise ConfigError(f"--figures takes names among {', '.join(TARGETS)}, not {','.join(names)!r}")
     chosen = [b.lower() for b in _names(builds)]
     if not chosen or len(set(chosen)) != len(chosen):
         raise ConfigError(f"--builds must name distinct builds, not {','.join(chosen)!r}")
@@ -175,7 +181,7 @@ def main(rounds: int = 3, builds: str = "auto", figures: str = ",".join(f.name f
     if workdir is not None and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is not a directory")
     facts = floor.machine_facts()
-    result = measure(rounds=rounds, builds=chosen, figures=[known[n] for n in names], layers=layers,
+    result = measure(rounds=rounds, builds=chosen, figures=[TARGETS[n] for n in names], layers=layers,
                      workdir=workdir, show_progress=sys.stderr.isatty())
     result["machine"] = {**facts, "builds": {b: build_label(builtin_module(b)) for b in chosen}}
     if json_out:

@@ -9,15 +9,8 @@ exactly what ``deepnet bench`` times -- at a smaller depth, and records in ``ben
   constant in depth: see test_kernels.py::test_step_depth), labelled ``extrapolated: True``;
 - ``target`` and ``meets_target`` (informational: nothing asserts on a time; benchmarks report).
 
-Full-size figures come from the ``deepnet bench`` commands (one per test, also in a comment next to it):
-
-    deepnet bench --layers 10_000_000 --steps 5                      # softsign step in RAM   <= 0.45 s
-    deepnet bench --layers 10_000_000 --steps 5 --streamed           # streamed from the file <= 0.6 s
-    deepnet bench --layers 10_000_000 --steps 5 --activation tanh    #                        <= 0.7 s
-    deepnet bench --layers 10_000_000 --steps 5 --activation relu    #                        <= 0.45 s
-    deepnet bench --layers 10_000_000 --eval-samples 1024 --steps 1   # evaluation            >= 250 images/s
-    deepnet bench --layers 10_000 --width 32 --batch 1 --steps 200   # width 32, batch 1     >= 100 steps/s
-    deepnet bench --layers 10_000_000 --steps 1 --json               # peak_rss_bytes        <= 1.3 GB
+The targets and their full-size ``deepnet bench`` commands are bench/targets.py's (``TARGETS``), which runs
+those commands at full size (bench/README.md, "Full-size commands").
 
 Under --benchmark-disable (CI) every body runs once at a tiny depth, as a smoke test of the benchmark itself.
 """
@@ -32,13 +25,14 @@ import numpy as np
 import pytest
 
 from benchlib import median_seconds, record, run_pedantic, time_train_steps
+from targets import TARGETS
 from deepnet.tools.bench import warm_up
 from deepnet.nn.network import DeepNet
 from deepnet.api import init
 
 FULL_LAYERS = 10_000_000
 STEP_LAYERS = 1_000_000     # timed depth of the step targets (1/10 of the full size)
-EVAL_LAYERS = 250_000       # timed depth of the evaluation target (1024 images, as the full command)
+EVAL_LAYERS = 250_000       # timed depth of the evaluation target (1024 images, one evaluation batch)
 SMOKE_LAYERS = 20_000       # depth of every target under --benchmark-disable
 BATCH = 16
 GB = 1e9                    # the memory target is in GB (10^9 bytes); GiB figures are recorded too
@@ -64,9 +58,11 @@ def _layers(benchmark, timed_layers: int) -> int:
     return SMOKE_LAYERS if benchmark.disabled else timed_layers
 
 
-def _bench_step(benchmark, model_file, *, activation: str, in_memory: bool, target_s: float, command: str,
-                width: int = 4, batch: int = BATCH):
-    """Time DeepNet.train_step at a scaled depth; extrapolate seconds per step linearly to 10M layers."""
+def _bench_step(benchmark, model_file, *, figure: str, activation: str, in_memory: bool, width: int = 4,
+                batch: int = BATCH):
+    """Time DeepNet.train_step at a scaled depth; extrapolate seconds per step linearly to 10M layers and
+    compare with TARGETS[figure]."""
+    target_s, command = TARGETS[figure].target, TARGETS[figure].command
     layers = _layers(benchmark, STEP_LAYERS)
     path = model_file(layers, width, activation)
     with DeepNet.open(path, writable=True, in_memory=in_memory) as net:
@@ -88,30 +84,26 @@ def test_target_step_softsign_in_ram(benchmark, model_file):
     """10M softsign step in RAM <= 0.45 s; measured at 1M layers, extrapolated x10.
     Full size: ``deepnet bench --layers 10_000_000 --steps 5``."""
     benchmark.group = "targets: 10M-layer step (measured at 1M, extrapolated)"
-    _bench_step(benchmark, model_file, activation="softsign", in_memory=True, target_s=0.45,
-                command="deepnet bench --layers 10_000_000 --steps 5")  # full size
+    _bench_step(benchmark, model_file, figure="softsign", activation="softsign", in_memory=True)
 
 
 def test_target_step_softsign_streamed(benchmark, model_file):
     """Same, weights streamed from the HDF5 file (in the page cache: it was just written) <= 0.6 s.
     Full size: ``deepnet bench --layers 10_000_000 --steps 5 --streamed``."""
     benchmark.group = "targets: 10M-layer step (measured at 1M, extrapolated)"
-    _bench_step(benchmark, model_file, activation="softsign", in_memory=False, target_s=0.6,
-                command="deepnet bench --layers 10_000_000 --steps 5 --streamed")  # full size
+    _bench_step(benchmark, model_file, figure="streamed", activation="softsign", in_memory=False)
 
 
 def test_target_step_tanh_in_ram(benchmark, model_file):
     """tanh, same workload <= 0.7 s. Full size: ``deepnet bench --layers 10_000_000 --steps 5 --activation tanh``."""
     benchmark.group = "targets: 10M-layer step (measured at 1M, extrapolated)"
-    _bench_step(benchmark, model_file, activation="tanh", in_memory=True, target_s=0.7,
-                command="deepnet bench --layers 10_000_000 --steps 5 --activation tanh")  # full size
+    _bench_step(benchmark, model_file, figure="tanh", activation="tanh", in_memory=True)
 
 
 def test_target_step_relu_in_ram(benchmark, model_file):
     """relu, same workload <= 0.45 s. Full size: ``deepnet bench --layers 10_000_000 --steps 5 --activation relu``."""
     benchmark.group = "targets: 10M-layer step (measured at 1M, extrapolated)"
-    _bench_step(benchmark, model_file, activation="relu", in_memory=True, target_s=0.45,
-                command="deepnet bench --layers 10_000_000 --steps 5 --activation relu")  # full size
+    _bench_step(benchmark, model_file, figure="relu", activation="relu", in_memory=True)
 
 
 def test_target_eval_images_per_s(benchmark, model_file):
@@ -119,9 +111,10 @@ def test_target_eval_images_per_s(benchmark, model_file):
 
     Measured: one ``DeepNet.logits`` call on 1024 images (one eval batch, as the full command) through
     250,000 layers in RAM; images/s scales as 1/depth, so the 10M figure is images/s * 250k / 10M.
-    Full size: ``deepnet bench --layers 10_000_000 --eval-samples 1024 --steps 1`` (its eval line).
+    Full size: ``TARGETS["evaluation"].command`` (its eval line; images/s does not depend on the count).
     """
     benchmark.group = "targets: evaluation (measured at 250k layers, extrapolated)"
+    target = TARGETS["evaluation"].target
     layers = _layers(benchmark, EVAL_LAYERS)
     images = 64 if benchmark.disabled else 1024
     path = model_file(layers)
@@ -134,15 +127,15 @@ def test_target_eval_images_per_s(benchmark, model_file):
         threads = net.engine.threads
     median = record(benchmark, layer_samples=layers * images, layers_measured=layers, images=images,
                     eval_batch=images, threads=threads, mode="in-memory",
-                    full_size_command="deepnet bench --layers 10_000_000 --eval-samples 1024 --steps 1",
-                    target=">= 250 images/s through 10M layers")
+                    full_size_command=TARGETS["evaluation"].command,
+                    target=f">= {target:g} images/s through 10M layers")
     if median is not None:
         measured = images / median
         extrapolated = measured * layers / FULL_LAYERS
         benchmark.extra_info.update(
             measured_images_per_s=measured, extrapolated=True, extrapolated_images_per_s_at_10M=extrapolated,
-            target_images_per_s=250.0, meets_target=extrapolated >= 250.0,
-            summary=f"{extrapolated:.1f} images/s extrapolated to 10M (target >= 250)",
+            target_images_per_s=target, meets_target=extrapolated >= target,
+            summary=f"{extrapolated:.1f} images/s extrapolated to 10M (target >= {target:g})",
         )
 
 
@@ -150,7 +143,7 @@ def test_target_width32_batch1_steps_per_s(benchmark, model_file):
     """Width 32, 10,000 layers, batch 1 >= 100 steps/s -- measured at full size (nothing extrapolated).
     Full size: ``deepnet bench --layers 10_000 --width 32 --batch 1 --steps 200``."""
     benchmark.group = "targets: width 32, 10k layers, batch 1 (full size)"
-    layers = 10_000
+    layers, target = 10_000, TARGETS["width32"].target
     path = model_file(layers, 32, "softsign")
     rng = np.random.default_rng(0)
     with DeepNet.open(path, writable=True, in_memory=True) as net:
@@ -167,13 +160,12 @@ def test_target_width32_batch1_steps_per_s(benchmark, model_file):
         assert np.isfinite(results[-1].loss)
     median = record(benchmark, layer_samples=layers, layers_measured=layers, width=32, batch=1,
                     activation="softsign", mode="in-memory", extrapolated=False,
-                    full_size_command="deepnet bench --layers 10_000 --width 32 --batch 1 --steps 200",
-                    target=">= 100 steps/s")
+                    full_size_command=TARGETS["width32"].command, target=f">= {target:g} steps/s")
     if median is not None:
         steps_per_s = 1.0 / median
         benchmark.extra_info.update(
-            steps_per_s=steps_per_s, target_steps_per_s=100.0, meets_target=steps_per_s >= 100.0,
-            summary=f"{steps_per_s:.1f} steps/s at full size (target >= 100)",
+            steps_per_s=steps_per_s, target_steps_per_s=target, meets_target=steps_per_s >= target,
+            summary=f"{steps_per_s:.1f} steps/s at full size (target >= {target:g})",
         )
 
 
@@ -204,6 +196,7 @@ def test_target_peak_memory(benchmark, model_dir):
     Full size: ``deepnet bench --layers 10_000_000 --steps 1 --json`` (its peak_rss_bytes).
     """
     benchmark.group = "targets: peak memory (subprocesses at 1M and 2M layers, extrapolated)"
+    target_gb = TARGETS["memory"].target
     sizes = (SMOKE_LAYERS,) if benchmark.disabled else (1_000_000, 2_000_000)
     runs = {}
 
@@ -217,7 +210,7 @@ def test_target_peak_memory(benchmark, model_dir):
     info = {"measured": "peak RSS (ru_maxrss) of `python -m deepnet bench --layers N --steps 1 --json`",
             "peak_rss_bytes_by_layers": {str(k): v for k, v in peaks.items()},
             "full_size_command": "deepnet bench --layers 10_000_000 --steps 1 --json",
-            "target": "<= 1.3 GB peak for 10M in-memory training"}
+            "target": f"<= {target_gb:g} GB peak for 10M in-memory training"}
     record(benchmark, **info)
     if len(sizes) == 2 and median_seconds(benchmark) is not None:
         (l1, p1), (l2, p2) = sorted(peaks.items())
@@ -228,7 +221,7 @@ def test_target_peak_memory(benchmark, model_dir):
             extrapolated=True, bytes_per_layer=per_layer, fixed_bytes=fixed,
             extrapolated_peak_bytes_at_10M=extrapolated, extrapolated_peak_gb_at_10M=extrapolated / GB,
             extrapolated_peak_gib_at_10M=extrapolated / 2**30, naive_x5_bytes=p2 * FULL_LAYERS / l2,
-            target_bytes=1.3 * GB, meets_target=extrapolated <= 1.3 * GB,
+            target_bytes=target_gb * GB, meets_target=extrapolated <= target_gb * GB,
             summary=(f"{extrapolated / GB:.2f} GB peak extrapolated to 10M ({per_layer:.0f} B/layer + "
-                     f"{fixed / 1e6:.0f} MB fixed; target <= 1.3 GB)"),
+                     f"{fixed / 1e6:.0f} MB fixed; target <= {target_gb:g} GB)"),
         )
