@@ -10,7 +10,9 @@ one one (bench/README.md, "What a 16-lane instruction costs here"); over the lay
 covers. Issue cycles a layer count every vector instruction but moves (shuffles, adds, broadcasts, ...) at
 Zen 4's two 16-lane FP instructions a cycle, an 8-lane or narrower one as half, a division or a
 two-source permute as two: the bound of a loop whose shuffles, not its multiplies, fill the core (the
-update's).
+update's). Load cycles a layer count the instructions that read memory (a load, a broadcast, an
+arithmetic instruction with a memory operand) at two 256-bit loads a cycle, a 512-bit one as two (Zen 4;
+issue 23 puts a Zen 3's sustained rate nearer 1.5 a cycle). A piece's bound is the busiest of the three.
 """
 
 from __future__ import annotations
@@ -66,6 +68,36 @@ def _issue_cycles(loop: list[tuple[int, str, str]]) -> float:
                for op, args in ops) / 2
 
 
+def _operands(args: str) -> list[str]:
+    """An AT&T operand list split at its top-level commas (a memory operand's own stay inside it)."""
+    parts, depth, current = [], 0, ""
+    for ch in args.split("#")[0].strip():
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current] if current else parts
+
+
+def _loads(loop: list[tuple[int, str, str]]) -> list[tuple[str, str]]:
+    """The loop's instructions that read memory: a memory operand before the last (AT&T's destination is
+    last, so a store's memory operand is last); prefetches are not loads."""
+    found = []
+    for _, op, args in loop:
+        operands = _operands(args)
+        if not op.startswith("prefetch") and any("(" in o for o in operands[:-1]):
+            found.append((op, args))
+    return found
+
+
+def _load_cycles(loop: list[tuple[int, str, str]]) -> float:
+    """Cycles of the loads at two 256-bit loads a cycle, a 512-bit one taking both (module docstring)."""
+    return sum(1.0 if "zmm" in args else 0.5 for _, args in _loads(loop))
+
+
 def hottest_loop(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     """The loop (a backward conditional jump's target to the jump, with no return inside: an early exit's
     jump back to a shared epilogue is not a loop) with the most multiplies and FMAs: the layer loop, not
@@ -94,8 +126,10 @@ def counts(so: Path, activation: str, pieces: dict = PIECES) -> dict:
             continue
         result[piece] = {"instructions": len(loop), "fma_mul": _fma_pipe_ops(loop),
                          "div": sum(1 for _, op, _ in loop if op == "vdivps"),
+                         "loads": len(_loads(loop)),
                          "fma_pipe_cycles_per_layer": _fma_pipe_cycles(loop) / layers,
-                         "issue_cycles_per_layer": _issue_cycles(loop) / layers}
+                         "issue_cycles_per_layer": _issue_cycles(loop) / layers,
+                         "load_cycles_per_layer": _load_cycles(loop) / layers}
     return result
 
 
@@ -121,15 +155,15 @@ def main(activations: str | tuple = ("softsign", "relu", "tanh"), json_out: bool
     if json_out:
         print(json.dumps({"module": so.name, "counts": table}))
     else:
-        print(f"{so.name}: per piece, instructions / FMAs and multiplies / divisions in its hottest loop, "
-              "and (FMA-pipe, issue) cycles a layer")
+        print(f"{so.name}: per piece, instructions / FMAs and multiplies / divisions / loads in its hottest "
+              "loop, and (FMA-pipe, issue, load) cycles a layer; bound: the busiest of the three, summed")
         for name, pieces in table.items():
-            cells = [f"{p} " + (f"{c['instructions']}/{c['fma_mul']}/{c['div']} "
-                                f"({c['fma_pipe_cycles_per_layer']:.0f}, {c['issue_cycles_per_layer']:.1f})"
-                                if c else "none") for p, c in pieces.items()]
-            fma = sum(c["fma_pipe_cycles_per_layer"] for c in pieces.values() if c)
-            issue = sum(c["issue_cycles_per_layer"] for c in pieces.values() if c)
-            print(f"  {name:<9} " + "  ".join(cells) + f"  total ({fma:.0f}, {issue:.1f})")
+            cells = [f"{p} " + (f"{c['instructions']}/{c['fma_mul']}/{c['div']}/{c['loads']} "
+                                f"({c['fma_pipe_cycles_per_layer']:.0f}, {c['issue_cycles_per_layer']:.1f}, "
+                                f"{c['load_cycles_per_layer']:.1f})" if c else "none") for p, c in pieces.items()]
+            bound = sum(max(c["fma_pipe_cycles_per_layer"], c["issue_cycles_per_layer"], c["load_cycles_per_layer"])
+                        for c in pieces.values() if c)
+            print(f"  {name:<9} " + "  ".join(cells) + f"  bound {bound:.1f}")
 
 
 if __name__ == "__main__":
