@@ -47,7 +47,7 @@ def test_loop_counts_follow_the_activations(tmp_path, build):
     vectors): relu's recomputation has no division and the fewest multiplies, tanh's the most; the carry
     and the update do not depend on the activation, and the update is bound by its issues, reading memory
     fewer times than it multiplies (the AVX2 halves once read each dz pair again for every product: 55
-    loads a layer against 37 multiplies and FMAs); AVX-512's carry by its FMA pipes."""
+    loads a layer against 38 multiplies and FMAs); AVX-512's carry by its FMA pipes."""
     proc = run_script("loop_counts.py", "--json-out", cwd=tmp_path, DEEPNET_KERNELS=build)
     assert proc.returncode == 0, proc.stderr
     assert build in json.loads(proc.stdout)["module"]
