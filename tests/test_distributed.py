@@ -4,7 +4,9 @@ needs no launcher (deepnet.distributed.mpi). The runs under mpiexec are in tests
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -124,3 +126,23 @@ def test_a_rank_that_never_answers_ends_the_wait_naming_it():
     ranks = mpi.Ranks(_FakeComm(), timeout=0.05)
     with pytest.raises(mpi.RankLost, match=r"rank 1 waited 0.05 s for a message from rank 0, which died or hangs"):
         ranks.recv((4, 8), 0, 1)
+
+
+def test_a_pipe_s_unread_bytes_are_counted_until_its_reader_reads_them(tmp_path):
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"x" * 100)
+        assert mpi.unread_bytes(write_end) == 100
+        assert not mpi.wait_until_read((write_end,), 0.05)  # nobody reads: the wait gives up
+        reader = threading.Timer(0.05, os.read, (read_end, 60))
+        reader.start()
+        assert not mpi.wait_until_read((write_end,), 0.5)  # the reader left 40 bytes
+        reader.join()
+        threading.Timer(0.05, os.read, (read_end, 100)).start()
+        assert mpi.wait_until_read((write_end,), 5.0) and mpi.unread_bytes(write_end) == 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with open(tmp_path / "log", "wb") as log:  # not a pipe: nothing to wait for
+        log.write(b"x" * 100)
+        assert mpi.unread_bytes(log.fileno()) == 0 and mpi.wait_until_read((log.fileno(),), 0.0)

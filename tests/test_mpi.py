@@ -181,6 +181,18 @@ def test_a_hung_rank_ends_the_job_with_an_error_naming_it(base, tmp_path):
         assert f.step >= 0  # the root is a committed step
 
 
+def test_an_aborting_rank_s_error_line_reaches_the_launcher_s_output():
+    # Hydra ends the job on MPI_Abort and could drop the line still in the rank's pipe (rank 1 idles like
+    # a hung rank); twenty runs in a row make such a loss all but certain to show.
+    script = ("import sys, time\nfrom mpi4py import MPI\nfrom deepnet.distributed.mpi import Ranks\n"
+              "ranks = Ranks(MPI.COMM_WORLD)\nif ranks.rank == 1:\n    time.sleep(60)\ntime.sleep(0.2)\n"
+              "print('rank 0 gives up: the line that says why', file=sys.stderr)\nranks.abort(3)\n")
+    for _ in range(20):
+        proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.returncode != 0 and "rank 0 gives up: the line that says why" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("case", ["more-ranks-than-layers", "ranks-disagree", "one-file-model", "missing-shard",
                                   "no-mpi4py", "second-run"])
 def test_bad_set_ups_are_one_line(base, tmp_path, case):

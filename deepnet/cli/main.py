@@ -210,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         _report_error(exc)
         abort = getattr(exc, "abort", None)  # a rank failed mid-run: the others must not wait for it
         if abort is not None:
-            sys.stderr.flush()
             abort(status)
         return status
     except KeyboardInterrupt as exc:

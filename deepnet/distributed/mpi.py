@@ -8,6 +8,12 @@ error naming it instead of blocking the others forever (``RankLost``).
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
+import struct
+import sys
+import termios
 import time
 from typing import Any
 
@@ -26,6 +32,9 @@ DEFAULT_TIMEOUT = 300.0
 #: The longest pause between two looks at a pending message: short against a step, long enough that a
 #: waiting rank leaves the core to the rank it waits for.
 MAX_POLL_PAUSE = 0.0005
+
+#: How long an aborting rank waits for the launcher to read what it printed (seconds), at most.
+DRAIN_TIMEOUT = 2.0
 
 
 class RankLost(DeepnetError):
@@ -153,11 +162,42 @@ class Ranks:
         return bool(self.bcast_obj(None if flags is None else any(flags), tag))
 
     def abort(self, status: int) -> None:
-        """End every rank of the job now (after this rank's error line was printed)."""
+        """End every rank of the job now, once the launcher has read this rank's error line.
+
+        MPI_Abort makes the launcher end the job at once; MPICH's Hydra may then drop output still in
+        the rank's pipe, the one line that says why the job ended."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        wait_until_read((1, 2), DRAIN_TIMEOUT)
         self.comm.Abort(status)
 
 
-__all__ = ["RANK_VARIABLES", "SIZE_VARIABLES", "RankLost", "Ranks", "launched_rank", "launched_size", "world"]
+def unread_bytes(fd: int) -> int:
+    """How many bytes written to ``fd`` its reader has not read yet: 0 unless ``fd`` is a pipe."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return 0
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
+def wait_until_read(fds: tuple[int, ...], timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until the readers of the pipes ``fds`` have read everything
+    written to them; whether they did."""
+    deadline = time.monotonic() + timeout
+    while any(unread_bytes(fd) for fd in fds):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+__all__ = ["RANK_VARIABLES", "SIZE_VARIABLES", "RankLost", "Ranks", "launched_rank", "launched_size", "unread_bytes",
+           "wait_until_read", "world"]
 
 
 def world(timeout: float = DEFAULT_TIMEOUT) -> Ranks | None:
